@@ -1,0 +1,6 @@
+"""qs4d_np: quantization-aware training of S4D state-space models in NumPy/Numba."""
+from qs4d_np.core.module import Module
+
+__version__ = "0.1.0"
+
+__all__ = ["Module", "__version__"]

@@ -1,0 +1,1 @@
+"""Core ops with hand-written backward passes (linear, activations, norms, dropout, pooling, loss)."""

@@ -1,0 +1,96 @@
+"""The base of every op: forward/backward with hand-written gradients.
+
+Conventions shared by every op in the package:
+
+* Activations are NumPy arrays shaped (batch, length, channels).
+* ``forward(x, training=False)`` computes the output and caches what
+  ``backward`` needs; ``backward(grad)`` takes dL/d(output) and returns
+  dL/d(input) and *overwrites* ``.grads`` (one backward per forward; the
+  trainer never accumulates over several forwards).
+* ``.params`` and ``.grads`` are flat dicts keyed alike. A composite op
+  registers its children with ``add_child`` and its dicts then also hold the
+  children's entries under dotted names (``layers.0.ssm.C``). The arrays are
+  shared, not copied, so an optimizer updates parameters in place.
+* A complex parameter's gradient is dL/dRe + i*dL/dIm (the PyTorch convention).
+"""
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import numpy as np
+
+
+class Module:
+    """An op with parameters, gradients, child ops and a forward cache.
+
+    Subclasses store their own parameters in ``self._params`` and write their
+    own gradients to ``self._grads`` in ``backward``; the public ``params`` and
+    ``grads`` views add the children's entries.
+    """
+
+    def __init__(self) -> None:
+        self._params: dict[str, np.ndarray] = {}
+        self._grads: dict[str, np.ndarray] = {}
+        self._children: dict[str, Module] = {}
+        self._cache: Any = None
+
+    # -- the op interface -------------------------------------------------
+    def forward(self, x: np.ndarray, training: bool = False) -> np.ndarray:
+        raise NotImplementedError
+
+    def backward(self, grad: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def __call__(self, x: np.ndarray, training: bool = False) -> np.ndarray:
+        return self.forward(x, training=training)
+
+    # -- parameters, gradients, children ----------------------------------
+    def add_child(self, name: str, module: "Module") -> "Module":
+        if "." in name:
+            raise ValueError(f"child name {name!r} must not contain '.'")
+        self._children[name] = module
+        return module
+
+    def children(self) -> dict[str, "Module"]:
+        return dict(self._children)
+
+    def modules(self, prefix: str = "") -> Iterator[tuple[str, "Module"]]:
+        """Yield (dotted name, module) for this module and every descendant."""
+        yield prefix, self
+        for name, child in self._children.items():
+            yield from child.modules(f"{prefix}.{name}" if prefix else name)
+
+    @property
+    def params(self) -> dict[str, np.ndarray]:
+        out = dict(self._params)
+        for name, child in self._children.items():
+            for key, value in child.params.items():
+                out[f"{name}.{key}"] = value
+        return out
+
+    @property
+    def grads(self) -> dict[str, np.ndarray]:
+        out = dict(self._grads)
+        for name, child in self._children.items():
+            for key, value in child.grads.items():
+                out[f"{name}.{key}"] = value
+        return out
+
+    def zero_grads(self) -> None:
+        """Set every gradient to zeros shaped like its parameter."""
+        for _, module in self.modules():
+            module._grads = {k: np.zeros_like(v) for k, v in module._params.items()}
+
+    def num_params(self) -> int:
+        """Number of real scalars (a complex entry counts twice)."""
+        return int(sum(v.size * (2 if np.iscomplexobj(v) else 1) for v in self.params.values()))
+
+    # -- cache handling ---------------------------------------------------
+    def _saved(self) -> Any:
+        """Return the forward cache, or fail clearly when there is none."""
+        if self._cache is None:
+            raise RuntimeError(
+                f"{type(self).__name__}.backward() called before forward(); "
+                "run forward(x, training=...) first"
+            )
+        return self._cache

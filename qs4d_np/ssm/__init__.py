@@ -1,0 +1,1 @@
+"""The S4D state-space layer: discretization, kernel, FFT convolution, recurrent scan."""

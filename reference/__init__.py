@@ -1,0 +1,1 @@
+"""Slow, obviously correct float64 NumPy twins of the fast kernels, used by the tests."""

@@ -1,0 +1,75 @@
+"""The shared plumbing: Module dicts, argument checks, atomic pickle-free IO, gradcheck."""
+import json
+
+import numpy as np
+import pytest
+
+from qs4d_np.core.checks import check_array, check_choice, check_int, check_sequence_input
+from qs4d_np.core.module import Module
+from qs4d_np.io import atomic_save_npz, atomic_write_json, load_json, load_npz
+from reference.gradcheck import grad_error, numerical_grad
+
+
+class Scale(Module):
+    def __init__(self):
+        super().__init__()
+        self._params["w"] = np.array([2.0])
+
+    def forward(self, x, training=False):
+        self._cache = x
+        return x * self._params["w"]
+
+    def backward(self, grad):
+        x = self._saved()
+        self._grads["w"] = np.array([np.sum(grad * x)])
+        return grad * self._params["w"]
+
+
+class Pair(Module):
+    def __init__(self):
+        super().__init__()
+        self.a = self.add_child("a", Scale())
+        self.b = self.add_child("b", Scale())
+
+
+def test_dotted_params_share_arrays():
+    m = Pair()
+    assert sorted(m.params) == ["a.w", "b.w"]
+    m.params["a.w"][0] = 5.0
+    assert m.a._params["w"][0] == 5.0
+    assert [name for name, _ in m.modules()] == ["", "a", "b"]
+
+
+def test_backward_before_forward_is_clear():
+    with pytest.raises(RuntimeError, match="before forward"):
+        Scale().backward(np.ones(1))
+
+
+def test_checks_name_the_argument():
+    with pytest.raises(ValueError, match="u must have shape \\(batch, length, 4\\)"):
+        check_sequence_input("u", np.zeros((2, 3, 5)), 4)
+    with pytest.raises(ValueError, match="non-finite"):
+        check_array("x", np.array([1.0, np.nan]))
+    with pytest.raises(ValueError, match="init must be one of"):
+        check_choice("init", "foo", ["lin", "inv"])
+    with pytest.raises(TypeError, match="d_state must be an integer"):
+        check_int("d_state", 3.0)
+
+
+def test_atomic_io_roundtrip(tmp_path):
+    arrays = {"a": np.arange(3.0), "c": np.array([1 + 2j])}
+    atomic_save_npz(tmp_path / "x.npz", arrays)
+    back = load_npz(tmp_path / "x.npz")
+    assert set(back) == {"a", "c"} and np.array_equal(back["c"], arrays["c"])
+    atomic_write_json(tmp_path / "m.json", {"k": 1})
+    assert load_json(tmp_path / "m.json") == {"k": 1}
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+    with pytest.raises(TypeError, match="pickle"):
+        atomic_save_npz(tmp_path / "o.npz", {"o": np.array([object()])})
+
+
+def test_numerical_grad_complex_convention():
+    z = np.array([1.0 + 2.0j, -0.5 + 0.3j])
+    # L = sum |z|^2 -> dL/dRe + i dL/dIm = 2 z
+    num = numerical_grad(lambda: float(np.sum(np.abs(z) ** 2)), z)
+    assert grad_error(2 * z, num) < 1e-8
