@@ -1,0 +1,63 @@
+"""Affine map over the last axis: y = x @ weight + bias (BLAS on a 2-D view)."""
+from __future__ import annotations
+
+import numpy as np
+
+from qs4d_np.core.checks import check_array, check_int
+from qs4d_np.core.module import Module
+
+
+def sum_rows(g2: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """Column sums of a (rows, C) array accumulated in float64, returned in ``dtype``.
+
+    float32 sums over ~50k rows would otherwise lose about three digits.
+    """
+    return g2.sum(axis=0, dtype=np.float64).astype(dtype, copy=False)
+
+
+class Linear(Module):
+    """y = x @ weight + bias over the last axis; any leading dims.
+
+    Params: ``weight`` (d_in, d_out), ``bias`` (d_out,) (absent when bias=False),
+    both initialised uniform in +-1/sqrt(d_in) as in PyTorch's nn.Linear.
+    x (..., d_in) -> y (..., d_out).
+    """
+
+    def __init__(self, d_in: int, d_out: int, *, bias: bool = True,
+                 dtype: type = np.float32, seed: int | np.random.Generator | None = None) -> None:
+        super().__init__()
+        self.d_in = check_int("d_in", d_in, min_value=1)
+        self.d_out = check_int("d_out", d_out, min_value=1)
+        self.dtype = np.dtype(dtype)
+        if self.dtype not in (np.float32, np.float64):
+            raise TypeError(f"dtype must be float32 or float64, got {self.dtype}")
+        rng = np.random.default_rng(seed)
+        bound = 1.0 / np.sqrt(self.d_in)
+        self._params["weight"] = rng.uniform(-bound, bound, (self.d_in, self.d_out)).astype(self.dtype)
+        if bias:
+            self._params["bias"] = rng.uniform(-bound, bound, self.d_out).astype(self.dtype)
+
+    def rows(self, x: np.ndarray) -> np.ndarray:
+        """Check x (..., d_in) and return it as a C-contiguous (rows, d_in) array of ``dtype``."""
+        x = check_array("x", x, finite=False)
+        if x.ndim < 1 or x.shape[-1] != self.d_in:
+            raise ValueError(f"x must have shape (..., {self.d_in}), got {x.shape}")
+        return np.ascontiguousarray(x, dtype=self.dtype).reshape(-1, self.d_in)
+
+    def forward(self, x: np.ndarray, training: bool = False) -> np.ndarray:
+        x2 = self.rows(x)
+        y = np.matmul(x2, self._params["weight"])
+        if "bias" in self._params:
+            y += self._params["bias"]
+        self._cache = (x2, x.shape)
+        return y.reshape(*x.shape[:-1], self.d_out)
+
+    def backward(self, grad: np.ndarray) -> np.ndarray:
+        x2, shape = self._saved()
+        out_shape = (*shape[:-1], self.d_out)
+        grad = check_array("grad", grad, shape=out_shape, finite=False)
+        g2 = np.ascontiguousarray(grad, dtype=self.dtype).reshape(-1, self.d_out)
+        self._grads["weight"] = x2.T @ g2
+        if "bias" in self._params:
+            self._grads["bias"] = sum_rows(g2, self.dtype)
+        return (g2 @ self._params["weight"].T).reshape(shape)

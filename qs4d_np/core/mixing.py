@@ -1,0 +1,44 @@
+"""Pointwise channel mixing: Linear H -> 2H, then GLU, with bias add and GLU fused."""
+from __future__ import annotations
+
+import numpy as np
+
+from qs4d_np.core.activations import matching_grad
+from qs4d_np.core.checks import check_int
+from qs4d_np.core.linear import Linear
+from qs4d_np.core.module import Module
+from qs4d_np.kernels.elementwise import glu_backward, glu_forward
+
+
+class PointwiseGLU(Module):
+    """y = GLU(x @ W + b) over the last axis: x (..., H) -> y (..., H).
+
+    Child ``linear`` = Linear(H, 2H) holds the parameters (``linear.weight``
+    (H, 2H), ``linear.bias`` (2H,)); the product x @ W runs in BLAS and one
+    Numba pass adds the bias and applies the gate, so the biased
+    pre-activation is never stored.
+    """
+
+    def __init__(self, d_model: int, *, dtype: type = np.float32,
+                 seed: int | np.random.Generator | None = None) -> None:
+        super().__init__()
+        self.d_model = check_int("d_model", d_model, min_value=1)
+        self.linear = self.add_child("linear", Linear(d_model, 2 * d_model, dtype=dtype, seed=seed))
+        self.dtype = self.linear.dtype
+
+    def forward(self, x: np.ndarray, training: bool = False) -> np.ndarray:
+        x2 = self.linear.rows(x)
+        z = np.matmul(x2, self.linear._params["weight"])
+        out = np.empty((x2.shape[0], self.d_model), dtype=self.dtype)
+        glu_forward(z, self.linear._params["bias"], out)
+        self._cache = (x2, z, x.shape)
+        return out.reshape(x.shape)
+
+    def backward(self, grad: np.ndarray) -> np.ndarray:
+        x2, z, shape = self._saved()
+        g2 = matching_grad(grad, shape, self.dtype).reshape(-1, self.d_model)
+        dz = np.empty_like(z)
+        dbias = glu_backward(z, self.linear._params["bias"], g2, dz)
+        self.linear._grads["weight"] = x2.T @ dz
+        self.linear._grads["bias"] = dbias.astype(self.dtype)
+        return (dz @ self.linear._params["weight"].T).reshape(shape)

@@ -1,0 +1,161 @@
+"""Core ops: float64 finite-difference checks of every backward, input checks, properties."""
+import numpy as np
+import pytest
+
+from qs4d_np.core.activations import GELU, GLU, ReLU
+from qs4d_np.core.dropout import Dropout
+from qs4d_np.core.linear import Linear
+from qs4d_np.core.mixing import PointwiseGLU
+from reference import ops as ref
+from reference.gradcheck import grad_error, numerical_grad
+
+TOL = 1e-6  # float64 central differences with eps=1e-6 are accurate to ~1e-9 here
+
+
+def check_op_grads(op, x, training=False, reseed=None):
+    """FD-check dx and every param grad of L = sum(forward(x) * R) for a fixed random R."""
+    rng = np.random.default_rng(123)
+
+    def run():
+        if reseed is not None:
+            reseed()
+        return op.forward(x, training=training)
+
+    R = rng.standard_normal(run().shape)
+    loss = lambda: float(np.sum(run() * R))
+    run()
+    dx = op.backward(R.copy())
+    assert dx.shape == x.shape
+    assert grad_error(dx, numerical_grad(loss, x)) <= TOL
+    for name, p in op.params.items():
+        run()
+        op.backward(R.copy())
+        analytic = op.grads[name].copy()
+        assert analytic.shape == p.shape, name
+        assert grad_error(analytic, numerical_grad(loss, p)) <= TOL, name
+
+
+def test_linear_grads_and_reference():
+    rng = np.random.default_rng(0)
+    lin = Linear(4, 3, dtype=np.float64, seed=1)
+    x = rng.standard_normal((2, 5, 4))
+    y = lin.forward(x)
+    np.testing.assert_allclose(y, ref.linear(x, lin.params["weight"], lin.params["bias"]), rtol=1e-13, atol=1e-13)
+    check_op_grads(lin, x)
+    g = rng.standard_normal(y.shape)
+    lin.forward(x)
+    dx = lin.backward(g)
+    rdx, rdw, rdb = ref.linear_backward(x, lin.params["weight"], g)
+    np.testing.assert_allclose(dx, rdx, atol=1e-12)
+    np.testing.assert_allclose(lin.grads["weight"], rdw, atol=1e-12)
+    np.testing.assert_allclose(lin.grads["bias"], rdb, atol=1e-12)
+    check_op_grads(Linear(3, 2, bias=False, dtype=np.float64, seed=2), rng.standard_normal((7, 3)))
+
+
+def test_linear_init_like_pytorch_and_seeded():
+    lin = Linear(100, 50, seed=3)
+    w = lin.params["weight"]
+    assert w.shape == (100, 50) and w.dtype == np.float32 and lin.params["bias"].shape == (50,)
+    assert np.abs(w).max() <= 0.1 and np.abs(w).max() > 0.09  # uniform(-1/sqrt(100), 1/sqrt(100))
+    np.testing.assert_array_equal(w, Linear(100, 50, seed=3).params["weight"])
+    assert not np.array_equal(w, Linear(100, 50, seed=4).params["weight"])
+
+
+def test_linear_bad_input():
+    lin = Linear(4, 3)
+    with pytest.raises(ValueError, match=r"x must have shape \(\.\.\., 4\), got \(2, 5\)"):
+        lin.forward(np.zeros((2, 5)))
+    lin.forward(np.zeros((2, 4)))
+    with pytest.raises(ValueError, match="grad must have shape"):
+        lin.backward(np.zeros((2, 4)))
+    with pytest.raises(ValueError, match="d_out must be >= 1"):
+        Linear(3, 0)
+    with pytest.raises(TypeError, match="dtype"):
+        Linear(3, 2, dtype=np.int32)
+
+
+@pytest.mark.parametrize("op_cls", [GELU, ReLU])
+def test_pointwise_activation_grads(op_cls):
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((2, 3, 4)) * 2
+    x[np.abs(x) < 1e-3] = 0.5  # keep FD away from ReLU's kink
+    check_op_grads(op_cls(), x)
+
+
+def test_activation_values_match_reference():
+    x = np.linspace(-6, 6, 101).reshape(1, 1, -1)
+    np.testing.assert_allclose(GELU().forward(x), ref.gelu(x), rtol=1e-14, atol=1e-15)
+    np.testing.assert_allclose(ReLU().forward(x), ref.relu(x))
+    y32 = GELU().forward(x.astype(np.float32))
+    assert y32.dtype == np.float32
+    np.testing.assert_allclose(y32, ref.gelu(x), rtol=1e-6, atol=1e-6)
+    # GELU(x) -> x for large x, -> 0 for very negative x, GELU(0) = 0
+    assert abs(GELU().forward(np.array([0.0]))[0]) == 0.0
+
+
+def test_glu_grads_and_values():
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((2, 3, 6))
+    glu = GLU()
+    np.testing.assert_allclose(glu.forward(x), ref.glu(x), rtol=1e-14)
+    check_op_grads(glu, x)
+    with pytest.raises(ValueError, match="even, non-zero last axis"):
+        glu.forward(np.zeros((2, 5)))
+
+
+def test_pointwise_glu_grads_and_values():
+    rng = np.random.default_rng(3)
+    mix = PointwiseGLU(3, dtype=np.float64, seed=4)
+    assert sorted(mix.params) == ["linear.bias", "linear.weight"]
+    assert mix.params["linear.weight"].shape == (3, 6)
+    x = rng.standard_normal((2, 4, 3))
+    w, b = mix.params["linear.weight"], mix.params["linear.bias"]
+    np.testing.assert_allclose(mix.forward(x), ref.glu(ref.linear(x, w, b)), rtol=1e-13, atol=1e-14)
+    check_op_grads(mix, x)
+    with pytest.raises(ValueError, match=r"x must have shape \(\.\.\., 3\)"):
+        mix.forward(np.zeros((2, 4, 5)))
+
+
+def test_dropout_grads_and_mask_structure():
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((3, 5, 4)) + 3.0  # no zeros in x, so zeros in y come from the mask
+    for shared in (True, False):
+        d = Dropout(0.4, shared_over_time=shared, seed=7)
+
+        def reseed(d=d):
+            d.rng = np.random.default_rng(7)
+
+        check_op_grads(d, x, training=True, reseed=reseed)
+        reseed()
+        y = d.forward(x, training=True)
+        kept = y != 0
+        np.testing.assert_allclose(y[kept], x[kept] / 0.6, rtol=1e-14)
+        if shared:
+            # one decision per (batch, channel), the same at every time step
+            assert (kept == kept[:, :1, :]).all()
+        assert 0 < kept.mean() < 1
+
+
+def test_dropout_identity_and_rate():
+    x = np.ones((200, 3, 50), dtype=np.float32)
+    d = Dropout(0.25, seed=0)
+    assert d.forward(x, training=False) is x
+    assert Dropout(0.0).forward(x, training=True) is x
+    y = d.forward(x, training=True)
+    assert y.dtype == np.float32
+    assert abs((y[:, 0, :] == 0).mean() - 0.25) < 0.02  # 10,000 channel draws: sd ~0.004
+    assert abs(y.mean() - 1.0) < 0.03  # inverted scaling keeps the mean
+    np.testing.assert_array_equal(y, Dropout(0.25, seed=0).forward(x, training=True))
+    g = d.backward(np.ones_like(y))
+    np.testing.assert_array_equal(g, y)  # mask applied to the gradient
+
+
+def test_dropout_bad_input():
+    for p in (1.0, -0.1):
+        with pytest.raises(ValueError, match="p must be"):
+            Dropout(p)
+    with pytest.raises(ValueError, match=r"x must have shape \(batch, length, channels\)"):
+        Dropout(0.1).forward(np.zeros((2, 3)), training=True)
+    Dropout(0.1, shared_over_time=False).forward(np.zeros((2, 3)), training=True)
+    with pytest.raises(RuntimeError, match="before forward"):
+        Dropout(0.1).backward(np.zeros((1, 1, 1)))

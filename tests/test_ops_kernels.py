@@ -1,0 +1,78 @@
+"""Hypothesis property tests: every Numba kernel against its float64 twin in reference/ops.py."""
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from qs4d_np.kernels import elementwise as ew
+from reference import ops as ref
+
+SETTINGS = settings(max_examples=25, deadline=None)
+
+
+@st.composite
+def matrices(draw, even_cols=False, max_rows=2100):
+    """Random (rows, cols) float64 data; rows can exceed one ROW_BLOCK to exercise blocking."""
+    rows = draw(st.integers(1, max_rows))
+    cols = draw(st.integers(1, 6)) * (2 if even_cols else 1)
+    seed = draw(st.integers(0, 2**32 - 1))
+    scale = draw(st.sampled_from([0.1, 1.0, 5.0]))
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((rows, cols)) * scale, rng
+
+
+# float64 kernels vs float64 twins differ only by rounding order: 1e-12 relative.
+RTOL, ATOL = 1e-12, 1e-12
+
+
+@SETTINGS
+@given(matrices())
+def test_gelu_kernels(data):
+    x, rng = data
+    g = rng.standard_normal(x.shape)
+    out = np.empty_like(x)
+    ew.gelu_forward(x.reshape(-1), out.reshape(-1))
+    np.testing.assert_allclose(out, ref.gelu(x), rtol=RTOL, atol=ATOL)
+    ew.gelu_backward(x.reshape(-1), g.reshape(-1), out.reshape(-1))
+    np.testing.assert_allclose(out, ref.gelu_backward(x, g), rtol=RTOL, atol=ATOL)
+
+
+@SETTINGS
+@given(matrices(even_cols=True))
+def test_glu_kernels(data):
+    z, rng = data
+    bias = rng.standard_normal(z.shape[1])
+    g = rng.standard_normal((z.shape[0], z.shape[1] // 2))
+    out = np.empty_like(g)
+    ew.glu_forward(z, bias, out)
+    np.testing.assert_allclose(out, ref.glu(z, bias), rtol=RTOL, atol=ATOL)
+    dz = np.empty_like(z)
+    dbias = ew.glu_backward(z, bias, g, dz)
+    rdz, rdb = ref.glu_backward(z, g, bias)
+    np.testing.assert_allclose(dz, rdz, rtol=RTOL, atol=ATOL)
+    # sums over up to ~2k rows: rounding grows with the row count
+    np.testing.assert_allclose(dbias, rdb, rtol=1e-10, atol=1e-10)
+
+
+@SETTINGS
+@given(st.integers(1, 4), st.integers(1, 30), st.integers(1, 5), st.integers(0, 2**32 - 1))
+def test_channel_mask_kernel(b, l, h, seed):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((b, l, h))
+    mask = (rng.random((b, h)) > 0.5) * 2.0
+    out = np.empty_like(x)
+    ew.channel_mask_apply(x, mask, out)
+    np.testing.assert_array_equal(out, ref.channel_mask_apply(x, mask))
+
+
+def test_float32_kernels_track_float64():
+    """float32 data: kernels compute internally in float64, so the error is float32 rounding."""
+    rng = np.random.default_rng(0)
+    z = rng.standard_normal((3000, 8))
+    z32 = z.astype(np.float32)
+    bias = rng.standard_normal(8).astype(np.float32)
+    out = np.empty((3000, 4), np.float32)
+    ew.glu_forward(z32, bias, out)
+    np.testing.assert_allclose(out, ref.glu(z32, bias), rtol=1e-6, atol=1e-6)
+    out = np.empty_like(z32)
+    ew.gelu_forward(z32.reshape(-1), out.reshape(-1))
+    np.testing.assert_allclose(out, ref.gelu(z32), rtol=1e-6, atol=1e-6)
