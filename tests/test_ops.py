@@ -5,7 +5,10 @@ import pytest
 from qs4d_np.core.activations import GELU, GLU, ReLU
 from qs4d_np.core.dropout import Dropout
 from qs4d_np.core.linear import Linear
+from qs4d_np.core.loss import SoftmaxCrossEntropy
 from qs4d_np.core.mixing import PointwiseGLU
+from qs4d_np.core.norm import BatchNorm, LayerNorm
+from qs4d_np.core.pooling import LastPool, MeanPool
 from reference import ops as ref
 from reference.gradcheck import grad_error, numerical_grad
 
@@ -159,3 +162,106 @@ def test_dropout_bad_input():
     Dropout(0.1, shared_over_time=False).forward(np.zeros((2, 3)), training=True)
     with pytest.raises(RuntimeError, match="before forward"):
         Dropout(0.1).backward(np.zeros((1, 1, 1)))
+
+
+# -- norms ---------------------------------------------------------------
+def randomize_affine(op, rng):
+    op.params["weight"][...] = rng.standard_normal(op.d) + 1.0
+    op.params["bias"][...] = rng.standard_normal(op.d)
+
+
+def test_layernorm_grads_and_values():
+    rng = np.random.default_rng(5)
+    ln = LayerNorm(4, dtype=np.float64)
+    randomize_affine(ln, rng)
+    x = rng.standard_normal((2, 3, 4)) * 3 + 1
+    y, _, _ = ref.layernorm(x, ln.params["weight"], ln.params["bias"], 1e-5)
+    np.testing.assert_allclose(ln.forward(x), y, rtol=1e-12, atol=1e-12)
+    check_op_grads(ln, x)
+    plain = LayerNorm(4, dtype=np.float64).forward(x)  # weight 1, bias 0
+    np.testing.assert_allclose(plain.mean(-1), 0, atol=1e-12)
+    np.testing.assert_allclose(plain.var(-1), 1, rtol=1e-4)  # eps=1e-5 against var ~9
+
+
+def test_batchnorm_training_grads_and_running_stats():
+    rng = np.random.default_rng(6)
+    bn = BatchNorm(3, momentum=0.2, dtype=np.float64)
+    randomize_affine(bn, rng)
+    x = rng.standard_normal((2, 5, 3)) * 2 + 0.5
+    y, mean, var = ref.batchnorm_train(x, bn.params["weight"], bn.params["bias"], 1e-5)
+    np.testing.assert_allclose(bn.forward(x, training=True), y, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(bn.buffers["running_mean"], 0.2 * mean, rtol=1e-12)
+    np.testing.assert_allclose(bn.buffers["running_var"], 0.8 + 0.2 * var * 10 / 9, rtol=1e-12)
+    assert set(bn.params) == {"weight", "bias"}  # running stats are buffers, not params
+    check_op_grads(bn, x, training=True)
+
+
+def test_batchnorm_eval_uses_running_stats():
+    rng = np.random.default_rng(7)
+    bn = BatchNorm(3, dtype=np.float64)
+    randomize_affine(bn, rng)
+    bn.buffers["running_mean"][...] = rng.standard_normal(3)
+    bn.buffers["running_var"][...] = rng.random(3) + 0.5
+    x = rng.standard_normal((2, 4, 3))
+    before = {k: v.copy() for k, v in bn.buffers.items()}
+    want = ref.batchnorm_eval(x, bn.params["weight"], bn.params["bias"],
+                              bn.buffers["running_mean"], bn.buffers["running_var"], 1e-5)
+    np.testing.assert_allclose(bn.forward(x), want, rtol=1e-12, atol=1e-12)
+    for k in before:
+        np.testing.assert_array_equal(bn.buffers[k], before[k])
+    check_op_grads(bn, x, training=False)
+
+
+def test_norm_bad_input():
+    with pytest.raises(ValueError, match=r"x must have shape \(\.\.\., 4\), got \(2, 3\)"):
+        LayerNorm(4).forward(np.zeros((2, 3)))
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        BatchNorm(4).forward(np.zeros((1, 1, 4)), training=True)
+    with pytest.raises(ValueError, match="eps must be > 0"):
+        LayerNorm(4, eps=0.0)
+    with pytest.raises(ValueError, match="momentum must be <= 1"):
+        BatchNorm(4, momentum=2.0)
+
+
+# -- pooling and loss ----------------------------------------------------
+@pytest.mark.parametrize("pool_cls, twin", [(MeanPool, ref.mean_pool), (LastPool, ref.last_pool)])
+def test_pooling(pool_cls, twin):
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((2, 5, 3))
+    pool = pool_cls()
+    np.testing.assert_allclose(pool.forward(x), twin(x), rtol=1e-14)
+    check_op_grads(pool, x)
+    with pytest.raises(ValueError, match=r"x must have shape \(batch, length >= 1, channels\)"):
+        pool.forward(np.zeros((2, 3)))
+
+
+def test_cross_entropy_value_grad_and_stability():
+    rng = np.random.default_rng(9)
+    logits = rng.standard_normal((4, 5))
+    labels = np.array([0, 4, 2, 2])
+    ce = SoftmaxCrossEntropy()
+    want_loss, want_grad = ref.softmax_cross_entropy(logits, labels)
+    assert abs(ce.forward(logits, labels) - want_loss) < 1e-14
+    np.testing.assert_allclose(ce.backward(), want_grad, rtol=1e-13, atol=1e-15)
+    num = numerical_grad(lambda: ce.forward(logits, labels), logits)
+    ce.forward(logits, labels)
+    assert grad_error(ce.backward(), num) <= TOL
+    # uniform logits: loss = log(classes); huge logits do not overflow
+    assert abs(ce.forward(np.zeros((3, 7)), np.array([1, 2, 3])) - np.log(7)) < 1e-14
+    big = np.array([[1000.0, 0.0], [0.0, 1000.0]], dtype=np.float32)
+    assert ce.forward(big, np.array([0, 0])) == pytest.approx(500.0)
+    assert ce.backward().dtype == np.float32
+
+
+def test_cross_entropy_bad_input():
+    ce = SoftmaxCrossEntropy()
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 3\), got \[3\]"):
+        ce.forward(np.zeros((2, 3)), np.array([0, 3]))
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 3\), got \[-1\]"):
+        ce.forward(np.zeros((2, 3)), np.array([-1, 0]))
+    with pytest.raises(TypeError, match="labels must be integers"):
+        ce.forward(np.zeros((2, 3)), np.array([0.0, 1.0]))
+    with pytest.raises(ValueError, match=r"labels must have shape \(2\)"):
+        ce.forward(np.zeros((2, 3)), np.array([0, 1, 1]))
+    with pytest.raises(ValueError, match="logits contains 1 non-finite"):
+        ce.forward(np.array([[0.0, np.nan]]), np.array([0]))

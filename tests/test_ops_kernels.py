@@ -4,6 +4,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qs4d_np.kernels import elementwise as ew
+from qs4d_np.kernels import norm as nk
 from reference import ops as ref
 
 SETTINGS = settings(max_examples=25, deadline=None)
@@ -76,3 +77,45 @@ def test_float32_kernels_track_float64():
     out = np.empty_like(z32)
     ew.gelu_forward(z32.reshape(-1), out.reshape(-1))
     np.testing.assert_allclose(out, ref.gelu(z32), rtol=1e-6, atol=1e-6)
+
+
+@SETTINGS
+@given(matrices())
+def test_layernorm_kernels(data):
+    x, rng = data
+    c = x.shape[1]
+    w, b, g = rng.standard_normal(c), rng.standard_normal(c), rng.standard_normal(x.shape)
+    out, mean, rstd = np.empty_like(x), np.empty(len(x)), np.empty(len(x))
+    nk.layernorm_forward(x, w, b, 1e-5, out, mean, rstd)
+    ry, rmean, rrstd = ref.layernorm(x, w, b, 1e-5)
+    np.testing.assert_allclose(out, ry, rtol=1e-10, atol=1e-10)  # 1/sqrt(var+eps) amplifies rounding
+    np.testing.assert_allclose(rstd, rrstd, rtol=1e-12)
+    dx = np.empty_like(x)
+    dw, db = nk.layernorm_backward(x, w, mean, rstd, g, dx)
+    rdx, rdw, rdb = ref.layernorm_backward(x, w, 1e-5, g)
+    np.testing.assert_allclose(dx, rdx, rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(dw, rdw, rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(db, rdb, rtol=1e-10, atol=1e-10)
+
+
+@SETTINGS
+@given(matrices(max_rows=2100).filter(lambda d: d[0].shape[0] >= 2))
+def test_batchnorm_kernels(data):
+    x, rng = data
+    c = x.shape[1]
+    w, b, g = rng.standard_normal(c), rng.standard_normal(c), rng.standard_normal(x.shape)
+    mean, var = nk.column_moments(x)
+    ry, rmean, rvar = ref.batchnorm_train(x, w, b, 1e-5)
+    np.testing.assert_allclose(mean, rmean, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(var, rvar, rtol=1e-10)
+    rstd = 1.0 / np.sqrt(var + 1e-5)
+    out = np.empty_like(x)
+    nk.column_affine(x, w * rstd, b - mean * w * rstd, out)
+    np.testing.assert_allclose(out, ry, rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(out, ref.column_affine(x, w * rstd, b - mean * w * rstd), rtol=1e-13, atol=1e-13)
+    dx = np.empty_like(x)
+    dw, db = nk.batchnorm_backward(x, w, mean, rstd, g, dx)
+    rdx, rdw, rdb = ref.batchnorm_train_backward(x, w, 1e-5, g)
+    np.testing.assert_allclose(dx, rdx, rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(dw, rdw, rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(db, rdb, rtol=1e-10, atol=1e-10)
