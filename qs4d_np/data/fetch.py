@@ -1,0 +1,92 @@
+"""Download a file from a list of mirrors with a SHA-256 check and a time budget.
+
+Offline machines must never hang here: the whole attempt (every mirror) gets
+one time budget in seconds, each connection and read uses the remaining
+budget as its socket timeout, and the host name is resolved in a worker
+thread so a stuck DNS lookup cannot outlast the budget either. A file is
+written (atomically) only after its checksum matched.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from pathlib import Path
+from typing import Sequence
+
+from qs4d_np.io import atomic_write_bytes
+
+
+class DownloadError(RuntimeError):
+    """Every mirror failed; the message lists why for each URL."""
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _resolves(host: str, port: int, timeout: float) -> None:
+    """Raise OSError unless ``host`` resolves within ``timeout`` seconds."""
+    pool = ThreadPoolExecutor(max_workers=1)
+    try:
+        pool.submit(socket.getaddrinfo, host, port).result(timeout=timeout)
+    except FutureTimeout as exc:
+        raise OSError(f"name lookup for {host} took longer than {timeout:.1f} s") from exc
+    finally:
+        # the lookup thread may still be blocked in the C resolver: do not wait for it
+        pool.shutdown(wait=False)
+
+
+def _get(url: str, deadline: float, max_bytes: int) -> bytes:
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise TimeoutError("time budget used up before this mirror was tried")
+    parts = urllib.parse.urlsplit(url)
+    _resolves(parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80), remaining)
+    chunks, total = [], 0
+    with urllib.request.urlopen(url, timeout=max(deadline - time.monotonic(), 0.01)) as response:
+        while True:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"download slower than the time budget ({total} bytes so far)")
+            chunk = response.read(1 << 16)
+            if not chunk:
+                break
+            total += len(chunk)
+            if total > max_bytes:
+                raise ValueError(f"more than the expected {max_bytes} bytes")
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def fetch(filename: str, sha256: str, mirrors: Sequence[str], dest_dir: str | os.PathLike, *,
+          timeout: float, max_bytes: int = 1 << 30) -> Path:
+    """Download ``filename`` from the first mirror that serves bytes with the given SHA-256.
+
+    ``mirrors`` are base URLs (``filename`` is appended). ``timeout`` is the
+    total budget in seconds for all mirrors. The verified file is written
+    atomically to ``dest_dir / filename``; nothing is written on failure.
+    Raises :class:`DownloadError` listing every mirror's failure.
+    """
+    deadline = time.monotonic() + timeout
+    failures = []
+    for base in mirrors:
+        url = base.rstrip("/") + "/" + filename
+        try:
+            data = _get(url, deadline, max_bytes)
+        except (OSError, urllib.error.URLError, ValueError) as exc:  # TimeoutError is an OSError
+            failures.append(f"{url}: {exc}")
+            continue
+        digest = sha256_hex(data)
+        if digest != sha256:
+            failures.append(f"{url}: SHA-256 {digest} does not match the expected {sha256}")
+            continue
+        target = Path(dest_dir) / filename
+        atomic_write_bytes(target, data)
+        return target
+    raise DownloadError(f"could not download {filename} within {timeout:.1f} s:\n  " + "\n  ".join(failures))
