@@ -1,0 +1,158 @@
+"""Integer primitives of the golden model (docs/integer_spec.md, section 2).
+
+Everything here is integer-only: int64 NumPy arrays in, int64 arrays out. The
+one rounding rule is round-half-to-even (RNE) applied once, by an arithmetic
+right shift of an exact integer sum; saturation clamps (never wraps) to a
+tensor's grid and reports which words were clamped.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from qs4d_np.core.checks import check_int
+
+# |accumulator| must stay below this so that int64 never overflows.
+INT64_BOUND = 1 << 63
+MAX_SHIFT = 62
+# Multipliers are stored as 32-bit two's-complement words, so at most 2**31 - 1.
+MULT_LIMIT = 1 << 31
+
+
+def signed_range(width: int) -> tuple[int, int]:
+    """The integers a ``width``-bit two's-complement word holds."""
+    width = check_int("width", width, min_value=1, max_value=63)
+    return -(1 << (width - 1)), (1 << (width - 1)) - 1
+
+
+def bits_needed(qmin: int, qmax: int) -> int:
+    """Smallest two's-complement width holding every integer in [qmin, qmax]."""
+    width = 1
+    while not (-(1 << (width - 1)) <= qmin and qmax <= (1 << (width - 1)) - 1):
+        width += 1
+    return width
+
+
+@dataclass(frozen=True)
+class IntFormat:
+    """A signed integer tensor: ``width``-bit words restricted to the grid [qmin, qmax].
+
+    The grid may be narrower than the word (the QS4D grid with n = 2**b
+    states is [-2**(b-1), 2**(b-1)], which needs b + 1 bits).
+    """
+
+    width: int
+    qmin: int
+    qmax: int
+
+    def __post_init__(self) -> None:
+        check_int("width", self.width, min_value=2, max_value=32)
+        check_int("qmin", self.qmin)
+        check_int("qmax", self.qmax)
+        if self.qmin > self.qmax:
+            raise ValueError(f"grid must have qmin <= qmax, got [{self.qmin}, {self.qmax}]")
+        lo, hi = signed_range(self.width)
+        if self.qmin < lo or self.qmax > hi:
+            need = bits_needed(self.qmin, self.qmax)
+            raise ValueError(
+                f"grid [{self.qmin}, {self.qmax}] needs {need} bits, but width {self.width} "
+                f"holds only [{lo}, {hi}]; use width >= {need} or a narrower grid")
+
+    @classmethod
+    def full(cls, width: int) -> "IntFormat":
+        """Every value of a ``width``-bit two's-complement word."""
+        lo, hi = signed_range(width)
+        return cls(width, lo, hi)
+
+    @classmethod
+    def qs4d(cls, n_states: int, width: int | None = None) -> "IntFormat":
+        """The QS4D absmax grid with ``n_states`` states: [-n//2 (floored), n//2].
+
+        ``width`` defaults to the smallest that holds the grid; an explicit
+        width that cannot hold it is an error.
+        """
+        n_states = check_int("n_states", n_states, min_value=2)
+        qmin, qmax = -n_states // 2, n_states // 2
+        return cls(bits_needed(qmin, qmax) if width is None else width, qmin, qmax)
+
+    @property
+    def maxabs(self) -> int:
+        return max(-self.qmin, self.qmax)
+
+    def check(self, name: str, q: np.ndarray) -> np.ndarray:
+        """Require an integer array whose values lie on this grid; return it as int64."""
+        if not isinstance(q, np.ndarray) or q.dtype.kind not in ("i", "u"):
+            got = q.dtype if isinstance(q, np.ndarray) else type(q).__name__
+            raise TypeError(f"{name} must be an integer numpy array, got {got}")
+        q = q.astype(np.int64, copy=False)
+        if q.size and (q.min() < self.qmin or q.max() > self.qmax):
+            bad = int(np.count_nonzero((q < self.qmin) | (q > self.qmax)))
+            raise ValueError(f"{name} has {bad} value(s) outside its grid [{self.qmin}, {self.qmax}] "
+                             f"(range seen [{int(q.min())}, {int(q.max())}])")
+        return q
+
+
+def round_shift(acc: np.ndarray, shift: np.ndarray | int) -> np.ndarray:
+    """``acc / 2**shift`` rounded half to even, for int64 ``acc`` and shifts in [0, 62].
+
+    The quotient is the arithmetic right shift (floor); the remainder decides
+    the increment: above half rounds up, exactly half rounds to the even
+    neighbour. No addend is formed, so no value beyond |acc| is ever computed.
+    """
+    acc = np.asarray(acc, dtype=np.int64)
+    shift = np.asarray(shift, dtype=np.int64)
+    one = np.int64(1)
+    q = acc >> shift
+    rem = acc - (q << shift)
+    half = np.where(shift > 0, one << np.maximum(shift - one, 0), one << 62)
+    up = (rem > half) | ((rem == half) & ((q & one) == one))
+    return q + up.astype(np.int64)
+
+
+def saturate(v: np.ndarray, fmt: IntFormat) -> tuple[np.ndarray, np.ndarray]:
+    """Clamp ``v`` to the grid of ``fmt``; return (clamped, int64 0/1 saturation flags)."""
+    flags = ((v < fmt.qmin) | (v > fmt.qmax)).astype(np.int64)
+    return np.clip(v, fmt.qmin, fmt.qmax), flags
+
+
+def requantize(terms: Sequence[np.ndarray], multipliers: Sequence[np.ndarray],
+               shift: np.ndarray, fmt: IntFormat) -> tuple[np.ndarray, np.ndarray]:
+    """Single-rounding requantization of a sum of integer products.
+
+    out = saturate(round_half_even(sum_k terms[k] * multipliers[k] / 2**shift)).
+    Each term carries its own scale, folded into its multiplier; all terms
+    share one shift so the exact sum is rounded once. The caller guarantees
+    (see ``check_headroom``) that the sum fits int64.
+    """
+    acc = np.zeros(np.broadcast(*terms, *multipliers, shift).shape, dtype=np.int64)
+    for term, mult in zip(terms, multipliers):
+        acc += term * mult
+    return saturate(round_shift(acc, shift), fmt)
+
+
+def check_headroom(name: str, term_bounds: Sequence[int], multipliers: Sequence[np.ndarray],
+                   shift: np.ndarray) -> None:
+    """Fail unless sum_k term_bounds[k] * multipliers[k] < 2**63 at every position, shift in [0, 62].
+
+    ``term_bounds`` are worst-case |term| from the tensor grids; this is what
+    makes the int64 path exact for every input on the grids.
+    """
+    shift = np.asarray(shift)
+    if shift.size and (shift.min() < 0 or shift.max() > MAX_SHIFT):
+        raise ValueError(f"{name} shift must lie in [0, {MAX_SHIFT}], got range "
+                         f"[{int(shift.min())}, {int(shift.max())}]")
+    worst = 0
+    for bound, mult in zip(term_bounds, multipliers):
+        mult = np.asarray(mult)
+        if mult.size and (mult.min() < 0 or mult.max() >= MULT_LIMIT):
+            raise ValueError(f"{name} multipliers must lie in [0, 2**31) (signs live in the "
+                             f"weights), got range [{int(mult.min())}, {int(mult.max())}]")
+        # object dtype: Python ints, so the check itself cannot overflow
+        worst = worst + mult.astype(object) * int(bound)
+    worst = int(np.max(worst))
+    if worst >= INT64_BOUND:
+        raise ValueError(f"{name} accumulator needs up to {worst.bit_length() + 1} bits "
+                         f"(worst case {worst}); the int64 golden model allows 64: "
+                         f"narrow the widths or the multipliers")

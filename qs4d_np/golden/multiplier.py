@@ -1,0 +1,129 @@
+"""Real scale ratios to integer multipliers and shifts (export time, float in).
+
+This is the only golden module that touches floats: it turns the float
+scales of a trained model into the integers the integer path runs on
+(docs/integer_spec.md, section 3).
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+from numpy.typing import ArrayLike
+
+from qs4d_np.core.checks import check_array, check_float, check_int
+from qs4d_np.golden.fixedpoint import INT64_BOUND, MAX_SHIFT
+from qs4d_np.golden.layer import SSMCoreFormats
+
+MULT_BITS = 31
+# Below this many significant multiplier bits the ratio is too coarse to call
+# the result a model of the float network.
+MIN_MULT_BITS = 16
+
+
+def _normalise(ratio: float) -> tuple[int, int]:
+    """(M0, shift) with M0 in [2**30, 2**31) and ratio ~= M0 / 2**shift; shift unchecked."""
+    q, e = math.frexp(ratio)
+    m0 = round(q * (1 << MULT_BITS))  # Python round(): ties to even; q * 2**31 is exact
+    if m0 == 1 << MULT_BITS:
+        m0 //= 2
+        e += 1
+    return m0, MULT_BITS - e
+
+
+def quantize_multiplier(ratio: float) -> tuple[int, int]:
+    """TFLite-style (M0, shift) with M0 in [2**30, 2**31) and ratio ~= M0 / 2**shift.
+
+    frexp gives ratio = q * 2**e with q in [0.5, 1); M0 = round_half_even(q * 2**31);
+    if it rounds up to 2**31 it is halved and e incremented; shift = 31 - e
+    must lie in [0, 62], i.e. ratio in about [2**-31, 2**31).
+    """
+    ratio = check_float("ratio", ratio, min_value=0.0, min_inclusive=False)
+    m0, shift = _normalise(ratio)
+    if not 0 <= shift <= MAX_SHIFT:
+        raise ValueError(f"ratio {ratio!r} needs right shift {shift}; allowed is [0, {MAX_SHIFT}] "
+                         f"(ratios in about [2**-31, 2**31))")
+    return m0, shift
+
+
+def shared_shift_multipliers(ratios: Sequence[float], term_bounds: Sequence[int]
+                             ) -> tuple[list[int], int]:
+    """Multipliers M_k and one shift R with ratio_k ~= M_k / 2**R for a sum of terms.
+
+    R starts at the TFLite shift of the largest ratio (so its multiplier is a
+    normalised M0 in [2**30, 2**31)), capped at 62, and is lowered one bit at
+    a time until sum_k term_bounds[k] * M_k < 2**63, the int64 headroom. Each
+    M_k = round_half_even(ratio_k * 2**R). The cap and the lowering cost
+    precision: a negative shift or fewer than 16 significant bits in the
+    largest multiplier is refused.
+    """
+    if len(ratios) != len(term_bounds) or not ratios:
+        raise ValueError(f"ratios and term_bounds must be non-empty and equally long, "
+                         f"got {len(ratios)} and {len(term_bounds)}")
+    ratios = [check_float(f"ratios[{k}]", r, min_value=0.0, min_inclusive=False)
+              for k, r in enumerate(ratios)]
+    bounds = [check_int(f"term_bounds[{k}]", b, min_value=0) for k, b in enumerate(term_bounds)]
+    shift = min(_normalise(max(ratios))[1], MAX_SHIFT)
+    while True:
+        mults = [round(math.ldexp(r, shift)) for r in ratios]
+        if sum(b * m for b, m in zip(bounds, mults)) < INT64_BOUND:
+            break
+        shift -= 1
+    if shift < 0 or max(mults).bit_length() < MIN_MULT_BITS:
+        raise ValueError(f"ratios {ratios} with term bounds {bounds} leave shift {shift} and "
+                         f"{max(mults).bit_length()} multiplier bits in int64 (need shift >= 0 "
+                         f"and >= {MIN_MULT_BITS} bits); narrow the widths")
+    return mults, shift
+
+
+def ssm_core_multipliers(formats: SSMCoreFormats, *, s_u: ArrayLike, s_Abar_re: ArrayLike,
+                         s_Abar_im: ArrayLike, s_Bbar_re: ArrayLike, s_Bbar_im: ArrayLike,
+                         s_C_re: ArrayLike, s_C_im: ArrayLike, s_D: ArrayLike, s_x: ArrayLike,
+                         s_y: ArrayLike, H: int, N2: int) -> dict[str, np.ndarray]:
+    """The SSM core's multipliers and shifts from its float step sizes (real = s * integer).
+
+    ``s_Abar_*``, ``s_Bbar_*`` broadcast to (H, N2); ``s_u``, ``s_C_*``, ``s_D``,
+    ``s_x``, ``s_y`` to (H,). State ratios: Abar terms s_Abar (the state scale
+    cancels), Bbar terms s_Bbar * s_u / s_x; output ratios 2 * s_C * s_x / s_y
+    and s_D * s_u / s_y. Returns int64 arrays keyed like ``SSMCore`` expects.
+    """
+    H = check_int("H", H, min_value=1)
+    N2 = check_int("N2", N2, min_value=1)
+    scales = {}
+    for name, value in (("s_u", s_u), ("s_C_re", s_C_re), ("s_C_im", s_C_im), ("s_D", s_D),
+                        ("s_x", s_x), ("s_y", s_y), ("s_Abar_re", s_Abar_re),
+                        ("s_Abar_im", s_Abar_im), ("s_Bbar_re", s_Bbar_re), ("s_Bbar_im", s_Bbar_im)):
+        shape = (H, N2) if "bar" in name else (H,)
+        arr = np.asarray(value, dtype=np.float64)
+        try:
+            arr = np.broadcast_to(arr, shape)
+        except ValueError:
+            raise ValueError(f"{name} must broadcast to {shape}, got shape {arr.shape}") from None
+        check_array(name, arr)
+        if arr.min() <= 0:
+            raise ValueError(f"{name} must be > 0 everywhere, got min {arr.min()}")
+        scales[name] = arr
+    f = formats
+    ax, bu = f.Abar.maxabs * f.x.maxabs, f.Bbar.maxabs * f.u.maxabs
+    out = {k: np.zeros((H, N2), dtype=np.int64) for k in ("m_a_re", "m_a_im", "m_b_re", "m_b_im", "r_x")}
+    out.update({k: np.zeros(H, dtype=np.int64) for k in ("m_c_re", "m_c_im", "m_d", "r_y")})
+    for h in range(H):
+        su, sx, sy = scales["s_u"][h], scales["s_x"][h], scales["s_y"][h]
+        for n in range(N2):
+            # Both state outputs use the A multipliers; checking all four B/A terms together
+            # keeps one shift for x_re and x_im.
+            mults, shift = shared_shift_multipliers(
+                [scales["s_Abar_re"][h, n], scales["s_Abar_im"][h, n],
+                 scales["s_Bbar_re"][h, n] * su / sx, scales["s_Bbar_im"][h, n] * su / sx],
+                [ax, ax, bu, bu])
+            for key, m in zip(("m_a_re", "m_a_im", "m_b_re", "m_b_im"), mults):
+                out[key][h, n] = m
+            out["r_x"][h, n] = shift
+        cx = N2 * f.C.maxabs * f.x.maxabs
+        mults, shift = shared_shift_multipliers(
+            [2 * scales["s_C_re"][h] * sx / sy, 2 * scales["s_C_im"][h] * sx / sy,
+             scales["s_D"][h] * su / sy], [cx, cx, f.D.maxabs * f.u.maxabs])
+        out["m_c_re"][h], out["m_c_im"][h], out["m_d"][h] = mults
+        out["r_y"][h] = shift
+    return out

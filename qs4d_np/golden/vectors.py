@@ -1,0 +1,137 @@
+"""``.memh`` test vectors: one two's-complement hex word per line, for ``$readmemh``.
+
+A word of ``width`` bits is written as ``value & (2**width - 1)`` in exactly
+ceil(width / 4) lower-case hex digits; reading sign-extends it back. A vector
+directory holds one ``.memh`` file per tensor (row-major, C order) and a
+``config.json`` naming every file's shape, width and signedness.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from qs4d_np.core.checks import check_int
+from qs4d_np.golden.fixedpoint import IntFormat
+from qs4d_np.golden.layer import SPEC_VERSION, WEIGHT_FORMAT, SSMCore, SSMCoreFormats, SSMCoreTrace
+from qs4d_np.io import atomic_write_json, atomic_write_text, load_json
+
+MULT_WIDTH = 32   # multipliers are < 2**31: a non-negative 32-bit word
+SHIFT_WIDTH = 8   # shifts are 0..62
+HEX_DIGITS = set("0123456789abcdefABCDEF")
+
+
+def word_range(width: int, signed: bool) -> tuple[int, int]:
+    width = check_int("width", width, min_value=1, max_value=64)
+    return (-(1 << (width - 1)), (1 << (width - 1)) - 1) if signed else (0, (1 << width) - 1)
+
+
+def write_memh(path: str | os.PathLike, values: np.ndarray, width: int, *, signed: bool = True) -> None:
+    """Write integer ``values`` (any shape, C order) as one ``width``-bit hex word per line."""
+    if not isinstance(values, np.ndarray) or values.dtype.kind not in ("i", "u"):
+        got = values.dtype if isinstance(values, np.ndarray) else type(values).__name__
+        raise TypeError(f"values for {path} must be an integer numpy array, got {got}")
+    lo, hi = word_range(width, signed)
+    flat = values.astype(np.int64).ravel()
+    bad = np.flatnonzero((flat < lo) | (flat > hi))
+    if bad.size:
+        raise ValueError(f"{path}: word {int(bad[0])} = {int(flat[bad[0]])} does not fit a "
+                         f"{'signed' if signed else 'unsigned'} {width}-bit word [{lo}, {hi}] "
+                         f"({bad.size} such word(s))")
+    digits, mask = (width + 3) // 4, (1 << width) - 1
+    atomic_write_text(path, "".join(f"{int(v) & mask:0{digits}x}\n" for v in flat))
+
+
+def read_memh(path: str | os.PathLike, width: int, count: int, *, signed: bool = True) -> np.ndarray:
+    """Read exactly ``count`` ``width``-bit hex words, sign-extended if ``signed``; int64 (count,).
+
+    Every line must hold exactly ceil(width / 4) hex digits whose value fits
+    ``width`` bits; anything else (a non-hex word, a short or long word, a
+    blank line, too few or too many lines) raises ValueError naming the file
+    and the line.
+    """
+    path = Path(path)
+    count = check_int("count", count, min_value=0)
+    word_range(width, signed)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such vector file: {path}")
+    digits, limit = (width + 3) // 4, 1 << width
+    lines = path.read_text(encoding="ascii", errors="replace").splitlines()
+    if len(lines) != count:
+        where = f"it ends after line {len(lines)}" if len(lines) < count else f"line {count + 1} is extra"
+        raise ValueError(f"{path}: expected {count} words, found {len(lines)} lines ({where}"
+                         f"{', truncated?' if len(lines) < count else ''})")
+    out = np.empty(count, dtype=np.int64)
+    for i, line in enumerate(lines):
+        word = line.strip()
+        if len(word) != digits or not set(word) <= HEX_DIGITS:
+            raise ValueError(f"{path}:{i + 1}: expected a {digits}-digit hex word, got {line!r}")
+        value = int(word, 16)
+        if value >= limit:
+            raise ValueError(f"{path}:{i + 1}: word {word} does not fit {width} bits")
+        out[i] = value - limit if signed and value >= limit >> 1 else value
+    return out
+
+
+def _tensor_specs(core: SSMCore, batch: int, length: int) -> dict[str, dict]:
+    """name -> shape, width, signedness, and whether the file is an expected output."""
+    f, H, N2 = core.formats, core.H, core.N2
+    specs = {}
+    for name, fmt in WEIGHT_FORMAT.items():
+        specs[name] = ((H, N2) if name != "D" else (H,), getattr(f, fmt).width, True, False)
+    for name in core.REQUANT_HN + core.REQUANT_H:
+        shape = (H, N2) if name in core.REQUANT_HN else (H,)
+        specs[name] = (shape, SHIFT_WIDTH if name.startswith("r_") else MULT_WIDTH, True, False)
+    specs["u"] = ((batch, length, H), f.u.width, True, False)
+    for name in ("x_re", "x_im"):
+        specs[name] = ((batch, length, H, N2), f.x.width, True, True)
+        specs["sat_" + name] = ((batch, length, H, N2), 1, False, True)
+    specs["y"] = ((batch, length, H), f.y.width, True, True)
+    specs["sat_y"] = ((batch, length, H), 1, False, True)
+    return {k: {"shape": list(s), "width": w, "signed": sg, "output": o} for k, (s, w, sg, o) in specs.items()}
+
+
+def write_ssm_vectors(directory: str | os.PathLike, core: SSMCore, u: np.ndarray,
+                      trace: SSMCoreTrace, *, layer: int = 0) -> Path:
+    """Export one SSM core run: weights, multipliers, inputs and the expected trace."""
+    directory = Path(directory)
+    batch, length, _ = u.shape
+    specs = _tensor_specs(core, batch, length)
+    arrays = {**core.arrays(), "u": u, **{k: getattr(trace, k) for k in
+                                          ("x_re", "x_im", "y", "sat_x_re", "sat_x_im", "sat_y")}}
+    for name, spec in specs.items():
+        if list(arrays[name].shape) != spec["shape"]:
+            raise ValueError(f"{name} must have shape {tuple(spec['shape'])}, got {arrays[name].shape}")
+        write_memh(directory / f"{name}.memh", arrays[name], spec["width"], signed=spec["signed"])
+    fmts = {k: {"width": v.width, "qmin": v.qmin, "qmax": v.qmax} for k, v in vars(core.formats).items()}
+    atomic_write_json(directory / "config.json", {
+        "spec_version": SPEC_VERSION, "kind": "ssm_core", "layer": layer, "H": core.H,
+        "N2": core.N2, "batch": batch, "length": length, "formats": fmts, "tensors": specs})
+    return directory
+
+
+def load_vector_config(directory: str | os.PathLike) -> dict:
+    config = load_json(Path(directory) / "config.json")
+    if config.get("spec_version") != SPEC_VERSION:
+        raise ValueError(f"{directory}/config.json has spec_version {config.get('spec_version')!r}; "
+                         f"this code reads version {SPEC_VERSION}")
+    return config
+
+
+def read_tensor(directory: str | os.PathLike, name: str, spec: dict) -> np.ndarray:
+    """Read one tensor of a vector directory, shaped as its config entry says."""
+    shape = tuple(spec["shape"])
+    words = read_memh(Path(directory) / f"{name}.memh", spec["width"], int(np.prod(shape)),
+                      signed=spec["signed"])
+    return words.reshape(shape)
+
+
+def read_ssm_vectors(directory: str | os.PathLike) -> tuple[SSMCore, np.ndarray, dict]:
+    """Rebuild the core and its input ``u`` from a vector directory; also return the config."""
+    config = load_vector_config(directory)
+    formats = SSMCoreFormats(**{k: IntFormat(**v) for k, v in config["formats"].items()})
+    tensors = {k: read_tensor(directory, k, spec) for k, spec in config["tensors"].items()
+               if not spec["output"]}
+    u = tensors.pop("u")
+    return SSMCore(formats, **tensors), u, config

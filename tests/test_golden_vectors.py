@@ -1,0 +1,111 @@
+""".memh test vectors and the dump comparison: format, round trips, clear errors."""
+import shutil
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from qs4d_np.golden import compare_dumps, read_memh, read_ssm_vectors, write_memh, write_ssm_vectors
+from qs4d_np.golden.testcase import TENSORS, random_ssm_case
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 32), st.booleans(), st.data())
+def test_memh_round_trip(tmp_path_factory, width, signed, data):
+    lo, hi = (-(1 << (width - 1)), (1 << (width - 1)) - 1) if signed else (0, (1 << width) - 1)
+    values = np.array(data.draw(st.lists(st.integers(lo, hi) | st.sampled_from([lo, hi]),
+                                         min_size=0, max_size=30)), dtype=np.int64)
+    path = tmp_path_factory.mktemp("memh") / "v.memh"
+    write_memh(path, values, width, signed=signed)
+    lines = path.read_text().splitlines()
+    assert all(len(line) == (width + 3) // 4 for line in lines)
+    back = read_memh(path, width, values.size, signed=signed)
+    assert back.dtype == np.int64 and back.tolist() == values.tolist()
+
+
+def test_memh_words_are_twos_complement_with_fixed_digits(tmp_path):
+    write_memh(tmp_path / "a.memh", np.array([-1, 0, 5, -32, 31]), 6)
+    assert (tmp_path / "a.memh").read_text() == "3f\n00\n05\n20\n1f\n"
+    write_memh(tmp_path / "b.memh", np.array([-(1 << 31), (1 << 31) - 1]), 32)
+    assert (tmp_path / "b.memh").read_text() == "80000000\n7fffffff\n"
+
+
+def test_memh_write_errors(tmp_path):
+    with pytest.raises(ValueError, match=r"w.memh: word 1 = 32 does not fit a signed 6-bit word"):
+        write_memh(tmp_path / "w.memh", np.array([0, 32]), 6)
+    with pytest.raises(TypeError, match="must be an integer numpy array"):
+        write_memh(tmp_path / "w.memh", np.array([0.5]), 6)
+    with pytest.raises(FileNotFoundError, match="no such vector file"):
+        read_memh(tmp_path / "missing.memh", 6, 1)
+
+
+@pytest.mark.parametrize("text, count, message", [
+    ("01\n0g\n02\n", 3, r"w.memh:2: expected a 2-digit hex word, got '0g'"),
+    ("01\n1\n", 2, r"w.memh:2: expected a 2-digit hex word, got '1'"),
+    ("01\n40\n", 2, r"w.memh:2: word 40 does not fit 6 bits"),
+    ("01\n02\n", 3, r"w.memh: expected 3 words, found 2 lines \(it ends after line 2, truncated\?\)"),
+    ("01\n02\n", 1, r"w.memh: expected 1 words, found 2 lines \(line 2 is extra\)"),
+    ("01\n\n", 2, r"w.memh:2: expected a 2-digit hex word, got ''"),
+])
+def test_memh_read_errors_name_file_and_line(tmp_path, text, count, message):
+    (tmp_path / "w.memh").write_text(text)
+    with pytest.raises(ValueError, match=message):
+        read_memh(tmp_path / "w.memh", 6, count)
+
+
+def make_vectors(tmp_path, seed=5):
+    core, u = random_ssm_case(seed, {k: w for k, w in zip(TENSORS, (8, 9, 7, 6, 5, 12, 10))},
+                              H=3, N2=2, batch=2, length=5, edge=0.3, grid="qs4d")
+    trace = core.run(u)
+    return core, u, trace, write_ssm_vectors(tmp_path / "vec", core, u, trace)
+
+
+def test_vector_directory_round_trip(tmp_path):
+    core, u, trace, vec = make_vectors(tmp_path)
+    core2, u2, config = read_ssm_vectors(vec)
+    assert np.array_equal(u2, u) and config["H"] == 3 and config["N2"] == 2
+    for name, value in core.arrays().items():
+        assert np.array_equal(getattr(core2, name), value), name
+    trace2 = core2.run(u2)
+    assert np.array_equal(trace2.y, trace.y) and np.array_equal(trace2.x_im, trace.x_im)
+
+
+def copy_outputs(vec, rtl):
+    rtl.mkdir()
+    for name in ("x_re", "x_im", "y", "sat_x_re", "sat_x_im", "sat_y"):
+        shutil.copy(vec / f"{name}.memh", rtl / f"{name}.memh")
+
+
+def test_compare_finds_exactly_the_corrupted_word(tmp_path):
+    core, u, trace, vec = make_vectors(tmp_path)
+    rtl = tmp_path / "rtl"
+    copy_outputs(vec, rtl)
+    report = compare_dumps(vec, rtl)
+    assert report.ok and report.words == 2 * (2 * 5 * 3 * 2) * 2 + 2 * (2 * 5 * 3)
+    # corrupt x_im at batch 1, step 3, channel 2, mode 1 by +3 LSB
+    flat = ((1 * 5 + 3) * 3 + 2) * 2 + 1
+    got = trace.x_im.copy()
+    got[1, 3, 2, 1] += 3 if got[1, 3, 2, 1] + 3 <= core.formats.x.qmax else -3
+    write_memh(rtl / "x_im.memh", got, core.formats.x.width)
+    assert np.count_nonzero(got.ravel() != trace.x_im.ravel()) == 1 and got.ravel()[flat] != trace.x_im.ravel()[flat]
+    report = compare_dumps(vec, rtl)
+    assert len(report.mismatches) == 1
+    m = report.mismatches[0]
+    assert (m.layer, m.tensor, m.index) == (0, "x_im", {"batch": 1, "step": 3, "channel": 2, "mode": 1})
+    assert (m.expected, m.got) == (int(trace.x_im[1, 3, 2, 1]), int(got[1, 3, 2, 1]))
+    assert abs(m.diff_lsb) == 3
+    assert "layer 0 x_im [batch 1, step 3, channel 2, mode 1]" in str(report)
+
+
+def test_compare_names_a_truncated_or_malformed_dump(tmp_path):
+    _, _, _, vec = make_vectors(tmp_path)
+    rtl = tmp_path / "rtl"
+    copy_outputs(vec, rtl)
+    lines = (rtl / "y.memh").read_text().splitlines()
+    (rtl / "y.memh").write_text("\n".join(lines[:-2]) + "\n")
+    with pytest.raises(ValueError, match=r"rtl/y.memh: expected 30 words, found 28 lines"):
+        compare_dumps(vec, rtl)
+    lines[4] = "xx" + lines[4][2:]
+    (rtl / "y.memh").write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match=r"rtl/y.memh:5: expected a 3-digit hex word"):
+        compare_dumps(vec, rtl)
