@@ -1,0 +1,280 @@
+"""The training loop: AdamW + per-epoch cosine, validation, checkpoints, exact resume.
+
+Works with any model object exposing ``forward(x, training)``,
+``backward(dlogits)``, ``.params`` / ``.grads`` (flat dicts sharing arrays),
+``param_groups()`` and ``config``; optional ``quant_config``, per-module
+``buffers`` dicts and ``np.random.Generator`` attributes are checkpointed too.
+
+Per epoch: train over a seeded shuffle, evaluate on the validation set, save
+``best`` when validation accuracy improves, save ``last``, rewrite the
+``metrics.jsonl`` log. At the end the model is loaded with the best
+validation weights and evaluated on the test set.
+
+``fit(resume=True)`` continues from ``last``: parameters, buffers, optimizer
+moments and step, every generator's state and the epoch counter come back,
+so a run killed after any completed epoch ends with the same weights as an
+uninterrupted run (bit for bit, same machine and library versions).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from qs4d_np.core.checks import check_float, check_int
+from qs4d_np.core.loss import SoftmaxCrossEntropy
+from qs4d_np.data.loader import BatchIterator, BatchSource
+from qs4d_np.io import atomic_write_json, atomic_write_text
+from qs4d_np.train.checkpoint import (CheckpointError, checkpoint_exists, config_differences, load_checkpoint,
+                                      model_buffers, model_generators, save_checkpoint, to_jsonable)
+from qs4d_np.train.optim import AdamW, GroupRule, clip_grad_norm, global_grad_norm
+from qs4d_np.train.schedule import CosineSchedule
+
+
+class TrainingDiverged(RuntimeError):
+    """A non-finite loss, logit or gradient: training stopped, the last good checkpoint is kept."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Hyperparameters of a run (the QS4D / state-spaces recipe by default, 100 epochs)."""
+
+    epochs: int = 100
+    batch_size: int = 64
+    eval_batch_size: int = 64
+    lr: float = 0.01
+    weight_decay: float = 0.01
+    ssm_lr_cap: float | None = 0.001
+    warmup_epochs: int = 0
+    clip_norm: float | None = None
+    seed: int = 0
+    drop_last: bool = False
+
+    def __post_init__(self) -> None:
+        check_int("epochs", self.epochs, min_value=1)
+        check_int("batch_size", self.batch_size, min_value=1)
+        check_int("eval_batch_size", self.eval_batch_size, min_value=1)
+        check_float("lr", self.lr, min_value=0.0, min_inclusive=False)
+        check_float("weight_decay", self.weight_decay, min_value=0.0)
+        if self.clip_norm is not None:
+            check_float("clip_norm", self.clip_norm, min_value=0.0, min_inclusive=False)
+        check_int("seed", self.seed, min_value=0)
+
+
+@dataclasses.dataclass
+class _Totals:
+    """Running sums over one pass: loss * samples, correct predictions, samples."""
+
+    loss: float = 0.0
+    correct: int = 0
+    count: int = 0
+
+    def add(self, loss: float, logits: np.ndarray, y: np.ndarray) -> None:
+        self.loss += loss * len(y)
+        self.correct += int(np.count_nonzero(np.argmax(logits, axis=1) == y))
+        self.count += len(y)
+
+    @property
+    def mean_loss(self) -> float:
+        return self.loss / max(self.count, 1)
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / max(self.count, 1)
+
+
+class Trainer:
+    """Train ``model`` on ``train_data``, validate on ``val_data``, test on ``test_data``.
+
+    Datasets are :class:`qs4d_np.data.SequenceDataset`-like (``len`` and
+    ``batch(idx) -> (x, y)``). ``out_dir`` receives the checkpoints
+    (``last``/``best``), ``metrics.jsonl`` and ``results.json``.
+    ``run_info`` (e.g. dataset name and size) is stored and must match on resume.
+    ``on_epoch_end(trainer, record)`` is called after each epoch's checkpoint.
+    """
+
+    def __init__(self, model: Any, train_data: BatchSource, val_data: BatchSource, config: TrainConfig,
+                 out_dir: str | Path, *, test_data: BatchSource | None = None,
+                 run_info: Mapping[str, Any] | None = None, progress: bool = True,
+                 on_epoch_end: Callable[["Trainer", dict], None] | None = None) -> None:
+        self.model = model
+        self.config = config
+        self.out_dir = Path(out_dir)
+        self.loss_fn = SoftmaxCrossEntropy()
+        self.optimizer = AdamW(model.params, model.param_groups(), lr=config.lr, weight_decay=config.weight_decay,
+                               rule=GroupRule(ssm_lr_cap=config.ssm_lr_cap))
+        self.schedule = CosineSchedule(config.epochs, config.warmup_epochs)
+        self.train_batches = BatchIterator(train_data, config.batch_size, shuffle=True, seed=config.seed,
+                                           drop_last=config.drop_last)
+        self.val_batches = BatchIterator(val_data, config.eval_batch_size)
+        self.test_batches = None if test_data is None else BatchIterator(test_data, config.eval_batch_size)
+        self.run_info = to_jsonable(dict(run_info or {}))
+        self.progress = progress
+        self.on_epoch_end = on_epoch_end
+        self.epoch = 0  # epochs completed
+        self.best = {"epoch": -1, "val_acc": -1.0}
+        self.history: list[dict[str, Any]] = []
+
+    # -- identity of a run --------------------------------------------------
+    def _identity(self) -> dict[str, Any]:
+        """Everything that must be equal for a resume to continue the same run."""
+        return {
+            "train": to_jsonable(self.config),
+            "model_config": to_jsonable(getattr(self.model, "config", None)),
+            "quant_config": to_jsonable(getattr(self.model, "quant_config", None)),
+            "run_info": self.run_info,
+            "params": {k: [list(v.shape), str(v.dtype)] for k, v in self.model.params.items()},
+            "schedule": self.schedule.state(),
+        }
+
+    # -- checkpoints ---------------------------------------------------------
+    def _state_arrays(self) -> dict[str, np.ndarray]:
+        arrays = {f"param/{k}": v for k, v in self.model.params.items()}
+        arrays.update({f"buffer/{k}": v for k, v in model_buffers(self.model).items()})
+        arrays.update({f"optim/{k}": v for k, v in self.optimizer.state_arrays().items()})
+        return arrays
+
+    def _save(self, tag: str) -> Path:
+        bad = [k for k, v in self.model.params.items() if not np.isfinite(v).all()]
+        if bad:
+            raise TrainingDiverged(f"parameters {bad[:5]} hold NaN/inf after epoch {self.epoch}; "
+                                   f"not saving, the previous checkpoint in {self.out_dir} is kept")
+        meta = {
+            "identity": self._identity(),
+            "epoch": self.epoch,
+            "optimizer": self.optimizer.state_meta(),
+            "rng": {"train_batches": self.train_batches.rng_state(),
+                    "model": {k: g.bit_generator.state for k, g in model_generators(self.model).items()}},
+            "best": self.best,
+            "history": self.history,
+        }
+        return save_checkpoint(self.out_dir, tag, self.epoch, self._state_arrays(), meta)
+
+    def _restore_arrays(self, arrays: Mapping[str, np.ndarray], source: str) -> None:
+        targets = {f"param/{k}": v for k, v in self.model.params.items()}
+        targets.update({f"buffer/{k}": v for k, v in model_buffers(self.model).items()})
+        for key, target in targets.items():
+            if key not in arrays:
+                raise CheckpointError(f"{source} has no array {key!r}")
+            if arrays[key].shape != target.shape or arrays[key].dtype != target.dtype:
+                raise CheckpointError(f"{source}: {key!r} is {arrays[key].shape} {arrays[key].dtype}, "
+                                      f"the model has {target.shape} {target.dtype}")
+        for key, target in targets.items():
+            np.copyto(target, arrays[key])  # in place: the optimizer holds these arrays
+
+    def _resume(self) -> None:
+        if not checkpoint_exists(self.out_dir, "last"):
+            raise CheckpointError(f"cannot resume: no checkpoint 'last.json' in {self.out_dir}")
+        arrays, meta = load_checkpoint(self.out_dir, "last")
+        diffs = config_differences(meta["identity"], self._identity())
+        if diffs:
+            raise CheckpointError(f"cannot resume from {self.out_dir / 'last.json'}: the run differs from the "
+                                  "checkpoint (nothing was written):\n  " + "\n  ".join(diffs))
+        generators = model_generators(self.model)
+        if set(generators) != set(meta["rng"]["model"]):
+            raise CheckpointError(f"cannot resume: the model's random generators {sorted(generators)} differ "
+                                  f"from the checkpoint's {sorted(meta['rng']['model'])}")
+        self._restore_arrays(arrays, str(self.out_dir / "last.json"))
+        self.optimizer.load_state({k[len("optim/"):]: v for k, v in arrays.items() if k.startswith("optim/")},
+                                  meta["optimizer"])
+        self.train_batches.set_rng_state(meta["rng"]["train_batches"])
+        for key, gen in generators.items():
+            gen.bit_generator.state = meta["rng"]["model"][key]
+        self.epoch = int(meta["epoch"])
+        self.best = meta["best"]
+        self.history = meta["history"]
+
+    # -- passes ----------------------------------------------------------------
+    def _diverged(self, what: str, value: float, step: int) -> TrainingDiverged:
+        last = self.out_dir / "last.json"
+        kept = f"the last good checkpoint is {last} (epoch {self.epoch})" if last.is_file() else "no checkpoint yet"
+        return TrainingDiverged(f"training diverged in epoch {self.epoch + 1}, step {step}: {what} = {value}; "
+                                f"stopped, {kept}. Lower the learning rate or set clip_norm.")
+
+    def _train_epoch(self) -> dict[str, Any]:
+        self.optimizer.set_lr_factor(self.schedule.factor(self.epoch))
+        totals, norms = _Totals(), []
+        bar = tqdm(total=len(self.train_batches), desc=f"epoch {self.epoch + 1}/{self.config.epochs}",
+                   disable=not self.progress, leave=False)
+        start = time.perf_counter()
+        for step, (x, y) in enumerate(self.train_batches.epoch(), start=1):
+            logits = self.model.forward(x, training=True)
+            if not np.isfinite(logits).all():
+                raise self._diverged("non-finite logits, count", int(np.size(logits) - np.isfinite(logits).sum()), step)
+            loss = self.loss_fn.forward(logits, y)
+            if not math.isfinite(loss):
+                raise self._diverged("loss", loss, step)
+            self.model.backward(self.loss_fn.backward())
+            grads = self.model.grads
+            norm = (clip_grad_norm(grads, self.config.clip_norm) if self.config.clip_norm is not None
+                    else global_grad_norm(grads))
+            if not math.isfinite(norm):
+                raise self._diverged("gradient norm", norm, step)
+            self.optimizer.step(grads)
+            totals.add(loss, logits, y)
+            norms.append(norm)
+            bar.update(1)
+            bar.set_postfix(loss=f"{totals.mean_loss:.4f}", acc=f"{totals.accuracy:.4f}",
+                            sps=f"{totals.count / (time.perf_counter() - start):.1f}")
+        bar.close()
+        seconds = time.perf_counter() - start
+        return {"train_loss": totals.mean_loss, "train_acc": totals.accuracy, "grad_norm_mean": float(np.mean(norms)),
+                "lr": self.optimizer.group_lrs(), "train_seconds": seconds, "train_samples_per_s": totals.count / seconds}
+
+    def evaluate(self, batches: BatchIterator, desc: str) -> dict[str, float]:
+        """Mean loss and accuracy of the model (eval mode) over ``batches``."""
+        totals = _Totals()
+        for x, y in tqdm(batches.epoch(), total=len(batches), desc=desc, disable=not self.progress, leave=False):
+            logits = self.model.forward(x, training=False)
+            if not np.isfinite(logits).all():
+                raise self._diverged(f"non-finite {desc} logits, count", int(np.size(logits) - np.isfinite(logits).sum()), 0)
+            totals.add(self.loss_fn.forward(logits, y), logits, y)
+        return {"loss": totals.mean_loss, "acc": totals.accuracy}
+
+    # -- the run -----------------------------------------------------------------
+    def fit(self, resume: bool = False) -> dict[str, Any]:
+        """Train to ``config.epochs``; returns the results (best epoch, its validation and test scores)."""
+        if resume:
+            self._resume()
+        elif checkpoint_exists(self.out_dir, "last"):
+            raise CheckpointError(f"{self.out_dir} already holds a run (last.json); resume it or choose another "
+                                  "output folder (nothing was overwritten)")
+        while self.epoch < self.config.epochs:
+            record = {"epoch": self.epoch + 1, **self._train_epoch()}
+            val = self.evaluate(self.val_batches, "val")
+            record.update(val_loss=val["loss"], val_acc=val["acc"])
+            self.epoch += 1
+            self.history.append(record)
+            if val["acc"] > self.best["val_acc"]:
+                self.best = {"epoch": self.epoch, "val_acc": val["acc"]}
+                self._save("best")
+            self._save("last")
+            atomic_write_text(self.out_dir / "metrics.jsonl",
+                              "".join(_json_line(r) for r in self.history))
+            if self.progress:
+                tqdm.write(f"epoch {self.epoch}/{self.config.epochs}: train loss {record['train_loss']:.4f} "
+                           f"acc {record['train_acc']:.4f} | val loss {val['loss']:.4f} acc {val['acc']:.4f} | "
+                           f"{record['train_samples_per_s']:.1f} samples/s")
+            if self.on_epoch_end is not None:
+                self.on_epoch_end(self, record)
+        return self._finish()
+
+    def _finish(self) -> dict[str, Any]:
+        arrays, _ = load_checkpoint(self.out_dir, "best")
+        self._restore_arrays(arrays, str(self.out_dir / "best.json"))
+        results = {"best_epoch": self.best["epoch"], "best_val_acc": self.best["val_acc"], "epochs": self.epoch}
+        if self.test_batches is not None:
+            test = self.evaluate(self.test_batches, "test")
+            results.update(test_loss=test["loss"], test_acc=test["acc"])
+        atomic_write_json(self.out_dir / "results.json", results)
+        return results
+
+
+def _json_line(record: Mapping[str, Any]) -> str:
+    return json.dumps(record, sort_keys=True) + "\n"
