@@ -1,4 +1,5 @@
 """CIFAR-10: binary batches, the restricted unpickler for python batches, grayscale, layouts."""
+import io
 import pickle
 
 import numpy as np
@@ -33,6 +34,39 @@ def _python_batch_bytes(images, labels, byte_keys=False, numpy1_names=False):
         assert b"cnumpy._core.multiarray\n" in raw
         raw = raw.replace(b"cnumpy._core.multiarray\n", b"cnumpy.core.multiarray\n")
     return raw
+
+
+class _Py2Pickler(pickle._Pickler):
+    """Writes bytes the way Python 2 wrote its str: BINSTRING opcodes (no _codecs.encode call),
+    so the output has the shape of the original CIFAR-10 python batches."""
+
+    dispatch = dict(pickle._Pickler.dispatch)
+
+    def _save_py2_str(self, obj):
+        self.write(pickle.BINSTRING + len(obj).to_bytes(4, "little") + obj)
+        self.memoize(obj)
+
+    dispatch[bytes] = _save_py2_str
+
+
+def _py2_batch_bytes(images, labels):
+    data = images.transpose(0, 3, 1, 2).reshape(len(images), 3072)
+    batch = {b"batch_label": b"testing batch 1 of 1", b"labels": [int(v) for v in labels], b"data": data,
+             b"filenames": [b"img_%d.png" % i for i in range(len(images))]}
+    buf = io.BytesIO()
+    _Py2Pickler(buf, protocol=2).dump(batch)
+    raw = buf.getvalue()
+    assert b"_codecs" not in raw and b"cnumpy._core.multiarray\n" in raw
+    return raw.replace(b"cnumpy._core.multiarray\n", b"cnumpy.core.multiarray\n")
+
+
+def test_python2_style_batch(tmp_path):
+    # the array's raw bytes arrive as a latin1-decoded str, as with the real Python 2 files
+    images, labels = _images(3, 4)
+    (tmp_path / "data_batch_1").write_bytes(_py2_batch_bytes(images, labels))
+    got_images, got_labels = read_python_batch(tmp_path / "data_batch_1")
+    np.testing.assert_array_equal(got_images, images)
+    np.testing.assert_array_equal(got_labels, labels)
 
 
 def test_binary_batch(tmp_path):

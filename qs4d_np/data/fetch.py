@@ -9,14 +9,14 @@ written (atomically) only after its checksum matched.
 from __future__ import annotations
 
 import hashlib
+import http.client
 import os
 import socket
+import threading
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from concurrent.futures import ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
 from typing import Sequence
 
@@ -33,14 +33,23 @@ def sha256_hex(data: bytes) -> str:
 
 def _resolves(host: str, port: int, timeout: float) -> None:
     """Raise OSError unless ``host`` resolves within ``timeout`` seconds."""
-    pool = ThreadPoolExecutor(max_workers=1)
-    try:
-        pool.submit(socket.getaddrinfo, host, port).result(timeout=timeout)
-    except FutureTimeout as exc:
-        raise OSError(f"name lookup for {host} took longer than {timeout:.1f} s") from exc
-    finally:
-        # the lookup thread may still be blocked in the C resolver: do not wait for it
-        pool.shutdown(wait=False)
+    outcome: list[BaseException | None] = []
+
+    def lookup() -> None:
+        try:
+            socket.getaddrinfo(host, port)
+            outcome.append(None)
+        except OSError as exc:
+            outcome.append(exc)
+
+    # a daemon thread: a lookup stuck in the C resolver can neither block us nor interpreter exit
+    worker = threading.Thread(target=lookup, daemon=True)
+    worker.start()
+    worker.join(timeout)
+    if not outcome:
+        raise OSError(f"name lookup for {host} took longer than {timeout:.1f} s")
+    if outcome[0] is not None:
+        raise outcome[0]
 
 
 def _get(url: str, deadline: float, max_bytes: int) -> bytes:
@@ -79,7 +88,8 @@ def fetch(filename: str, sha256: str, mirrors: Sequence[str], dest_dir: str | os
         url = base.rstrip("/") + "/" + filename
         try:
             data = _get(url, deadline, max_bytes)
-        except (OSError, urllib.error.URLError, ValueError) as exc:  # TimeoutError is an OSError
+        # TimeoutError and URLError are OSErrors; a cut connection can raise HTTPException
+        except (OSError, http.client.HTTPException, ValueError) as exc:
             failures.append(f"{url}: {exc}")
             continue
         digest = sha256_hex(data)

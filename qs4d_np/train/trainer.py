@@ -191,11 +191,16 @@ class Trainer:
         self.history = meta["history"]
 
     # -- passes ----------------------------------------------------------------
-    def _diverged(self, what: str, value: float, step: int) -> TrainingDiverged:
+    def _diverged(self, what: str, value: float, where: str) -> TrainingDiverged:
         last = self.out_dir / "last.json"
         kept = f"the last good checkpoint is {last} (epoch {self.epoch})" if last.is_file() else "no checkpoint yet"
-        return TrainingDiverged(f"training diverged in epoch {self.epoch + 1}, step {step}: {what} = {value}; "
+        return TrainingDiverged(f"training diverged in epoch {self.epoch + 1}, {where}: {what} = {value}; "
                                 f"stopped, {kept}. Lower the learning rate or set clip_norm.")
+
+    def _check_logits(self, logits: np.ndarray, where: str) -> None:
+        bad = int(np.size(logits) - np.count_nonzero(np.isfinite(logits)))
+        if bad:
+            raise self._diverged("count of non-finite logits", bad, where)
 
     def _train_epoch(self) -> dict[str, Any]:
         self.optimizer.set_lr_factor(self.schedule.factor(self.epoch))
@@ -205,17 +210,16 @@ class Trainer:
         start = time.perf_counter()
         for step, (x, y) in enumerate(self.train_batches.epoch(), start=1):
             logits = self.model.forward(x, training=True)
-            if not np.isfinite(logits).all():
-                raise self._diverged("non-finite logits, count", int(np.size(logits) - np.isfinite(logits).sum()), step)
+            self._check_logits(logits, f"step {step}")
             loss = self.loss_fn.forward(logits, y)
             if not math.isfinite(loss):
-                raise self._diverged("loss", loss, step)
+                raise self._diverged("loss", loss, f"step {step}")
             self.model.backward(self.loss_fn.backward())
             grads = self.model.grads
             norm = (clip_grad_norm(grads, self.config.clip_norm) if self.config.clip_norm is not None
                     else global_grad_norm(grads))
             if not math.isfinite(norm):
-                raise self._diverged("gradient norm", norm, step)
+                raise self._diverged("gradient norm", norm, f"step {step}")
             self.optimizer.step(grads)
             totals.add(loss, logits, y)
             norms.append(norm)
@@ -224,16 +228,16 @@ class Trainer:
                             sps=f"{totals.count / (time.perf_counter() - start):.1f}")
         bar.close()
         seconds = time.perf_counter() - start
-        return {"train_loss": totals.mean_loss, "train_acc": totals.accuracy, "grad_norm_mean": float(np.mean(norms)),
-                "lr": self.optimizer.group_lrs(), "train_seconds": seconds, "train_samples_per_s": totals.count / seconds}
+        return {"train_loss": totals.mean_loss, "train_acc": totals.accuracy,
+                "grad_norm_mean": float(np.mean(norms)), "lr": self.optimizer.group_lrs(),
+                "train_seconds": seconds, "train_samples_per_s": totals.count / seconds}
 
     def evaluate(self, batches: BatchIterator, desc: str) -> dict[str, float]:
         """Mean loss and accuracy of the model (eval mode) over ``batches``."""
         totals = _Totals()
         for x, y in tqdm(batches.epoch(), total=len(batches), desc=desc, disable=not self.progress, leave=False):
             logits = self.model.forward(x, training=False)
-            if not np.isfinite(logits).all():
-                raise self._diverged(f"non-finite {desc} logits, count", int(np.size(logits) - np.isfinite(logits).sum()), 0)
+            self._check_logits(logits, f"{desc} evaluation")
             totals.add(self.loss_fn.forward(logits, y), logits, y)
         return {"loss": totals.mean_loss, "acc": totals.accuracy}
 
