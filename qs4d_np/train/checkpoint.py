@@ -100,8 +100,11 @@ def model_generators(model: Any) -> dict[str, np.random.Generator]:
 
 
 def to_jsonable(obj: Any) -> Any:
-    """A JSON-ready copy of a config: dataclasses become dicts, tuples lists, NumPy scalars numbers."""
+    """A JSON-ready copy of a config: objects with ``to_dict()`` (QuantConfig) and dataclasses
+    become dicts, tuples lists, NumPy scalars numbers, paths strings."""
     def default(o: Any) -> Any:
+        if callable(getattr(o, "to_dict", None)):
+            return o.to_dict()
         if dataclasses.is_dataclass(o) and not isinstance(o, type):
             return dataclasses.asdict(o)
         if isinstance(o, np.generic):
@@ -109,8 +112,6 @@ def to_jsonable(obj: Any) -> Any:
         if isinstance(o, Path):
             return str(o)
         raise TypeError(f"cannot store {type(o).__name__} {o!r} in checkpoint metadata")
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        obj = dataclasses.asdict(obj)
     return json.loads(json.dumps(obj, default=default))
 
 
