@@ -77,11 +77,11 @@ def _data(n, seed):
     return SequenceDataset(pixels[:, :, None], labels, (0.5,), (0.25,))
 
 
-def _trainer(tmp_path, name, model_seed=0, on_epoch_end=None, progress=False, **overrides):
+def _trainer(tmp_path, name, model_seed=0, on_epoch_end=None, progress=False, n_train=96, **overrides):
     settings = dict(epochs=3, batch_size=16, eval_batch_size=32, lr=0.05, weight_decay=0.05, seed=7,
                     clip_norm=5.0, warmup_epochs=1)
     settings.update(overrides)
-    return Trainer(TinyModel(model_seed), _data(96, 1), _data(32, 2), TrainConfig(**settings), tmp_path / name,
+    return Trainer(TinyModel(model_seed), _data(n_train, 1), _data(32, 2), TrainConfig(**settings), tmp_path / name,
                    test_data=_data(32, 3), run_info={"dataset": "synthetic"}, progress=progress,
                    on_epoch_end=on_epoch_end)
 
@@ -173,6 +173,8 @@ def test_resume_with_other_config_fails_and_writes_nothing(tmp_path):
     with pytest.raises(CheckpointError,
                        match=r"(?s)differs from the checkpoint.*train\.lr: 0\.05 in the checkpoint, 0\.01 now"):
         _trainer(tmp_path, "run", lr=0.01).fit(resume=True)
+    with pytest.raises(CheckpointError, match="data_sizes.train: 96 in the checkpoint, 80 now"):
+        _trainer(tmp_path, "run", n_train=80).fit(resume=True)
     with pytest.raises(CheckpointError, match="already holds a run"):
         _trainer(tmp_path, "run").fit()
     assert _files(tmp_path / "run") == before

@@ -59,6 +59,8 @@ def load_checkpoint(folder: str | os.PathLike, tag: str) -> tuple[dict[str, np.n
     if not json_path.is_file():
         raise CheckpointError(f"no checkpoint {json_path}")
     meta = load_json(json_path)
+    if not isinstance(meta, dict) or not {"arrays_file", "arrays_sha256"} <= set(meta):
+        raise CheckpointError(f"{json_path} is not checkpoint metadata (no arrays_file / arrays_sha256)")
     npz = json_path.parent / meta["arrays_file"]
     if not npz.is_file():
         raise CheckpointError(f"{json_path} names {npz.name}, which is missing")

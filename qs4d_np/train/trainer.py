@@ -129,15 +129,17 @@ class Trainer:
             "model_config": to_jsonable(getattr(self.model, "config", None)),
             "quant_config": to_jsonable(getattr(self.model, "quant_config", None)),
             "run_info": self.run_info,
+            "data_sizes": {"train": len(self.train_batches.dataset), "val": len(self.val_batches.dataset),
+                           "test": None if self.test_batches is None else len(self.test_batches.dataset)},
             "params": {k: [list(v.shape), str(v.dtype)] for k, v in self.model.params.items()},
             "schedule": self.schedule.state(),
         }
 
     # -- checkpoints ---------------------------------------------------------
-    def _state_arrays(self) -> dict[str, np.ndarray]:
+    def _model_arrays(self) -> dict[str, np.ndarray]:
+        """The model's parameters and buffers under checkpoint keys (shared arrays)."""
         arrays = {f"param/{k}": v for k, v in self.model.params.items()}
         arrays.update({f"buffer/{k}": v for k, v in model_buffers(self.model).items()})
-        arrays.update({f"optim/{k}": v for k, v in self.optimizer.state_arrays().items()})
         return arrays
 
     def _save(self, tag: str) -> Path:
@@ -154,11 +156,12 @@ class Trainer:
             "best": self.best,
             "history": self.history,
         }
-        return save_checkpoint(self.out_dir, tag, self.epoch, self._state_arrays(), meta)
+        arrays = self._model_arrays()
+        arrays.update({f"optim/{k}": v for k, v in self.optimizer.state_arrays().items()})
+        return save_checkpoint(self.out_dir, tag, self.epoch, arrays, meta)
 
     def _restore_arrays(self, arrays: Mapping[str, np.ndarray], source: str) -> None:
-        targets = {f"param/{k}": v for k, v in self.model.params.items()}
-        targets.update({f"buffer/{k}": v for k, v in model_buffers(self.model).items()})
+        targets = self._model_arrays()
         for key, target in targets.items():
             if key not in arrays:
                 raise CheckpointError(f"{source} has no array {key!r}")
