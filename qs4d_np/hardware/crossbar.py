@@ -1,0 +1,256 @@
+"""A simulated memristive crossbar: program a weight matrix once, then run noisy MVMs.
+
+``program(W, config, seed)`` maps W (out, in) to differential-pair conductances
+(``qs4d_np.hardware.conductance``), draws the programming noise once, applies
+the IR drop and splits the matrix into tiles of at most ``tile_rows`` inputs x
+``tile_cols`` outputs. ``CrossbarArray.mvm(x)`` maps x (batch, in) to
+y (batch, out) ~ x @ W.T through the aihwkit-like pipeline, per input vector b:
+
+1. noise management: s_b = max_j |x_bj| / inp_bound ("absmax"; 1 for a zero
+   row or "none"), x_norm = x_b / s_b. One s_b per vector, shared by all tiles,
+   as the digital periphery computes it once.
+2. DAC: codes = clamp(rint(x_norm * 2^-k / inp_step), -inp_qmax, inp_qmax),
+   k = bound-management round (0 first).
+3. per tile: analog product acc = codes @ Gdiff.T, where Gdiff = g+ - g- in
+   level units (integers for a noise-free array with ``g_levels``), done by
+   BLAS in ``config.dtype``.
+4. read noise, fresh at every MVM: v = acc * inp_step * g_unit / out_step +
+   sqrt(out_noise^2 + w_noise^2 * q_bi) / out_step * z_bi with z from the
+   counter-based generator (``qs4d_np.hardware.rng``) and q_bi = ||x_norm||^2
+   ("additive") or sum_j |w_ij| x_norm_j^2 ("proportional"). Values are in ADC
+   steps (the ADC's LSB).
+5. ADC: q = clamp(rint(v), -out_qmax, out_qmax); an output is "clipped" when
+   rint(v) fell outside. Without an ADC but with ``out_bound``, v is clamped to
+   +-out_bound.
+6. bound management: a (vector, tile) with a clipped output is redone with
+   k + 1 (halved input, fresh noise) up to ``bm_max_rounds``; the last round
+   is accepted as it is.
+7. digital rescale and tile sum: y_b += q * (out_step * w_absmax * s_b) * 2^k.
+
+Reproducibility: the programming noise comes from the array's Generator at
+``program``; each noisy ``mvm`` takes one 64-bit key from it, and every read
+noise number is a pure function of (key, tile, round, row, output), so the
+results do not depend on the thread count nor on which rows were redone.
+Noise set to 0 is exactly off: nothing is drawn.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from numba import njit, prange
+
+from qs4d_np.core.checks import check_array
+from qs4d_np.hardware.config import CrossbarConfig
+from qs4d_np.hardware.conductance import Conductances, apply_ir_drop, program_conductances
+from qs4d_np.hardware.rng import ZIG_F, ZIG_K, ZIG_W, derive_key, gaussian_at, row_key
+
+# noise_type codes passed to the kernels
+_NOISE_OUT_ONLY, _NOISE_ADDITIVE, _NOISE_PROPORTIONAL = 0, 1, 2
+
+
+@njit(cache=True, parallel=True)
+def _encode(x, rows, row_scale, factor, step, qmax, bound, codes):
+    """Noise-managed DAC codes of x[rows] * factor into codes (len(rows), in).
+
+    qmax > 0: quantize to integer codes; qmax == 0: no DAC, clamp to +-bound
+    when bound > 0.
+    """
+    n_in = x.shape[1]
+    for b in prange(rows.shape[0]):
+        r = rows[b]
+        s = row_scale[r]
+        for j in range(n_in):
+            v = np.float64(x[r, j]) / s * factor
+            limit = bound
+            if qmax > 0:
+                v = np.rint(v / step)
+                limit = qmax
+            if limit > 0.0:
+                v = min(max(v, -limit), limit)
+            codes[b, j] = v
+
+
+@njit(cache=True, parallel=True)
+def _read_out(acc, pacc, codes, r0, r1, rows, noise_type, sig_out2, w_noise2, k_acc, k_noise,
+              qmax, bound, key, accept_clipped, out_scale, y, c0, clipped):
+    """Read noise + ADC for one tile and one round; accumulates accepted rows into y.
+
+    acc (len(rows), cols): analog sums in level units, overwritten with the ADC
+    output. pacc: sum_j |Gdiff_ij| codes_j^2 ("proportional" noise only).
+    k_acc: level units -> ADC steps; k_noise: normalized std -> ADC steps,
+    both already including the DAC step. clipped[b] receives the number of
+    clipped outputs of row b.
+    """
+    n_out = acc.shape[1]
+    for b in prange(rows.shape[0]):
+        r = rows[b]
+        q_add = 0.0
+        if noise_type == _NOISE_ADDITIVE:
+            for j in range(r0, r1):
+                q_add += np.float64(codes[b, j]) * np.float64(codes[b, j])
+        rkey = row_key(key, r)
+        count = 0
+        for i in range(n_out):
+            v = np.float64(acc[b, i]) * k_acc
+            if noise_type >= 0:
+                var = sig_out2
+                if noise_type == _NOISE_ADDITIVE:
+                    var += w_noise2 * q_add
+                elif noise_type == _NOISE_PROPORTIONAL:
+                    var += w_noise2 * np.float64(pacc[b, i])
+                v += np.sqrt(var) * k_noise * gaussian_at(rkey, i, ZIG_K, ZIG_W, ZIG_F)
+            limit = bound
+            if qmax > 0:
+                v = np.rint(v)
+                limit = qmax
+            if limit > 0.0 and abs(v) > limit:
+                v = limit if v > 0 else -limit
+                count += 1
+            acc[b, i] = v
+        clipped[b] = count
+        if count == 0 or accept_clipped:
+            s = out_scale[r]
+            for i in range(n_out):
+                y[r, c0 + i] += acc[b, i] * s
+
+
+@dataclass(frozen=True)
+class Tile:
+    """One physical array: inputs r0:r1 x outputs c0:c1 of the logical matrix."""
+
+    r0: int
+    r1: int
+    c0: int
+    c1: int
+    G: np.ndarray            # (r1 - r0, c1 - c0): (g+ - g-).T in level units, config dtype
+    G_abs: np.ndarray | None  # |G|, kept only for "proportional" read noise
+
+
+@dataclass
+class MVMStats:
+    """Counters of the last ``mvm`` call."""
+
+    clipped_outputs: int = 0   # clipped ADC outputs that ended up in y
+    bm_retries: int = 0        # (vector, tile) pairs redone by bound management
+
+
+class CrossbarArray:
+    """A programmed crossbar holding W (out, in); see the module docstring for the pipeline."""
+
+    def __init__(self, W: np.ndarray, config: CrossbarConfig | None = None,
+                 seed: int | np.random.Generator | None = None) -> None:
+        self.config = config if config is not None else CrossbarConfig()
+        if not isinstance(self.config, CrossbarConfig):
+            raise TypeError(f"config must be a CrossbarConfig, got {type(self.config).__name__}")
+        W = check_array("W", W, ndim=2, min_size=1)
+        cfg = self.config
+        self.out_features, self.in_features = W.shape
+        if not cfg.tiling and (self.in_features > cfg.tile_rows or self.out_features > cfg.tile_cols):
+            raise ValueError(
+                f"W of shape {W.shape} (out, in) does not fit one {cfg.tile_rows} x {cfg.tile_cols} array "
+                "(CrossbarConfig.tile_rows inputs x tile_cols outputs) and CrossbarConfig.tiling is False")
+        self._rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+        self.conductances: Conductances = program_conductances(W, cfg, self._rng)
+        self.dtype = np.dtype(cfg.dtype)
+        self.g_unit = self.conductances.g_unit
+        self.tiles = self._build_tiles()
+        self.stats = MVMStats()
+
+    def _build_tiles(self) -> list[Tile]:
+        cfg = self.config
+        cond = self.conductances
+        tiles = []
+        for r0 in range(0, self.in_features, cfg.tile_rows):
+            r1 = min(r0 + cfg.tile_rows, self.in_features)
+            for c0 in range(0, self.out_features, cfg.tile_cols):
+                c1 = min(c0 + cfg.tile_cols, self.out_features)
+                g_pos = cond.g_pos[c0:c1, r0:r1]
+                g_neg = cond.g_neg[c0:c1, r0:r1]
+                if cfg.ir_drop > 0.0:
+                    g_pos, g_neg = apply_ir_drop(g_pos, g_neg, self.g_unit, cfg.ir_drop)
+                G = np.ascontiguousarray((g_pos - g_neg).T, dtype=self.dtype)
+                G_abs = np.abs(G) if cfg.w_noise > 0 and cfg.w_noise_type == "proportional" else None
+                tiles.append(Tile(r0, r1, c0, c1, G, G_abs))
+        return tiles
+
+    @property
+    def weights(self) -> np.ndarray:
+        """The effective weight matrix (out, in) the tiles realise (programming noise and IR drop included)."""
+        W = np.empty((self.out_features, self.in_features))
+        for t in self.tiles:
+            W[t.c0:t.c1, t.r0:t.r1] = t.G.T.astype(np.float64) * self.g_unit * self.conductances.w_absmax
+        return W
+
+    def mvm(self, x: np.ndarray) -> np.ndarray:
+        """y (batch, out) ~ x @ W.T for x (batch, in); updates ``self.stats``."""
+        x = check_array("x", x, ndim=2)
+        if x.shape[1] != self.in_features or x.shape[0] < 1:
+            raise ValueError(f"x must have shape (batch >= 1, {self.in_features}), got {x.shape}")
+        cfg = self.config
+        batch = x.shape[0]
+        row_scale = self._row_scale(x)
+        out_scale = cfg.out_step * self.conductances.w_absmax * row_scale
+        qmax_in = float(cfg.inp_qmax)
+        inp_bound = cfg.inp_bound if cfg.inp_bound is not None else 0.0
+        all_rows = np.arange(batch, dtype=np.int64)
+        codes0 = np.empty((batch, self.in_features), dtype=self.dtype)
+        _encode(x, all_rows, row_scale, 1.0, cfg.inp_step, qmax_in, inp_bound, codes0)
+
+        noise_type, call_key = -1, 0
+        if cfg.has_read_noise:
+            noise_type = _NOISE_OUT_ONLY
+            if cfg.w_noise > 0:
+                noise_type = _NOISE_ADDITIVE if cfg.w_noise_type == "additive" else _NOISE_PROPORTIONAL
+            call_key = int(self._rng.integers(0, 2 ** 63))
+        inp_step = cfg.inp_step
+        k_acc = inp_step * self.g_unit / cfg.out_step
+        k_noise = 1.0 / cfg.out_step
+        # q_bi in normalized units: codes carry one inp_step each (and Gdiff one g_unit)
+        w_noise2 = cfg.w_noise ** 2 * inp_step ** 2 * (self.g_unit if noise_type == _NOISE_PROPORTIONAL else 1.0)
+        qmax_out = float(cfg.out_qmax)
+        out_bound = cfg.out_bound if (cfg.out_bound is not None and cfg.adc_bits is None) else 0.0
+        max_round = cfg.bm_max_rounds if cfg.bound_management else 0
+
+        y = np.zeros((batch, self.out_features), dtype=self.dtype)
+        stats = MVMStats()
+        for t_index, tile in enumerate(self.tiles):
+            rows, codes = all_rows, codes0
+            for k in range(max_round + 1):
+                if k > 0:
+                    codes = np.empty((rows.size, self.in_features), dtype=self.dtype)
+                    _encode(x, rows, row_scale, 2.0 ** -k, inp_step, qmax_in, inp_bound, codes)
+                    stats.bm_retries += rows.size
+                tile_codes = codes[:, tile.r0:tile.r1]
+                acc = tile_codes @ tile.G
+                pacc = (tile_codes * tile_codes) @ tile.G_abs if tile.G_abs is not None else acc
+                key = derive_key(call_key, t_index, k)
+                clipped = np.zeros(rows.size, dtype=np.int64)
+                last = k == max_round
+                _read_out(acc, pacc, codes, tile.r0, tile.r1, rows, noise_type, cfg.out_noise ** 2,
+                          w_noise2, k_acc, k_noise, qmax_out, out_bound, key, last,
+                          out_scale * 2.0 ** k, y, tile.c0, clipped)
+                if last:
+                    stats.clipped_outputs += int(clipped.sum())
+                    break
+                redo = clipped > 0
+                if not redo.any():
+                    break
+                rows = rows[redo]
+        self.stats = stats
+        return y
+
+    def _row_scale(self, x: np.ndarray) -> np.ndarray:
+        """Noise-management scale s_b per input vector (float64)."""
+        if self.config.noise_management == "none":
+            return np.ones(x.shape[0])
+        target = self.config.inp_bound if self.config.inp_bound is not None else 1.0
+        absmax = np.max(np.abs(x), axis=1).astype(np.float64)
+        # a zero vector has nothing to scale; 1 keeps its (noise-only) output finite
+        return np.where(absmax > 0, absmax / target, 1.0)
+
+
+def program(W: np.ndarray, config: CrossbarConfig | None = None,
+            seed: int | np.random.Generator | None = None) -> CrossbarArray:
+    """Program W (out, in) onto crossbar tiles (programming noise drawn once from ``seed``)."""
+    return CrossbarArray(W, config, seed)
