@@ -30,10 +30,10 @@ RTOL, ATOL = 1e-12, 1e-12
 def test_gelu_kernels(data):
     x, rng = data
     g = rng.standard_normal(x.shape)
-    out = np.empty_like(x)
-    ew.gelu_forward(x.reshape(-1), out.reshape(-1))
+    out, cdf = np.empty_like(x), np.empty_like(x)
+    ew.gelu_forward(x.reshape(-1), out.reshape(-1), cdf.reshape(-1))
     np.testing.assert_allclose(out, ref.gelu(x), rtol=RTOL, atol=ATOL)
-    ew.gelu_backward(x.reshape(-1), g.reshape(-1), out.reshape(-1))
+    ew.gelu_backward(x.reshape(-1), cdf.reshape(-1), g.reshape(-1), out.reshape(-1))
     np.testing.assert_allclose(out, ref.gelu_backward(x, g), rtol=RTOL, atol=ATOL)
 
 
@@ -43,11 +43,11 @@ def test_glu_kernels(data):
     z, rng = data
     bias = rng.standard_normal(z.shape[1])
     g = rng.standard_normal((z.shape[0], z.shape[1] // 2))
-    out = np.empty_like(g)
-    ew.glu_forward(z, bias, out)
+    out, gate = np.empty_like(g), np.empty_like(g)
+    ew.glu_forward(z, bias, out, gate)
     np.testing.assert_allclose(out, ref.glu(z, bias), rtol=RTOL, atol=ATOL)
     dz = np.empty_like(z)
-    dbias = ew.glu_backward(z, bias, g, dz)
+    dbias = ew.glu_backward(z, bias, gate, g, dz)
     rdz, rdb = ref.glu_backward(z, g, bias)
     np.testing.assert_allclose(dz, rdz, rtol=RTOL, atol=ATOL)
     # sums over up to ~2k rows: rounding grows with the row count
@@ -72,10 +72,10 @@ def test_float32_kernels_track_float64():
     z32 = z.astype(np.float32)
     bias = rng.standard_normal(8).astype(np.float32)
     out = np.empty((3000, 4), np.float32)
-    ew.glu_forward(z32, bias, out)
+    ew.glu_forward(z32, bias, out, np.empty_like(out))
     np.testing.assert_allclose(out, ref.glu(z32, bias), rtol=1e-6, atol=1e-6)
     out = np.empty_like(z32)
-    ew.gelu_forward(z32.reshape(-1), out.reshape(-1))
+    ew.gelu_forward(z32.reshape(-1), out.reshape(-1), np.empty_like(out).reshape(-1))
     np.testing.assert_allclose(out, ref.gelu(z32), rtol=1e-6, atol=1e-6)
 
 

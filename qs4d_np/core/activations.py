@@ -31,15 +31,16 @@ class GELU(Module):
     def forward(self, x: np.ndarray, training: bool = False) -> np.ndarray:
         x = float_input("x", x)
         out = np.empty_like(x)
-        gelu_forward(x.reshape(-1), out.reshape(-1))
-        self._cache = x
+        cdf = np.empty_like(x)
+        gelu_forward(x.reshape(-1), out.reshape(-1), cdf.reshape(-1))
+        self._cache = (x, cdf)
         return out
 
     def backward(self, grad: np.ndarray) -> np.ndarray:
-        x = self._saved()
+        x, cdf = self._saved()
         grad = matching_grad(grad, x.shape, x.dtype)
         dx = np.empty_like(x)
-        gelu_backward(x.reshape(-1), grad.reshape(-1), dx.reshape(-1))
+        gelu_backward(x.reshape(-1), cdf.reshape(-1), grad.reshape(-1), dx.reshape(-1))
         return dx
 
 
@@ -67,14 +68,15 @@ class GLU(Module):
         c2 = x.shape[-1]
         z = x.reshape(-1, c2)
         out = np.empty((z.shape[0], c2 // 2), dtype=x.dtype)
+        gate = np.empty_like(out)
         zero_bias = np.zeros(c2, dtype=x.dtype)
-        glu_forward(z, zero_bias, out)
-        self._cache = (z, zero_bias, x.shape)
+        glu_forward(z, zero_bias, out, gate)
+        self._cache = (z, zero_bias, gate, x.shape)
         return out.reshape(*x.shape[:-1], c2 // 2)
 
     def backward(self, grad: np.ndarray) -> np.ndarray:
-        z, zero_bias, shape = self._saved()
+        z, zero_bias, gate, shape = self._saved()
         grad = matching_grad(grad, (*shape[:-1], shape[-1] // 2), z.dtype)
         dz = np.empty_like(z)
-        glu_backward(z, zero_bias, grad.reshape(z.shape[0], -1), dz)
+        glu_backward(z, zero_bias, gate, grad.reshape(z.shape[0], -1), dz)
         return dz.reshape(shape)

@@ -30,15 +30,16 @@ class PointwiseGLU(Module):
         x2 = self.linear.rows(x)
         z = np.matmul(x2, self.linear._params["weight"])
         out = np.empty((x2.shape[0], self.d_model), dtype=self.dtype)
-        glu_forward(z, self.linear._params["bias"], out)
-        self._cache = (x2, z, x.shape)
+        gate = np.empty_like(out)
+        glu_forward(z, self.linear._params["bias"], out, gate)
+        self._cache = (x2, z, gate, x.shape)
         return out.reshape(x.shape)
 
     def backward(self, grad: np.ndarray) -> np.ndarray:
-        x2, z, shape = self._saved()
+        x2, z, gate, shape = self._saved()
         g2 = matching_grad(grad, shape, self.dtype).reshape(-1, self.d_model)
         dz = np.empty_like(z)
-        dbias = glu_backward(z, self.linear._params["bias"], g2, dz)
+        dbias = glu_backward(z, self.linear._params["bias"], gate, g2, dz)
         self.linear._grads["weight"] = x2.T @ dz
         self.linear._grads["bias"] = dbias.astype(self.dtype)
         return (dz @ self.linear._params["weight"].T).reshape(shape)
