@@ -5,7 +5,8 @@ from qs4d_np.data.loader import BatchIterator
 from qs4d_np.data.mnist import MNISTSplit, load_mnist, load_mnist_splits, mnist_sequences
 from qs4d_np.data.sequence import SequenceDataset, seeded_permutation
 from qs4d_np.data.split import stratified_split, train_val_split
+from qs4d_np.data.tasks import TASKS, Task, load_task
 
-__all__ = ["BatchIterator", "CIFARSplit", "IDXFormatError", "MNISTSplit", "SequenceDataset", "cifar_sequences",
+__all__ = ["TASKS", "Task", "load_task", "BatchIterator", "CIFARSplit", "IDXFormatError", "MNISTSplit", "SequenceDataset", "cifar_sequences",
            "load_cifar10", "load_mnist", "load_mnist_splits", "mnist_sequences", "read_idx", "seeded_permutation",
            "stratified_split", "train_val_split", "write_idx"]
