@@ -43,7 +43,12 @@ class TrainingDiverged(RuntimeError):
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """Hyperparameters of a run (the QS4D / state-spaces recipe by default, 100 epochs)."""
+    """Hyperparameters of a run (the QS4D / state-spaces recipe by default, 100 epochs).
+
+    ``eval_batch_size`` matters beyond speed for quantized models: activation
+    scales are taken over the whole batch (SPEC section 2), so evaluation
+    results depend on it, as in the reference.
+    """
 
     epochs: int = 100
     batch_size: int = 64
@@ -227,8 +232,8 @@ class Trainer:
             totals.add(loss, logits, y)
             norms.append(norm)
             bar.update(1)
-            bar.set_postfix(loss=f"{totals.mean_loss:.4f}", acc=f"{totals.accuracy:.4f}",
-                            sps=f"{totals.count / (time.perf_counter() - start):.1f}")
+            bar.set_postfix({"loss": f"{totals.mean_loss:.4f}", "acc": f"{totals.accuracy:.4f}",
+                             "samples/s": f"{totals.count / (time.perf_counter() - start):.1f}"})
         bar.close()
         seconds = time.perf_counter() - start
         return {"train_loss": totals.mean_loss, "train_acc": totals.accuracy,
