@@ -1,5 +1,7 @@
 """Analog in-memory-computing hardware: crossbar simulation and cost metrics."""
 from qs4d_np.hardware.config import CrossbarConfig
 from qs4d_np.hardware.crossbar import CrossbarArray, MVMStats, program
+from qs4d_np.hardware.metrics import BitWidths, CostReport, SSMShape, cost_report, reductions
 
-__all__ = ["CrossbarArray", "CrossbarConfig", "MVMStats", "program"]
+__all__ = ["BitWidths", "CostReport", "CrossbarArray", "CrossbarConfig", "MVMStats", "SSMShape",
+           "cost_report", "program", "reductions"]

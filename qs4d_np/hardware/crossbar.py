@@ -89,17 +89,16 @@ def _read_out(acc, pacc, codes, r0, r1, rows, noise_type, sig_out2, w_noise2, k_
         if noise_type == _NOISE_ADDITIVE:
             for j in range(r0, r1):
                 q_add += np.float64(codes[b, j]) * np.float64(codes[b, j])
+        # the std is the same for the whole row unless the noise is weight-proportional
+        std = np.sqrt(sig_out2 + w_noise2 * q_add) * k_noise
         rkey = row_key(key, r)
         count = 0
         for i in range(n_out):
             v = np.float64(acc[b, i]) * k_acc
+            if noise_type == _NOISE_PROPORTIONAL:
+                std = np.sqrt(sig_out2 + w_noise2 * np.float64(pacc[b, i])) * k_noise
             if noise_type >= 0:
-                var = sig_out2
-                if noise_type == _NOISE_ADDITIVE:
-                    var += w_noise2 * q_add
-                elif noise_type == _NOISE_PROPORTIONAL:
-                    var += w_noise2 * np.float64(pacc[b, i])
-                v += np.sqrt(var) * k_noise * gaussian_at(rkey, i, ZIG_K, ZIG_W, ZIG_F)
+                v += std * gaussian_at(rkey, i, ZIG_K, ZIG_W, ZIG_F)
             limit = bound
             if qmax > 0:
                 v = np.rint(v)
