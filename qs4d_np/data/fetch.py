@@ -3,7 +3,8 @@
 Offline machines must never hang here: the whole attempt (every mirror) gets
 one time budget in seconds, each connection and read uses the remaining
 budget as its socket timeout, and the host name is resolved in a worker
-thread so a stuck DNS lookup cannot outlast the budget either. A file is
+thread so a stuck DNS lookup cannot outlast the budget either (the proxy's
+name, when a proxy is configured for the scheme). A file is
 written (atomically) only after its checksum matched.
 """
 from __future__ import annotations
@@ -57,9 +58,14 @@ def _get(url: str, deadline: float, max_bytes: int) -> bytes:
     if remaining <= 0:
         raise TimeoutError("time budget used up before this mirror was tried")
     parts = urllib.parse.urlsplit(url)
+    proxy = urllib.request.getproxies().get(parts.scheme)
+    if proxy and not urllib.request.proxy_bypass(parts.hostname or ""):
+        parts = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")  # the proxy resolves the target
     _resolves(parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80), remaining)
     chunks, total = [], 0
-    with urllib.request.urlopen(url, timeout=max(deadline - time.monotonic(), 0.01)) as response:
+    # a fresh opener reads the proxy settings now (urlopen caches the first ones it saw)
+    opener = urllib.request.build_opener()
+    with opener.open(url, timeout=max(deadline - time.monotonic(), 0.01)) as response:
         while True:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"download slower than the time budget ({total} bytes so far)")
