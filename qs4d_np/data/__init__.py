@@ -7,6 +7,6 @@ from qs4d_np.data.sequence import SequenceDataset, seeded_permutation
 from qs4d_np.data.split import stratified_split, train_val_split
 from qs4d_np.data.tasks import TASKS, Task, load_task
 
-__all__ = ["TASKS", "Task", "load_task", "BatchIterator", "CIFARSplit", "IDXFormatError", "MNISTSplit", "SequenceDataset", "cifar_sequences",
-           "load_cifar10", "load_mnist", "load_mnist_splits", "mnist_sequences", "read_idx", "seeded_permutation",
-           "stratified_split", "train_val_split", "write_idx"]
+__all__ = ["TASKS", "BatchIterator", "CIFARSplit", "IDXFormatError", "MNISTSplit", "SequenceDataset", "Task",
+           "cifar_sequences", "load_cifar10", "load_mnist", "load_mnist_splits", "load_task", "mnist_sequences",
+           "read_idx", "seeded_permutation", "stratified_split", "train_val_split", "write_idx"]
