@@ -137,6 +137,8 @@ class Trainer:
             "data_sizes": {"train": len(self.train_batches.dataset), "val": len(self.val_batches.dataset),
                            "test": None if self.test_batches is None else len(self.test_batches.dataset)},
             "params": {k: [list(v.shape), str(v.dtype)] for k, v in self.model.params.items()},
+            "param_groups": [{"names": g["names"], "ssm": g["ssm"], "lr": g["base_lr"],
+                              "weight_decay": g["weight_decay"]} for g in self.optimizer.groups],
             "schedule": self.schedule.state(),
         }
 
