@@ -196,7 +196,9 @@ def global_grad_norm(grads: Mapping[str, np.ndarray]) -> float:
     total = 0.0
     for g in grads.values():
         r = _real_view(np.ascontiguousarray(g)).astype(np.float64, copy=False)
-        total += float(np.dot(r.ravel(), r.ravel()))
+        # np.sum (pairwise), not np.dot: OpenBLAS's threaded ddot measured 40-76 ms instead of
+        # 0.4 ms for 201k entries on this shared 2-core machine
+        total += float(np.sum(np.square(r)))
     return math.sqrt(total)
 
 
