@@ -1,0 +1,158 @@
+"""Quantized-state recurrent S4D scan (Zhao et al. 2025) and its BPTT backward.
+
+One layer, H channels, M = N/2 complex modes, sequences u (B, L, H). The
+discrete parameters arrive already (fake-)quantized by the caller and are
+passed as real/imaginary planes, each (H, M); D is (H,). Per step, for every
+(b, h, n), in exactly this order (the golden model reproduces it):
+
+    1. vr = (Ar*xr - Ai*xi) + Br*u_t ;  vi = (Ar*xi + Ai*xr) + Bi*u_t
+    2. clip each part to [-clip, clip]                      (w)
+    3. if quantize: q = clamp(round(w * inv), qmin, qmax)   (round by ``mode``, then
+       saturate; separate ``inv`` for the real and the imaginary part, per channel)
+       x = q / inv                                         (else x = w)
+    4. acc += Cr*xr - Ci*xi                  (n = 0..M-1, acc a float64 from 0)
+    y_t = 2*acc + D*u_t.
+
+The state quantizer is symmetric (zero point 0). With a power-of-two ``inv``
+steps 3's multiply and divide are exact, so the integer state code q is the
+golden model's state register. x_{-1} = 0.
+
+Backward: STE through the quantizer (``clipped_ste``: also zero where the code
+saturated, i.e. round(v) fell outside [qmin, qmax]), zero gradient where the
+clip was active, and the LSQ derivative of x w.r.t. the step 1/inv:
+round(v) - v where the code did not saturate, qmin/qmax where it did (v = w*inv). States are recomputed per sequence into per-channel
+buffers instead of being stored by the forward; ``prange`` runs over channels
+and each channel's gradients are summed over (b, t) in a fixed order into
+float64, so results are deterministic and the float64 twin
+``reference/quant.py`` matches bit for bit. No fastmath.
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from qs4d_np.kernels.fake_quant import round_code
+
+
+@njit(cache=True, inline="always")
+def _state_step(xr, xi, ar, ai, br, bi, ut, clip, quantize, inv_r, inv_i, qmin, qmax, mode):
+    """Steps 1-3 for one mode: returns (new xr, new xi, pre-clip vr, vi, clipped wr, wi)."""
+    vr = (ar * xr - ai * xi) + br * ut
+    vi = (ar * xi + ai * xr) + bi * ut
+    wr = min(max(vr, -clip), clip)
+    wi = min(max(vi, -clip), clip)
+    if quantize:
+        nr = min(max(round_code(wr * inv_r, mode), qmin), qmax) / inv_r
+        ni = min(max(round_code(wi * inv_i, mode), qmin), qmax) / inv_i
+    else:
+        nr, ni = wr, wi
+    return nr, ni, vr, vi, wr, wi
+
+
+@njit(cache=True, parallel=True)
+def quant_scan_forward(u, Ar, Ai, Br, Bi, Cr, Ci, D, inv, qmin, qmax, mode, clip, quantize, y):
+    """Fill y (B, L, H) with the quantized-state scan; inv (H, 2) codes per unit (re, im)."""
+    B, L, H = u.shape
+    M = Ar.shape[1]
+    for bh in prange(B * H):
+        b = bh // H
+        h = bh % H
+        xr = np.zeros(M, dtype=u.dtype)
+        xi = np.zeros(M, dtype=u.dtype)
+        for t in range(L):
+            ut = u[b, t, h]
+            acc = 0.0
+            for n in range(M):
+                nr, ni, _, _, _, _ = _state_step(xr[n], xi[n], Ar[h, n], Ai[h, n], Br[h, n], Bi[h, n], ut,
+                                                 clip, quantize, inv[h, 0], inv[h, 1], qmin, qmax, mode)
+                xr[n] = nr
+                xi[n] = ni
+                acc += Cr[h, n] * nr - Ci[h, n] * ni
+            y[b, t, h] = 2.0 * acc + D[h] * ut
+
+
+@njit(cache=True)
+def _ste_factors(v, w, inv, qmin, qmax, clip, quantize, clipped_ste, mode):
+    """(dx/dv, dx/dstep) of one state part: the STE mask and the LSQ step term."""
+    if v < -clip or v > clip:
+        mask = 0.0
+    else:
+        mask = 1.0
+    if not quantize:
+        return mask, 0.0
+    s = w * inv
+    r = round_code(s, mode)
+    if r < qmin:
+        return (0.0 if clipped_ste else mask), qmin
+    if r > qmax:
+        return (0.0 if clipped_ste else mask), qmax
+    return mask, r - s
+
+
+@njit(cache=True, parallel=True)
+def quant_scan_backward(u, Ar, Ai, Br, Bi, Cr, Ci, D, inv, qmin, qmax, mode, clip, quantize,
+                        clipped_ste, gy, du):
+    """BPTT of ``quant_scan_forward``. Fills du (B, L, H); returns float64 gradients
+    (dAr, dAi, dBr, dBi, dCr, dCi) each (H, M), dD (H,), dstep (H, 2) w.r.t. 1/inv."""
+    B, L, H = u.shape
+    M = Ar.shape[1]
+    dAr = np.zeros((H, M))
+    dAi = np.zeros((H, M))
+    dBr = np.zeros((H, M))
+    dBi = np.zeros((H, M))
+    dCr = np.zeros((H, M))
+    dCi = np.zeros((H, M))
+    dD = np.zeros(H)
+    dstep = np.zeros((H, 2))
+    for h in prange(H):
+        # states x_{t-1} at row t (row 0 = x_{-1} = 0), masks and step terms of x_t at row t
+        xs_r = np.zeros((L + 1, M), dtype=u.dtype)
+        xs_i = np.zeros((L + 1, M), dtype=u.dtype)
+        m_r = np.empty((L, M))
+        m_i = np.empty((L, M))
+        s_r = np.empty((L, M))
+        s_i = np.empty((L, M))
+        gx_r = np.empty(M)
+        gx_i = np.empty(M)
+        for b in range(B):
+            for t in range(L):
+                ut = u[b, t, h]
+                for n in range(M):
+                    nr, ni, vr, vi, wr, wi = _state_step(xs_r[t, n], xs_i[t, n], Ar[h, n], Ai[h, n], Br[h, n],
+                                                         Bi[h, n], ut, clip, quantize, inv[h, 0], inv[h, 1],
+                                                         qmin, qmax, mode)
+                    xs_r[t + 1, n] = nr
+                    xs_i[t + 1, n] = ni
+                    m_r[t, n], s_r[t, n] = _ste_factors(vr, wr, inv[h, 0], qmin, qmax, clip, quantize,
+                                                        clipped_ste, mode)
+                    m_i[t, n], s_i[t, n] = _ste_factors(vi, wi, inv[h, 1], qmin, qmax, clip, quantize,
+                                                        clipped_ste, mode)
+            gx_r[:] = 0.0
+            gx_i[:] = 0.0
+            for t in range(L - 1, -1, -1):
+                g = np.float64(gy[b, t, h])
+                ut = np.float64(u[b, t, h])
+                dD[h] += g * ut
+                du_t = np.float64(D[h]) * g
+                for n in range(M):
+                    xr = np.float64(xs_r[t + 1, n])
+                    xi = np.float64(xs_i[t + 1, n])
+                    ar = gx_r[n] + 2.0 * Cr[h, n] * g
+                    ai = gx_i[n] - 2.0 * Ci[h, n] * g
+                    dCr[h, n] += 2.0 * g * xr
+                    dCi[h, n] -= 2.0 * g * xi
+                    dstep[h, 0] += ar * s_r[t, n]
+                    dstep[h, 1] += ai * s_i[t, n]
+                    gvr = ar * m_r[t, n]
+                    gvi = ai * m_i[t, n]
+                    pr = np.float64(xs_r[t, n])
+                    pi = np.float64(xs_i[t, n])
+                    dAr[h, n] += gvr * pr + gvi * pi
+                    dAi[h, n] += gvi * pr - gvr * pi
+                    dBr[h, n] += gvr * ut
+                    dBi[h, n] += gvi * ut
+                    du_t += gvr * Br[h, n] + gvi * Bi[h, n]
+                    gx_r[n] = gvr * Ar[h, n] + gvi * Ai[h, n]
+                    gx_i[n] = gvi * Ar[h, n] - gvr * Ai[h, n]
+                du[b, t, h] = du_t
+    return dAr, dAi, dBr, dBi, dCr, dCi, dD, dstep

@@ -1,0 +1,55 @@
+"""Quantization for QS4D: fake quantizers with straight-through gradients, ``QuantConfig``,
+and the quantized-state recurrent scan.
+
+Modules (one job each):
+
+* ``grids``: n quantization states -> integer code range (narrow / qs4d / full), bits,
+  rounding rule names;
+* ``fake``: the functional quantizer (``fake_quant``, ``quantize`` -> ``QuantTensor``
+  with codes, inv_scale, zero_point), ``QuantSpec`` and ``ste_backward``;
+* ``quantizer``: the ``Quantizer`` op (absmax / absmean / fixed / running / learned ranges);
+* ``config``: ``QuantConfig`` (levels and options per target and layer, JSON);
+* ``scan``: checked entry points of the quantized-state recurrent scan
+  (``kernels.quant_scan``), ``StateQuant``.
+
+How the pieces plug into the S4D layer and model (a later step; nothing here
+imports ``qs4d_np.ssm``):
+
+1. ``S4DModel(..., quant=QuantConfig(...))`` passes the config down; layer i asks
+   ``cfg.quantizer_for(target, layer=i, axis=..., n_scales=...)`` for each target and
+   gets a ``Quantizer`` or None (float). Quantizers become children
+   (``add_child("quant_A", q)``) so learned steps appear in ``.params`` and their
+   gradients in ``.grads``; running-range buffers live in ``Quantizer.buffers`` and must be
+   saved with checkpoints next to ``.params`` (``load_buffers`` restores them).
+2. Convolution mode, at the reference's places (SPEC.md section 2):
+   A: quantize ``log_A_real``'s image ``Re(A)`` and ``A_imag`` separately before
+   discretization (two per-tensor quantizers, or one complex quantizer with
+   complex_mode="cartesian" on A); C: complex_mode="shared"; dt: quantize ``log_dt``;
+   state: the kernel K and the input u with ``levels // 2`` states (``state`` levels are
+   halved by the caller, as the reference does); linear / coder: the weight only; act:
+   the block output after GLU. The layer's backward calls each quantizer's
+   ``backward`` on the gradient of its output (identity STE by default), then chains
+   through the discretization as in float.
+3. Recurrent mode (SPEC.md section 3): discretize (``continuous``), or take Abar as a
+   parameter (``discrete``, kept inside the unit circle by the caller) or as a constant
+   (``frozen``); quantize Abar, Bbar and C (complex_mode="cartesian") and D with their
+   quantizers, run ``scan.quant_scan(u, Abar_q, Bbar_q, C_q, D_q, StateQuant(spec, inv),
+   clip)``, and in the backward pass the returned gradients through each quantizer's
+   ``backward``. The state scale ``inv`` is fixed (calibrated, e.g. from a
+   ``Quantizer(scale_mode="running")`` fed the float states, or ``power_of_two=True`` for
+   the golden model) or learned (``grads['step']`` is dL/d(1/inv)).
+4. The integer golden model reproduces the recurrent step from ``QuantTensor`` codes of
+   Abar, Bbar, C, D and the state's ``inv`` (power of two): the exact per-step order is in
+   ``kernels.quant_scan``'s docstring (multiply-add, clip, multiply by inv, round by the
+   named rule, saturate to [qmin, qmax], divide by inv).
+"""
+from qs4d_np.quant.config import TARGETS, QuantConfig
+from qs4d_np.quant.fake import QuantSpec, QuantTensor, fake_quant, quantize, ste_backward
+from qs4d_np.quant.grids import GRIDS, ROUNDING, Grid, make_grid
+from qs4d_np.quant.quantizer import Quantizer
+from qs4d_np.quant.scan import StateQuant, quant_scan, quant_scan_backward
+
+__all__ = [
+    "GRIDS", "ROUNDING", "TARGETS", "Grid", "QuantConfig", "QuantSpec", "QuantTensor", "Quantizer",
+    "StateQuant", "fake_quant", "make_grid", "quant_scan", "quant_scan_backward", "quantize", "ste_backward",
+]

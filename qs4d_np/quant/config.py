@@ -1,0 +1,190 @@
+"""``QuantConfig``: how many quantization states each target gets, and with which options.
+
+Targets (SPEC.md section 2, plus B and D for the recurrent mode of section 3):
+A, B, C, D, dt, linear, act, state, coder. ``all`` is the homogeneous default;
+a specific target overrides it (what the reference README promises; its code
+ignores the override). Values:
+
+* ``None``: not set; the target falls back to ``all`` (and is float when ``all`` is None);
+* an int n >= 2: n quantization states;
+* ``"float"``: explicitly unquantized even when ``all`` is set;
+* per layer: a list (entry i for layer i) or a dict {layer index: value}; layers a
+  dict does not name fall back to ``all``.
+
+Options (grid, symmetric, per_channel, rounding, power_of_two, complex_mode,
+scale_mode, ste) apply to every target; ``target_options`` overrides them per
+target, e.g. {"act": {"scale_mode": "running"}, "state": {"power_of_two": True}}.
+``spec_for`` / ``quantizer_for`` turn (target, layer) into a ``QuantSpec`` or a
+``Quantizer`` (None for float). ``to_dict`` / ``from_dict`` round-trip through JSON.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from qs4d_np.core.checks import check_choice, check_int
+from qs4d_np.quant.fake import COMPLEX_MODES, STE_MODES, QuantSpec
+from qs4d_np.quant.grids import GRIDS, ROUNDING, check_levels
+from qs4d_np.quant.quantizer import QUANTIZER_SCALE_MODES, Quantizer
+
+TARGETS = ("A", "B", "C", "D", "dt", "linear", "act", "state", "coder")
+FLOAT = "float"
+
+# Option name -> allowed values (None: any bool).
+_OPTION_CHOICES: dict[str, tuple] = {
+    "grid": GRIDS,
+    "symmetric": (True, False),
+    "per_channel": (True, False),
+    "rounding": tuple(ROUNDING),
+    "power_of_two": (True, False),
+    "complex_mode": COMPLEX_MODES,
+    "scale_mode": QUANTIZER_SCALE_MODES,
+    "ste": STE_MODES,
+}
+DEFAULT_OPTIONS: dict[str, Any] = {
+    "grid": "narrow", "symmetric": True, "per_channel": False, "rounding": "half_even",
+    "power_of_two": False, "complex_mode": "cartesian", "scale_mode": "absmax", "ste": "identity",
+}
+
+Levels = Any  # None | int | "float" | list[...] | dict[int, ...]
+
+
+def _check_value(name: str, value: object, per_layer: bool = True) -> object:
+    """Validate one target value; returns it normalised (dict keys as ints)."""
+    if value is None or value == FLOAT:
+        return value
+    if isinstance(value, (list, tuple)) and per_layer:
+        return [_check_value(f"{name}[{i}]", v, per_layer=False) for i, v in enumerate(value)]
+    if isinstance(value, Mapping) and per_layer:
+        out = {}
+        for k, v in value.items():
+            try:
+                layer = int(k)  # JSON turns int keys into strings
+            except (TypeError, ValueError):
+                raise ValueError(f"{name} per-layer keys must be layer indices, got {k!r}") from None
+            out[check_int(f"{name} layer key", layer, min_value=0)] = _check_value(
+                f"{name}[{layer}]", v, per_layer=False)
+        return out
+    if isinstance(value, str):
+        raise ValueError(f"{name} must be an int >= 2, None or {FLOAT!r}, got {value!r}")
+    return check_levels(value, name)
+
+
+def _check_options(where: str, options: Mapping[str, Any]) -> dict[str, Any]:
+    for key, value in options.items():
+        if key not in _OPTION_CHOICES:
+            raise ValueError(f"unknown quantization option {key!r} in {where}; "
+                             f"expected some of {sorted(_OPTION_CHOICES)}")
+        check_choice(f"{where}[{key!r}]", value, _OPTION_CHOICES[key])
+    return dict(options)
+
+
+class QuantConfig:
+    """Levels and options per quantization target (see the module docstring)."""
+
+    def __init__(self, all: Levels = None, *, target_options: Mapping[str, Mapping[str, Any]] | None = None,
+                 **kwargs: Any) -> None:
+        levels = {t: kwargs.pop(t, None) for t in TARGETS}
+        options = {k: kwargs.pop(k) for k in list(kwargs) if k in _OPTION_CHOICES}
+        if kwargs:
+            raise ValueError(f"unknown quantization target or option(s) {sorted(kwargs)}; targets are "
+                             f"{list(TARGETS)} and 'all', options {sorted(_OPTION_CHOICES)}")
+        self.all = _check_value("all", all)
+        self.levels = {t: _check_value(t, v) for t, v in levels.items()}
+        self.options = {**DEFAULT_OPTIONS, **_check_options("options", options)}
+        self.target_options: dict[str, dict[str, Any]] = {}
+        for t, opts in (target_options or {}).items():
+            check_choice("target_options key", t, TARGETS)
+            self.target_options[t] = _check_options(f"target_options[{t!r}]", opts)
+
+    # -- construction from the reference's command-line flags ---------------
+    @classmethod
+    def from_flags(cls, **flags: Any) -> "QuantConfig":
+        """From QS4D-style flags: ``A_quant=16`` means 16 levels for A, ``all_quant`` sets all.
+
+        Accepts ``vars(args)`` of an argparse namespace restricted to ``*_quant`` flags.
+        """
+        kwargs: dict[str, Any] = {}
+        for flag, value in flags.items():
+            target = flag[:-len("_quant")] if flag.endswith("_quant") else None
+            if target not in TARGETS + ("all",):
+                raise ValueError(f"unknown quantization flag {flag!r}; expected one of "
+                                 f"{[t + '_quant' for t in ('all',) + TARGETS]}")
+            kwargs[target] = value
+        return cls(**kwargs)
+
+    # -- queries -------------------------------------------------------------
+    @staticmethod
+    def _pick(value: object, layer: int | None, name: str) -> object:
+        if isinstance(value, list):
+            if layer is None:
+                raise ValueError(f"{name} has per-layer levels {value}; pass layer=")
+            if not 0 <= layer < len(value):
+                raise ValueError(f"{name} has levels for {len(value)} layers, got layer={layer}")
+            return value[layer]
+        if isinstance(value, dict):
+            if layer is None:
+                raise ValueError(f"{name} has per-layer levels {value}; pass layer=")
+            return value.get(layer)
+        return value
+
+    def levels_for(self, target: str, layer: int | None = None) -> int | None:
+        """Levels of ``target`` in ``layer`` (None = float): the specific value, else ``all``."""
+        check_choice("target", target, TARGETS)
+        if layer is not None:
+            check_int("layer", layer, min_value=0)
+        value = self._pick(self.levels[target], layer, target)
+        if value is None:
+            value = self._pick(self.all, layer, "all")
+        return None if value in (None, FLOAT) else int(value)  # type: ignore[arg-type]
+
+    def options_for(self, target: str) -> dict[str, Any]:
+        check_choice("target", target, TARGETS)
+        return {**self.options, **self.target_options.get(target, {})}
+
+    def spec_for(self, target: str, layer: int | None = None, axis: int | None = None) -> QuantSpec | None:
+        """The ``QuantSpec`` of (target, layer); ``axis`` is the channel axis used when per_channel."""
+        levels = self.levels_for(target, layer)
+        if levels is None:
+            return None
+        o = self.options_for(target)
+        return QuantSpec(levels, grid=o["grid"], symmetric=o["symmetric"],
+                         axis=axis if o["per_channel"] else None, rounding=o["rounding"],
+                         power_of_two=o["power_of_two"], complex_mode=o["complex_mode"])
+
+    def quantizer_for(self, target: str, layer: int | None = None, *, axis: int | None = None,
+                      n_scales: int = 1, dtype: type = None, **extra: Any) -> Quantizer | None:
+        """A ``Quantizer`` for (target, layer), or None when the target stays float."""
+        spec = self.spec_for(target, layer, axis)
+        if spec is None:
+            return None
+        o = self.options_for(target)
+        kw = {"dtype": dtype} if dtype is not None else {}
+        return Quantizer(spec.levels, scale_mode=o["scale_mode"], ste=o["ste"], grid=spec.grid,
+                         symmetric=spec.symmetric, axis=spec.axis, rounding=spec.rounding,
+                         power_of_two=spec.power_of_two, complex_mode=spec.complex_mode,
+                         n_scales=n_scales, name=f"{target}" if layer is None else f"{target}[{layer}]",
+                         **kw, **extra)
+
+    @property
+    def is_float(self) -> bool:
+        return self.all is None and all(v in (None, FLOAT) for v in self.levels.values())
+
+    # -- JSON ------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict (per-layer dict keys become strings in JSON; from_dict undoes it)."""
+        return {"all": self.all, "levels": dict(self.levels), "options": dict(self.options),
+                "target_options": {t: dict(o) for t, o in self.target_options.items()}}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "QuantConfig":
+        expected = {"all", "levels", "options", "target_options"}
+        if set(data) != expected:
+            raise ValueError(f"QuantConfig dict must have keys {sorted(expected)}, got {sorted(data)}")
+        return cls(data["all"], target_options=data["target_options"], **data["levels"], **data["options"])
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, QuantConfig) and self.to_dict() == other.to_dict()
+
+    def __repr__(self) -> str:
+        set_levels = {t: v for t, v in self.levels.items() if v is not None}
+        return f"QuantConfig(all={self.all!r}, {set_levels}, options={self.options}, target_options={self.target_options})"

@@ -1,0 +1,147 @@
+"""``Quantizer``: the stateful fake-quant op with a straight-through backward.
+
+Range sources (``scale_mode``):
+
+* ``absmax``, ``absmean``, ``fixed``: as ``qs4d_np.quant.fake`` (no state);
+* ``running``: a calibrated running range. In training each forward takes the
+  batch range, folds it into the buffers by an exponential moving average
+  (``momentum``; the first batch initialises them) and quantizes with the
+  updated buffers; in evaluation the buffers are frozen, so outputs never
+  depend on the rest of the batch. Evaluating before any calibration fails.
+* ``learned``: LSQ (Esser et al. 2020). The parameter ``step`` (one per scale)
+  sets inv = 1/step; it is initialised on the first forward to
+  2*mean|x|/sqrt(qpos) unless ``init_range`` is given (step = init_range/qpos).
+  Its gradient is sum(grad * (round(v) - v)) where the code did not saturate
+  and qmin / qmax where it did (v = x/step), times 1/sqrt(count * qpos) when
+  ``lsq_grad_scale``. Symmetric only; steps below min_range/qpos are floored.
+
+Backward (``ste``): ``identity`` (the reference) passes the gradient through
+unchanged; ``clipped`` zeroes it where the code saturated (round(x*inv) + zp
+outside [qmin, qmax]).
+
+``n_scales`` is the number of scales the op keeps (1 per tensor; the channel
+count per channel; doubled for complex tensors with ``complex_mode="cartesian"``,
+real parts' scales first). It is needed up front only for ``learned``, whose
+``step`` parameter must exist before an optimizer is built.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from qs4d_np.core.checks import check_choice, check_float, check_int
+from qs4d_np.core.module import Module
+from qs4d_np.quant.fake import STE_MODES, QuantSpec, QuantState, ste_backward
+
+QUANTIZER_SCALE_MODES = ("absmax", "absmean", "fixed", "running", "learned")
+
+
+class Quantizer(Module):
+    """Fake quantization to ``levels`` states (see the module docstring).
+
+    ``forward(x, training)`` returns x_hat (x's shape and dtype); ``backward``
+    returns dL/dx and, for ``learned``, sets ``grads['step']`` (n_scales,).
+    Spec options (grid, symmetric, axis, rounding, power_of_two, complex_mode,
+    min_range) are those of ``QuantSpec``.
+    """
+
+    def __init__(self, levels: int, *, scale_mode: str = "absmax", ste: str = "identity",
+                 fixed_range: object = None, momentum: float = 0.1, init_range: float | None = None,
+                 lsq_grad_scale: bool = True, n_scales: int = 1, dtype: type = np.float32,
+                 name: str = "x", **spec_options: object) -> None:
+        super().__init__()
+        check_choice("scale_mode", scale_mode, QUANTIZER_SCALE_MODES)
+        check_choice("ste", ste, STE_MODES)
+        check_choice("dtype", np.dtype(dtype), (np.dtype(np.float32), np.dtype(np.float64)))
+        unknown = set(spec_options) - (set(QuantSpec.__dataclass_fields__) - {"levels"})
+        if unknown:
+            raise TypeError(f"unknown Quantizer option(s) {sorted(unknown)}")
+        self.spec = QuantSpec(levels, **spec_options)  # type: ignore[arg-type]
+        self.scale_mode = scale_mode
+        self.ste = ste
+        self.name = name
+        self.dtype = np.dtype(dtype)
+        self.momentum = check_float("momentum", momentum, min_value=0.0, max_value=1.0,
+                                    min_inclusive=False)
+        self.n_scales = check_int("n_scales", n_scales, min_value=1)
+        self.lsq_grad_scale = bool(lsq_grad_scale)
+        self.fixed_range = fixed_range
+        if scale_mode != "fixed" and fixed_range is not None:
+            raise ValueError(f"fixed_range is only used with scale_mode='fixed', got scale_mode={scale_mode!r}")
+        self.buffers: dict[str, np.ndarray] = {}
+        if scale_mode == "learned":
+            if not self.spec.symmetric or self.spec.power_of_two:
+                raise ValueError("scale_mode='learned' needs symmetric=True and power_of_two=False")
+            self._params["step"] = np.full(self.n_scales, np.nan, dtype=self.dtype)
+            if init_range is not None:
+                r = check_float("init_range", init_range, min_value=0.0, min_inclusive=False)
+                self._params["step"][:] = r / self.spec.code_grid.qpos
+        elif init_range is not None:
+            raise ValueError("init_range is only used with scale_mode='learned'")
+
+    @property
+    def bits(self) -> int:
+        return self.spec.bits
+
+    @property
+    def calibrated(self) -> bool:
+        return "running_lo" in self.buffers
+
+    def load_buffers(self, buffers: dict[str, np.ndarray]) -> None:
+        """Restore ``running_lo`` / ``running_hi`` (n_scales,) from a checkpoint."""
+        if set(buffers) != {"running_lo", "running_hi"}:
+            raise ValueError(f"buffers must hold running_lo and running_hi, got {sorted(buffers)}")
+        self.buffers = {k: np.array(v, dtype=np.float64).reshape(-1) for k, v in buffers.items()}
+
+    def _check_scales(self, channels: int) -> None:
+        if channels != self.n_scales:
+            raise ValueError(f"Quantizer {self.name!r} keeps n_scales={self.n_scales} scales but its input "
+                             f"needs {channels} (axis={self.spec.axis}, complex_mode={self.spec.complex_mode!r})")
+
+    def forward(self, x: np.ndarray, training: bool = False) -> np.ndarray:
+        spec = self.spec
+        mode = self.scale_mode
+        if mode in ("absmax", "absmean", "fixed"):
+            out, state = spec.forward(x, scale_mode=mode, fixed_range=self.fixed_range, name=self.name)
+            self._cache = (x, state)
+            return out
+        lay = spec.layout(x, self.name)
+        real = np.dtype(lay.dtype.type(0).real.dtype)
+        self._check_scales(lay.channels)
+        if mode == "running":
+            if training:
+                lo, hi = spec.stats_range(lay.flatten(x), lay, "absmax", self.name)
+                if self.calibrated:
+                    m = self.momentum
+                    lo = (1 - m) * self.buffers["running_lo"] + m * lo
+                    hi = (1 - m) * self.buffers["running_hi"] + m * hi
+                self.buffers = {"running_lo": lo, "running_hi": hi}
+            elif not self.calibrated:
+                raise RuntimeError(f"Quantizer {self.name!r} (scale_mode='running') has no calibrated range; "
+                                   "run forward(x, training=True) on some batches first")
+            inv, zp = spec.scales(self.buffers["running_lo"], self.buffers["running_hi"], real)
+        else:
+            step = self._params["step"]
+            if np.isnan(step).any():
+                _, hi = spec.stats_range(lay.flatten(x), lay, "absmean", self.name)
+                step[:] = hi / spec.code_grid.qpos
+            floor = spec.min_range / spec.code_grid.qpos
+            inv = (1.0 / np.maximum(step.astype(np.float64), floor)).astype(real)
+            zp = np.zeros_like(inv)
+        out, state = spec.apply(x, lay, inv, zp, name=self.name)
+        self._cache = (x, state)
+        return out
+
+    def backward(self, grad: np.ndarray) -> np.ndarray:
+        x, state = self._saved()
+        learned = self.scale_mode == "learned"
+        dx, dstep = ste_backward(grad, x, state, self.ste, want_step=learned)
+        if learned:
+            g = 1.0
+            if self.lsq_grad_scale:
+                g = 1.0 / np.sqrt(state.layout.per_channel_count * self.spec.code_grid.qpos)
+            self._grads["step"] = (dstep * g).astype(self.dtype)
+        return dx
+
+    def last_state(self) -> QuantState:
+        """The (inv, zp, layout) used by the last forward (for export and tests)."""
+        return self._saved()[1]

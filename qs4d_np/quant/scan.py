@@ -1,0 +1,128 @@
+"""Checked entry points of the quantized-state recurrent scan (``kernels.quant_scan``).
+
+``StateQuant`` describes the state quantizer: a symmetric ``QuantSpec`` (its
+grid gives qmin/qmax, its rounding rule the mode) and a fixed ``inv`` (codes
+per unit, e.g. from calibration): a scalar (per tensor), (H,) (per channel,
+shared by the real and imaginary parts) or (H, 2) (per channel and part).
+``spec=None`` disables quantization (the state is only clipped).
+
+    y, cache = quant_scan(u, Abar, Bbar, C, D, state, clip)
+    grads    = quant_scan_backward(gy, cache)   # du, Abar, Bbar, C, D, step
+
+Abar, Bbar, C are (H, M) complex, already quantized by the caller, whose
+straight-through backward takes the gradients returned here. Complex
+gradients follow dL/dRe + i*dL/dIm. ``grads['step']`` is dL/d(1/inv), shaped
+like the ``inv`` given (zeros when quantization is off).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from qs4d_np.core.checks import check_array, check_choice, check_float, check_grad_like, check_sequence_input
+from qs4d_np.kernels import quant_scan as kern
+from qs4d_np.quant.fake import STE_MODES, QuantSpec
+from qs4d_np.quant.grids import ROUNDING
+
+
+@dataclass(frozen=True)
+class StateQuant:
+    """State quantizer of the recurrent scan: spec (None = off), inv, STE rule."""
+
+    spec: QuantSpec | None
+    inv: float | np.ndarray = 1.0
+    ste: str = "identity"
+
+    def __post_init__(self) -> None:
+        check_choice("ste", self.ste, STE_MODES)
+        if self.spec is not None:
+            if not self.spec.symmetric:
+                raise ValueError("the state quantizer must be symmetric (zero point 0)")
+            inv = np.asarray(self.inv, dtype=np.float64)
+            if not (np.isfinite(inv).all() and (inv > 0).all()):
+                raise ValueError(f"inv (state codes per unit) must be finite and > 0, got {self.inv!r}")
+
+    def per_channel_inv(self, H: int, dtype: np.dtype) -> np.ndarray:
+        """inv as (H, 2) in ``dtype`` (ones when quantization is off)."""
+        if self.spec is None:
+            return np.ones((H, 2), dtype=dtype)
+        inv = np.asarray(self.inv, dtype=np.float64)
+        if inv.shape == ():
+            out = np.full((H, 2), float(inv))
+        elif inv.shape == (H,):
+            out = np.repeat(inv[:, None], 2, axis=1)
+        elif inv.shape == (H, 2):
+            out = inv.copy()
+        else:
+            raise ValueError(f"inv must be a scalar, shape ({H},) or ({H}, 2), got shape {inv.shape}")
+        return out.astype(dtype)
+
+    def reduce_step(self, dstep: np.ndarray) -> np.ndarray:
+        """(H, 2) step gradient -> the shape of ``inv``."""
+        shape = np.shape(self.inv)
+        if shape == ():
+            return np.asarray(dstep.sum())
+        return dstep.sum(axis=1) if len(shape) == 1 else dstep
+
+
+@dataclass
+class ScanCache:
+    u: np.ndarray
+    planes: tuple[np.ndarray, ...]
+    D: np.ndarray
+    inv: np.ndarray
+    state: StateQuant
+    clip: float
+
+
+def _planes(name: str, z: np.ndarray, H: int, M: int, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+    z = check_array(name, z, shape=(H, M), allow_complex=True)
+    return np.ascontiguousarray(z.real, dtype=dtype), np.ascontiguousarray(z.imag, dtype=dtype)
+
+
+def _kernel_args(cache: ScanCache) -> tuple:
+    dtype = cache.u.dtype
+    st = cache.state
+    if st.spec is None:
+        qmin, qmax, mode = -1.0, 1.0, 0
+    else:
+        g = st.spec.code_grid
+        qmin, qmax, mode = g.qmin, g.qmax, ROUNDING[st.spec.rounding]
+    return (cache.u, *cache.planes, cache.D, cache.inv, dtype.type(qmin), dtype.type(qmax), mode,
+            dtype.type(cache.clip), st.spec is not None)
+
+
+def quant_scan(u: np.ndarray, Abar: np.ndarray, Bbar: np.ndarray, C: np.ndarray, D: np.ndarray,
+               state: StateQuant, clip: float = np.inf) -> tuple[np.ndarray, ScanCache]:
+    """y (B, L, H) of the quantized-state scan; u float32/float64 sets the dtype."""
+    if not isinstance(state, StateQuant):
+        raise TypeError(f"state must be a StateQuant, got {type(state).__name__}")
+    Abar = check_array("Abar", Abar, ndim=2, allow_complex=True)
+    H, M = Abar.shape
+    u = check_sequence_input("u", u, H)
+    if u.dtype not in (np.float32, np.float64):
+        raise TypeError(f"u must be float32 or float64, got {u.dtype}")
+    dtype = u.dtype
+    if not (isinstance(clip, (float, np.floating)) and clip == np.inf):  # inf = no clip
+        clip = check_float("clip", clip, min_value=0.0, min_inclusive=False)
+    D = np.ascontiguousarray(check_array("D", D, shape=(H,)), dtype=dtype)
+    planes = (*_planes("Abar", Abar, H, M, dtype), *_planes("Bbar", Bbar, H, M, dtype),
+              *_planes("C", C, H, M, dtype))
+    cache = ScanCache(np.ascontiguousarray(u), planes, D, state.per_channel_inv(H, dtype), state, clip)
+    y = np.empty_like(cache.u)
+    kern.quant_scan_forward(*_kernel_args(cache), y)
+    return y, cache
+
+
+def quant_scan_backward(gy: np.ndarray, cache: ScanCache) -> dict[str, np.ndarray]:
+    """Gradients of the scan: du (B, L, H) and Abar, Bbar, C (H, M) complex, D (H,), step."""
+    gy = check_grad_like("gy", gy, cache.u.shape)
+    gy = np.ascontiguousarray(gy, dtype=cache.u.dtype)
+    du = np.empty_like(cache.u)
+    dAr, dAi, dBr, dBi, dCr, dCi, dD, dstep = kern.quant_scan_backward(
+        *_kernel_args(cache), cache.state.ste == "clipped", gy, du)
+    cdt = np.result_type(cache.u.dtype, np.complex64)
+    return {"u": du, "Abar": (dAr + 1j * dAi).astype(cdt), "Bbar": (dBr + 1j * dBi).astype(cdt),
+            "C": (dCr + 1j * dCi).astype(cdt), "D": dD.astype(cache.u.dtype),
+            "step": cache.state.reduce_step(dstep)}

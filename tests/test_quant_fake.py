@@ -1,0 +1,243 @@
+"""Fake quantization: grids, rounding rules, the Numba kernels against reference/quant.py, bad input."""
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from qs4d_np.quant.fake import QuantSpec, fake_quant, quantize, ste_backward
+from qs4d_np.quant.grids import make_grid
+from reference.quant import fake_quant_ref, round_ref
+
+SETTINGS = settings(max_examples=25, deadline=None)
+
+
+def _x(seed, shape, dtype=np.float64, scale=1.0):
+    return (np.random.default_rng(seed).normal(size=shape) * scale).astype(dtype)
+
+
+# -- grids and rounding --------------------------------------------------------
+def test_grid_ranges_and_bits():
+    # n = 2**b: narrow and full fit b bits, the reference grid needs b+1
+    assert (make_grid("narrow", 256).qmin, make_grid("narrow", 256).qmax, make_grid("narrow", 256).bits) == (-127, 127, 8)
+    assert (make_grid("qs4d", 256).qmin, make_grid("qs4d", 256).qmax, make_grid("qs4d", 256).bits) == (-128, 128, 9)
+    assert (make_grid("full", 256).qmin, make_grid("full", 256).qmax, make_grid("full", 256).bits) == (-128, 127, 8)
+    assert make_grid("qs4d", 2).n_codes == 3  # the reference's n = 2 is ternary
+    assert (make_grid("qs4d", 5).qmin, make_grid("qs4d", 5).qmax) == (-3, 2)  # odd n: lopsided
+    assert (make_grid("narrow", 3).n_codes, make_grid("narrow", 3).bits) == (3, 2)
+    assert make_grid("narrow", 6, symmetric=False).n_codes == 6  # asymmetric uses all n codes
+
+
+@pytest.mark.parametrize("rounding, expected", [
+    ("half_even", [-2, -2, -0, 0, 2, 2, 0, -0, 2, -1]),
+    ("half_up", [-2, -1, -0, 1, 2, 3, 0, -0, 2, -1]),
+    ("half_away", [-3, -2, -1, 1, 2, 3, 0, -0, 2, -1]),
+    ("floor", [-3, -2, -1, 0, 1, 2, 0, -1, 2, -2]),
+])
+def test_rounding_rules_by_hand(rounding, expected):
+    # the last four are one ulp off a tie: they must not be moved like ties
+    v = np.array([-2.5, -1.5, -0.5, 0.5, 1.5, 2.5, 0.49999999999999994, -0.49999999999999994,
+                  2.5 - 2**-51, -1.5 + 2**-52])
+    assert np.array_equal(round_ref(v, rounding), expected)
+    # through the kernel: a fixed range of 4 on 8 full-grid states gives inv = 1
+    out = fake_quant(v, 8, grid="full", scale_mode="fixed", fixed_range=4.0, rounding=rounding)
+    assert np.array_equal(out, expected)
+
+
+# -- the reference formula (SPEC.md section 2) -------------------------------------
+def _spec_formula(w, n):
+    """scale = (n/2)/max|w| (floored at 1e-5), clamp(round_half_even(w*scale), -n//2, n//2)/scale,
+    computed in w's dtype as the reference does in torch; Python's -n//2 floors (lopsided odd n)."""
+    dt = w.dtype.type
+    scale = dt(n / 2) / np.maximum(np.abs(w).max(), dt(1e-5))
+    return (np.clip(np.round(w * scale), -n // 2, n // 2) / scale).astype(w.dtype)
+
+
+def test_qs4d_grid_ties_by_hand():
+    w = np.array([0.5, 1.5, 2.5, -0.5, -1.5, 4.0])  # n = 8: scale = 4/4 = 1, so w*scale = w exactly
+    assert np.array_equal(fake_quant(w, 8, grid="qs4d"), [0.0, 2.0, 2.0, 0.0, -2.0, 4.0])
+    assert np.array_equal(_spec_formula(w, 8), [0.0, 2.0, 2.0, 0.0, -2.0, 4.0])
+
+
+@SETTINGS
+@given(seed=st.integers(0, 2**31 - 1), n=st.integers(2, 300), dtype=st.sampled_from([np.float32, np.float64]),
+       size=st.integers(1, 60), tiny=st.booleans())
+def test_qs4d_grid_matches_spec_formula(seed, n, dtype, size, tiny):
+    w = _x(seed, (size,), dtype, scale=1e-7 if tiny else 1.0)  # tiny: the 1e-5 floor is active
+    assert np.array_equal(fake_quant(w, n, grid="qs4d"), _spec_formula(w, n))
+
+
+# -- kernels against the twin ----------------------------------------------------
+@SETTINGS
+@given(seed=st.integers(0, 2**31 - 1), n=st.integers(3, 70), grid=st.sampled_from(["narrow", "qs4d", "full"]),
+       symmetric=st.booleans(), per_channel=st.booleans(), scale_mode=st.sampled_from(["absmax", "absmean", "fixed"]),
+       rounding=st.sampled_from(["half_even", "half_up", "half_away", "floor"]), p2=st.booleans(),
+       dtype=st.sampled_from([np.float32, np.float64, np.complex64, np.complex128]),
+       complex_mode=st.sampled_from(["cartesian", "shared"]), shape=st.sampled_from([(5,), (3, 4), (2, 3, 5)]))
+def test_kernel_matches_twin(seed, n, grid, symmetric, per_channel, scale_mode, rounding, p2, dtype, complex_mode, shape):
+    if scale_mode == "absmean" and not symmetric:
+        return
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=shape) * rng.uniform(0.01, 10)
+    if np.dtype(dtype).kind == "c":
+        x = x + 1j * rng.normal(size=shape) * 3
+    x = x.astype(dtype)
+    axis = int(rng.integers(-len(shape), len(shape))) if per_channel else None
+    fixed = None
+    if scale_mode == "fixed":  # a range that cuts some entries, one value per scale
+        lay = QuantSpec(n, axis=axis, complex_mode=complex_mode).layout(x)
+        r = rng.uniform(0.5, 2.0, lay.channels)
+        fixed = r if symmetric else (-r * rng.uniform(0, 1, lay.channels), r)
+    opts = dict(grid=grid, symmetric=symmetric, axis=axis, scale_mode=scale_mode, fixed_range=fixed,
+                rounding=rounding, power_of_two=p2, complex_mode=complex_mode)
+    got = quantize(x, n, **opts)
+    want, q, inv, zp = fake_quant_ref(x, n, **opts)
+    assert got.dequantize().dtype == x.dtype
+    assert np.array_equal(got.dequantize(), want)
+    assert np.array_equal(fake_quant(x, n, **opts), want)
+    assert np.array_equal(got.q, q) and np.array_equal(got.inv_scale, inv.astype(np.float64))
+    assert np.array_equal(got.zero_point, zp)
+
+
+# -- properties ------------------------------------------------------------------
+@SETTINGS
+@given(seed=st.integers(0, 2**31 - 1), n=st.integers(3, 40), symmetric=st.booleans(),
+       rounding=st.sampled_from(["half_even", "half_up", "half_away", "floor"]), per_channel=st.booleans(),
+       p2=st.booleans())
+def test_narrow_grid_at_most_n_levels_and_idempotent(seed, n, symmetric, rounding, per_channel, p2):
+    # floor is idempotent only when (q/inv)*inv is exact, i.e. with power-of-two scales:
+    # otherwise q/inv*inv can land one ulp below q and floor to q - 1
+    p2 = p2 or rounding == "floor"
+    x = _x(seed, (4, 50))
+    axis = 0 if per_channel else None
+    qt = quantize(x, n, symmetric=symmetric, rounding=rounding, axis=axis, power_of_two=p2)
+    for row in (qt.q if per_channel else qt.q.reshape(1, -1)):
+        assert len(np.unique(row)) <= n
+    g = make_grid("narrow", n, symmetric)
+    assert qt.q.min() >= g.qmin and qt.q.max() <= g.qmax
+    # quantizing again with the same scales changes nothing
+    x_hat = qt.dequantize()
+    spec = QuantSpec(n, symmetric=symmetric, rounding=rounding, axis=axis, power_of_two=p2)
+    again, _ = spec.apply(
+        x_hat, spec.layout(x_hat), qt.inv_scale.reshape(-1), qt.zero_point.reshape(-1).astype(np.float64))
+    assert np.array_equal(again, x_hat)
+    # and re-deriving the absmax scale from x_hat gives the same codes (a power-of-two step
+    # leaves the top code unused, so x_hat's absmax then differs from x's)
+    if symmetric and not p2:
+        assert np.array_equal(quantize(x_hat, n, rounding=rounding, axis=axis).q, qt.q)
+
+
+@SETTINGS
+@given(seed=st.integers(0, 2**31 - 1), n=st.integers(3, 1000), grid=st.sampled_from(["narrow", "qs4d", "full"]),
+       p2=st.booleans(), dtype=st.sampled_from([np.float32, np.float64]))
+def test_error_at_most_half_a_step_inside_the_range(seed, n, grid, p2, dtype):
+    x = _x(seed, (200,), dtype)
+    qt = quantize(x, n, grid=grid, power_of_two=p2)
+    inv = qt.inv_scale.item()
+    v = x * dtype(inv)  # as the kernel computes it; values rounding onto an end code count as inside
+    inside = (v >= qt.grid.qmin - 0.5) & (v <= qt.grid.qmax + 0.5)
+    err = np.abs(qt.dequantize().astype(np.float64) - x)
+    # half a step, plus the rounding of x*inv and of q/inv in the working dtype
+    tol = 0.5 / inv * (1 + 4 * np.finfo(dtype).eps) + 2 * np.finfo(dtype).eps * np.abs(x)
+    assert np.all(err[inside] <= tol[inside])
+    if grid == "narrow" or (grid == "qs4d" and n % 2 == 0):  # absmax maps onto the top code: nothing cut
+        assert inside.all()
+    if p2:
+        mant, _ = np.frexp(inv)
+        assert mant == 0.5 and 1 / inv >= np.abs(x).max() / qt.grid.qpos
+
+
+@SETTINGS
+@given(seed=st.integers(0, 2**31 - 1), n=st.integers(3, 300), grid=st.sampled_from(["narrow", "qs4d"]),
+       rounding=st.sampled_from(["half_even", "half_away"]))
+def test_symmetric_grids_are_symmetric(seed, n, grid, rounding):
+    if grid == "qs4d" and n % 2:
+        n += 1  # odd n on the reference grid is lopsided by design
+    x = _x(seed, (3, 40))
+    assert np.array_equal(fake_quant(-x, n, grid=grid, rounding=rounding), -fake_quant(x, n, grid=grid, rounding=rounding))
+
+
+@SETTINGS
+@given(seed=st.integers(0, 2**31 - 1), n=st.integers(3, 64), axis=st.sampled_from([0, 1, 2, -1]),
+       symmetric=st.booleans())
+def test_per_channel_scales_independent_of_other_channels(seed, n, axis, symmetric):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(3, 4, 5))
+    y = x.copy()
+    sl = [slice(None)] * 3
+    sl[axis] = 0
+    y[tuple(sl)] *= rng.uniform(5, 50)  # change channel 0 only
+    a = fake_quant(x, n, axis=axis, symmetric=symmetric)
+    b = fake_quant(y, n, axis=axis, symmetric=symmetric)
+    other = [slice(None)] * 3
+    other[axis] = slice(1, None)
+    assert np.array_equal(a[tuple(other)], b[tuple(other)])
+    assert not np.array_equal(a[tuple(sl)], b[tuple(sl)])
+
+
+def test_complex_modes():
+    rng = np.random.default_rng(3)
+    z = rng.normal(size=(4, 6)) + 1j * 0.01 * rng.normal(size=(4, 6))
+    cart = fake_quant(z, 16)
+    # cartesian: each part quantized as its own real tensor
+    assert np.array_equal(cart.real, fake_quant(z.real, 16)) and np.array_equal(cart.imag, fake_quant(z.imag, 16))
+    shared = fake_quant(z, 16, complex_mode="shared")
+    both = fake_quant(np.stack([z.real, z.imag]), 16)
+    assert np.array_equal(shared.real, both[0]) and np.array_equal(shared.imag, both[1])
+    # the small imaginary part is crushed to zero by a shared scale, kept by its own
+    assert np.all(shared.imag == 0) and np.count_nonzero(cart.imag) > 0
+
+
+def test_asymmetric_zero_point_keeps_zero_and_uses_the_range():
+    x = np.concatenate([np.linspace(0.0, 3.0, 50), [0.0]])
+    qt = quantize(x, 16, symmetric=False)
+    assert qt.dequantize()[-1] == 0.0
+    assert qt.q.min() == qt.grid.qmin and qt.q.max() == qt.grid.qmax  # all 16 codes on [0, 3]
+    sym = fake_quant(x, 16)
+    assert np.abs(qt.dequantize() - x).max() < np.abs(sym - x).max()
+
+
+# -- STE backward ----------------------------------------------------------------
+def test_ste_identity_and_clipped_masks():
+    x = np.array([-3.0, -0.4, 0.2, 0.9, 2.5])
+    spec = QuantSpec(7)  # narrow: codes -3..3; range 1 -> inv = 3
+    _, state = spec.forward(x, scale_mode="fixed", fixed_range=1.0)
+    g = np.arange(1.0, 6.0)
+    dx, _ = ste_backward(g, x, state, "identity")
+    assert dx is g
+    dx, _ = ste_backward(g, x, state, "clipped")
+    assert np.array_equal(dx, [0.0, 2.0, 3.0, 4.0, 0.0])
+    with pytest.raises(ValueError, match="grad must have shape"):
+        ste_backward(g[:3], x, state, "clipped")
+
+
+# -- bad input -------------------------------------------------------------------
+def test_bad_input_errors_name_the_argument():
+    x = np.ones((2, 3))
+    with pytest.raises(ValueError, match="levels must be >= 2, got 1"):
+        fake_quant(x, 1)
+    with pytest.raises(TypeError, match="levels must be an integer"):
+        fake_quant(x, 4.0)
+    with pytest.raises(TypeError, match="levels must be an integer"):
+        fake_quant(x, True)
+    with pytest.raises(ValueError, match="levels=2 on the symmetric narrow grid"):
+        fake_quant(x, 2)
+    with pytest.raises(TypeError, match="unknown fake_quant option.*'bogus'"):
+        fake_quant(x, 4, bogus=1)
+    with pytest.raises(ValueError, match="rounding must be one of"):
+        fake_quant(x, 4, rounding="nearest")
+    with pytest.raises(ValueError, match="grid must be one of"):
+        fake_quant(x, 4, grid="wide")
+    with pytest.raises(ValueError, match="x contains 1 non-finite"):
+        fake_quant(np.array([1.0, np.nan]), 4)
+    with pytest.raises(ValueError, match="x contains 1 non-finite"):
+        fake_quant(np.array([1.0, np.inf]), 4, scale_mode="fixed", fixed_range=1.0)
+    with pytest.raises(ValueError, match="axis=2 does not exist for x with shape \\(2, 3\\)"):
+        fake_quant(x, 4, axis=2)
+    with pytest.raises(ValueError, match="needs fixed_range"):
+        fake_quant(x, 4, scale_mode="fixed")
+    with pytest.raises(ValueError, match="fixed_range .* 3 values"):
+        fake_quant(x, 4, scale_mode="fixed", axis=1, fixed_range=[1.0, 2.0])
+    with pytest.raises(TypeError, match="x must be float32/float64"):
+        fake_quant(np.ones(3, dtype=np.int32), 4)
+    with pytest.raises(ValueError, match="absmean' needs symmetric"):
+        fake_quant(x, 4, symmetric=False, scale_mode="absmean")
