@@ -3,6 +3,8 @@ import gzip
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from qs4d_np.data.idx import IDXFormatError, read_idx, write_idx
 
@@ -71,3 +73,13 @@ def test_wrong_dims_vs_byte_count(tmp_path):
     (tmp_path / "dims").write_bytes(_header(0x803, (2, 28, 28)) + bytes(784))
     with pytest.raises(IDXFormatError, match=r"shape \(2, 28, 28\) = 1568 bytes.*holds 784"):
         read_idx(tmp_path / "dims", ndim=3)
+
+
+@settings(max_examples=20, deadline=None)
+@given(shape=st.lists(st.integers(0, 5), min_size=1, max_size=4), compress=st.booleans(), seed=st.integers(0, 99))
+def test_roundtrip_any_shape(tmp_path_factory, shape, compress, seed):
+    array = np.random.default_rng(seed).integers(0, 256, size=shape, dtype=np.uint8)
+    path = tmp_path_factory.mktemp("idx") / "f"
+    write_idx(path, array, compress=compress)
+    back = read_idx(path, ndim=len(shape))
+    assert back.shape == tuple(shape) and np.array_equal(back, array)
