@@ -43,10 +43,12 @@ from numba import njit, prange
 from qs4d_np.core.checks import check_array
 from qs4d_np.hardware.config import CrossbarConfig
 from qs4d_np.hardware.conductance import Conductances, apply_ir_drop, program_conductances
-from qs4d_np.hardware.rng import ZIG_F, ZIG_K, ZIG_W, derive_key, gaussian_at, row_key
+from qs4d_np.hardware.rng import derive_key, fill_row_normals, row_key
 
 # noise_type codes passed to the kernels
 _NOISE_OUT_ONLY, _NOISE_ADDITIVE, _NOISE_PROPORTIONAL = 0, 1, 2
+# rows per parallel work item of the read-out kernel (they share scratch buffers)
+_CHUNK = 16
 
 
 @njit(cache=True, parallel=True)
@@ -71,47 +73,71 @@ def _encode(x, rows, row_scale, factor, step, qmax, bound, codes):
             codes[b, j] = v
 
 
+@njit(cache=True)
+def _adc_row(b, acc, pacc, codes, r0, r1, rkey, noise_type, sig_out2, w_noise2, k_acc, k_noise,
+             rounding, limit, v, z, hashes):
+    """Read noise + ADC of row b of one tile into v (ADC codes); returns the number clipped.
+
+    v, z, hashes: scratch buffers of the tile's width. One branch-free pass
+    per step, so that each loop vectorizes.
+    """
+    n_out = v.shape[0]
+    for i in range(n_out):
+        v[i] = np.float64(acc[b, i]) * k_acc
+    if noise_type >= 0:
+        fill_row_normals(rkey, z, hashes)
+        if noise_type == _NOISE_PROPORTIONAL:
+            for i in range(n_out):
+                v[i] += np.sqrt(sig_out2 + w_noise2 * np.float64(pacc[b, i])) * k_noise * z[i]
+        else:
+            q_add = 0.0
+            if noise_type == _NOISE_ADDITIVE:
+                for j in range(r0, r1):
+                    q_add += np.float64(codes[b, j]) * np.float64(codes[b, j])
+            std = np.sqrt(sig_out2 + w_noise2 * q_add) * k_noise
+            for i in range(n_out):
+                v[i] += std * z[i]
+    if rounding:
+        for i in range(n_out):
+            v[i] = np.rint(v[i])
+    count = 0
+    if limit > 0.0:
+        for i in range(n_out):
+            c = min(max(v[i], -limit), limit)
+            count += c != v[i]
+            v[i] = c
+    return count
+
+
 @njit(cache=True, parallel=True)
 def _read_out(acc, pacc, codes, r0, r1, rows, noise_type, sig_out2, w_noise2, k_acc, k_noise,
               qmax, bound, key, accept_clipped, out_scale, y, c0, clipped):
     """Read noise + ADC for one tile and one round; accumulates accepted rows into y.
 
-    acc (len(rows), cols): analog sums in level units, overwritten with the ADC
-    output. pacc: sum_j |Gdiff_ij| codes_j^2 ("proportional" noise only).
-    k_acc: level units -> ADC steps; k_noise: normalized std -> ADC steps,
-    both already including the DAC step. clipped[b] receives the number of
-    clipped outputs of row b.
+    acc (len(rows), cols): analog sums in level units. pacc: sum_j |Gdiff_ij|
+    codes_j^2 ("proportional" noise only). k_acc: level units -> ADC steps;
+    k_noise: normalized std -> ADC steps, both already including the DAC
+    step. qmax > 0: ADC codes up to qmax; otherwise clamp at +-bound if
+    bound > 0. clipped[b] receives the number of clipped outputs of row b.
     """
     n_out = acc.shape[1]
-    for b in prange(rows.shape[0]):
-        r = rows[b]
-        q_add = 0.0
-        if noise_type == _NOISE_ADDITIVE:
-            for j in range(r0, r1):
-                q_add += np.float64(codes[b, j]) * np.float64(codes[b, j])
-        # the std is the same for the whole row unless the noise is weight-proportional
-        std = np.sqrt(sig_out2 + w_noise2 * q_add) * k_noise
-        rkey = row_key(key, r)
-        count = 0
-        for i in range(n_out):
-            v = np.float64(acc[b, i]) * k_acc
-            if noise_type == _NOISE_PROPORTIONAL:
-                std = np.sqrt(sig_out2 + w_noise2 * np.float64(pacc[b, i])) * k_noise
-            if noise_type >= 0:
-                v += std * gaussian_at(rkey, i, ZIG_K, ZIG_W, ZIG_F)
-            limit = bound
-            if qmax > 0:
-                v = np.rint(v)
-                limit = qmax
-            if limit > 0.0 and abs(v) > limit:
-                v = limit if v > 0 else -limit
-                count += 1
-            acc[b, i] = v
-        clipped[b] = count
-        if count == 0 or accept_clipped:
-            s = out_scale[r]
-            for i in range(n_out):
-                y[r, c0 + i] += acc[b, i] * s
+    n_rows = rows.shape[0]
+    rounding = qmax > 0
+    limit = qmax if rounding else bound
+    # rows go in chunks that share scratch buffers instead of allocating per row
+    for chunk in prange((n_rows + _CHUNK - 1) // _CHUNK):
+        v = np.empty(n_out)
+        z = np.empty(n_out)
+        hashes = np.empty(n_out, dtype=np.uint64)
+        for b in range(chunk * _CHUNK, min(n_rows, (chunk + 1) * _CHUNK)):
+            r = rows[b]
+            count = _adc_row(b, acc, pacc, codes, r0, r1, row_key(key, r), noise_type, sig_out2, w_noise2,
+                             k_acc, k_noise, rounding, limit, v, z, hashes)
+            clipped[b] = count
+            if count == 0 or accept_clipped:
+                s = out_scale[r]
+                for i in range(n_out):
+                    y[r, c0 + i] += v[i] * s
 
 
 @dataclass(frozen=True)

@@ -94,23 +94,32 @@ def _gaussian_slow(h, k, w, f):
         h = mix64(h + GOLDEN)
 
 
-@njit(cache=True, inline="always")
-def gaussian_at(rkey, col, k, w, f):
-    """The standard normal number of column ``col`` in the row stream ``rkey``."""
-    h = mix64(rkey + np.uint64(col) * GOLDEN)
-    hz = np.int64(h >> _S32) - 2147483648
-    iz = np.int64(h & _LOW7)
-    if abs(hz) < k[iz]:
-        return hz * w[iz]
-    return _gaussian_slow(h, k, w, f)
+@njit(cache=True)
+def fill_row_normals(rkey, out, hashes):
+    """out[i] = the standard normal number of column i in the row stream ``rkey``.
+
+    ``hashes``: a uint64 scratch buffer at least as long as ``out``. Hashing
+    every column first and running the ziggurat in a second pass lets the hash
+    loop vectorize; on this project's machine it is an order of magnitude
+    faster than one fused per-column call.
+    """
+    n = out.shape[0]
+    for i in range(n):
+        hashes[i] = mix64(rkey + np.uint64(i) * GOLDEN)
+    for i in range(n):
+        h = hashes[i]
+        hz = np.int64(h >> _S32) - 2147483648
+        iz = np.int64(h & _LOW7)
+        if abs(hz) < ZIG_K[iz]:
+            out[i] = hz * ZIG_W[iz]
+        else:
+            out[i] = _gaussian_slow(h, ZIG_K, ZIG_W, ZIG_F)
 
 
 @njit(cache=True, parallel=True)
-def _fill(key, rows, out, k, w, f):
+def _fill(key, rows, out):
     for b in prange(rows.shape[0]):
-        rkey = row_key(key, rows[b])
-        for i in range(out.shape[1]):
-            out[b, i] = gaussian_at(rkey, i, k, w, f)
+        fill_row_normals(row_key(key, rows[b]), out[b], np.empty(out.shape[1], dtype=np.uint64))
 
 
 def gaussian_block(key: int, rows: np.ndarray, n_cols: int) -> np.ndarray:
@@ -119,7 +128,7 @@ def gaussian_block(key: int, rows: np.ndarray, n_cols: int) -> np.ndarray:
     if rows.ndim != 1 or (rows.size and rows.min() < 0):
         raise ValueError(f"rows must be a 1-d array of non-negative row indices, got shape {rows.shape}")
     out = np.empty((rows.size, int(n_cols)), dtype=np.float64)
-    _fill(np.uint64(key), rows, out, ZIG_K, ZIG_W, ZIG_F)
+    _fill(np.uint64(key), rows, out)
     return out
 
 
