@@ -110,6 +110,15 @@ def _step(xr, xi, ar, ai, br, bi, ut, clip, inv_r, inv_i, qmin, qmax, rounding, 
     return nr, ni, vr, vi, wr, wi
 
 
+def _surrogate_part(w, inv, qmin, qmax, key, frozen):
+    """LSQ surrogate of the state quantizer (ties-to-even): (clip(s, qmin-1/2, qmax+1/2) + r) / inv
+    with s = w*inv and r frozen; records r = code - clip(s) on first use of ``key``."""
+    s = min(max(w * inv, qmin - 0.5), qmax + 0.5)
+    if key not in frozen:
+        frozen[key] = min(max(_round_scalar(s, "half_even"), qmin), qmax) - s
+    return (s + frozen[key]) / inv
+
+
 def _unpack(u, Abar, Bbar, C, D, inv):
     f = lambda a: np.asarray(a, dtype=np.float64).tolist()  # noqa: E731
     return (f(u), f(Abar.real), f(Abar.imag), f(Bbar.real), f(Bbar.imag), f(C.real), f(C.imag),
@@ -117,8 +126,13 @@ def _unpack(u, Abar, Bbar, C, D, inv):
 
 
 def quant_scan_ref(u, Abar, Bbar, C, D, inv, qmin, qmax, rounding="half_even", clip=math.inf,
-                   quantize=True):
-    """Forward twin: y (B, L, H) float64; inv (H, 2)."""
+                   quantize=True, frozen=None):
+    """Forward twin: y (B, L, H) float64; inv (H, 2).
+
+    With a dict ``frozen`` the state quantizer is replaced by its LSQ surrogate
+    (``_surrogate_part``; residuals recorded on the first call, ties-to-even): equal to the
+    quantized scan at the recording point, with the clipped-STE/LSQ gradients as its exact
+    derivatives, so finite differences of it check the hand-written backward."""
     B, L, H = np.shape(u)
     M = np.shape(Abar)[1]
     u, Ar, Ai, Br, Bi, Cr, Ci, D, inv = _unpack(u, Abar, Bbar, C, D, inv)
@@ -131,7 +145,11 @@ def quant_scan_ref(u, Abar, Bbar, C, D, inv, qmin, qmax, rounding="half_even", c
                 acc = 0.0
                 for n in range(M):
                     xr[n], xi[n], *_ = _step(xr[n], xi[n], Ar[h][n], Ai[h][n], Br[h][n], Bi[h][n], ut, clip,
-                                             inv[h][0], inv[h][1], qmin, qmax, rounding, quantize)
+                                             inv[h][0], inv[h][1], qmin, qmax, rounding,
+                                             quantize and frozen is None)
+                    if frozen is not None:
+                        xr[n] = _surrogate_part(xr[n], inv[h][0], qmin, qmax, (b, h, t, n, 0), frozen)
+                        xi[n] = _surrogate_part(xi[n], inv[h][1], qmin, qmax, (b, h, t, n, 1), frozen)
                     acc += Cr[h][n] * xr[n] - Ci[h][n] * xi[n]
                 y[b, t, h] = 2.0 * acc + D[h] * ut
     return y

@@ -1,0 +1,81 @@
+"""QuantConfig: override semantics, reference flags, per-layer values, JSON round trip, validation."""
+import json
+
+import numpy as np
+import pytest
+
+from qs4d_np.io import atomic_write_json, load_json
+from qs4d_np.quant.config import TARGETS, QuantConfig
+from qs4d_np.quant.quantizer import Quantizer
+
+
+def test_specific_target_overrides_all():
+    cfg = QuantConfig(all=64, A=16, C="float")
+    assert cfg.levels_for("A") == 16
+    assert cfg.levels_for("C") is None  # explicitly float despite all
+    assert all(cfg.levels_for(t) == 64 for t in TARGETS if t not in ("A", "C"))
+    assert QuantConfig().is_float and all(QuantConfig().levels_for(t) is None for t in TARGETS)
+    assert QuantConfig(B=8).levels_for("A") is None and not QuantConfig(B=8).is_float
+
+
+def test_from_reference_flags():
+    cfg = QuantConfig.from_flags(all_quant=256, A_quant=16, dt_quant=None, state_quant=64)
+    assert (cfg.levels_for("A"), cfg.levels_for("dt"), cfg.levels_for("state"), cfg.levels_for("coder")) == (16, 256, 64, 256)
+    assert QuantConfig.from_flags(C_quant=4) == QuantConfig(C=4)
+    with pytest.raises(ValueError, match="unknown quantization flag 'E_quant'"):
+        QuantConfig.from_flags(E_quant=4)
+    with pytest.raises(ValueError, match="unknown quantization flag 'lr'"):
+        QuantConfig.from_flags(lr=0.01)
+
+
+def test_per_layer_values():
+    cfg = QuantConfig(all=[64, 32, 16], A={0: 8, 2: "float"})
+    assert [cfg.levels_for("A", layer=i) for i in range(3)] == [8, 32, None]  # layer 1 falls back to all
+    assert [cfg.levels_for("C", layer=i) for i in range(3)] == [64, 32, 16]
+    with pytest.raises(ValueError, match="all has levels for 3 layers, got layer=3"):
+        cfg.levels_for("C", layer=3)
+    with pytest.raises(ValueError, match="A has per-layer levels"):
+        cfg.levels_for("A")
+
+
+def test_json_round_trip(tmp_path):
+    cfg = QuantConfig(all=64, A={0: 8, 3: 16}, linear=[4, "float"], grid="qs4d", per_channel=True,
+                      target_options={"act": {"scale_mode": "running"}, "state": {"power_of_two": True}})
+    atomic_write_json(tmp_path / "q.json", cfg.to_dict())
+    back = QuantConfig.from_dict(load_json(tmp_path / "q.json"))
+    assert back == cfg
+    assert back.levels_for("A", layer=3) == 16 and back.levels_for("linear", layer=1) is None
+    assert json.loads(json.dumps(back.to_dict())) == json.loads(json.dumps(cfg.to_dict()))
+    with pytest.raises(ValueError, match="QuantConfig dict must have keys"):
+        QuantConfig.from_dict({"all": 4})
+
+
+def test_options_reach_specs_and_quantizers():
+    cfg = QuantConfig(all=16, grid="full", per_channel=True, target_options={"act": {"scale_mode": "running",
+                                                                                     "per_channel": False}})
+    spec = cfg.spec_for("C", axis=0)
+    assert (spec.levels, spec.grid, spec.axis, spec.bits) == (16, "full", 0, 4)
+    q = cfg.quantizer_for("act", layer=2, dtype=np.float64)
+    assert isinstance(q, Quantizer) and q.scale_mode == "running" and q.spec.axis is None and q.name == "act[2]"
+    assert QuantConfig(A=4).quantizer_for("C") is None
+
+
+def test_validation_names_the_problem():
+    with pytest.raises(ValueError, match="unknown quantization target or option.*'E'"):
+        QuantConfig(E=4)
+    with pytest.raises(ValueError, match="A must be >= 2, got 1"):
+        QuantConfig(A=1)
+    with pytest.raises(TypeError, match="C must be an integer"):
+        QuantConfig(C=4.5)
+    with pytest.raises(ValueError, match=r"A\[1\] must be >= 2"):
+        QuantConfig(A=[4, 0])
+    with pytest.raises(ValueError, match="must be an int >= 2, None or 'float'"):
+        QuantConfig(dt="fp32")
+    with pytest.raises(ValueError, match="rounding.* must be one of"):
+        QuantConfig(all=4, rounding="nearest")
+    with pytest.raises(ValueError, match="target_options key must be one of"):
+        QuantConfig(target_options={"mixing": {}})
+    with pytest.raises(ValueError, match="unknown quantization option 'axis'"):
+        QuantConfig(target_options={"act": {"axis": 1}})
+    with pytest.raises(ValueError, match="target must be one of"):
+        QuantConfig(all=4).levels_for("E")
