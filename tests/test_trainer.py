@@ -130,7 +130,7 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path):
     resumed_results = resumed.fit(resume=True)
     a, meta_a = load_checkpoint(tmp_path / "straight", "last")
     b, meta_b = load_checkpoint(tmp_path / "resumed", "last")
-    assert sorted(a) == sorted(b) and any(k.startswith("buffer/") for k in a) and "optim/m.C" in a
+    assert sorted(a) == sorted(b) and any(k.startswith("buffers/") for k in a) and "optim/m.C" in a
     for key in a:
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)
     assert meta_a["rng"] == meta_b["rng"] and meta_a["optimizer"]["step"] == meta_b["optimizer"]["step"] == 18
@@ -141,7 +141,7 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path):
     for name in straight.model.params:
         np.testing.assert_array_equal(straight.model.params[name], resumed.model.params[name])
     # the run really trained: the weights moved and the loss fell
-    assert not np.array_equal(a["param/W_dec"], TinyModel(0).params["W_dec"])
+    assert not np.array_equal(a["params/W_dec"], TinyModel(0).params["W_dec"])
     assert meta_a["history"][-1]["train_loss"] < meta_a["history"][0]["train_loss"]
 
 
@@ -211,3 +211,20 @@ def test_config_is_checked():
         TrainConfig(lr=0.0)
     with pytest.raises(TypeError, match="epochs must be an integer"):
         TrainConfig(epochs=2.5)
+
+
+def test_best_weights_exported_through_model_save(tmp_path):
+    saved = {}
+
+    class SavingModel(TinyModel):
+        def save(self, path):
+            saved["path"] = path
+            saved["params"] = {k: v.copy() for k, v in self.params.items()}
+
+    settings = TrainConfig(epochs=3, batch_size=16, eval_batch_size=32, lr=0.05, weight_decay=0.05, seed=7)
+    trainer = Trainer(SavingModel(0), _data(96, 1), _data(32, 2), settings, tmp_path / "run", progress=False)
+    trainer.fit()
+    best, _ = load_checkpoint(tmp_path / "run", "best")
+    assert saved["path"] == tmp_path / "run" / "best_model"
+    for name, value in saved["params"].items():
+        np.testing.assert_array_equal(value, best[f"params/{name}"])

@@ -40,9 +40,9 @@ def test_complex_arrays_and_generators_roundtrip(tmp_path):
     gens = model_generators(Holder())
     assert list(gens) == [":rng"]
     c = np.array([1 + 2j, -3.5j], dtype=np.complex64)
-    save_checkpoint(tmp_path, "t", 0, {"param/C": c}, {"rng": gens[":rng"].bit_generator.state})
+    save_checkpoint(tmp_path, "t", 0, {"params/C": c}, {"rng": gens[":rng"].bit_generator.state})
     arrays, meta = load_checkpoint(tmp_path, "t")
-    assert arrays["param/C"].dtype == np.complex64 and np.array_equal(arrays["param/C"], c)
+    assert arrays["params/C"].dtype == np.complex64 and np.array_equal(arrays["params/C"], c)
     fresh = np.random.default_rng(0)
     fresh.bit_generator.state = meta["rng"]  # 128-bit PCG64 state survives JSON
     assert fresh.random() == gens[":rng"].random()

@@ -8,7 +8,8 @@ Works with any model object exposing ``forward(x, training)``,
 Per epoch: train over a seeded shuffle, evaluate on the validation set, save
 ``best`` when validation accuracy improves, save ``last``, rewrite the
 ``metrics.jsonl`` log. At the end the model is loaded with the best
-validation weights and evaluated on the test set.
+validation weights, evaluated on the test set and, when it has a ``save(path)``
+method (``S4DModel``), written in its own format as ``best_model``.
 
 ``fit(resume=True)`` continues from ``last``: parameters, buffers, optimizer
 moments and step, every generator's state and the epoch counter come back,
@@ -144,9 +145,13 @@ class Trainer:
 
     # -- checkpoints ---------------------------------------------------------
     def _model_arrays(self) -> dict[str, np.ndarray]:
-        """The model's parameters and buffers under checkpoint keys (shared arrays)."""
-        arrays = {f"param/{k}": v for k, v in self.model.params.items()}
-        arrays.update({f"buffer/{k}": v for k, v in model_buffers(self.model).items()})
+        """The model's parameters and buffers as ``params/<name>``, ``buffers/<name>`` (shared arrays).
+
+        The same keys as ``S4DModel.state_arrays()``, so a checkpoint's arrays
+        without the ``optim/`` entries load with ``S4DModel.load_arrays``.
+        """
+        arrays = {f"params/{k}": v for k, v in self.model.params.items()}
+        arrays.update({f"buffers/{k}": v for k, v in model_buffers(self.model).items()})
         return arrays
 
     def _save(self, tag: str) -> Path:
@@ -286,6 +291,8 @@ class Trainer:
         if self.test_batches is not None:
             test = self.evaluate(self.test_batches, "test")
             results.update(test_loss=test["loss"], test_acc=test["acc"])
+        if callable(getattr(self.model, "save", None)):
+            self.model.save(self.out_dir / "best_model")  # the model's own format, for PTQ and evaluation
         atomic_write_json(self.out_dir / "results.json", results)
         return results
 
