@@ -6,7 +6,7 @@ import pytest
 
 from qs4d_np.core.module import Module
 from qs4d_np.data.sequence import SequenceDataset
-from qs4d_np.train.checkpoint import CheckpointError, load_checkpoint
+from qs4d_np.train.checkpoint import CheckpointError, load_checkpoint, load_model_arrays
 from qs4d_np.train.trainer import TrainConfig, Trainer, TrainingDiverged
 from reference.gradcheck import grad_error, numerical_grad
 
@@ -224,7 +224,8 @@ def test_best_weights_exported_through_model_save(tmp_path):
     settings = TrainConfig(epochs=3, batch_size=16, eval_batch_size=32, lr=0.05, weight_decay=0.05, seed=7)
     trainer = Trainer(SavingModel(0), _data(96, 1), _data(32, 2), settings, tmp_path / "run", progress=False)
     trainer.fit()
-    best, _ = load_checkpoint(tmp_path / "run", "best")
+    best = load_model_arrays(tmp_path / "run", "best")
+    assert sorted(best) == sorted([f"params/{k}" for k in saved["params"]] + ["buffers/running_mean"])
     assert saved["path"] == tmp_path / "run" / "best_model"
     for name, value in saved["params"].items():
         np.testing.assert_array_equal(value, best[f"params/{name}"])

@@ -1,8 +1,9 @@
 """Training: AdamW with S4D parameter groups, the per-epoch schedule, checkpoints and the trainer."""
-from qs4d_np.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from qs4d_np.train.checkpoint import CheckpointError, load_checkpoint, load_model_arrays, save_checkpoint
 from qs4d_np.train.optim import AdamW, GroupRule, clip_grad_norm, global_grad_norm
 from qs4d_np.train.schedule import CosineSchedule
 from qs4d_np.train.trainer import TrainConfig, Trainer, TrainingDiverged
 
 __all__ = ["AdamW", "CheckpointError", "CosineSchedule", "GroupRule", "TrainConfig", "Trainer", "TrainingDiverged",
-           "clip_grad_norm", "global_grad_norm", "load_checkpoint", "save_checkpoint"]
+           "clip_grad_norm", "global_grad_norm", "load_checkpoint", "load_model_arrays",
+           "save_checkpoint"]

@@ -70,6 +70,13 @@ def load_checkpoint(folder: str | os.PathLike, tag: str) -> tuple[dict[str, np.n
     return load_npz(npz), meta
 
 
+def load_model_arrays(folder: str | os.PathLike, tag: str = "best") -> dict[str, np.ndarray]:
+    """A trainer checkpoint's ``params/`` and ``buffers/`` arrays (no optimizer state), ready for
+    ``S4DModel.load_arrays``: e.g. the float model that post-training quantization starts from."""
+    arrays, _ = load_checkpoint(folder, tag)
+    return {k: v for k, v in arrays.items() if k.startswith(("params/", "buffers/"))}
+
+
 def checkpoint_exists(folder: str | os.PathLike, tag: str) -> bool:
     return (Path(folder) / f"{tag}.json").is_file()
 
