@@ -61,6 +61,8 @@ def test_conductance_mapping_and_levels():
     assert cond.g_unit == 0.25 and cond.w_absmax == 2.0
     assert np.allclose(arr.weights, [[1.0, -0.5, 0.5], [0.0, -2.0, 0.5]])
     assert np.allclose(program(W, CrossbarConfig(dtype="float64")).weights, W, rtol=1e-15, atol=0)
+    g_pos_uS, g_neg_uS = program(W, CrossbarConfig(g_levels=5, g_max=20.0)).conductances_uS()
+    assert np.array_equal(g_pos_uS, [[10.0, 0, 5.0], [0, 0, 5.0]]) and g_neg_uS.max() == 20.0
 
 
 def test_ir_drop_matches_double_sum_definition():

@@ -52,6 +52,16 @@ _CHUNK = 16
 
 
 @njit(cache=True, parallel=True)
+def _absmax_rows(x, out):
+    """out[b] = max_j |x[b, j]| (one pass, no temporary)."""
+    for b in prange(x.shape[0]):
+        m = 0.0
+        for j in range(x.shape[1]):
+            m = max(m, abs(np.float64(x[b, j])))
+        out[b] = m
+
+
+@njit(cache=True, parallel=True)
 def _encode(x, rows, row_scale, factor, step, qmax, bound, codes):
     """Noise-managed DAC codes of x[rows] * factor into codes (len(rows), in).
 
@@ -207,6 +217,11 @@ class CrossbarArray:
             W[t.c0:t.c1, t.r0:t.r1] = t.G.T.astype(np.float64) * self.g_unit * self.conductances.w_absmax
         return W
 
+    def conductances_uS(self) -> tuple[np.ndarray, np.ndarray]:
+        """Programmed (G+, G-) in microsiemens, shaped (out, in), before IR drop."""
+        scale = self.g_unit * self.config.g_max
+        return self.conductances.g_pos * scale, self.conductances.g_neg * scale
+
     def mvm(self, x: np.ndarray) -> np.ndarray:
         """y (batch, out) ~ x @ W.T for x (batch, in); updates ``self.stats``."""
         x = check_array("x", x, ndim=2)
@@ -270,7 +285,8 @@ class CrossbarArray:
         if self.config.noise_management == "none":
             return np.ones(x.shape[0])
         target = self.config.inp_bound if self.config.inp_bound is not None else 1.0
-        absmax = np.max(np.abs(x), axis=1).astype(np.float64)
+        absmax = np.empty(x.shape[0])
+        _absmax_rows(x, absmax)
         # a zero vector has nothing to scale; 1 keeps its (noise-only) output finite
         return np.where(absmax > 0, absmax / target, 1.0)
 
