@@ -114,10 +114,11 @@ def _scan_backward(u, dy, A_re, A_im, B_re, B_im, C_re, C_im, D, n_threads):
                     li = -g2 * c_i[n] + a_r[n] * lam_im[n] - a_i[n] * lam_re[n]
                     lam_re[n] = lr
                     lam_im[n] = li
-                    Lam_re[t, n] = lr
-                    Lam_im[t, n] = li
                     acc += b_r[n] * lr + b_i[n] * li
                 du[b, t, h] = acc + D[h] * dy[b, t, h]
+                for n in range(M):  # a separate loop: storing above stops vectorisation
+                    Lam_re[t, n] = lam_re[n]
+                    Lam_im[t, n] = lam_im[n]
             ga_r, ga_i, gb_r, gb_i = gA_re[b, h], gA_im[b, h], gB_re[b, h], gB_im[b, h]
             gc_r, gc_i = gC_re[b, h], gC_im[b, h]
             for t in range(L):
