@@ -101,7 +101,7 @@ def cases(draw, max_len=6):
     return dict(widths=draw(widths), H=draw(st.integers(1, 3)), N2=draw(st.integers(1, 3)),
                 batch=draw(st.integers(1, 2)), length=draw(st.integers(1, max_len)),
                 edge=draw(st.sampled_from([0.0, 0.3, 1.0])), grid=draw(st.sampled_from(["full", "qs4d"])),
-                seed=draw(st.integers(0, 2 ** 32 - 1)))
+                dyadic=draw(st.booleans()), seed=draw(st.integers(0, 2 ** 32 - 1)))
 
 
 def run_case(case):

@@ -23,7 +23,8 @@ def cases(draw, max_len=8):
     return dict(widths=draw(st.fixed_dictionaries({k: st.integers(2, 16) for k in TENSORS})),
                 H=draw(st.integers(1, 3)), N2=draw(st.integers(1, 3)), batch=draw(st.integers(1, 2)),
                 length=draw(st.integers(1, max_len)), edge=draw(st.sampled_from([0.0, 0.3, 1.0])),
-                grid=draw(st.sampled_from(["full", "qs4d"])), seed=draw(st.integers(0, 2 ** 32 - 1)))
+                grid=draw(st.sampled_from(["full", "qs4d"])), dyadic=draw(st.booleans()),
+                seed=draw(st.integers(0, 2 ** 32 - 1)))
 
 
 def export(directory, case):

@@ -26,13 +26,15 @@ def grid_values(rng: np.random.Generator, fmt: IntFormat, shape: tuple[int, ...]
 
 
 def random_ssm_case(seed: int | np.random.Generator, widths: dict[str, int], *, H: int, N2: int,
-                    batch: int, length: int, edge: float = 0.2, grid: str = "full"
-                    ) -> tuple[SSMCore, np.ndarray]:
+                    batch: int, length: int, edge: float = 0.2, grid: str = "full",
+                    dyadic: bool = False) -> tuple[SSMCore, np.ndarray]:
     """A random core and input ``u`` (batch, length, H).
 
     ``widths`` maps each of u, Abar, Bbar, C, D, x, y to a width; ``grid`` is
     "full" (every word of the width) or "qs4d" (the symmetric grid with
-    2**(width-1) states, [-2**(width-2), 2**(width-2)]).
+    2**(width-1) states, [-2**(width-2), 2**(width-2)]). ``dyadic`` makes every
+    scale a power of two, as with power-of-two quantizer scales: then exact
+    ties (remainder = one half) are frequent, which exercises the tie rule.
     """
     rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
     if sorted(widths) != sorted(TENSORS):
@@ -48,7 +50,8 @@ def random_ssm_case(seed: int | np.random.Generator, widths: dict[str, int], *, 
     u = grid_values(rng, formats.u, (batch, length, H), edge)
 
     def log_uniform(center: float, shape: tuple[int, ...], spread: float = 1.5) -> np.ndarray:
-        return 2.0 ** (np.log2(center) + rng.uniform(-spread, spread, size=shape))
+        exponent = np.log2(center) + rng.uniform(-spread, spread, size=shape)
+        return 2.0 ** (np.round(exponent) if dyadic else exponent)
 
     # Real values are step * integer with s_u = s_x = s_y = 1 here, so the state
     # multipliers are the Abar / Bbar steps; |Abar| spans about 0.4..1.7, so
