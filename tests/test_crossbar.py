@@ -40,6 +40,25 @@ def test_noise_free_dac_adc_equals_integer_computation(dtype, nm, out_bound):
     assert (clipped > 0) == (out_bound < 12.0)
 
 
+@settings(max_examples=30, deadline=None)
+@given(out_f=st.integers(1, 12), in_f=st.integers(1, 40), batch=st.integers(1, 5),
+       dac_bits=st.integers(2, 8), adc_bits=st.integers(2, 12), levels=st.integers(2, 256),
+       out_bound=st.sampled_from([0.25, 1.0, 4.0, 12.0]), nm=st.sampled_from(["absmax", "none"]),
+       dtype=st.sampled_from(["float32", "float64"]), seed=st.integers(0, 2 ** 32 - 1))
+def test_integer_computation_property(out_f, in_f, batch, dac_bits, adc_bits, levels, out_bound, nm, dtype,
+                                      seed):
+    rng = np.random.default_rng(seed)
+    W = rng.standard_normal((out_f, in_f))
+    x = rng.uniform(-1.2, 1.2, (batch, in_f))
+    cfg = CrossbarConfig(dac_bits=dac_bits, adc_bits=adc_bits, out_bound=out_bound, g_levels=levels,
+                         noise_management=nm, bound_management=False, dtype=dtype)
+    arr = program(W, cfg)
+    _, y_int, clipped = ref.integer_mvm(W, x, cfg)
+    # partial sums <= 40 * 127 * 255 < 2^24: exact in float32
+    assert np.array_equal(arr.mvm(x), y_int.astype(dtype))
+    assert arr.stats.clipped_outputs == clipped
+
+
 def _noise_samples(cfg, W, x, reps):
     arr = program(W, cfg, seed=3)
     clean = x @ W.T
