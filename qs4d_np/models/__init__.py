@@ -1,0 +1,1 @@
+"""The residual / norm block and ``S4DModel`` with its presets."""

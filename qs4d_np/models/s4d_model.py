@@ -1,0 +1,181 @@
+"""S4DModel: encoder -> n residual S4D blocks -> pooling over time -> decoder, with presets and files."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from qs4d_np.core.checks import check_array, check_choice, check_int, check_sequence_input
+from qs4d_np.core.linear import Linear
+from qs4d_np.core.module import Module
+from qs4d_np.core.pooling import LastPool, MeanPool
+from qs4d_np.io import atomic_save_npz, atomic_write_json, load_json, load_npz
+from qs4d_np.models.block import S4DBlock
+from qs4d_np.ssm.s4d import MODES
+
+POOLS = {"mean": MeanPool, "last": LastPool}
+FORMAT_VERSION = 1
+# SSM parameters trained with lr min(0.001, lr) and no weight decay (state-spaces recipe).
+SSM_PARAM_NAMES = ("log_dt", "log_A_real", "A_imag", "B")
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # state-spaces example.py: GELU, GLU mixing, LayerNorm postnorm, residual, S4D-Lin.
+    "s4d-example": dict(d_model=128, d_state=64, n_layers=4, dropout=0.1, norm="layer", prenorm=False,
+                        residual=True, pool="mean", init="lin", activation="gelu", mixing="glu"),
+    # QS4D reference: no activation, GLU mixing, BatchNorm postnorm, no residual, A_imag = pi*n/4.
+    "qs4d": dict(d_model=128, d_state=64, n_layers=4, dropout=0.1, norm="batch", prenorm=False,
+                 residual=False, pool="mean", init="qs4d", activation=None, mixing="glu"),
+}
+
+
+class S4DModel(Module):
+    """Sequence classifier: x (batch, length, d_input) -> logits (batch, d_output).
+
+    encoder Linear(d_input, d_model) (child ``encoder``) -> ``n_layers`` blocks
+    (``S4DBlock``, children ``layers.0`` ... of the container ``layers``) ->
+    mean or last over time -> decoder Linear(d_model, d_output) (child
+    ``decoder``). Parameter names read ``layers.0.ssm.C``. ``**s4d_options``
+    go to every S4D layer (init, disc, dt_min, dt_max, activation, mixing, learn_B).
+
+    ``mode`` ("conv" | "recurrent") is the default for ``forward``; both modes
+    give the same outputs up to rounding. The input is checked once here
+    (shape, finiteness); inner ops only check shapes.
+    """
+
+    def __init__(self, d_input: int, d_output: int, *, d_model: int = 128, d_state: int = 64,
+                 n_layers: int = 4, dropout: float = 0.1, norm: str | None = "layer", prenorm: bool = False,
+                 residual: bool = True, pool: str = "mean", mode: str = "conv", dtype: type = np.float32,
+                 seed: int | None = None, **s4d_options: Any) -> None:
+        super().__init__()
+        self.d_input = check_int("d_input", d_input, min_value=1)
+        self.d_output = check_int("d_output", d_output, min_value=1)
+        check_int("n_layers", n_layers, min_value=1)
+        check_choice("pool", pool, tuple(POOLS))
+        check_choice("mode", mode, MODES)
+        if seed is not None:
+            check_int("seed", seed, min_value=0)
+        self.mode = mode
+        self.dtype = np.dtype(dtype)
+        self.config: dict[str, Any] = dict(
+            d_input=self.d_input, d_output=self.d_output, d_model=d_model, d_state=d_state, n_layers=n_layers,
+            dropout=dropout, norm=norm, prenorm=bool(prenorm), residual=bool(residual), pool=pool, mode=mode,
+            dtype=self.dtype.name, seed=seed, **s4d_options)
+
+        encoder_rng, decoder_rng, *layer_rngs = np.random.default_rng(seed).spawn(2 + n_layers)
+        self.encoder = self.add_child("encoder", Linear(d_input, d_model, dtype=dtype, seed=encoder_rng))
+        self.layers = self.add_child("layers", Module())
+        self.blocks = [
+            self.layers.add_child(str(i), S4DBlock(d_model, d_state=d_state, dropout=dropout, norm=norm,
+                                                   prenorm=prenorm, residual=residual, dtype=dtype,
+                                                   seed=layer_rngs[i], **s4d_options))
+            for i in range(n_layers)
+        ]
+        self.pool = self.add_child("pool", POOLS[pool]())
+        self.decoder = self.add_child("decoder", Linear(d_model, d_output, dtype=dtype, seed=decoder_rng))
+
+    # -- presets ------------------------------------------------------------
+    @classmethod
+    def from_preset(cls, name: str, d_input: int, d_output: int, **overrides: Any) -> "S4DModel":
+        """Build a named preset ("s4d-example" or "qs4d"); keyword overrides win."""
+        check_choice("preset", name, tuple(PRESETS))
+        return cls(d_input, d_output, **{**PRESETS[name], **overrides})
+
+    # -- forward / backward -------------------------------------------------
+    def forward(self, x: np.ndarray, training: bool = False, mode: str | None = None) -> np.ndarray:
+        """x (batch, length, d_input) -> logits (batch, d_output); ``mode`` defaults to ``self.mode``."""
+        mode = self.mode if mode is None else mode
+        check_choice("mode", mode, MODES)
+        h = self.encoder.forward(check_sequence_input("x", x, self.d_input), training=training)
+        for block in self.blocks:
+            h = block.forward(h, training=training, mode=mode)
+        logits = self.decoder.forward(self.pool.forward(h, training=training), training=training)
+        self._cache = logits.shape
+        return logits
+
+    def backward(self, dlogits: np.ndarray) -> np.ndarray:
+        """dL/dlogits (batch, d_output) -> dL/dx; fills ``grads``."""
+        shape = self._saved()
+        dlogits = check_array("dlogits", dlogits, shape=shape)
+        g = self.pool.backward(self.decoder.backward(dlogits))
+        for block in reversed(self.blocks):
+            g = block.backward(g)
+        return self.encoder.backward(g)
+
+    # -- optimizer groups -----------------------------------------------------
+    def param_groups(self) -> list[dict[str, Any]]:
+        """Parameter names split for the optimizer:
+
+        ``[{"names": [...], "ssm": False}, {"names": [...], "ssm": True}]``. The
+        ``ssm`` group holds every S4D layer's ``log_dt``, ``log_A_real``,
+        ``A_imag`` (and ``B`` when learned); the recipe trains it with lr
+        min(0.001, lr) and weight decay 0. Everything else (C, D, mixing,
+        norms, encoder, decoder) is the main group. Every parameter is in
+        exactly one group; names keep ``.params`` order.
+        """
+        ssm, main = [], []
+        for name in self.params:
+            parts = name.split(".")
+            is_ssm = len(parts) >= 2 and parts[-2] == "ssm" and parts[-1] in SSM_PARAM_NAMES
+            (ssm if is_ssm else main).append(name)
+        return [{"names": main, "ssm": False}, {"names": ssm, "ssm": True}]
+
+    # -- files ----------------------------------------------------------------
+    def named_buffers(self) -> dict[str, np.ndarray]:
+        """Every submodule's buffers (BatchNorm running statistics) under dotted names (shared arrays)."""
+        return {f"{prefix}.{key}": value for prefix, module in self.modules()
+                for key, value in getattr(module, "buffers", {}).items()}
+
+    def state_arrays(self) -> dict[str, np.ndarray]:
+        """Parameters under ``params/<name>`` and buffers under ``buffers/<name>`` (shared arrays)."""
+        arrays = {f"params/{k}": v for k, v in self.params.items()}
+        arrays.update({f"buffers/{k}": v for k, v in self.named_buffers().items()})
+        return arrays
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write ``<path>.npz`` (parameters and buffers) and ``<path>.json`` (config, format version).
+
+        Each file is written atomically; the arrays go first, so the JSON that
+        ``load`` starts from never names arrays that are not on disk yet.
+        """
+        path = Path(path)
+        arrays = self.state_arrays()
+        atomic_save_npz(path.with_name(path.name + ".npz"), arrays)
+        atomic_write_json(path.with_name(path.name + ".json"), {
+            "format": "qs4d_np.S4DModel", "format_version": FORMAT_VERSION, "config": self.config,
+            "arrays": {k: list(v.shape) for k, v in arrays.items()}})
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "S4DModel":
+        """Rebuild a model written by ``save`` and load its arrays (never unpickles).
+
+        Raises ValueError naming the key when an array is missing, unexpected,
+        or has the wrong shape, and when the format version is unknown.
+        """
+        path = Path(path)
+        meta = load_json(path.with_name(path.name + ".json"))
+        if not isinstance(meta, dict) or meta.get("format") != "qs4d_np.S4DModel":
+            raise ValueError(f"{path}.json is not an S4DModel file (format {meta.get('format') if isinstance(meta, dict) else None!r})")
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"{path}.json has format_version {meta.get('format_version')!r}, expected {FORMAT_VERSION}")
+        model = cls(**meta["config"])
+        model.load_arrays(load_npz(path.with_name(path.name + ".npz")), source=f"{path}.npz")
+        return model
+
+    def load_arrays(self, arrays: dict[str, np.ndarray], source: str = "arrays") -> None:
+        """Copy ``state_arrays()``-keyed arrays into this model in place, checking names and shapes."""
+        own = self.state_arrays()
+        missing = sorted(set(own) - set(arrays))
+        unexpected = sorted(set(arrays) - set(own))
+        if missing:
+            raise ValueError(f"{source} is missing array {missing[0]!r} (and {len(missing) - 1} more)")
+        if unexpected:
+            raise ValueError(f"{source} has unexpected array {unexpected[0]!r} (and {len(unexpected) - 1} more)")
+        for key, target in own.items():
+            value = arrays[key]
+            if value.shape != target.shape:
+                raise ValueError(f"{source}: array {key!r} has shape {value.shape}, expected {target.shape}")
+            if np.iscomplexobj(value) and not np.iscomplexobj(target):
+                raise ValueError(f"{source}: array {key!r} is complex, expected real {target.dtype}")
+            target[...] = value
