@@ -79,10 +79,10 @@ def test_fft_convolution_matches_direct_and_gradients(L):
     rng = np.random.default_rng(L)
     u = rng.standard_normal((2, L, 3))
     K = rng.standard_normal((3, L))
-    y, u_f, K_f = causal_conv(u, K)
+    y, u_f_conj, K_f = causal_conv(u, K)
     np.testing.assert_allclose(y, causal_conv_direct(u, K), rtol=1e-12, atol=1e-12)
     g = rng.standard_normal(y.shape)
-    du, dK = causal_conv_backward(g, u_f, K_f)
+    du, dK = causal_conv_backward(g, u_f_conj, K_f)
     loss = lambda: float(np.sum(g * causal_conv(u, K)[0]))
     assert grad_error(du, numerical_grad(loss, u)) <= 1e-6
     assert grad_error(dK, numerical_grad(loss, K)) <= 1e-6

@@ -21,19 +21,23 @@ def fft_length(L: int) -> int:
 
 
 def causal_conv(u: np.ndarray, K: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Convolve u (B, L, H) with K (H, L); returns y (B, L, H) and the spectra
-    u_f (B, n/2+1, H) and K_f (n/2+1, H) that ``causal_conv_backward`` needs.
+    """Convolve u (B, L, H) with K (H, L).
+
+    Returns y (B, L, H) (a view into the inverse FFT's (B, n, H) output) and
+    the spectra conj(u_f) (B, n/2+1, H) and K_f (n/2+1, H) that
+    ``causal_conv_backward`` needs. u's spectrum is conjugated in place after
+    use: the backward only needs it conjugated.
     """
     L = u.shape[1]
     n = fft_length(L)
     u_f = scipy.fft.rfft(u, n=n, axis=1, workers=FFT_WORKERS)
     K_f = scipy.fft.rfft(K.T.astype(u.dtype, copy=False), n=n, axis=0, workers=FFT_WORKERS)
     y = scipy.fft.irfft(u_f * K_f, n=n, axis=1, workers=FFT_WORKERS)[:, :L]
-    return y, u_f, K_f
+    return y, np.conj(u_f, out=u_f), K_f
 
 
-def causal_conv_backward(g: np.ndarray, u_f: np.ndarray, K_f: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """From g = dL/dy (B, L, H) to du (B, L, H) and dK (H, L).
+def causal_conv_backward(g: np.ndarray, u_f_conj: np.ndarray, K_f: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """From g = dL/dy (B, L, H) to du (B, L, H) (a view, like y) and dK (H, L).
 
     du[s] = sum_t g[t] K[t - s] and dK[l] = sum_{b, t} g[b, t] u[b, t - l] are
     correlations: products with conjugated spectra. dK is summed over the batch
@@ -42,7 +46,8 @@ def causal_conv_backward(g: np.ndarray, u_f: np.ndarray, K_f: np.ndarray) -> tup
     L = g.shape[1]
     n = fft_length(L)
     g_f = scipy.fft.rfft(g, n=n, axis=1, workers=FFT_WORKERS)
-    du = scipy.fft.irfft(g_f * np.conj(K_f), n=n, axis=1, workers=FFT_WORKERS)[:, :L]
-    dK_f = np.einsum("bfh,bfh->fh", g_f, np.conj(u_f))
+    dK_f = np.einsum("bfh,bfh->fh", g_f, u_f_conj)
     dK = scipy.fft.irfft(dK_f, n=n, axis=0, workers=FFT_WORKERS)[:L].T
+    g_f *= np.conj(K_f)
+    du = scipy.fft.irfft(g_f, n=n, axis=1, workers=FFT_WORKERS)[:, :L]
     return du, dK

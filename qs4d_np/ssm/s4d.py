@@ -131,10 +131,10 @@ class S4D(Module):
         C, D = self._params["C"], self._params["D"]
         if mode == "conv":
             Ct = C * d.Bbar
-            conv, u_f, K_f = causal_conv(u, ssm_kernel(Ct, d.Abar, u.shape[1]))
+            conv, u_f_conj, K_f = causal_conv(u, ssm_kernel(Ct, d.Abar, u.shape[1]))
             y = D * u
             y += conv
-            self._cache = (mode, d, u, Ct, u_f, K_f)
+            self._cache = (mode, d, u, Ct, u_f_conj, K_f)
         else:
             y = scan(u, d.Abar, d.Bbar, C, D)
             self._cache = (mode, d, u)
@@ -150,9 +150,10 @@ class S4D(Module):
             g = op.backward(g)
         C, D = self._params["C"], self._params["D"]
         if mode == "conv":
-            Ct, u_f, K_f = spectra
-            du, dK = causal_conv_backward(g, u_f, K_f)
-            du += D * g
+            Ct, u_f_conj, K_f = spectra
+            conv, dK = causal_conv_backward(g, u_f_conj, K_f)
+            du = D * g
+            du += conv
             g_Ct, g_Abar = ssm_kernel_backward(dK.astype(np.float64), Ct, d.Abar)
             g_C = np.conj(d.Bbar) * g_Ct
             g_Bbar = np.conj(C) * g_Ct
