@@ -52,25 +52,23 @@ _CHUNK = 16
 
 
 @njit(cache=True, parallel=True)
-def _absmax_rows(x, out):
-    """out[b] = max_j |x[b, j]| (one pass, no temporary)."""
-    for b in prange(x.shape[0]):
-        m = 0.0
-        for j in range(x.shape[1]):
-            m = max(m, abs(np.float64(x[b, j])))
-        out[b] = m
-
-
-@njit(cache=True, parallel=True)
-def _encode(x, rows, row_scale, factor, step, qmax, bound, codes):
+def _encode(x, rows, row_scale, nm_target, factor, step, qmax, bound, codes):
     """Noise-managed DAC codes of x[rows] * factor into codes (len(rows), in).
 
+    nm_target > 0: first set row_scale[r] = max_j |x[r, j]| / nm_target (1 for
+    a zero row) -- absmax noise management in the same pass over the rows.
     qmax > 0: quantize to integer codes; qmax == 0: no DAC, clamp to +-bound
     when bound > 0.
     """
     n_in = x.shape[1]
     for b in prange(rows.shape[0]):
         r = rows[b]
+        if nm_target > 0.0:
+            m = 0.0
+            for j in range(n_in):
+                m = max(m, abs(np.float64(x[r, j])))
+            # a zero vector has nothing to scale; 1 keeps its (noise-only) output finite
+            row_scale[r] = m / nm_target if m > 0.0 else 1.0
         s = row_scale[r]
         for j in range(n_in):
             v = np.float64(x[r, j]) / s * factor
@@ -229,13 +227,15 @@ class CrossbarArray:
             raise ValueError(f"x must have shape (batch >= 1, {self.in_features}), got {x.shape}")
         cfg = self.config
         batch = x.shape[0]
-        row_scale = self._row_scale(x)
-        out_scale = cfg.out_step * self.conductances.w_absmax * row_scale
         qmax_in = float(cfg.inp_qmax)
         inp_bound = cfg.inp_bound if cfg.inp_bound is not None else 0.0
         all_rows = np.arange(batch, dtype=np.int64)
         codes0 = np.empty((batch, self.in_features), dtype=self.dtype)
-        _encode(x, all_rows, row_scale, 1.0, cfg.inp_step, qmax_in, inp_bound, codes0)
+        row_scale = np.ones(batch)
+        # noise management: s_b = absmax / inp_bound (or / 1 without a DAC bound), computed by _encode
+        nm_target = 0.0 if cfg.noise_management == "none" else (cfg.inp_bound or 1.0)
+        _encode(x, all_rows, row_scale, nm_target, 1.0, cfg.inp_step, qmax_in, inp_bound, codes0)
+        out_scale = cfg.out_step * self.conductances.w_absmax * row_scale
 
         noise_type, call_key = -1, 0
         if cfg.has_read_noise:
@@ -259,7 +259,7 @@ class CrossbarArray:
             for k in range(max_round + 1):
                 if k > 0:
                     codes = np.empty((rows.size, self.in_features), dtype=self.dtype)
-                    _encode(x, rows, row_scale, 2.0 ** -k, inp_step, qmax_in, inp_bound, codes)
+                    _encode(x, rows, row_scale, 0.0, 2.0 ** -k, inp_step, qmax_in, inp_bound, codes)
                     stats.bm_retries += rows.size
                 tile_codes = codes[:, tile.r0:tile.r1]
                 acc = tile_codes @ tile.G
@@ -279,16 +279,6 @@ class CrossbarArray:
                 rows = rows[redo]
         self.stats = stats
         return y
-
-    def _row_scale(self, x: np.ndarray) -> np.ndarray:
-        """Noise-management scale s_b per input vector (float64)."""
-        if self.config.noise_management == "none":
-            return np.ones(x.shape[0])
-        target = self.config.inp_bound if self.config.inp_bound is not None else 1.0
-        absmax = np.empty(x.shape[0])
-        _absmax_rows(x, absmax)
-        # a zero vector has nothing to scale; 1 keeps its (noise-only) output finite
-        return np.where(absmax > 0, absmax / target, 1.0)
 
 
 def program(W: np.ndarray, config: CrossbarConfig | None = None,
