@@ -92,10 +92,17 @@ def test_kernel_matches_twin(seed, n, grid, symmetric, per_channel, scale_mode, 
     got = quantize(x, n, **opts)
     want, q, inv, zp = fake_quant_ref(x, n, **opts)
     assert got.dequantize().dtype == x.dtype
+    assert np.array_equal(got.q, q) and np.array_equal(got.zero_point, zp)
+    if scale_mode == "absmean":
+        # the kernel sums |x| blockwise, np.mean pairwise: the scales may differ in the last
+        # bit (codes would only differ for a value within ~1e-16 of a rounding boundary)
+        rtol = 4 * np.finfo(got.dequantize().real.dtype).eps
+        np.testing.assert_allclose(got.inv_scale, inv.astype(np.float64), rtol=rtol, atol=0)
+        np.testing.assert_allclose(got.dequantize(), want, rtol=rtol, atol=0)
+        return
     assert np.array_equal(got.dequantize(), want)
     assert np.array_equal(fake_quant(x, n, **opts), want)
-    assert np.array_equal(got.q, q) and np.array_equal(got.inv_scale, inv.astype(np.float64))
-    assert np.array_equal(got.zero_point, zp)
+    assert np.array_equal(got.inv_scale, inv.astype(np.float64))
 
 
 # -- properties ------------------------------------------------------------------

@@ -7,11 +7,12 @@ P = prod(S[:a]), C = S[a], Q = prod(S[a+1:]); complex tensors are stacked as
 (real, imag) in front, with G = 2 for separate real/imaginary scales and G = 1
 (the parts folded into P) for one shared scale.
 
-The flat index is cut into fixed ``CHUNK``-element blocks for ``prange``; the
-channel of an element is tracked by counters instead of integer division (two
-divisions per element would cost more than the memory traffic). Sums are
-accumulated in float64 per block and the blocks added in order, so results do
-not depend on the number of threads.
+The flat index is cut into fixed ``CHUNK``-element blocks for ``prange``, and
+each block into segments of one channel (a run of at most Q elements), whose
+scale and zero point are held in locals: the inner loop then has no integer
+division and no loads that might alias the output, so LLVM vectorizes it.
+Sums are accumulated in float64 per block and the blocks added in order, so
+results do not depend on the number of threads.
 
 The code of one element is ``q = clamp(round(x * inv) + zp, qmin, qmax)`` and
 its dequantized value ``(q - zp) / inv`` (``inv`` = codes per unit, the
@@ -21,12 +22,13 @@ relies on these exact operations. The NumPy twin is ``reference/quant.py``.
 """
 from __future__ import annotations
 
-import math
-
 import numpy as np
 from numba import njit, prange
 
 CHUNK = 16384
+# float32 + float32 stays float32 and float64 + float32 stays float64: keeps round_code
+# in its argument's dtype (a float64 literal would promote float32 results).
+_ONE = np.float32(1.0)
 
 
 @njit(cache=True)
@@ -39,15 +41,15 @@ def round_code(v, mode):
     if mode == 0:
         return np.rint(v)
     if mode == 3:
-        return math.floor(v)
+        return np.floor(v)
     a = abs(v)
-    f = math.floor(a)
+    f = np.floor(a)
     d = a - f
     if mode == 2:
         up = d >= 0.5
     else:  # ties toward +inf: a negative tie rounds toward zero
         up = d > 0.5 or (d == 0.5 and v >= 0)
-    r = f + 1.0 if up else f
+    r = f + _ONE if up else f
     return r if v >= 0 else -r
 
 
@@ -60,9 +62,12 @@ def _block(blk, n, P, C, Q):
 
 
 @njit(cache=True, inline="always")
-def _advance(qi, c, p, g, Q, C, P):
-    """The counters of the next flat index."""
-    qi += 1
+def _segment(i, stop, qi, c, p, g, P, C, Q):
+    """From flat index i at counters (qi, c, p, g): (end of the one-channel segment, its
+    channel g*C + c, the counters at that end)."""
+    seg = min(Q - qi, stop - i)
+    ch = g * C + c
+    qi += seg
     if qi == Q:
         qi = 0
         c += 1
@@ -72,15 +77,14 @@ def _advance(qi, c, p, g, Q, C, P):
             if p == P:
                 p = 0
                 g += 1
-    return qi, c, p, g
+    return i + seg, ch, qi, c, p, g
 
 
 @njit(cache=True, parallel=True)
 def tensor_stats(x, G, P, C, Q):
     """Per-channel (min, max, sum|x| as float64, count of non-finite entries).
 
-    Non-finite entries are skipped in min/max/sum; the caller raises when the
-    count is positive.
+    min/max/sum are meaningless when the count is positive; the caller raises then.
     """
     n = x.size
     nch = G * C
@@ -90,19 +94,24 @@ def tensor_stats(x, G, P, C, Q):
     psum = np.zeros((nblocks, nch))
     bad = np.zeros(nblocks, np.int64)
     for blk in prange(nblocks):
-        start, stop, qi, c, p, g = _block(blk, n, P, C, Q)
-        for i in range(start, stop):
-            v = x[i]
-            ch = g * C + c
-            if math.isfinite(v):
-                if v < pmin[blk, ch]:
-                    pmin[blk, ch] = v
-                if v > pmax[blk, ch]:
-                    pmax[blk, ch] = v
-                psum[blk, ch] += abs(v)
-            else:
-                bad[blk] += 1
-            qi, c, p, g = _advance(qi, c, p, g, Q, C, P)
+        i, stop, qi, c, p, g = _block(blk, n, P, C, Q)
+        nbad = 0
+        while i < stop:
+            end, ch, qi, c, p, g = _segment(i, stop, qi, c, p, g, P, C, Q)
+            lo = x[i]
+            hi = x[i]
+            acc = 0.0
+            for j in range(i, end):  # branch-free; a NaN/inf only has to be counted
+                v = x[j]
+                lo = min(lo, v)
+                hi = max(hi, v)
+                acc += abs(v)
+                nbad += not abs(v) < np.inf
+            pmin[blk, ch] = min(pmin[blk, ch], lo)
+            pmax[blk, ch] = max(pmax[blk, ch], hi)
+            psum[blk, ch] += acc
+            i = end
+        bad[blk] = nbad
     mins = np.full(nch, np.inf)
     maxs = np.full(nch, -np.inf)
     sums = np.zeros(nch)
@@ -125,18 +134,21 @@ def fake_quant_forward(x, inv, zp, qmin, qmax, mode, G, P, C, Q, out, codes, wan
     nblocks = max(1, (n + CHUNK - 1) // CHUNK)
     bad = np.zeros(nblocks, np.int64)
     for blk in prange(nblocks):
-        start, stop, qi, c, p, g = _block(blk, n, P, C, Q)
-        for i in range(start, stop):
-            ch = g * C + c
-            v = x[i]
-            if not math.isfinite(v):
-                bad[blk] += 1
-            q = round_code(v * inv[ch], mode) + zp[ch]
-            q = min(max(q, qmin), qmax)
-            out[i] = (q - zp[ch]) / inv[ch]
-            if want_codes:
-                codes[i] = q
-            qi, c, p, g = _advance(qi, c, p, g, Q, C, P)
+        i, stop, qi, c, p, g = _block(blk, n, P, C, Q)
+        nbad = 0
+        while i < stop:
+            end, ch, qi, c, p, g = _segment(i, stop, qi, c, p, g, P, C, Q)
+            iv = inv[ch]
+            z = zp[ch]
+            for j in range(i, end):
+                v = x[j]
+                nbad += not abs(v) < np.inf
+                q = min(max(round_code(v * iv, mode) + z, qmin), qmax)
+                out[j] = (q - z) / iv
+                if want_codes:
+                    codes[j] = q
+            i = end
+        bad[blk] = nbad
     return bad.sum()
 
 
@@ -157,23 +169,28 @@ def ste_backward(x, grad, inv, zp, qmin, qmax, mode, G, P, C, Q, want_step, dx):
     nblocks = max(1, (n + CHUNK - 1) // CHUNK)
     pstep = np.zeros((nblocks, nch))
     for blk in prange(nblocks):
-        start, stop, qi, c, p, g = _block(blk, n, P, C, Q)
-        for i in range(start, stop):
-            ch = g * C + c
-            v = x[i] * inv[ch]
-            r = round_code(v, mode)
-            if r + zp[ch] < qmin:
-                dx[i] = 0.0
-                d = qmin - zp[ch]
-            elif r + zp[ch] > qmax:
-                dx[i] = 0.0
-                d = qmax - zp[ch]
-            else:
-                dx[i] = grad[i]
-                d = r - v
-            if want_step:
-                pstep[blk, ch] += grad[i] * d
-            qi, c, p, g = _advance(qi, c, p, g, Q, C, P)
+        i, stop, qi, c, p, g = _block(blk, n, P, C, Q)
+        while i < stop:
+            end, ch, qi, c, p, g = _segment(i, stop, qi, c, p, g, P, C, Q)
+            iv = inv[ch]
+            z = zp[ch]
+            acc = 0.0
+            for j in range(i, end):
+                v = x[j] * iv
+                r = round_code(v, mode)
+                if r + z < qmin:
+                    dx[j] = 0.0
+                    d = qmin - z
+                elif r + z > qmax:
+                    dx[j] = 0.0
+                    d = qmax - z
+                else:
+                    dx[j] = grad[j]
+                    d = r - v
+                if want_step:
+                    acc += grad[j] * d
+            pstep[blk, ch] += acc
+            i = end
     out = np.zeros(nch)
     for blk in range(nblocks):
         for ch in range(nch):

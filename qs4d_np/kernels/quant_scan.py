@@ -59,15 +59,19 @@ def quant_scan_forward(u, Ar, Ai, Br, Bi, Cr, Ci, D, inv, qmin, qmax, mode, clip
         h = bh % H
         xr = np.zeros(M, dtype=u.dtype)
         xi = np.zeros(M, dtype=u.dtype)
+        ar, ai, br, bi, cr, ci = Ar[h], Ai[h], Br[h], Bi[h], Cr[h], Ci[h]
+        inv_r = inv[h, 0]
+        inv_i = inv[h, 1]
         for t in range(L):
             ut = u[b, t, h]
+            # the state update and the read-out in separate loops: the first has no
+            # loop-carried dependency and vectorizes, the second keeps the summation order
+            for n in range(M):
+                xr[n], xi[n], _, _, _, _ = _state_step(xr[n], xi[n], ar[n], ai[n], br[n], bi[n], ut, clip,
+                                                       quantize, inv_r, inv_i, qmin, qmax, mode)
             acc = 0.0
             for n in range(M):
-                nr, ni, _, _, _, _ = _state_step(xr[n], xi[n], Ar[h, n], Ai[h, n], Br[h, n], Bi[h, n], ut,
-                                                 clip, quantize, inv[h, 0], inv[h, 1], qmin, qmax, mode)
-                xr[n] = nr
-                xi[n] = ni
-                acc += Cr[h, n] * nr - Ci[h, n] * ni
+                acc += cr[n] * xr[n] - ci[n] * xi[n]
             y[b, t, h] = 2.0 * acc + D[h] * ut
 
 
