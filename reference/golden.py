@@ -40,9 +40,9 @@ def ssm_core_run(p: dict, u: list, x_grid: tuple[int, int], y_grid: tuple[int, i
                 for n in range(N2):
                     a_re, a_im = p["Abar_re"][h][n], p["Abar_im"][h][n]
                     xr, xi = x[h][n]
-                    acc_re = (p["m_a_re"][h][n] * a_re * xr - p["m_a_im"][h][n] * a_im * xi
+                    acc_re = (p["m_a_re"][h][n] * a_re * xr - p["m_a_im_to_re"][h][n] * a_im * xi
                               + p["m_b_re"][h][n] * p["Bbar_re"][h][n] * u_t[h])
-                    acc_im = (p["m_a_re"][h][n] * a_re * xi + p["m_a_im"][h][n] * a_im * xr
+                    acc_im = (p["m_a_re"][h][n] * a_re * xi + p["m_a_im_to_im"][h][n] * a_im * xr
                               + p["m_b_im"][h][n] * p["Bbar_im"][h][n] * u_t[h])
                     new_re, s_re = clamp(rne_div_pow2(acc_re, p["r_x"][h][n]), *x_grid)
                     new_im, s_im = clamp(rne_div_pow2(acc_im, p["r_x"][h][n]), *x_grid)

@@ -2,13 +2,14 @@
 
 Per channel h and complex mode n, with every quantity an integer:
 
-    x_re' = sat_x(RNE((M_a_re*(a_re*x_re) - M_a_im*(a_im*x_im) + M_b_re*(b_re*u)) / 2**r_x))
-    x_im' = sat_x(RNE((M_a_re*(a_re*x_im) + M_a_im*(a_im*x_re) + M_b_im*(b_im*u)) / 2**r_x))
+    x_re' = sat_x(RNE((M_a_re*(a_re*x_re) - M_a_im_to_re*(a_im*x_im) + M_b_re*(b_re*u)) / 2**r_x))
+    x_im' = sat_x(RNE((M_a_re*(a_re*x_im) + M_a_im_to_im*(a_im*x_re) + M_b_im*(b_im*u)) / 2**r_x))
     y     = sat_y(RNE((M_c_re*S_re - M_c_im*S_im + M_d*(d*u)) / 2**r_y))
     S_re  = sum_n c_re*x_re',  S_im = sum_n c_im*x_im'
 
 (a = Abar, b = Bbar, c = C, d = D; x' is the new state x_t, the readout uses it
-and u_t; x_{-1} = 0.) The factor 2 of y = 2*Re(C x) + D*u lives in M_c.
+and u_t; x_{-1} = 0. The real and imaginary parts of x may have different
+steps, hence two multipliers for the cross term a_im * x.) The factor 2 of y = 2*Re(C x) + D*u lives in M_c.
 Pure int64 NumPy; the constructor proves every accumulator fits int64.
 """
 from __future__ import annotations
@@ -63,12 +64,13 @@ class SSMCore:
     Weights (int arrays on their grids): ``Abar_re``, ``Abar_im``, ``Bbar_re``,
     ``Bbar_im``, ``C_re``, ``C_im`` shaped (H, N2) and ``D`` shaped (H,).
     Requantization (non-negative int multipliers and right shifts): ``m_a_re``,
-    ``m_a_im``, ``m_b_re``, ``m_b_im``, ``r_x`` shaped (H, N2) for the state;
+    ``m_a_im_to_re``, ``m_a_im_to_im``, ``m_b_re``, ``m_b_im``, ``r_x`` shaped
+    (H, N2) for the state;
     ``m_c_re``, ``m_c_im``, ``m_d``, ``r_y`` shaped (H,) for the output.
     """
 
     WEIGHTS_HN = ("Abar_re", "Abar_im", "Bbar_re", "Bbar_im", "C_re", "C_im")
-    REQUANT_HN = ("m_a_re", "m_a_im", "m_b_re", "m_b_im", "r_x")
+    REQUANT_HN = ("m_a_re", "m_a_im_to_re", "m_a_im_to_im", "m_b_re", "m_b_im", "r_x")
     REQUANT_H = ("m_c_re", "m_c_im", "m_d", "r_y")
 
     def __init__(self, formats: SSMCoreFormats, **arrays: np.ndarray) -> None:
@@ -90,8 +92,10 @@ class SSMCore:
             setattr(self, name, value.astype(np.int64))
         f = formats
         ax, bu = f.Abar.maxabs * f.x.maxabs, f.Bbar.maxabs * f.u.maxabs
-        check_headroom("state (x_re)", [ax, ax, bu], [self.m_a_re, self.m_a_im, self.m_b_re], self.r_x)
-        check_headroom("state (x_im)", [ax, ax, bu], [self.m_a_re, self.m_a_im, self.m_b_im], self.r_x)
+        check_headroom("state (x_re)", [ax, ax, bu], [self.m_a_re, self.m_a_im_to_re, self.m_b_re],
+                       self.r_x)
+        check_headroom("state (x_im)", [ax, ax, bu], [self.m_a_re, self.m_a_im_to_im, self.m_b_im],
+                       self.r_x)
         cx = self.N2 * f.C.maxabs * f.x.maxabs
         check_headroom("output (y)", [cx, cx, f.D.maxabs * f.u.maxabs],
                        [self.m_c_re, self.m_c_im, self.m_d], self.r_y)
@@ -105,10 +109,10 @@ class SSMCore:
         u_n = u_t[:, :, None]
         new_re, sat_re = requantize(
             [self.Abar_re * x_re, -(self.Abar_im * x_im), self.Bbar_re * u_n],
-            [self.m_a_re, self.m_a_im, self.m_b_re], self.r_x, self.formats.x)
+            [self.m_a_re, self.m_a_im_to_re, self.m_b_re], self.r_x, self.formats.x)
         new_im, sat_im = requantize(
             [self.Abar_re * x_im, self.Abar_im * x_re, self.Bbar_im * u_n],
-            [self.m_a_re, self.m_a_im, self.m_b_im], self.r_x, self.formats.x)
+            [self.m_a_re, self.m_a_im_to_im, self.m_b_im], self.r_x, self.formats.x)
         S_re = (self.C_re * new_re).sum(axis=-1)
         S_im = (self.C_im * new_im).sum(axis=-1)
         y, sat_y = requantize([S_re, -S_im, self.D * u_t], [self.m_c_re, self.m_c_im, self.m_d],

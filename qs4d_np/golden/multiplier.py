@@ -79,21 +79,26 @@ def shared_shift_multipliers(ratios: Sequence[float], term_bounds: Sequence[int]
 
 def ssm_core_multipliers(formats: SSMCoreFormats, *, s_u: ArrayLike, s_Abar_re: ArrayLike,
                          s_Abar_im: ArrayLike, s_Bbar_re: ArrayLike, s_Bbar_im: ArrayLike,
-                         s_C_re: ArrayLike, s_C_im: ArrayLike, s_D: ArrayLike, s_x: ArrayLike,
-                         s_y: ArrayLike, H: int, N2: int) -> dict[str, np.ndarray]:
+                         s_C_re: ArrayLike, s_C_im: ArrayLike, s_D: ArrayLike, s_x_re: ArrayLike,
+                         s_x_im: ArrayLike, s_y: ArrayLike, H: int, N2: int) -> dict[str, np.ndarray]:
     """The SSM core's multipliers and shifts from its float step sizes (real = s * integer).
 
     ``s_Abar_*``, ``s_Bbar_*`` broadcast to (H, N2); ``s_u``, ``s_C_*``, ``s_D``,
-    ``s_x``, ``s_y`` to (H,). State ratios: Abar terms s_Abar (the state scale
-    cancels), Bbar terms s_Bbar * s_u / s_x; output ratios 2 * s_C * s_x / s_y
-    and s_D * s_u / s_y. Returns int64 arrays keyed like ``SSMCore`` expects.
+    ``s_x_re``, ``s_x_im`` (the state's real and imaginary steps), ``s_y`` to
+    (H,). State ratios (docs/integer_spec.md, section 3): s_Abar_re (the state
+    step cancels), s_Abar_im * s_x_im / s_x_re into x_re and s_Abar_im * s_x_re
+    / s_x_im into x_im, s_Bbar * s_u / s_x; output ratios 2 * s_C_re * s_x_re
+    / s_y, 2 * s_C_im * s_x_im / s_y and s_D * s_u / s_y. One shift per (h, n)
+    serves both state parts, one per h the output. Returns int64 arrays keyed
+    like ``SSMCore`` expects.
     """
     H = check_int("H", H, min_value=1)
     N2 = check_int("N2", N2, min_value=1)
-    scales = {}
+    sc = {}
     for name, value in (("s_u", s_u), ("s_C_re", s_C_re), ("s_C_im", s_C_im), ("s_D", s_D),
-                        ("s_x", s_x), ("s_y", s_y), ("s_Abar_re", s_Abar_re),
-                        ("s_Abar_im", s_Abar_im), ("s_Bbar_re", s_Bbar_re), ("s_Bbar_im", s_Bbar_im)):
+                        ("s_x_re", s_x_re), ("s_x_im", s_x_im), ("s_y", s_y),
+                        ("s_Abar_re", s_Abar_re), ("s_Abar_im", s_Abar_im),
+                        ("s_Bbar_re", s_Bbar_re), ("s_Bbar_im", s_Bbar_im)):
         shape = (H, N2) if "bar" in name else (H,)
         arr = np.asarray(value, dtype=np.float64)
         try:
@@ -103,27 +108,27 @@ def ssm_core_multipliers(formats: SSMCoreFormats, *, s_u: ArrayLike, s_Abar_re: 
         check_array(name, arr)
         if arr.min() <= 0:
             raise ValueError(f"{name} must be > 0 everywhere, got min {arr.min()}")
-        scales[name] = arr
+        sc[name] = arr
     f = formats
     ax, bu = f.Abar.maxabs * f.x.maxabs, f.Bbar.maxabs * f.u.maxabs
-    out = {k: np.zeros((H, N2), dtype=np.int64) for k in ("m_a_re", "m_a_im", "m_b_re", "m_b_im", "r_x")}
+    state_keys = ("m_a_re", "m_a_im_to_re", "m_a_im_to_im", "m_b_re", "m_b_im")
+    out = {k: np.zeros((H, N2), dtype=np.int64) for k in state_keys + ("r_x",)}
     out.update({k: np.zeros(H, dtype=np.int64) for k in ("m_c_re", "m_c_im", "m_d", "r_y")})
     for h in range(H):
-        su, sx, sy = scales["s_u"][h], scales["s_x"][h], scales["s_y"][h]
+        su, sxr, sxi, sy = sc["s_u"][h], sc["s_x_re"][h], sc["s_x_im"][h], sc["s_y"][h]
         for n in range(N2):
-            # Both state outputs use the A multipliers; checking all four B/A terms together
-            # keeps one shift for x_re and x_im.
+            # one shift for both state parts: the headroom is checked over all five terms
             mults, shift = shared_shift_multipliers(
-                [scales["s_Abar_re"][h, n], scales["s_Abar_im"][h, n],
-                 scales["s_Bbar_re"][h, n] * su / sx, scales["s_Bbar_im"][h, n] * su / sx],
-                [ax, ax, bu, bu])
-            for key, m in zip(("m_a_re", "m_a_im", "m_b_re", "m_b_im"), mults):
+                [sc["s_Abar_re"][h, n], sc["s_Abar_im"][h, n] * sxi / sxr,
+                 sc["s_Abar_im"][h, n] * sxr / sxi, sc["s_Bbar_re"][h, n] * su / sxr,
+                 sc["s_Bbar_im"][h, n] * su / sxi], [ax, ax, ax, bu, bu])
+            for key, m in zip(state_keys, mults):
                 out[key][h, n] = m
             out["r_x"][h, n] = shift
         cx = N2 * f.C.maxabs * f.x.maxabs
         mults, shift = shared_shift_multipliers(
-            [2 * scales["s_C_re"][h] * sx / sy, 2 * scales["s_C_im"][h] * sx / sy,
-             scales["s_D"][h] * su / sy], [cx, cx, f.D.maxabs * f.u.maxabs])
+            [2 * sc["s_C_re"][h] * sxr / sy, 2 * sc["s_C_im"][h] * sxi / sy, sc["s_D"][h] * su / sy],
+            [cx, cx, f.D.maxabs * f.u.maxabs])
         out["m_c_re"][h], out["m_c_im"][h], out["m_d"][h] = mults
         out["r_y"][h] = shift
     return out

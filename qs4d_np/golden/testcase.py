@@ -53,12 +53,13 @@ def random_ssm_case(seed: int | np.random.Generator, widths: dict[str, int], *, 
         exponent = np.log2(center) + rng.uniform(-spread, spread, size=shape)
         return 2.0 ** (np.round(exponent) if dyadic else exponent)
 
-    # Real values are step * integer with s_u = s_x = s_y = 1 here, so the state
-    # multipliers are the Abar / Bbar steps; |Abar| spans about 0.4..1.7, so
-    # some runs decay and some grow into saturation.
+    # Real values are step * integer with s_u = s_y = 1 and state steps near 1,
+    # so the state multipliers are about the Abar / Bbar steps; |Abar| spans
+    # about 0.4..1.7, so some runs decay and some grow into saturation.
     ones = np.ones(H)
     mults = ssm_core_multipliers(
-        formats, s_u=ones, s_x=ones, s_y=ones, H=H, N2=N2,
+        formats, s_u=ones, s_y=ones, H=H, N2=N2, s_x_re=log_uniform(1.0, (H,), spread=0.5),
+        s_x_im=log_uniform(1.0, (H,), spread=0.5),
         s_Abar_re=log_uniform(0.7 / formats.Abar.maxabs, (H, N2), spread=0.75),
         s_Abar_im=log_uniform(0.7 / formats.Abar.maxabs, (H, N2), spread=0.75),
         s_Bbar_re=log_uniform(formats.x.maxabs / (4.0 * formats.Bbar.maxabs * formats.u.maxabs), (H, N2)),

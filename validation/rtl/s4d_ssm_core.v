@@ -2,8 +2,8 @@
 //
 // Whole vectors per clock: on a clock edge with `step` high every channel h and
 // mode n advance one time step,
-//   x_re' = sat_x(RNE((M_a_re*a_re*x_re - M_a_im*a_im*x_im + M_b_re*b_re*u) / 2^r_x))
-//   x_im' = sat_x(RNE((M_a_re*a_re*x_im + M_a_im*a_im*x_re + M_b_im*b_im*u) / 2^r_x))
+//   x_re' = sat_x(RNE((M_a_re*a_re*x_re - M_a_im_to_re*a_im*x_im + M_b_re*b_re*u) / 2^r_x))
+//   x_im' = sat_x(RNE((M_a_re*a_re*x_im + M_a_im_to_im*a_im*x_re + M_b_im*b_im*u) / 2^r_x))
 //   y     = sat_y(RNE((M_c_re*sum_n c_re*x_re' - M_c_im*sum_n c_im*x_im' + M_d*d*u) / 2^r_y))
 // and the new state, y and the saturation flags are registered. `rst` (synchronous)
 // clears the state: x_{-1} = 0 at the start of every sequence.
@@ -41,7 +41,8 @@ module s4d_ssm_core #(
     input  wire [H*N2*W_C-1:0]   c_im,
     input  wire [H*W_D-1:0]      d,
     input  wire [H*N2*W_M-1:0]   m_a_re,
-    input  wire [H*N2*W_M-1:0]   m_a_im,
+    input  wire [H*N2*W_M-1:0]   m_a_im_to_re,
+    input  wire [H*N2*W_M-1:0]   m_a_im_to_im,
     input  wire [H*N2*W_M-1:0]   m_b_re,
     input  wire [H*N2*W_M-1:0]   m_b_im,
     input  wire [H*N2*W_R-1:0]   r_x,
@@ -97,12 +98,13 @@ module s4d_ssm_core #(
                 wire signed [W_X-1:0] xr = x_re[I*W_X +: W_X];
                 wire signed [W_X-1:0] xi = x_im[I*W_X +: W_X];
                 wire signed [W_M-1:0] ma_re = m_a_re[I*W_M +: W_M];
-                wire signed [W_M-1:0] ma_im = m_a_im[I*W_M +: W_M];
+                wire signed [W_M-1:0] ma_im_re = m_a_im_to_re[I*W_M +: W_M];
+                wire signed [W_M-1:0] ma_im_im = m_a_im_to_im[I*W_M +: W_M];
                 wire signed [W_M-1:0] mb_re = m_b_re[I*W_M +: W_M];
                 wire signed [W_M-1:0] mb_im = m_b_im[I*W_M +: W_M];
                 // all operands signed and extended to W_ACC_X before multiplying: exact
-                wire signed [W_ACC_X-1:0] acc_re = ma_re*a_re*xr - ma_im*a_im*xi + mb_re*b_re*u_h;
-                wire signed [W_ACC_X-1:0] acc_im = ma_re*a_re*xi + ma_im*a_im*xr + mb_im*b_im*u_h;
+                wire signed [W_ACC_X-1:0] acc_re = ma_re*a_re*xr - ma_im_re*a_im*xi + mb_re*b_re*u_h;
+                wire signed [W_ACC_X-1:0] acc_im = ma_re*a_re*xi + ma_im_im*a_im*xr + mb_im*b_im*u_h;
                 wire signed [W_X-1:0] xr_new, xi_new;
 
                 s4d_rne_sat #(.W_IN(W_ACC_X), .W_R(W_R), .W_OUT(W_X), .QMIN(X_MIN), .QMAX(X_MAX))

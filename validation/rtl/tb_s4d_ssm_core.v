@@ -41,7 +41,8 @@ module tb_s4d_ssm_core;
     reg [W_C-1:0] m_c_im_w [0:HN-1];
     reg [W_D-1:0] m_d_w [0:H-1];
     reg [W_M-1:0] m_ma_re [0:HN-1];
-    reg [W_M-1:0] m_ma_im [0:HN-1];
+    reg [W_M-1:0] m_ma_im_re [0:HN-1];
+    reg [W_M-1:0] m_ma_im_im [0:HN-1];
     reg [W_M-1:0] m_mb_re [0:HN-1];
     reg [W_M-1:0] m_mb_im [0:HN-1];
     reg [W_R-1:0] m_rx [0:HN-1];
@@ -62,7 +63,7 @@ module tb_s4d_ssm_core;
     reg [HN*W_B-1:0] bbar_re, bbar_im;
     reg [HN*W_C-1:0] c_re, c_im;
     reg [H*W_D-1:0] d;
-    reg [HN*W_M-1:0] m_a_re, m_a_im, m_b_re, m_b_im;
+    reg [HN*W_M-1:0] m_a_re, m_a_im_to_re, m_a_im_to_im, m_b_re, m_b_im;
     reg [HN*W_R-1:0] r_x;
     reg [H*W_M-1:0] m_c_re, m_c_im, m_d;
     reg [H*W_R-1:0] r_y;
@@ -78,7 +79,7 @@ module tb_s4d_ssm_core;
         .clk(clk), .rst(rst), .step(step), .u(u),
         .abar_re(abar_re), .abar_im(abar_im), .bbar_re(bbar_re), .bbar_im(bbar_im),
         .c_re(c_re), .c_im(c_im), .d(d),
-        .m_a_re(m_a_re), .m_a_im(m_a_im), .m_b_re(m_b_re), .m_b_im(m_b_im), .r_x(r_x),
+        .m_a_re(m_a_re), .m_a_im_to_re(m_a_im_to_re), .m_a_im_to_im(m_a_im_to_im), .m_b_re(m_b_re), .m_b_im(m_b_im), .r_x(r_x),
         .m_c_re(m_c_re), .m_c_im(m_c_im), .m_d(m_d), .r_y(r_y),
         .x_re(x_re), .x_im(x_im), .y(y), .sat_x_re(sat_x_re), .sat_x_im(sat_x_im),
         .sat_y(sat_y), .valid(valid));
@@ -111,7 +112,8 @@ module tb_s4d_ssm_core;
         $readmemh("C_im.memh", m_c_im_w);
         $readmemh("D.memh", m_d_w);
         $readmemh("m_a_re.memh", m_ma_re);
-        $readmemh("m_a_im.memh", m_ma_im);
+        $readmemh("m_a_im_to_re.memh", m_ma_im_re);
+        $readmemh("m_a_im_to_im.memh", m_ma_im_im);
         $readmemh("m_b_re.memh", m_mb_re);
         $readmemh("m_b_im.memh", m_mb_im);
         $readmemh("r_x.memh", m_rx);
@@ -134,7 +136,8 @@ module tb_s4d_ssm_core;
             c_re[i*W_C +: W_C] = m_c_re_w[i];
             c_im[i*W_C +: W_C] = m_c_im_w[i];
             m_a_re[i*W_M +: W_M] = m_ma_re[i];
-            m_a_im[i*W_M +: W_M] = m_ma_im[i];
+            m_a_im_to_re[i*W_M +: W_M] = m_ma_im_re[i];
+            m_a_im_to_im[i*W_M +: W_M] = m_ma_im_im[i];
             m_b_re[i*W_M +: W_M] = m_mb_re[i];
             m_b_im[i*W_M +: W_M] = m_mb_im[i];
             r_x[i*W_R +: W_R] = m_rx[i];
