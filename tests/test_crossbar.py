@@ -7,6 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qs4d_np.hardware.config import CrossbarConfig
+from qs4d_np.hardware import crossbar
 from qs4d_np.hardware.crossbar import CrossbarArray, program
 from reference import crossbar as ref
 
@@ -131,18 +132,22 @@ def test_noise_exactly_off_at_zero_and_same_seed_same_numbers():
     assert np.array_equal(program(W, off, seed=1).mvm(x), program(W, CrossbarConfig(), seed=2).mvm(x))
 
 
-def test_results_do_not_depend_on_thread_count():
+def test_results_do_not_depend_on_thread_count(monkeypatch):
     W, x = _data(30, 50, 64)
-    cfg = CrossbarConfig.realistic(w_noise=0.02, out_bound=3.0, tile_rows=20, tile_cols=16)
+    cfg = CrossbarConfig.realistic(w_noise=0.02, out_bound=0.5, tile_rows=20, tile_cols=16)
     threads = numba.get_num_threads()
+    results = []
     try:
-        numba.set_num_threads(1)
-        y1 = program(W, cfg, seed=9).mvm(x)
-        numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
-        y2 = program(W, cfg, seed=9).mvm(x)
+        for min_work, n_threads in [(1 << 62, 1), (0, 1), (0, numba.config.NUMBA_NUM_THREADS)]:
+            # min_work 0 forces the parallel kernels even for this small batch
+            monkeypatch.setattr(crossbar, "PARALLEL_MIN_WORK", min_work)
+            numba.set_num_threads(n_threads)
+            arr = program(W, cfg, seed=9)
+            results.append(arr.mvm(x))
+            assert arr.stats.bm_retries > 0  # bound management's subsets are covered too
     finally:
         numba.set_num_threads(threads)
-    assert np.array_equal(y1, y2)
+    assert all(np.array_equal(results[0], r) for r in results[1:])
 
 
 @pytest.mark.parametrize("dtype,eps", [("float32", 2.0 ** -23), ("float64", 2.0 ** -52)])
@@ -242,13 +247,19 @@ def crossbar_cases(draw):
 
 
 @settings(max_examples=40, deadline=None)
-@given(crossbar_cases())
-def test_kernels_match_reference(case):
+@given(crossbar_cases(), st.booleans())
+def test_kernels_match_reference(case, force_parallel):
     cfg, W, x, seed = case
     arr = program(W, cfg, seed=seed)
     twin = ref.ReferenceCrossbar(W, cfg, seed)
+    saved = crossbar.PARALLEL_MIN_WORK
     for _ in range(2):  # the second call uses a fresh read-noise key
-        y, y_ref = arr.mvm(x), twin.mvm(x)
+        try:
+            crossbar.PARALLEL_MIN_WORK = 0 if force_parallel else saved
+            y = arr.mvm(x)
+        finally:
+            crossbar.PARALLEL_MIN_WORK = saved
+        y_ref = twin.mvm(x)
         scale = (np.abs(x).max() + 1e-300) * np.abs(W).max()
         # same formulas in float64, summed in another order: agreement to rounding
         assert np.allclose(y, y_ref, rtol=1e-12, atol=1e-12 * scale)

@@ -32,11 +32,17 @@ Reproducibility: the programming noise comes from the array's Generator at
 noise number is a pure function of (key, tile, round, row, output), so the
 results do not depend on the thread count nor on which rows were redone.
 Noise set to 0 is exactly off: nothing is drawn.
+
+Threads: the row kernels run in parallel chunks only for at least
+``PARALLEL_MIN_WORK`` matrix entries (and more than one Numba thread); the
+analog product is a BLAS call. On a machine shared with other jobs
+``numba.set_num_threads(1)`` (and one BLAS thread) can be much faster.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numba
 import numpy as np
 from numba import njit, prange
 
@@ -47,13 +53,17 @@ from qs4d_np.hardware.rng import derive_key, fill_row_normals, row_key
 
 # noise_type codes passed to the kernels
 _NOISE_OUT_ONLY, _NOISE_ADDITIVE, _NOISE_PROPORTIONAL = 0, 1, 2
-# rows per parallel work item of the read-out kernel (they share scratch buffers)
+# rows per parallel work item (a work item allocates its scratch buffers once)
 _CHUNK = 16
+# below this many matrix entries (rows x width) a kernel runs on one thread: a
+# parallel region costs tens of microseconds when idle and milliseconds on a
+# loaded machine, which would dominate the small-batch MVMs of a recurrence
+PARALLEL_MIN_WORK = 1 << 16
 
 
-@njit(cache=True, parallel=True)
-def _encode(x, rows, row_scale, nm_target, factor, step, qmax, bound, codes):
-    """Noise-managed DAC codes of x[rows] * factor into codes (len(rows), in).
+@njit(cache=True)
+def _encode_rows(lo, hi, x, rows, row_scale, nm_target, factor, step, qmax, bound, codes):
+    """Noise-managed DAC codes of x[rows[lo:hi]] * factor into codes[lo:hi].
 
     nm_target > 0: first set row_scale[r] = max_j |x[r, j]| / nm_target (1 for
     a zero row) -- absmax noise management in the same pass over the rows.
@@ -61,7 +71,7 @@ def _encode(x, rows, row_scale, nm_target, factor, step, qmax, bound, codes):
     when bound > 0.
     """
     n_in = x.shape[1]
-    for b in prange(rows.shape[0]):
+    for b in range(lo, hi):
         r = rows[b]
         if nm_target > 0.0:
             m = 0.0
@@ -82,70 +92,74 @@ def _encode(x, rows, row_scale, nm_target, factor, step, qmax, bound, codes):
 
 
 @njit(cache=True)
-def _adc_row(b, acc, pacc, codes, r0, r1, rkey, noise_type, sig_out2, w_noise2, k_acc, k_noise,
-             rounding, limit, v, z, hashes):
-    """Read noise + ADC of row b of one tile into v (ADC codes); returns the number clipped.
-
-    v, z, hashes: scratch buffers of the tile's width. One branch-free pass
-    per step, so that each loop vectorizes.
-    """
-    n_out = v.shape[0]
-    for i in range(n_out):
-        v[i] = np.float64(acc[b, i]) * k_acc
-    if noise_type >= 0:
-        fill_row_normals(rkey, z, hashes)
-        if noise_type == _NOISE_PROPORTIONAL:
-            for i in range(n_out):
-                v[i] += np.sqrt(sig_out2 + w_noise2 * np.float64(pacc[b, i])) * k_noise * z[i]
-        else:
-            q_add = 0.0
-            if noise_type == _NOISE_ADDITIVE:
-                for j in range(r0, r1):
-                    q_add += np.float64(codes[b, j]) * np.float64(codes[b, j])
-            std = np.sqrt(sig_out2 + w_noise2 * q_add) * k_noise
-            for i in range(n_out):
-                v[i] += std * z[i]
-    if rounding:
-        for i in range(n_out):
-            v[i] = np.rint(v[i])
-    count = 0
-    if limit > 0.0:
-        for i in range(n_out):
-            c = min(max(v[i], -limit), limit)
-            count += c != v[i]
-            v[i] = c
-    return count
-
-
-@njit(cache=True, parallel=True)
-def _read_out(acc, pacc, codes, r0, r1, rows, noise_type, sig_out2, w_noise2, k_acc, k_noise,
-              qmax, bound, key, accept_clipped, out_scale, y, c0, clipped):
-    """Read noise + ADC for one tile and one round; accumulates accepted rows into y.
+def _read_out_rows(lo, hi, acc, pacc, codes, r0, r1, rows, noise_type, sig_out2, w_noise2, k_acc, k_noise,
+                   qmax, bound, key, accept_clipped, out_scale, y, c0, clipped):
+    """Read noise + ADC of rows lo:hi of one tile and one round; accumulates accepted rows into y.
 
     acc (len(rows), cols): analog sums in level units. pacc: sum_j |Gdiff_ij|
     codes_j^2 ("proportional" noise only). k_acc: level units -> ADC steps;
     k_noise: normalized std -> ADC steps, both already including the DAC
     step. qmax > 0: ADC codes up to qmax; otherwise clamp at +-bound if
     bound > 0. clipped[b] receives the number of clipped outputs of row b.
+    One branch-free pass per step, so that each loop vectorizes.
     """
     n_out = acc.shape[1]
-    n_rows = rows.shape[0]
     rounding = qmax > 0
     limit = qmax if rounding else bound
-    # rows go in chunks that share scratch buffers instead of allocating per row
-    for chunk in prange((n_rows + _CHUNK - 1) // _CHUNK):
-        v = np.empty(n_out)
-        z = np.empty(n_out)
-        hashes = np.empty(n_out, dtype=np.uint64)
-        for b in range(chunk * _CHUNK, min(n_rows, (chunk + 1) * _CHUNK)):
-            r = rows[b]
-            count = _adc_row(b, acc, pacc, codes, r0, r1, row_key(key, r), noise_type, sig_out2, w_noise2,
-                             k_acc, k_noise, rounding, limit, v, z, hashes)
-            clipped[b] = count
-            if count == 0 or accept_clipped:
-                s = out_scale[r]
+    v = np.empty(n_out)
+    z = np.empty(n_out)
+    hashes = np.empty(n_out, dtype=np.uint64)
+    for b in range(lo, hi):
+        r = rows[b]
+        for i in range(n_out):
+            v[i] = np.float64(acc[b, i]) * k_acc
+        if noise_type >= 0:
+            fill_row_normals(row_key(key, r), z, hashes)
+            if noise_type == _NOISE_PROPORTIONAL:
                 for i in range(n_out):
-                    y[r, c0 + i] += v[i] * s
+                    v[i] += np.sqrt(sig_out2 + w_noise2 * np.float64(pacc[b, i])) * k_noise * z[i]
+            else:
+                q_add = 0.0
+                if noise_type == _NOISE_ADDITIVE:
+                    for j in range(r0, r1):
+                        q_add += np.float64(codes[b, j]) * np.float64(codes[b, j])
+                std = np.sqrt(sig_out2 + w_noise2 * q_add) * k_noise
+                for i in range(n_out):
+                    v[i] += std * z[i]
+        if rounding:
+            for i in range(n_out):
+                v[i] = np.rint(v[i])
+        count = 0
+        if limit > 0.0:
+            for i in range(n_out):
+                c = min(max(v[i], -limit), limit)
+                count += c != v[i]
+                v[i] = c
+        clipped[b] = count
+        if count == 0 or accept_clipped:
+            s = out_scale[r]
+            for i in range(n_out):
+                y[r, c0 + i] += v[i] * s
+
+
+@njit(cache=True, parallel=True)
+def _encode_parallel(n, *args):
+    for chunk in prange((n + _CHUNK - 1) // _CHUNK):
+        _encode_rows(chunk * _CHUNK, min(n, (chunk + 1) * _CHUNK), *args)
+
+
+@njit(cache=True, parallel=True)
+def _read_out_parallel(n, *args):
+    for chunk in prange((n + _CHUNK - 1) // _CHUNK):
+        _read_out_rows(chunk * _CHUNK, min(n, (chunk + 1) * _CHUNK), *args)
+
+
+def _run_rows(serial, parallel, n: int, work: int, *args) -> None:
+    """Run a row kernel over rows 0..n-1: in parallel chunks when the work pays for the threads."""
+    if work >= PARALLEL_MIN_WORK and numba.get_num_threads() > 1:
+        parallel(n, *args)
+    else:
+        serial(0, n, *args)
 
 
 @dataclass(frozen=True)
@@ -234,7 +248,8 @@ class CrossbarArray:
         row_scale = np.ones(batch)
         # noise management: s_b = absmax / inp_bound (or / 1 without a DAC bound), computed by _encode
         nm_target = 0.0 if cfg.noise_management == "none" else (cfg.inp_bound or 1.0)
-        _encode(x, all_rows, row_scale, nm_target, 1.0, cfg.inp_step, qmax_in, inp_bound, codes0)
+        _run_rows(_encode_rows, _encode_parallel, batch, x.size, x, all_rows, row_scale, nm_target, 1.0,
+                  cfg.inp_step, qmax_in, inp_bound, codes0)
         out_scale = cfg.out_step * self.conductances.w_absmax * row_scale
 
         noise_type, call_key = -1, 0
@@ -259,7 +274,8 @@ class CrossbarArray:
             for k in range(max_round + 1):
                 if k > 0:
                     codes = np.empty((rows.size, self.in_features), dtype=self.dtype)
-                    _encode(x, rows, row_scale, 0.0, 2.0 ** -k, inp_step, qmax_in, inp_bound, codes)
+                    _run_rows(_encode_rows, _encode_parallel, rows.size, codes.size, x, rows, row_scale, 0.0,
+                              2.0 ** -k, inp_step, qmax_in, inp_bound, codes)
                     stats.bm_retries += rows.size
                 tile_codes = codes[:, tile.r0:tile.r1]
                 acc = tile_codes @ tile.G
@@ -267,9 +283,9 @@ class CrossbarArray:
                 key = derive_key(call_key, t_index, k)
                 clipped = np.zeros(rows.size, dtype=np.int64)
                 last = k == max_round
-                _read_out(acc, pacc, codes, tile.r0, tile.r1, rows, noise_type, cfg.out_noise ** 2,
-                          w_noise2, k_acc, k_noise, qmax_out, out_bound, key, last,
-                          out_scale * 2.0 ** k, y, tile.c0, clipped)
+                _run_rows(_read_out_rows, _read_out_parallel, rows.size, acc.size, acc, pacc, codes, tile.r0,
+                          tile.r1, rows, noise_type, cfg.out_noise ** 2, w_noise2, k_acc, k_noise, qmax_out,
+                          out_bound, key, last, out_scale * 2.0 ** k, y, tile.c0, clipped)
                 if last:
                     stats.clipped_outputs += int(clipped.sum())
                     break
