@@ -81,10 +81,11 @@ def _segment(i, stop, qi, c, p, g, P, C, Q):
 
 
 @njit(cache=True, parallel=True)
-def tensor_stats(x, G, P, C, Q):
-    """Per-channel (min, max, sum|x| as float64, count of non-finite entries).
-
-    min/max/sum are meaningless when the count is positive; the caller raises then.
+def tensor_stats(x, G, P, C, Q, want_sum):
+    """Per-channel (min, max, sum|x| as float64 or zeros unless ``want_sum``, count of
+    non-finite entries). The float64 sum is a serial dependency chain, the slowest
+    part, hence optional. min/max/sum are meaningless when the count is positive;
+    the caller raises then.
     """
     n = x.size
     nch = G * C
@@ -105,8 +106,10 @@ def tensor_stats(x, G, P, C, Q):
                 v = x[j]
                 lo = min(lo, v)
                 hi = max(hi, v)
-                acc += abs(v)
                 nbad += not abs(v) < np.inf
+            if want_sum:
+                for j in range(i, end):
+                    acc += abs(x[j])
             pmin[blk, ch] = min(pmin[blk, ch], lo)
             pmax[blk, ch] = max(pmax[blk, ch], hi)
             psum[blk, ch] += acc

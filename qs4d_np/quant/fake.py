@@ -226,7 +226,7 @@ class QuantSpec:
     def stats_range(self, xf: np.ndarray, lay: Layout, scale_mode: str,
                     name: str = "x") -> tuple[np.ndarray, np.ndarray]:
         """(lo, hi) per channel (float64, (G*C,)) from the data; raises on NaN/inf."""
-        mins, maxs, sums, bad = kern.tensor_stats(xf, lay.G, lay.P, lay.C, lay.Q)
+        mins, maxs, sums, bad = kern.tensor_stats(xf, lay.G, lay.P, lay.C, lay.Q, scale_mode == "absmean")
         if bad:
             raise ValueError(f"{name} contains {bad} non-finite value(s) (NaN or inf); cannot quantize")
         if scale_mode == "absmax":
