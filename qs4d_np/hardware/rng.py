@@ -3,8 +3,9 @@
 Every number is a pure function of (key, row, column): a splitmix64 hash of
 the counter feeds a 128-layer ziggurat (Marsaglia & Tsang, 2000), using the
 hash's top 32 bits as the signed abscissa, its low 7 bits as the layer and
-bits 7..30 as the wedge uniform, so the three never share bits. Rejections
-(about 3% of the draws) continue a per-cell hash chain.
+bits 7..30 as the wedge uniform, so the three never share bits. The ~3% of
+draws outside their layer's inner rectangle go through the wedge or tail
+test; a rejection continues a per-cell hash chain.
 
 Why not ``np.random.Generator``: on this project's machine drawing 1024 x 256
 float32 normals with it costs about 3x the 1024 x 256 x 256 sgemm they perturb,
