@@ -3,7 +3,7 @@ and the datapath counter."""
 import pytest
 
 from qs4d_np.hardware.metrics import (BitWidths, MatVecOp, SSMShape, ace, adc_complexity, cost_report,
-                                      count_datapath, model_size_bits, reductions)
+                                      count_datapath, model_size_bits, reductions, summary)
 
 LOGGED = SSMShape(N=128, H=128, layers=4, d_in=1, d_out=10)
 
@@ -53,6 +53,9 @@ def test_reductions_vs_float():
     assert red["model_size_bits"] == pytest.approx(4.0) and red["adc"] == pytest.approx(4.0)
     assert 16 < red["ace"] < 64 and red["ace_without_dt"] == pytest.approx(16.0)
     assert reductions(paper, BitWidths.float32()) == {k: 1.0 for k in red}
+    table = summary(paper, BitWidths.uniform(8), compat="qs4d")
+    assert table["model_size_bits"]["quantized"] == model_size_bits(paper, BitWidths.uniform(8), compat="qs4d")
+    assert table["adc"]["baseline"] == adc_complexity(paper, BitWidths.float32())
     mixed = BitWidths(A=5, C=3, dt=2, state=6, act=6, lin=4, coder=3)
     assert reductions(paper, mixed, baseline=BitWidths.uniform(8))["ace"] > 1
 

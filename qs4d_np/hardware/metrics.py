@@ -130,9 +130,16 @@ def cost_report(shape: SSMShape, r: BitWidths, compat: str = "corrected") -> Cos
 def reductions(shape: SSMShape, r: BitWidths, baseline: BitWidths | None = None,
                compat: str = "corrected") -> dict[str, float]:
     """Reduction factors baseline / quantized (float32 baseline by default), like the paper's figure."""
+    return {name: row["reduction"] for name, row in summary(shape, r, baseline, compat).items()}
+
+
+def summary(shape: SSMShape, r: BitWidths, baseline: BitWidths | None = None,
+            compat: str = "corrected") -> dict[str, dict[str, float]]:
+    """JSON-ready table: per figure the baseline (float32 by default), the quantized value and the reduction."""
     base = cost_report(shape, baseline if baseline is not None else BitWidths.float32(), compat).to_dict()
     quant = cost_report(shape, r, compat).to_dict()
-    return {name: base[name] / quant[name] for name in base}
+    return {name: {"baseline": base[name], "quantized": quant[name], "reduction": base[name] / quant[name]}
+            for name in base}
 
 
 # -- counted from a datapath -------------------------------------------------
