@@ -118,45 +118,63 @@ def quant_scan_backward(u, Ar, Ai, Br, Bi, Cr, Ci, D, inv, qmin, qmax, mode, cli
         s_i = np.empty((L, M))
         gx_r = np.empty(M)
         gx_i = np.empty(M)
+        # this channel's sums live in locals (written once at the end): stores into the
+        # shared (H, M) outputs inside the loop could not be kept in registers
+        gAr, gAi, gBr, gBi = np.zeros(M), np.zeros(M), np.zeros(M), np.zeros(M)
+        gCr, gCi = np.zeros(M), np.zeros(M)
+        gD = 0.0
+        gs_r = 0.0
+        gs_i = 0.0
+        ar_, ai_, br_, bi_, cr_, ci_ = Ar[h], Ai[h], Br[h], Bi[h], Cr[h], Ci[h]
+        inv_r = inv[h, 0]
+        inv_i = inv[h, 1]
         for b in range(B):
             for t in range(L):
                 ut = u[b, t, h]
                 for n in range(M):
-                    nr, ni, vr, vi, wr, wi = _state_step(xs_r[t, n], xs_i[t, n], Ar[h, n], Ai[h, n], Br[h, n],
-                                                         Bi[h, n], ut, clip, quantize, inv[h, 0], inv[h, 1],
-                                                         qmin, qmax, mode)
+                    nr, ni, vr, vi, wr, wi = _state_step(xs_r[t, n], xs_i[t, n], ar_[n], ai_[n], br_[n], bi_[n],
+                                                         ut, clip, quantize, inv_r, inv_i, qmin, qmax, mode)
                     xs_r[t + 1, n] = nr
                     xs_i[t + 1, n] = ni
-                    m_r[t, n], s_r[t, n] = _ste_factors(vr, wr, inv[h, 0], qmin, qmax, clip, quantize,
+                    m_r[t, n], s_r[t, n] = _ste_factors(vr, wr, inv_r, qmin, qmax, clip, quantize,
                                                         clipped_ste, mode)
-                    m_i[t, n], s_i[t, n] = _ste_factors(vi, wi, inv[h, 1], qmin, qmax, clip, quantize,
+                    m_i[t, n], s_i[t, n] = _ste_factors(vi, wi, inv_i, qmin, qmax, clip, quantize,
                                                         clipped_ste, mode)
             gx_r[:] = 0.0
             gx_i[:] = 0.0
             for t in range(L - 1, -1, -1):
                 g = np.float64(gy[b, t, h])
                 ut = np.float64(u[b, t, h])
-                dD[h] += g * ut
+                gD += g * ut
                 du_t = np.float64(D[h]) * g
                 for n in range(M):
                     xr = np.float64(xs_r[t + 1, n])
                     xi = np.float64(xs_i[t + 1, n])
-                    ar = gx_r[n] + 2.0 * Cr[h, n] * g
-                    ai = gx_i[n] - 2.0 * Ci[h, n] * g
-                    dCr[h, n] += 2.0 * g * xr
-                    dCi[h, n] -= 2.0 * g * xi
-                    dstep[h, 0] += ar * s_r[t, n]
-                    dstep[h, 1] += ai * s_i[t, n]
+                    ar = gx_r[n] + 2.0 * cr_[n] * g
+                    ai = gx_i[n] - 2.0 * ci_[n] * g
+                    gCr[n] += 2.0 * g * xr
+                    gCi[n] -= 2.0 * g * xi
+                    gs_r += ar * s_r[t, n]
+                    gs_i += ai * s_i[t, n]
                     gvr = ar * m_r[t, n]
                     gvi = ai * m_i[t, n]
                     pr = np.float64(xs_r[t, n])
                     pi = np.float64(xs_i[t, n])
-                    dAr[h, n] += gvr * pr + gvi * pi
-                    dAi[h, n] += gvi * pr - gvr * pi
-                    dBr[h, n] += gvr * ut
-                    dBi[h, n] += gvi * ut
-                    du_t += gvr * Br[h, n] + gvi * Bi[h, n]
-                    gx_r[n] = gvr * Ar[h, n] + gvi * Ai[h, n]
-                    gx_i[n] = gvi * Ar[h, n] - gvr * Ai[h, n]
+                    gAr[n] += gvr * pr + gvi * pi
+                    gAi[n] += gvi * pr - gvr * pi
+                    gBr[n] += gvr * ut
+                    gBi[n] += gvi * ut
+                    du_t += gvr * br_[n] + gvi * bi_[n]
+                    gx_r[n] = gvr * ar_[n] + gvi * ai_[n]
+                    gx_i[n] = gvi * ar_[n] - gvr * ai_[n]
                 du[b, t, h] = du_t
+        dAr[h] = gAr
+        dAi[h] = gAi
+        dBr[h] = gBr
+        dBi[h] = gBi
+        dCr[h] = gCr
+        dCi[h] = gCi
+        dD[h] = gD
+        dstep[h, 0] = gs_r
+        dstep[h, 1] = gs_i
     return dAr, dAi, dBr, dBi, dCr, dCi, dD, dstep
