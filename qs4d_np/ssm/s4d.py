@@ -131,37 +131,40 @@ class S4D(Module):
         C, D = self._params["C"], self._params["D"]
         if mode == "conv":
             Ct = C * d.Bbar
-            conv, u_f_conj, K_f = causal_conv(u, ssm_kernel(Ct, d.Abar, u.shape[1]))
-            y = D * u
-            y += conv
-            self._cache = (mode, d, u, Ct, u_f_conj, K_f)
+            K = ssm_kernel(Ct, d.Abar, u.shape[1])
+            K[:, 0] += D  # the skip D*u is the kernel's lag-0 tap
+            conv, u_f_conj, K_f = causal_conv(u, K)
+            y = np.ascontiguousarray(conv)
+            self._cache = (mode, d, u.shape, Ct, u_f_conj, K_f)
         else:
             y = scan(u, d.Abar, d.Bbar, C, D)
-            self._cache = (mode, d, u)
+            self._cache = (mode, d, u.shape, u)
         for op in self._post_ops():
             y = op.forward(y, training=training)
         return y
 
     def backward(self, grad: np.ndarray) -> np.ndarray:
         """dL/dy (batch, length, d_model) -> dL/du; fills ``grads`` for the mode that ran forward."""
-        mode, d, u, *spectra = self._saved()
-        g = check_grad_like("grad", grad, u.shape).astype(self.dtype, copy=False)
+        mode, d, shape, *saved = self._saved()
+        g = check_grad_like("grad", grad, shape).astype(self.dtype, copy=False)
         for op in reversed(self._post_ops()):
             g = op.backward(g)
         C, D = self._params["C"], self._params["D"]
         if mode == "conv":
-            Ct, u_f_conj, K_f = spectra
+            Ct, u_f_conj, K_f = saved
             conv, dK = causal_conv_backward(g, u_f_conj, K_f)
-            du = D * g
-            du += conv
+            du = np.ascontiguousarray(conv)
+            g_D = dK[:, 0]
             g_Ct, g_Abar = ssm_kernel_backward(dK.astype(np.float64), Ct, d.Abar)
             g_C = np.conj(d.Bbar) * g_Ct
             g_Bbar = np.conj(C) * g_Ct
         else:
+            (u,) = saved
             du, g_Abar, g_Bbar, g_C = scan_backward(u, g, d.Abar, d.Bbar, C, D)
+            g_D = np.einsum("bth,bth->h", g, u)
         grads = discretize_backward(d, self._params.get("B"), g_Abar, g_Bbar)
         grads["C"] = g_C
-        grads["D"] = np.einsum("bth,bth->h", g, u)
+        grads["D"] = g_D
         self._grads = {name: grads[name].astype(value.dtype) for name, value in self._params.items()}
         return du
 
