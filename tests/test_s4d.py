@@ -75,6 +75,18 @@ def test_modes_and_streaming_agree(init, disc):
         assert grad_error(g_r[name], g_c[name]) <= 1e-10, name
 
 
+def test_length_one():
+    m = core("inv", "zoh", seed=13)
+    u = np.random.default_rng(14).standard_normal((2, 1, 3))
+    y, state = m.step(u[:, 0], m.initial_state(2))
+    np.testing.assert_allclose(m.forward(u, mode="conv")[:, 0], y, rtol=1e-12)
+    np.testing.assert_allclose(m.forward(u, mode="recurrent")[:, 0], y, rtol=1e-12)
+    du_c, g_c = grads_of(m, u, u, "conv")
+    du_r, g_r = grads_of(m, u, u, "recurrent")
+    assert grad_error(du_r, du_c) <= 1e-12
+    assert all(grad_error(g_r[k], g_c[k]) <= 1e-12 for k in g_c)
+
+
 def test_kernel_is_C_Bbar_Abar_powers():
     m = core("lin", "bilinear")
     d = m.discrete()
