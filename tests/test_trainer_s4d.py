@@ -1,0 +1,47 @@
+"""The trainer with the project's S4DModel: exact resume, and the checkpoints load back into the model."""
+import numpy as np
+import pytest
+
+from qs4d_np.data.sequence import SequenceDataset
+from qs4d_np.models.s4d_model import S4DModel
+from qs4d_np.train.checkpoint import load_checkpoint, load_model_arrays
+from qs4d_np.train.trainer import TrainConfig, Trainer
+
+
+def _data(n, seed):
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 3, size=n)
+    pixels = np.clip(labels[:, None] * 80 + 20 + rng.normal(0, 40, size=(n, 16)), 0, 255).astype(np.uint8)
+    return SequenceDataset(pixels[:, :, None], labels, (0.5,), (0.25,))
+
+
+def _trainer(tmp_path, name, hook=None):
+    model = S4DModel(1, 3, d_model=8, d_state=4, n_layers=2, norm="batch", dropout=0.1, seed=0)
+    config = TrainConfig(epochs=3, batch_size=16, eval_batch_size=32, lr=0.01, weight_decay=0.05, seed=2)
+    return Trainer(model, _data(64, 1), _data(32, 2), config, tmp_path / name, test_data=_data(32, 3),
+                   progress=False, on_epoch_end=hook)
+
+
+def test_s4d_model_resume_is_exact_and_checkpoints_load(tmp_path):
+    straight = _trainer(tmp_path, "straight")
+    results = straight.fit()
+
+    def kill(trainer, record):
+        if record["epoch"] == 1:
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        _trainer(tmp_path, "resumed", hook=kill).fit()
+    assert _trainer(tmp_path, "resumed").fit(resume=True) == results
+    a, _ = load_checkpoint(tmp_path / "straight", "last")
+    b, _ = load_checkpoint(tmp_path / "resumed", "last")
+    assert any(k.startswith("buffers/") for k in a) and any(k.endswith("log_A_real") for k in a)
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    # the best checkpoint loads into a fresh model and into the model's own file format
+    fresh = S4DModel(1, 3, d_model=8, d_state=4, n_layers=2, norm="batch", dropout=0.1, seed=1)
+    fresh.load_arrays(load_model_arrays(tmp_path / "straight", "best"))
+    exported = S4DModel.load(tmp_path / "straight" / "best_model")
+    x, _ = _data(32, 3).batch(np.arange(32))
+    expected = straight.model.forward(x, training=False)
+    np.testing.assert_array_equal(fresh.forward(x, training=False), expected)
+    np.testing.assert_array_equal(exported.forward(x, training=False), expected)
