@@ -2,17 +2,10 @@
 import numpy as np
 import pytest
 
-from qs4d_np.data.sequence import SequenceDataset
 from qs4d_np.models.s4d_model import S4DModel
 from qs4d_np.train.checkpoint import load_checkpoint, load_model_arrays
 from qs4d_np.train.trainer import TrainConfig, Trainer
-
-
-def _data(n, seed):
-    rng = np.random.default_rng(seed)
-    labels = rng.integers(0, 3, size=n)
-    pixels = np.clip(labels[:, None] * 80 + 20 + rng.normal(0, 40, size=(n, 16)), 0, 255).astype(np.uint8)
-    return SequenceDataset(pixels[:, :, None], labels, (0.5,), (0.25,))
+from test_trainer_ops import _data
 
 
 def _trainer(tmp_path, name, hook=None):
