@@ -155,3 +155,71 @@ def test_bad_input():
     _, cache = quant_scan(u, Abar, Bbar, C, D, ok)
     with pytest.raises(ValueError, match="gy must have the forward output's shape"):
         quant_scan_backward(np.ones((1, 3, 2)), cache)
+
+
+def _round_shift_half_even(v: int, sh: int) -> int:
+    """round(v / 2**sh) with ties to even, in integers (arithmetic shift = floor)."""
+    if sh <= 0:
+        return v << -sh
+    q = v >> sh
+    rem = v - (q << sh)
+    half = 1 << (sh - 1)
+    return q + 1 if rem > half or (rem == half and q & 1) else q
+
+
+def _golden_case(seed, L, M, state_bits, clip_code):
+    """An integer-only model of the quantized-state scan with power-of-two steps 2**-k.
+
+    Returns (y from the integer model, y from quant_scan, event counts). Small step
+    exponents make ties, saturation and clipping frequent."""
+    rng = np.random.default_rng(seed)
+    ka, kb, kc, kd, ku, kx = 3, 2, 5, 4, 2, int(rng.integers(2, 7))
+    A = rng.integers(-5, 6, (M, 2))  # |Abar| <= 5*sqrt(2)/8 < 1
+    Bq = rng.integers(-7, 8, (M, 2))
+    Cq = rng.integers(-31, 32, (M, 2))
+    Dq = int(rng.integers(-15, 16))
+    U = rng.integers(-12, 13, L)
+    qmax = 2 ** (state_bits - 1) - 1  # narrow grid of 2**state_bits levels
+    E = ka + kx  # v = Abar x + Bbar u lives on the grid 2**-E (kb + ku <= ka + kx)
+    events = {"tie": 0, "saturated": 0, "clipped": 0}
+    x = [[0, 0] for _ in range(M)]
+    y_int = []  # y * 2**(kc + kx + kd + ku), exact integers
+    for t in range(L):
+        acc = 0
+        for n in range(M):
+            ar, ai = int(A[n, 0]), int(A[n, 1])
+            bu = [int(Bq[n, p]) * int(U[t]) * 2 ** (E - kb - ku) for p in (0, 1)]
+            v = ((ar * x[n][0] - ai * x[n][1]) + bu[0], (ar * x[n][1] + ai * x[n][0]) + bu[1])
+            for part in (0, 1):
+                w = min(max(v[part], -clip_code), clip_code)            # 2. clip
+                q = _round_shift_half_even(w, E - kx)                   # 3. * inv, round
+                x[n][part] = min(max(q, -qmax), qmax)                   #    saturate
+                events["clipped"] += w != v[part]
+                events["tie"] += (w % 2 ** (E - kx)) == 2 ** (E - kx - 1)
+                events["saturated"] += x[n][part] != q
+            acc += int(Cq[n, 0]) * x[n][0] - int(Cq[n, 1]) * x[n][1]   # 4. read-out
+        y_int.append(2 * acc * 2 ** (kd + ku) + Dq * int(U[t]) * 2 ** (kc + kx))
+    y_golden = np.array(y_int, dtype=np.float64) * 2.0 ** -(kc + kx + kd + ku)
+
+    c = lambda codes, k: (codes[:, 0] + 1j * codes[:, 1])[None, :] * 2.0**-k  # noqa: E731
+    u = (U * 2.0**-ku).reshape(1, L, 1)
+    y, _ = quant_scan(u, c(A, ka), c(Bq, kb), c(Cq, kc), np.array([Dq * 2.0**-kd]),
+                      StateQuant(QuantSpec(2**state_bits), 2.0**kx), clip_code * 2.0**-E)
+    return y_golden, y.ravel(), events
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), L=st.integers(1, 12), M=st.integers(1, 3), state_bits=st.integers(3, 10),
+       clip_code=st.integers(1, 300))
+def test_integer_golden_recurrence_reproduces_the_scan_bit_for_bit(seed, L, M, state_bits, clip_code):
+    """With power-of-two scales every product and sum of the float64 scan is exact, so an
+    integer-only model (codes, shifts, ties-to-even, saturation) must give the same y:
+    the order documented in kernels.quant_scan is the one a golden model can implement."""
+    y_golden, y, _ = _golden_case(seed, L, M, state_bits, clip_code)
+    assert np.array_equal(y, y_golden)
+
+
+def test_integer_golden_recurrence_long_run_exercises_ties_saturation_and_clip():
+    y_golden, y, events = _golden_case(0, 300, 3, 5, 150)
+    assert np.array_equal(y, y_golden)
+    assert min(events.values()) >= 5, events
