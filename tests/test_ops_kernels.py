@@ -1,5 +1,6 @@
 """Hypothesis property tests: every Numba kernel against its float64 twin in reference/ops.py."""
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -8,6 +9,8 @@ from qs4d_np.kernels import norm as nk
 from reference import ops as ref
 
 SETTINGS = settings(max_examples=25, deadline=None)
+# each kernel is compiled parallel and serial (kernels.elementwise.row_kernel); the tests draw either
+VARIANT = st.sampled_from(["parallel", "serial"])
 
 
 @st.composite
@@ -26,28 +29,28 @@ RTOL, ATOL = 1e-12, 1e-12
 
 
 @SETTINGS
-@given(matrices())
-def test_gelu_kernels(data):
+@given(matrices(), VARIANT)
+def test_gelu_kernels(data, variant):
     x, rng = data
     g = rng.standard_normal(x.shape)
     out, cdf = np.empty_like(x), np.empty_like(x)
-    ew.gelu_forward(x.reshape(-1), out.reshape(-1), cdf.reshape(-1))
+    getattr(ew.gelu_forward, variant)(x.reshape(-1), out.reshape(-1), cdf.reshape(-1))
     np.testing.assert_allclose(out, ref.gelu(x), rtol=RTOL, atol=ATOL)
-    ew.gelu_backward(x.reshape(-1), cdf.reshape(-1), g.reshape(-1), out.reshape(-1))
+    getattr(ew.gelu_backward, variant)(x.reshape(-1), cdf.reshape(-1), g.reshape(-1), out.reshape(-1))
     np.testing.assert_allclose(out, ref.gelu_backward(x, g), rtol=RTOL, atol=ATOL)
 
 
 @SETTINGS
-@given(matrices(even_cols=True))
-def test_glu_kernels(data):
+@given(matrices(even_cols=True), VARIANT)
+def test_glu_kernels(data, variant):
     z, rng = data
     bias = rng.standard_normal(z.shape[1])
     g = rng.standard_normal((z.shape[0], z.shape[1] // 2))
     out, gate = np.empty_like(g), np.empty_like(g)
-    ew.glu_forward(z, bias, out, gate)
+    getattr(ew.glu_forward, variant)(z, bias, out, gate)
     np.testing.assert_allclose(out, ref.glu(z, bias), rtol=RTOL, atol=ATOL)
     dz = np.empty_like(z)
-    dbias = ew.glu_backward(z, bias, gate, g, dz)
+    dbias = getattr(ew.glu_backward, variant)(z, bias, gate, g, dz)
     rdz, rdb = ref.glu_backward(z, g, bias)
     np.testing.assert_allclose(dz, rdz, rtol=RTOL, atol=ATOL)
     # sums over up to ~2k rows: rounding grows with the row count
@@ -55,43 +58,44 @@ def test_glu_kernels(data):
 
 
 @SETTINGS
-@given(st.integers(1, 4), st.integers(1, 30), st.integers(1, 5), st.integers(0, 2**32 - 1))
-def test_channel_mask_kernel(b, l, h, seed):
+@given(st.integers(1, 4), st.integers(1, 30), st.integers(1, 5), st.integers(0, 2**32 - 1), VARIANT)
+def test_channel_mask_kernel(b, l, h, seed, variant):
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((b, l, h))
     mask = (rng.random((b, h)) > 0.5) * 2.0
     out = np.empty_like(x)
-    ew.channel_mask_apply(x, mask, out)
+    getattr(ew.channel_mask_apply, variant)(x, mask, out)
     np.testing.assert_array_equal(out, ref.channel_mask_apply(x, mask))
 
 
-def test_float32_kernels_track_float64():
+@pytest.mark.parametrize("variant", ["parallel", "serial"])
+def test_float32_kernels_track_float64(variant):
     """float32 data: kernels compute internally in float64, so the error is float32 rounding."""
     rng = np.random.default_rng(0)
     z = rng.standard_normal((3000, 8))
     z32 = z.astype(np.float32)
     bias = rng.standard_normal(8).astype(np.float32)
     out = np.empty((3000, 4), np.float32)
-    ew.glu_forward(z32, bias, out, np.empty_like(out))
+    getattr(ew.glu_forward, variant)(z32, bias, out, np.empty_like(out))
     np.testing.assert_allclose(out, ref.glu(z32, bias), rtol=1e-6, atol=1e-6)
     out = np.empty_like(z32)
-    ew.gelu_forward(z32.reshape(-1), out.reshape(-1), np.empty_like(out).reshape(-1))
+    getattr(ew.gelu_forward, variant)(z32.reshape(-1), out.reshape(-1), np.empty_like(out).reshape(-1))
     np.testing.assert_allclose(out, ref.gelu(z32), rtol=1e-6, atol=1e-6)
 
 
 @SETTINGS
-@given(matrices())
-def test_layernorm_kernels(data):
+@given(matrices(), VARIANT)
+def test_layernorm_kernels(data, variant):
     x, rng = data
     c = x.shape[1]
     w, b, g = rng.standard_normal(c), rng.standard_normal(c), rng.standard_normal(x.shape)
     out, mean, rstd = np.empty_like(x), np.empty(len(x)), np.empty(len(x))
-    nk.layernorm_forward(x, w, b, 1e-5, out, mean, rstd)
+    getattr(nk.layernorm_forward, variant)(x, w, b, 1e-5, out, mean, rstd)
     ry, rmean, rrstd = ref.layernorm(x, w, b, 1e-5)
     np.testing.assert_allclose(out, ry, rtol=1e-10, atol=1e-10)  # 1/sqrt(var+eps) amplifies rounding
     np.testing.assert_allclose(rstd, rrstd, rtol=1e-12)
     dx = np.empty_like(x)
-    dw, db = nk.layernorm_backward(x, w, mean, rstd, g, dx)
+    dw, db = getattr(nk.layernorm_backward, variant)(x, w, mean, rstd, g, dx)
     rdx, rdw, rdb = ref.layernorm_backward(x, w, 1e-5, g)
     np.testing.assert_allclose(dx, rdx, rtol=1e-9, atol=1e-9)
     np.testing.assert_allclose(dw, rdw, rtol=1e-9, atol=1e-9)
@@ -99,23 +103,48 @@ def test_layernorm_kernels(data):
 
 
 @SETTINGS
-@given(matrices(max_rows=2100).filter(lambda d: d[0].shape[0] >= 2))
-def test_batchnorm_kernels(data):
+@given(matrices(max_rows=2100).filter(lambda d: d[0].shape[0] >= 2), VARIANT)
+def test_batchnorm_kernels(data, variant):
     x, rng = data
     c = x.shape[1]
     w, b, g = rng.standard_normal(c), rng.standard_normal(c), rng.standard_normal(x.shape)
-    mean, var = nk.column_moments(x)
+    mean, var = getattr(nk.column_moments, variant)(x)
     ry, rmean, rvar = ref.batchnorm_train(x, w, b, 1e-5)
     np.testing.assert_allclose(mean, rmean, rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(var, rvar, rtol=1e-10)
     rstd = 1.0 / np.sqrt(var + 1e-5)
     out = np.empty_like(x)
-    nk.column_affine(x, w * rstd, b - mean * w * rstd, out)
+    getattr(nk.column_affine, variant)(x, w * rstd, b - mean * w * rstd, out)
     np.testing.assert_allclose(out, ry, rtol=1e-9, atol=1e-9)
     np.testing.assert_allclose(out, ref.column_affine(x, w * rstd, b - mean * w * rstd), rtol=1e-13, atol=1e-13)
     dx = np.empty_like(x)
-    dw, db = nk.batchnorm_backward(x, w, mean, rstd, g, dx)
+    dw, db = getattr(nk.batchnorm_backward, variant)(x, w, mean, rstd, g, dx)
     rdx, rdw, rdb = ref.batchnorm_train_backward(x, w, 1e-5, g)
     np.testing.assert_allclose(dx, rdx, rtol=1e-9, atol=1e-9)
     np.testing.assert_allclose(dw, rdw, rtol=1e-9, atol=1e-9)
     np.testing.assert_allclose(db, rdb, rtol=1e-10, atol=1e-10)
+
+
+def test_parallel_and_serial_agree_bitwise_above_threshold():
+    """Column sums use fixed row blocks, so the thread count cannot change a single bit."""
+    rng = np.random.default_rng(1)
+    rows = ew.PARALLEL_MIN_SIZE // 16 + 3000
+    z = rng.standard_normal((rows, 32)).astype(np.float32)
+    bias = rng.standard_normal(32).astype(np.float32)
+    g = rng.standard_normal((rows, 16)).astype(np.float32)
+    gate = np.empty((rows, 16), np.float32)
+    ew.glu_forward(z, bias, np.empty_like(gate), gate)  # dispatches to the parallel variant
+    results = []
+    for kern in (ew.glu_backward.parallel, ew.glu_backward.serial):
+        dz = np.empty_like(z)
+        results.append((kern(z, bias, gate, g, dz), dz))
+    np.testing.assert_array_equal(results[0][0], results[1][0])
+    np.testing.assert_array_equal(results[0][1], results[1][1])
+    x = z[:, :16].copy()
+    w = rng.standard_normal(16).astype(np.float32)
+    mean, rstd = np.empty(rows), np.empty(rows)
+    nk.layernorm_forward(x, w, w, 1e-5, np.empty_like(x), mean, rstd)
+    par = nk.layernorm_backward.parallel(x, w, mean, rstd, g, np.empty_like(x))
+    ser = nk.layernorm_backward.serial(x, w, mean, rstd, g, np.empty_like(x))
+    for a, b in zip(par, ser):
+        np.testing.assert_array_equal(a, b)

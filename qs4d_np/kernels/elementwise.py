@@ -1,6 +1,6 @@
 """Fused elementwise Numba kernels: GELU, bias + GLU, channel-mask apply.
 
-Each kernel makes one parallel pass over its data and writes into a
+Each kernel makes one pass over its data and writes into a
 caller-provided ``out`` array, so an op costs one read and one write of its
 activations instead of a chain of NumPy temporaries. Arrays must be
 C-contiguous; the ops in ``qs4d_np.core`` reshape (B, L, C) activations into
@@ -12,13 +12,42 @@ float64 twins of every kernel live in ``reference/ops.py``.
 """
 from __future__ import annotations
 
+import functools
 import math
+import types
+from typing import Callable
 
 import numpy as np
 from numba import njit, prange
 
 # Rows per partial-sum block in column reductions (fixed for determinism).
 ROW_BLOCK = 1024
+# Below this many entries a kernel runs on one thread: waking the thread pool
+# costs more than the work, and on a shared machine a descheduled worker stalls
+# the whole parallel region.
+PARALLEL_MIN_SIZE = 1 << 16
+
+
+def row_kernel(fn: Callable) -> Callable:
+    """Compile ``fn`` twice, with ``parallel=True`` and serially (``prange`` then acts
+    as ``range``), and call the parallel one when the first argument has at least
+    ``PARALLEL_MIN_SIZE`` entries. Both stay reachable as ``.parallel`` / ``.serial``
+    (the tests check each). The serial copy gets its own name so that Numba's
+    on-disk cache keeps the two compilations apart.
+    """
+    serial_fn = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__ + "_serial",
+                                   fn.__defaults__, fn.__closure__)
+    serial_fn.__qualname__ = fn.__qualname__ + "_serial"
+    parallel = njit(cache=True, parallel=True)(fn)
+    serial = njit(cache=True)(serial_fn)
+
+    @functools.wraps(fn)
+    def dispatch(*args):
+        return (parallel if args[0].size >= PARALLEL_MIN_SIZE else serial)(*args)
+
+    dispatch.parallel = parallel
+    dispatch.serial = serial
+    return dispatch
 
 _INV_SQRT2 = 1.0 / math.sqrt(2.0)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
@@ -29,7 +58,7 @@ def n_row_blocks(rows: int) -> int:
     return max(1, -(-rows // ROW_BLOCK))
 
 
-@njit(cache=True, parallel=True)
+@row_kernel
 def gelu_forward(x, out, cdf):
     """out = x * Phi(x) (exact erf GELU); also stores Phi(x) in ``cdf``. Flat 1-D arrays.
 
@@ -42,7 +71,7 @@ def gelu_forward(x, out, cdf):
         out[i] = v * phi
 
 
-@njit(cache=True, parallel=True)
+@row_kernel
 def gelu_backward(x, cdf, grad, out):
     """out = grad * (Phi(x) + x * phi(x)), the exact GELU derivative, with Phi from the forward."""
     for i in prange(x.size):
@@ -51,7 +80,7 @@ def gelu_backward(x, cdf, grad, out):
         out[i] = grad[i] * (cdf[i] + v * pdf)
 
 
-@njit(cache=True, parallel=True)
+@row_kernel
 def glu_forward(z, bias, out, gate):
     """GLU of ``z + bias`` along the last axis.
 
@@ -68,7 +97,7 @@ def glu_forward(z, bias, out, gate):
             out[r, j] = (z[r, j] + bias[j]) * s
 
 
-@njit(cache=True, parallel=True)
+@row_kernel
 def glu_backward(z, bias, gate, grad, dz):
     """Backward of ``glu_forward``: fills dz (rows, 2C), returns dbias (2C,) float64.
 
@@ -93,7 +122,7 @@ def glu_backward(z, bias, gate, grad, dz):
     return partial.sum(axis=0)
 
 
-@njit(cache=True, parallel=True)
+@row_kernel
 def channel_mask_apply(x, mask, out):
     """out[b, l, h] = x[b, l, h] * mask[b, h]: a (batch, channel) mask shared over time."""
     batch, length, channels = x.shape

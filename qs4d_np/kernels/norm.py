@@ -10,12 +10,12 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit, prange
+from numba import prange
 
-from qs4d_np.kernels.elementwise import ROW_BLOCK
+from qs4d_np.kernels.elementwise import ROW_BLOCK, row_kernel
 
 
-@njit(cache=True, parallel=True)
+@row_kernel
 def layernorm_forward(x, weight, bias, eps, out, mean, rstd):
     """Normalise each row of x (rows, C) to zero mean / unit variance, then scale and shift.
 
@@ -39,7 +39,7 @@ def layernorm_forward(x, weight, bias, eps, out, mean, rstd):
             out[r, j] = (x[r, j] - mu) * inv * weight[j] + bias[j]
 
 
-@njit(cache=True, parallel=True)
+@row_kernel
 def layernorm_backward(x, weight, mean, rstd, grad, dx):
     """Backward of ``layernorm_forward``: fills dx, returns (dweight, dbias) float64.
 
@@ -73,7 +73,7 @@ def layernorm_backward(x, weight, mean, rstd, grad, dx):
     return dw.sum(axis=0), db.sum(axis=0)
 
 
-@njit(cache=True, parallel=True)
+@row_kernel
 def column_moments(x):
     """Per-column mean and biased variance of x (rows, C), two passes, float64."""
     rows, c = x.shape
@@ -95,7 +95,7 @@ def column_moments(x):
     return mean, part.sum(axis=0) / rows
 
 
-@njit(cache=True, parallel=True)
+@row_kernel
 def column_affine(x, scale, shift, out):
     """out[r, j] = x[r, j] * scale[j] + shift[j] for x (rows, C)."""
     rows, c = x.shape
@@ -104,7 +104,7 @@ def column_affine(x, scale, shift, out):
             out[r, j] = x[r, j] * scale[j] + shift[j]
 
 
-@njit(cache=True, parallel=True)
+@row_kernel
 def batchnorm_backward(x, weight, mean, rstd, grad, dx):
     """Backward of training-mode BatchNorm over rows: fills dx, returns (dweight, dbias) float64.
 
