@@ -59,6 +59,8 @@ def test_grid_that_does_not_fit_the_width_is_refused():
         IntFormat.full(8).check("u", np.zeros(3))
     with pytest.raises(ValueError, match=r"u has 1 value\(s\) outside its grid \[-8, 7\]"):
         IntFormat.full(4).check("u", np.array([0, 8]))
+    with pytest.raises(ValueError, match=r"u has 1 value\(s\) outside its grid"):
+        IntFormat.full(4).check("u", np.array([0, 2 ** 64 - 1], dtype=np.uint64))
 
 
 @SETTINGS

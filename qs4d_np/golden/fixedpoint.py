@@ -86,12 +86,12 @@ class IntFormat:
         if not isinstance(q, np.ndarray) or q.dtype.kind not in ("i", "u"):
             got = q.dtype if isinstance(q, np.ndarray) else type(q).__name__
             raise TypeError(f"{name} must be an integer numpy array, got {got}")
-        q = q.astype(np.int64, copy=False)
+        # check before the int64 cast, so a huge uint64 cannot wrap onto the grid
         if q.size and (q.min() < self.qmin or q.max() > self.qmax):
             bad = int(np.count_nonzero((q < self.qmin) | (q > self.qmax)))
             raise ValueError(f"{name} has {bad} value(s) outside its grid [{self.qmin}, {self.qmax}] "
                              f"(range seen [{int(q.min())}, {int(q.max())}])")
-        return q
+        return q.astype(np.int64, copy=False)
 
 
 def round_shift(acc: np.ndarray, shift: np.ndarray | int) -> np.ndarray:

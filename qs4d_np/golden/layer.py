@@ -104,8 +104,12 @@ class SSMCore:
         """Every integer array by name (what the vector writer exports)."""
         return {n: getattr(self, n) for n in self.WEIGHTS_HN + ("D",) + self.REQUANT_HN + self.REQUANT_H}
 
-    def step(self, x_re: np.ndarray, x_im: np.ndarray, u_t: np.ndarray):
-        """One time step for a batch: x (B, H, N2), u_t (B, H) -> (x_re, x_im, y, sat_re, sat_im, sat_y)."""
+    def step(self, x_re: np.ndarray, x_im: np.ndarray, u_t: np.ndarray) -> tuple[np.ndarray, ...]:
+        """One time step for a batch: x (B, H, N2), u_t (B, H) -> (x_re, x_im, y, sat_re, sat_im, sat_y).
+
+        Inputs must be int64 on their grids; ``run`` checks them once for the
+        whole sequence, this inner step does not.
+        """
         u_n = u_t[:, :, None]
         new_re, sat_re = requantize(
             [self.Abar_re * x_re, -(self.Abar_im * x_im), self.Bbar_re * u_n],
