@@ -8,9 +8,12 @@ P = prod(S[:a]), C = S[a], Q = prod(S[a+1:]); complex tensors are stacked as
 (the parts folded into P) for one shared scale.
 
 The flat index is cut into fixed ``CHUNK``-element blocks for ``prange``, and
-each block into segments of one channel (a run of at most Q elements), whose
-scale and zero point are held in locals: the inner loop then has no integer
-division and no loads that might alias the output, so LLVM vectorizes it.
+each block into runs of one channel (at most Q elements; per tensor, the whole
+block). A run is processed by an inlined ``_*_run`` helper whose scale and zero
+point are plain arguments and whose rounding rule is dispatched once per run:
+the inner loop has no integer division, no branch on the rule and no loads that
+might alias the output, so LLVM vectorizes it (per tensor, fake quantization
+then costs about one memory pass).
 Sums are accumulated in float64 per block and the blocks added in order, so
 results do not depend on the number of threads.
 
@@ -80,12 +83,29 @@ def _segment(i, stop, qi, c, p, g, P, C, Q):
     return i + seg, ch, qi, c, p, g
 
 
+@njit(cache=True, inline="always")
+def _stats_run(x, i, end, want_sum):
+    """(min, max, sum|x| in float64, non-finite count) of x[i:end], branch-free."""
+    lo = x[i]
+    hi = x[i]
+    nbad = 0
+    for j in range(i, end):
+        v = x[j]
+        lo = min(lo, v)
+        hi = max(hi, v)
+        nbad += not abs(v) < np.inf
+    acc = 0.0
+    if want_sum:  # a serial float64 chain, the slowest part: only when asked
+        for j in range(i, end):
+            acc += abs(x[j])
+    return lo, hi, acc, nbad
+
+
 @njit(cache=True, parallel=True)
 def tensor_stats(x, G, P, C, Q, want_sum):
     """Per-channel (min, max, sum|x| as float64 or zeros unless ``want_sum``, count of
-    non-finite entries). The float64 sum is a serial dependency chain, the slowest
-    part, hence optional. min/max/sum are meaningless when the count is positive;
-    the caller raises then.
+    non-finite entries). min/max/sum are meaningless when the count is positive; the
+    caller raises then.
     """
     n = x.size
     nch = G * C
@@ -96,25 +116,17 @@ def tensor_stats(x, G, P, C, Q, want_sum):
     bad = np.zeros(nblocks, np.int64)
     for blk in prange(nblocks):
         i, stop, qi, c, p, g = _block(blk, n, P, C, Q)
-        nbad = 0
+        if nch == 1:  # per tensor: one run per block
+            pmin[blk, 0], pmax[blk, 0], psum[blk, 0], bad[blk] = _stats_run(x, i, stop, want_sum)
+            continue
         while i < stop:
             end, ch, qi, c, p, g = _segment(i, stop, qi, c, p, g, P, C, Q)
-            lo = x[i]
-            hi = x[i]
-            acc = 0.0
-            for j in range(i, end):  # branch-free; a NaN/inf only has to be counted
-                v = x[j]
-                lo = min(lo, v)
-                hi = max(hi, v)
-                nbad += not abs(v) < np.inf
-            if want_sum:
-                for j in range(i, end):
-                    acc += abs(x[j])
+            lo, hi, acc, nbad = _stats_run(x, i, end, want_sum)
             pmin[blk, ch] = min(pmin[blk, ch], lo)
             pmax[blk, ch] = max(pmax[blk, ch], hi)
             psum[blk, ch] += acc
+            bad[blk] += nbad
             i = end
-        bad[blk] = nbad
     mins = np.full(nch, np.inf)
     maxs = np.full(nch, -np.inf)
     sums = np.zeros(nch)
@@ -124,6 +136,29 @@ def tensor_stats(x, G, P, C, Q, want_sum):
             maxs[ch] = max(maxs[ch], pmax[blk, ch])
             sums[ch] += psum[blk, ch]
     return mins, maxs, sums, bad.sum()
+
+
+@njit(cache=True, inline="always")
+def _quantize_run(x, out, codes, want_codes, i, end, iv, z, qmin, qmax, mode):
+    """Fake-quantize x[i:end] with one (inv, zp); returns the non-finite count."""
+    nbad = 0
+    if mode == 0:  # the default, with np.rint inline
+        for j in range(i, end):
+            v = x[j]
+            nbad += not abs(v) < np.inf
+            q = min(max(np.rint(v * iv) + z, qmin), qmax)
+            out[j] = (q - z) / iv
+            if want_codes:
+                codes[j] = q
+    else:
+        for j in range(i, end):
+            v = x[j]
+            nbad += not abs(v) < np.inf
+            q = min(max(round_code(v * iv, mode) + z, qmin), qmax)
+            out[j] = (q - z) / iv
+            if want_codes:
+                codes[j] = q
+    return nbad
 
 
 @njit(cache=True, parallel=True)
@@ -138,21 +173,35 @@ def fake_quant_forward(x, inv, zp, qmin, qmax, mode, G, P, C, Q, out, codes, wan
     bad = np.zeros(nblocks, np.int64)
     for blk in prange(nblocks):
         i, stop, qi, c, p, g = _block(blk, n, P, C, Q)
-        nbad = 0
+        if G * C == 1:  # per tensor: one run per block, no segment bookkeeping
+            bad[blk] = _quantize_run(x, out, codes, want_codes, i, stop, inv[0], zp[0], qmin, qmax, mode)
+            continue
         while i < stop:
             end, ch, qi, c, p, g = _segment(i, stop, qi, c, p, g, P, C, Q)
-            iv = inv[ch]
-            z = zp[ch]
-            for j in range(i, end):
-                v = x[j]
-                nbad += not abs(v) < np.inf
-                q = min(max(round_code(v * iv, mode) + z, qmin), qmax)
-                out[j] = (q - z) / iv
-                if want_codes:
-                    codes[j] = q
+            bad[blk] += _quantize_run(x, out, codes, want_codes, i, end, inv[ch], zp[ch], qmin, qmax, mode)
             i = end
-        bad[blk] = nbad
     return bad.sum()
+
+
+@njit(cache=True, inline="always")
+def _ste_run(x, grad, dx, i, end, iv, z, qmin, qmax, mode, want_step):
+    """Clipped STE over x[i:end] into dx; returns sum(grad * d x_hat / d step) (float64)."""
+    acc = 0.0
+    for j in range(i, end):
+        v = x[j] * iv
+        r = round_code(v, mode)
+        if r + z < qmin:
+            dx[j] = 0.0
+            d = qmin - z
+        elif r + z > qmax:
+            dx[j] = 0.0
+            d = qmax - z
+        else:
+            dx[j] = grad[j]
+            d = r - v
+        if want_step:
+            acc += grad[j] * d
+    return acc
 
 
 @njit(cache=True, parallel=True)
@@ -175,24 +224,7 @@ def ste_backward(x, grad, inv, zp, qmin, qmax, mode, G, P, C, Q, want_step, dx):
         i, stop, qi, c, p, g = _block(blk, n, P, C, Q)
         while i < stop:
             end, ch, qi, c, p, g = _segment(i, stop, qi, c, p, g, P, C, Q)
-            iv = inv[ch]
-            z = zp[ch]
-            acc = 0.0
-            for j in range(i, end):
-                v = x[j] * iv
-                r = round_code(v, mode)
-                if r + z < qmin:
-                    dx[j] = 0.0
-                    d = qmin - z
-                elif r + z > qmax:
-                    dx[j] = 0.0
-                    d = qmax - z
-                else:
-                    dx[j] = grad[j]
-                    d = r - v
-                if want_step:
-                    acc += grad[j] * d
-            pstep[blk, ch] += acc
+            pstep[blk, ch] += _ste_run(x, grad, dx, i, end, inv[ch], zp[ch], qmin, qmax, mode, want_step)
             i = end
     out = np.zeros(nch)
     for blk in range(nblocks):
