@@ -5,6 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qs4d_np.kernels import elementwise as ew
+from qs4d_np.kernels import matmul as mm
 from qs4d_np.kernels import norm as nk
 from reference import ops as ref
 
@@ -148,3 +149,36 @@ def test_parallel_and_serial_agree_bitwise_above_threshold():
     ser = nk.layernorm_backward.serial(x, w, mean, rstd, g, np.empty_like(x))
     for a, b in zip(par, ser):
         np.testing.assert_array_equal(a, b)
+
+
+@SETTINGS
+@given(st.integers(1, 300), st.integers(1, 20), st.integers(1, 20), st.integers(0, 2**32 - 1),
+       st.sampled_from([0, 1 << 62]))
+def test_row_split_matmuls(rows, k, n, seed, min_flops):
+    """Split (threshold 0) and unsplit (huge threshold) products against float64 a @ b."""
+    rng = np.random.default_rng(seed)
+    a = rng.standard_normal((rows, k)).astype(np.float32)
+    b = rng.standard_normal((k, n)).astype(np.float32)
+    c = rng.standard_normal((rows, n)).astype(np.float32)
+    saved = mm.MIN_SPLIT_FLOPS
+    mm.MIN_SPLIT_FLOPS = min_flops
+    try:
+        ab = mm.matmul(a, b)
+        out = np.empty((rows, n), np.float32)
+        assert mm.matmul(a, b, out=out) is out
+        atc = mm.matmul_tn(a, c)
+    finally:
+        mm.MIN_SPLIT_FLOPS = saved
+    # float32 products: error ~ sqrt(terms) * 6e-8 * |a||b|, far below 1e-4 of the
+    # largest possible magnitude (sum of |a_i||b_i|)
+    bound_ab = 1e-5 * (np.abs(a).astype(np.float64) @ np.abs(b)) + 1e-6
+    assert np.all(np.abs(ab - ref.linear(a, b)) <= bound_ab)
+    np.testing.assert_array_equal(out, ab)
+    bound_tc = 1e-5 * (np.abs(a).T.astype(np.float64) @ np.abs(c)) + 1e-6
+    assert np.all(np.abs(atc - ref.linear(a.T, c)) <= bound_tc)
+    assert ab.dtype == atc.dtype == np.float32
+
+
+def test_matmul_tn_checks_rows():
+    with pytest.raises(ValueError, match=r"b must have 3 rows like a, got shape \(4, 2\)"):
+        mm.matmul_tn(np.zeros((3, 2)), np.zeros((4, 2)))

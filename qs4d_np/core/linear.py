@@ -1,10 +1,11 @@
-"""Affine map over the last axis: y = x @ weight + bias (BLAS on a 2-D view)."""
+"""Affine map over the last axis: y = x @ weight + bias (BLAS on a 2-D view, rows split over threads)."""
 from __future__ import annotations
 
 import numpy as np
 
 from qs4d_np.core.checks import check_array, check_int
 from qs4d_np.core.module import Module
+from qs4d_np.kernels.matmul import matmul, matmul_tn
 
 
 def sum_rows(g2: np.ndarray, dtype: np.dtype) -> np.ndarray:
@@ -46,7 +47,7 @@ class Linear(Module):
 
     def forward(self, x: np.ndarray, training: bool = False) -> np.ndarray:
         x2 = self.rows(x)
-        y = np.matmul(x2, self._params["weight"])
+        y = matmul(x2, self._params["weight"])
         if "bias" in self._params:
             y += self._params["bias"]
         self._cache = (x2, x.shape)
@@ -57,7 +58,7 @@ class Linear(Module):
         out_shape = (*shape[:-1], self.d_out)
         grad = check_array("grad", grad, shape=out_shape, finite=False)
         g2 = np.ascontiguousarray(grad, dtype=self.dtype).reshape(-1, self.d_out)
-        self._grads["weight"] = x2.T @ g2
+        self._grads["weight"] = matmul_tn(x2, g2)
         if "bias" in self._params:
             self._grads["bias"] = sum_rows(g2, self.dtype)
-        return (g2 @ self._params["weight"].T).reshape(shape)
+        return matmul(g2, self._params["weight"].T).reshape(shape)

@@ -8,13 +8,15 @@ from qs4d_np.core.checks import check_int
 from qs4d_np.core.linear import Linear
 from qs4d_np.core.module import Module
 from qs4d_np.kernels.elementwise import glu_backward, glu_forward
+from qs4d_np.kernels.matmul import matmul, matmul_tn
 
 
 class PointwiseGLU(Module):
     """y = GLU(x @ W + b) over the last axis: x (..., H) -> y (..., H).
 
     Child ``linear`` = Linear(H, 2H) holds the parameters (``linear.weight``
-    (H, 2H), ``linear.bias`` (2H,)); the product x @ W runs in BLAS and one
+    (H, 2H), ``linear.bias`` (2H,)); the product x @ W runs in BLAS
+    (``kernels.matmul``) and one
     Numba pass adds the bias and applies the gate, so the biased
     pre-activation is never stored.
     """
@@ -28,7 +30,7 @@ class PointwiseGLU(Module):
 
     def forward(self, x: np.ndarray, training: bool = False) -> np.ndarray:
         x2 = self.linear.rows(x)
-        z = np.matmul(x2, self.linear._params["weight"])
+        z = matmul(x2, self.linear._params["weight"])
         out = np.empty((x2.shape[0], self.d_model), dtype=self.dtype)
         gate = np.empty_like(out)
         glu_forward(z, self.linear._params["bias"], out, gate)
@@ -40,6 +42,6 @@ class PointwiseGLU(Module):
         g2 = matching_grad(grad, shape, self.dtype).reshape(-1, self.d_model)
         dz = np.empty_like(z)
         dbias = glu_backward(z, self.linear._params["bias"], gate, g2, dz)
-        self.linear._grads["weight"] = x2.T @ dz
+        self.linear._grads["weight"] = matmul_tn(x2, dz)
         self.linear._grads["bias"] = dbias.astype(self.dtype)
-        return (dz @ self.linear._params["weight"].T).reshape(shape)
+        return matmul(dz, self.linear._params["weight"].T).reshape(shape)
