@@ -126,8 +126,9 @@ def _unpack(u, Abar, Bbar, C, D, inv):
 
 
 def quant_scan_ref(u, Abar, Bbar, C, D, inv, qmin, qmax, rounding="half_even", clip=math.inf,
-                   quantize=True, frozen=None):
-    """Forward twin: y (B, L, H) float64; inv (H, 2).
+                   quantize=True, frozen=None, return_absmax=False):
+    """Forward twin: y (B, L, H) float64; inv (H, 2). ``return_absmax`` also returns the
+    (H, 2) max |Re x|, |Im x| over the states (the twin of ``quant_scan_state_absmax``).
 
     With a dict ``frozen`` the state quantizer is replaced by its LSQ surrogate
     (``_surrogate_part``; residuals recorded on the first call, ties-to-even): equal to the
@@ -137,6 +138,7 @@ def quant_scan_ref(u, Abar, Bbar, C, D, inv, qmin, qmax, rounding="half_even", c
     M = np.shape(Abar)[1]
     u, Ar, Ai, Br, Bi, Cr, Ci, D, inv = _unpack(u, Abar, Bbar, C, D, inv)
     y = np.zeros((B, L, H))
+    absmax = np.zeros((H, 2))
     for b in range(B):
         for h in range(H):
             xr, xi = [0.0] * M, [0.0] * M
@@ -151,8 +153,9 @@ def quant_scan_ref(u, Abar, Bbar, C, D, inv, qmin, qmax, rounding="half_even", c
                         xr[n] = _surrogate_part(xr[n], inv[h][0], qmin, qmax, (b, h, t, n, 0), frozen)
                         xi[n] = _surrogate_part(xi[n], inv[h][1], qmin, qmax, (b, h, t, n, 1), frozen)
                     acc += Cr[h][n] * xr[n] - Ci[h][n] * xi[n]
+                    absmax[h] = np.maximum(absmax[h], [abs(xr[n]), abs(xi[n])])
                 y[b, t, h] = 2.0 * acc + D[h] * ut
-    return y
+    return (y, absmax) if return_absmax else y
 
 
 def quant_scan_backward_ref(u, Abar, Bbar, C, D, inv, qmin, qmax, gy, rounding="half_even",

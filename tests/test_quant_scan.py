@@ -5,7 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qs4d_np.quant.fake import QuantSpec
-from qs4d_np.quant.scan import StateQuant, quant_scan, quant_scan_backward
+from qs4d_np.quant.scan import StateQuant, quant_scan, quant_scan_backward, state_absmax
 from reference.gradcheck import grad_error, numerical_grad
 from reference.quant import quant_scan_backward_ref, quant_scan_ref
 
@@ -47,6 +47,27 @@ def test_kernel_matches_loop_twin_bit_for_bit(seed, B, L, H, M, levels, grid, ro
     want["step"] = state.reduce_step(want["step"])
     for key in ("u", "Abar", "Bbar", "C", "D", "step"):
         assert np.array_equal(got[key], want[key]), key
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), B=st.integers(1, 3), L=st.integers(1, 8), H=st.integers(1, 3),
+       M=st.integers(1, 4), quantize=st.booleans(), clip=st.sampled_from([np.inf, 0.5]))
+def test_state_absmax_matches_twin_and_calibrates(seed, B, L, H, M, quantize, clip):
+    u, Abar, Bbar, C, D = _layer(seed, B, L, H, M)
+    state = StateQuant(QuantSpec(63) if quantize else None, np.random.default_rng(seed).uniform(5, 50, (H, 2)))
+    got = state_absmax(u, Abar, Bbar, state, clip)
+    inv2, qmin, qmax = _twin_args(state, H)
+    _, want = quant_scan_ref(u, Abar, Bbar, C, D, inv2, qmin, qmax, clip=clip, quantize=quantize,
+                             return_absmax=True)
+    assert np.array_equal(got, want)
+    # calibrated on float states: with that range no state code saturates
+    spec = QuantSpec(255, power_of_two=True)
+    float_max = state_absmax(u, Abar, Bbar, StateQuant(None), clip)
+    for gran in ("tensor", "channel", "part"):
+        cal = StateQuant.calibrated(spec, float_max, gran)
+        inv = cal.per_channel_inv(H, np.float64)
+        assert np.all(np.frexp(inv)[0] == 0.5)  # powers of two
+        assert np.all(float_max * inv <= spec.code_grid.qmax + 0.5)
 
 
 def test_one_step_by_hand():
@@ -152,6 +173,10 @@ def test_bad_input():
         quant_scan(u, Abar, Bbar, C, D, ok, clip=0.0)
     with pytest.raises(TypeError, match="state must be a StateQuant"):
         quant_scan(u, Abar, Bbar, C, D, 8.0)
+    with pytest.raises(ValueError, match="granularity must be one of"):
+        StateQuant.calibrated(QuantSpec(16), np.ones((2, 2)), "head")
+    with pytest.raises(ValueError, match="absmax must have shape \\(\\*, 2\\)"):
+        StateQuant.calibrated(QuantSpec(16), np.ones((2, 3)))
     _, cache = quant_scan(u, Abar, Bbar, C, D, ok)
     with pytest.raises(ValueError, match="gy must have the forward output's shape"):
         quant_scan_backward(np.ones((1, 3, 2)), cache)

@@ -178,3 +178,34 @@ def quant_scan_backward(u, Ar, Ai, Br, Bi, Cr, Ci, D, inv, qmin, qmax, mode, cli
         dstep[h, 0] = gs_r
         dstep[h, 1] = gs_i
     return dAr, dAi, dBr, dBi, dCr, dCi, dD, dstep
+
+
+@njit(cache=True, parallel=True)
+def quant_scan_state_absmax(u, Ar, Ai, Br, Bi, inv, qmin, qmax, mode, clip, quantize):
+    """max |x_t| over batch, time and modes, per channel and part: (H, 2) float64.
+
+    The states are those of ``quant_scan_forward`` with the same arguments (run it
+    with ``quantize=False`` to calibrate a state quantizer from float states).
+    """
+    B, L, H = u.shape
+    M = Ar.shape[1]
+    out = np.zeros((H, 2))
+    for h in prange(H):
+        ar, ai, br, bi = Ar[h], Ai[h], Br[h], Bi[h]
+        xr = np.zeros(M, dtype=u.dtype)
+        xi = np.zeros(M, dtype=u.dtype)
+        m_r = 0.0
+        m_i = 0.0
+        for b in range(B):
+            xr[:] = 0.0
+            xi[:] = 0.0
+            for t in range(L):
+                ut = u[b, t, h]
+                for n in range(M):
+                    xr[n], xi[n], _, _, _, _ = _state_step(xr[n], xi[n], ar[n], ai[n], br[n], bi[n], ut, clip,
+                                                           quantize, inv[h, 0], inv[h, 1], qmin, qmax, mode)
+                    m_r = max(m_r, abs(np.float64(xr[n])))
+                    m_i = max(m_i, abs(np.float64(xi[n])))
+        out[h, 0] = m_r
+        out[h, 1] = m_i
+    return out

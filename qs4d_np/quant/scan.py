@@ -8,6 +8,8 @@ shared by the real and imaginary parts) or (H, 2) (per channel and part).
 
     y, cache = quant_scan(u, Abar, Bbar, C, D, state, clip)
     grads    = quant_scan_backward(gy, cache)   # du, Abar, Bbar, C, D, step
+    absmax   = state_absmax(u, Abar, Bbar, StateQuant(None), clip)   # calibration, (H, 2)
+    state    = StateQuant.calibrated(spec, absmax, "channel")
 
 Abar, Bbar, C are (H, M) complex, already quantized by the caller, whose
 straight-through backward takes the gradients returned here. Complex
@@ -58,6 +60,23 @@ class StateQuant:
             raise ValueError(f"inv must be a scalar, shape ({H},) or ({H}, 2), got shape {inv.shape}")
         return out.astype(dtype)
 
+    @classmethod
+    def calibrated(cls, spec: QuantSpec, absmax: np.ndarray, granularity: str = "channel",
+                   ste: str = "identity") -> "StateQuant":
+        """A state quantizer whose range is ``absmax`` ((H, 2), e.g. from ``state_absmax``).
+
+        granularity: ``tensor`` (one inv), ``channel`` (per channel, shared by the parts),
+        ``part`` (per channel and part). inv = qpos / range as ``QuantSpec.scales`` computes
+        it (floored at min_range, rounded down to a power of two when spec.power_of_two).
+        """
+        check_choice("granularity", granularity, ("tensor", "channel", "part"))
+        absmax = check_array("absmax", absmax, ndim=2, shape=(None, 2))
+        r = {"tensor": absmax.max(keepdims=True).reshape(()), "channel": absmax.max(axis=1),
+             "part": absmax}[granularity]
+        r = np.asarray(r, dtype=np.float64)
+        inv, _ = spec.scales(-r.reshape(-1), r.reshape(-1), np.dtype(np.float64))
+        return cls(spec, inv.reshape(r.shape) if r.shape else float(inv[0]), ste)
+
     def reduce_step(self, dstep: np.ndarray) -> np.ndarray:
         """(H, 2) step gradient -> the shape of ``inv``."""
         shape = np.shape(self.inv)
@@ -96,6 +115,14 @@ def _kernel_args(cache: ScanCache) -> tuple:
 def quant_scan(u: np.ndarray, Abar: np.ndarray, Bbar: np.ndarray, C: np.ndarray, D: np.ndarray,
                state: StateQuant, clip: float = np.inf) -> tuple[np.ndarray, ScanCache]:
     """y (B, L, H) of the quantized-state scan; u float32/float64 sets the dtype."""
+    cache = _checked(u, Abar, Bbar, C, D, state, clip)
+    y = np.empty_like(cache.u)
+    kern.quant_scan_forward(*_kernel_args(cache), y)
+    return y, cache
+
+
+def _checked(u, Abar, Bbar, C, D, state, clip) -> ScanCache:
+    """Validate the arguments and convert them to the kernels' planes and dtype."""
     if not isinstance(state, StateQuant):
         raise TypeError(f"state must be a StateQuant, got {type(state).__name__}")
     Abar = check_array("Abar", Abar, ndim=2, allow_complex=True)
@@ -109,10 +136,19 @@ def quant_scan(u: np.ndarray, Abar: np.ndarray, Bbar: np.ndarray, C: np.ndarray,
     D = np.ascontiguousarray(check_array("D", D, shape=(H,)), dtype=dtype)
     planes = (*_planes("Abar", Abar, H, M, dtype), *_planes("Bbar", Bbar, H, M, dtype),
               *_planes("C", C, H, M, dtype))
-    cache = ScanCache(np.ascontiguousarray(u), planes, D, state.per_channel_inv(H, dtype), state, clip)
-    y = np.empty_like(cache.u)
-    kern.quant_scan_forward(*_kernel_args(cache), y)
-    return y, cache
+    return ScanCache(np.ascontiguousarray(u), planes, D, state.per_channel_inv(H, dtype), state, clip)
+
+
+def state_absmax(u: np.ndarray, Abar: np.ndarray, Bbar: np.ndarray, state: StateQuant,
+                 clip: float = np.inf) -> np.ndarray:
+    """max |Re x| and max |Im x| per channel, (H, 2) float64, over the scan's states.
+
+    Use ``StateQuant(None)`` to calibrate from float states, then ``StateQuant.calibrated``.
+    """
+    H, M = check_array("Abar", Abar, ndim=2, allow_complex=True).shape
+    cache = _checked(u, Abar, Bbar, np.zeros((H, M)), np.zeros(H), state, clip)  # C, D unused
+    args = _kernel_args(cache)
+    return kern.quant_scan_state_absmax(args[0], *args[1:5], *args[8:14])
 
 
 def quant_scan_backward(gy: np.ndarray, cache: ScanCache) -> dict[str, np.ndarray]:
