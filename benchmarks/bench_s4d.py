@@ -7,7 +7,8 @@ per-op breakdown of one further step (exclusive times: an op's own time
 without its children's); the recurrent scan's throughput in mode-updates/s
 (batch * length * d_model * d_state/2 complex updates per second of the S4D
 layer's recurrent path, forward and backward); and the peak resident memory
-(ru_maxrss). Each mode runs in its own subprocess so the memory peaks are
+(ru_maxrss). CPU time per step (all threads) is printed too: on a shared
+machine it varies less than wall time. Each mode runs in its own subprocess so the memory peaks are
 separate. Targets: conv step <= 1.5 s, recurrent step <= 3x conv, peak <= 3 GB.
 
 The machine may be shared: the 1-minute load average is printed next to the numbers.
@@ -95,15 +96,16 @@ def run_mode(mode: str, batch: int, length: int, repeats: int) -> dict[str, Any]
     x = rng.standard_normal((batch, length, 1)).astype(np.float32)
     labels = rng.integers(0, 10, batch)
 
-    def step() -> tuple[float, float]:
+    def step() -> tuple[float, float, float]:
+        c0 = time.process_time()
         t0 = time.perf_counter()
         loss_fn.forward(model.forward(x, training=True), labels)
         t1 = time.perf_counter()
         model.backward(loss_fn.backward())
-        return t1 - t0, time.perf_counter() - t1
+        return t1 - t0, time.perf_counter() - t1, time.process_time() - c0
 
     step()  # warm-up: Numba compilation / cache load, first-touch allocations
-    fwd, bwd = np.array([step() for _ in range(repeats)]).T
+    fwd, bwd, cpu = np.array([step() for _ in range(repeats)]).T
     times, undo = instrument(model)
     step()
     undo()
@@ -128,6 +130,7 @@ def run_mode(mode: str, batch: int, length: int, repeats: int) -> dict[str, Any]
         "mode": mode, "batch": batch, "length": length, "repeats": repeats,
         "step_s": float(np.median(fwd + bwd)), "forward_s": float(np.median(fwd)),
         "backward_s": float(np.median(bwd)), "steps_s": (fwd + bwd).tolist(),
+        "cpu_s": float(np.median(cpu)),
         "breakdown_s": breakdown,
         "scan_forward_updates_per_s": updates / float(np.median(scan_f)),
         "scan_backward_updates_per_s": updates / float(np.median(scan_b)),
@@ -142,6 +145,7 @@ def report(results: list[dict[str, Any]]) -> None:
               f"(load {r['load_1min']:.2f}) ==")
         print(f"step {r['step_s']:.3f} s = forward {r['forward_s']:.3f} s + backward {r['backward_s']:.3f} s"
               f"   (all steps: {', '.join(f'{t:.3f}' for t in r['steps_s'])})")
+        print(f"CPU time per step, all threads: {r['cpu_s']:.3f} s (wall >= CPU / cores on an idle machine)")
         print(f"scan (S4D recurrent path, H=128, N=64): forward {r['scan_forward_updates_per_s']:.3g}, "
               f"backward {r['scan_backward_updates_per_s']:.3g} mode-updates/s")
         print(f"peak memory (ru_maxrss): {r['peak_rss_gb']:.2f} GB")
