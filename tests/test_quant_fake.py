@@ -105,6 +105,43 @@ def test_kernel_matches_twin(seed, n, grid, symmetric, per_channel, scale_mode, 
     assert np.array_equal(got.inv_scale, inv.astype(np.float64))
 
 
+@pytest.mark.parametrize("axis", [None, 0, 1, -1])
+@pytest.mark.parametrize("dtype", [np.float32, np.complex128])
+def test_kernels_across_blocks(axis, dtype):
+    """> CHUNK elements with a last axis (19) that does not divide CHUNK: runs cross block
+    and row boundaries; forward, clipped STE and LSQ step against NumPy formulas."""
+    rng = np.random.default_rng(12)
+    shape = (130, 7, 19)
+    x = rng.normal(size=shape) * rng.uniform(0.1, 3.0, size=shape[-1])
+    if np.dtype(dtype).kind == "c":
+        x = x + 1j * rng.normal(size=shape)
+    x = x.astype(dtype)
+    opts = dict(axis=axis, rounding="half_away", symmetric=axis != 0)
+    got = quantize(x, 21, **opts)
+    want, q, inv, zp = fake_quant_ref(x, 21, **opts)
+    assert np.array_equal(got.q, q) and np.array_equal(got.dequantize(), want)
+    # backward with a fixed range that cuts about half of the entries
+    spec = QuantSpec(21, axis=axis)
+    lay = spec.layout(x)
+    r = np.full(lay.channels, 0.7)
+    _, state = spec.forward(x, scale_mode="fixed", fixed_range=r)
+    g = (rng.normal(size=shape) + (1j * rng.normal(size=shape) if np.iscomplexobj(x) else 0)).astype(dtype)
+    dx, dstep = ste_backward(g, x, state, "clipped", want_step=True)
+    parts = lambda a: np.stack([a.real, a.imag]) if np.iscomplexobj(a) else a  # noqa: E731
+    xs, gs = parts(x).astype(np.float64), parts(g).astype(np.float64)
+    inv_b = lay.broadcast(state.inv).astype(np.float64)
+    v = parts(x) * lay.broadcast(state.inv)  # in x's dtype, as the kernel
+    code = np.rint(v)
+    inside = np.abs(code) <= 10
+    np.testing.assert_array_equal(parts(dx), np.where(inside, gs, 0.0).astype(parts(dx).dtype))
+    d = np.where(inside, code - v, np.sign(code) * 10).astype(np.float64)
+    per = (gs * d)
+    red = tuple(i for i in range(per.ndim) if inv_b.shape[i] == 1)
+    want_step = per.sum(axis=red).reshape(-1)
+    np.testing.assert_allclose(dstep, want_step, rtol=1e-9, atol=1e-9)  # float64 sums, other order
+    assert 0.2 < inside.mean() < 0.9 and xs.size > 16384
+
+
 # -- properties ------------------------------------------------------------------
 @SETTINGS
 @given(seed=st.integers(0, 2**31 - 1), n=st.integers(3, 40), symmetric=st.booleans(),

@@ -8,11 +8,11 @@ P = prod(S[:a]), C = S[a], Q = prod(S[a+1:]); complex tensors are stacked as
 (the parts folded into P) for one shared scale.
 
 The flat index is cut into fixed ``CHUNK``-element blocks for ``prange``, and
-each block into runs of one channel (at most Q elements; per tensor, the whole
-block). A run is processed by an inlined ``_*_run`` helper whose scale and zero
-point are plain arguments and whose rounding rule is dispatched once per run:
-the inner loop has no integer division, no branch on the rule and no loads that
-might alias the output, so LLVM vectorizes it (per tensor, fake quantization
+each block into runs: of one channel (at most Q elements; per tensor, the whole
+block) or, when Q = 1 (per channel along the last axis), of consecutive
+channels. A run is processed by an inlined ``_*_run`` helper whose rounding
+rule is dispatched once per run: the inner loop has no integer division and
+no branch on the rule, so LLVM vectorizes it (per tensor, fake quantization
 then costs about one memory pass).
 Sums are accumulated in float64 per block and the blocks added in order, so
 results do not depend on the number of threads.
@@ -66,21 +66,31 @@ def _block(blk, n, P, C, Q):
 
 @njit(cache=True, inline="always")
 def _segment(i, stop, qi, c, p, g, P, C, Q):
-    """From flat index i at counters (qi, c, p, g): (end of the one-channel segment, its
-    channel g*C + c, the counters at that end)."""
-    seg = min(Q - qi, stop - i)
+    """The run starting at flat index i with counters (qi, c, p, g): (its end, its first
+    channel g*C + c, the channel step inside it, the counters at its end).
+
+    Q > 1: a run of one channel (step 0). Q = 1 (per channel along the last axis): a run
+    over consecutive channels c..C-1 (step 1), so runs stay long in that case too.
+    """
     ch = g * C + c
-    qi += seg
-    if qi == Q:
-        qi = 0
-        c += 1
-        if c == C:
-            c = 0
-            p += 1
-            if p == P:
-                p = 0
-                g += 1
-    return i + seg, ch, qi, c, p, g
+    if Q == 1:
+        seg = min(C - c, stop - i)
+        c += seg
+        step = 1
+    else:
+        seg = min(Q - qi, stop - i)
+        qi += seg
+        step = 0
+        if qi == Q:
+            qi = 0
+            c += 1
+    if c == C:
+        c = 0
+        p += 1
+        if p == P:
+            p = 0
+            g += 1
+    return i + seg, ch, step, qi, c, p, g
 
 
 @njit(cache=True, inline="always")
@@ -99,6 +109,21 @@ def _stats_run(x, i, end, want_sum):
         for j in range(i, end):
             acc += abs(x[j])
     return lo, hi, acc, nbad
+
+
+@njit(cache=True, inline="always")
+def _stats_cols(x, i, end, ch0, pmin, pmax, psum):
+    """Fold x[i:end], element j of channel ch0 + j - i, into one block's partial rows;
+    returns the non-finite count (sums always: one add per element is cheap here)."""
+    nbad = 0
+    for j in range(i, end):
+        k = ch0 + j - i
+        v = x[j]
+        pmin[k] = min(pmin[k], v)
+        pmax[k] = max(pmax[k], v)
+        psum[k] += abs(v)
+        nbad += not abs(v) < np.inf
+    return nbad
 
 
 @njit(cache=True, parallel=True)
@@ -120,7 +145,11 @@ def tensor_stats(x, G, P, C, Q, want_sum):
             pmin[blk, 0], pmax[blk, 0], psum[blk, 0], bad[blk] = _stats_run(x, i, stop, want_sum)
             continue
         while i < stop:
-            end, ch, qi, c, p, g = _segment(i, stop, qi, c, p, g, P, C, Q)
+            end, ch, step, qi, c, p, g = _segment(i, stop, qi, c, p, g, P, C, Q)
+            if step == 1:
+                bad[blk] += _stats_cols(x, i, end, ch, pmin[blk], pmax[blk], psum[blk])
+                i = end
+                continue
             lo, hi, acc, nbad = _stats_run(x, i, end, want_sum)
             pmin[blk, ch] = min(pmin[blk, ch], lo)
             pmax[blk, ch] = max(pmax[blk, ch], hi)
@@ -139,23 +168,26 @@ def tensor_stats(x, G, P, C, Q, want_sum):
 
 
 @njit(cache=True, inline="always")
-def _quantize_run(x, out, codes, want_codes, i, end, iv, z, qmin, qmax, mode):
-    """Fake-quantize x[i:end] with one (inv, zp); returns the non-finite count."""
+def _quantize_run(x, out, codes, want_codes, i, end, inv, zp, ch0, chstep, qmin, qmax, mode):
+    """Fake-quantize x[i:end]; element j uses channel ch0 + (j - i) * chstep (chstep 0: one
+    channel, 1: consecutive channels, the last-axis case). Returns the non-finite count."""
     nbad = 0
     if mode == 0:  # the default, with np.rint inline
         for j in range(i, end):
+            k = ch0 + (j - i) * chstep
             v = x[j]
             nbad += not abs(v) < np.inf
-            q = min(max(np.rint(v * iv) + z, qmin), qmax)
-            out[j] = (q - z) / iv
+            q = min(max(np.rint(v * inv[k]) + zp[k], qmin), qmax)
+            out[j] = (q - zp[k]) / inv[k]
             if want_codes:
                 codes[j] = q
     else:
         for j in range(i, end):
+            k = ch0 + (j - i) * chstep
             v = x[j]
             nbad += not abs(v) < np.inf
-            q = min(max(round_code(v * iv, mode) + z, qmin), qmax)
-            out[j] = (q - z) / iv
+            q = min(max(round_code(v * inv[k], mode) + zp[k], qmin), qmax)
+            out[j] = (q - zp[k]) / inv[k]
             if want_codes:
                 codes[j] = q
     return nbad
@@ -174,21 +206,24 @@ def fake_quant_forward(x, inv, zp, qmin, qmax, mode, G, P, C, Q, out, codes, wan
     for blk in prange(nblocks):
         i, stop, qi, c, p, g = _block(blk, n, P, C, Q)
         if G * C == 1:  # per tensor: one run per block, no segment bookkeeping
-            bad[blk] = _quantize_run(x, out, codes, want_codes, i, stop, inv[0], zp[0], qmin, qmax, mode)
+            bad[blk] = _quantize_run(x, out, codes, want_codes, i, stop, inv, zp, 0, 0, qmin, qmax, mode)
             continue
         while i < stop:
-            end, ch, qi, c, p, g = _segment(i, stop, qi, c, p, g, P, C, Q)
-            bad[blk] += _quantize_run(x, out, codes, want_codes, i, end, inv[ch], zp[ch], qmin, qmax, mode)
+            end, ch, step, qi, c, p, g = _segment(i, stop, qi, c, p, g, P, C, Q)
+            bad[blk] += _quantize_run(x, out, codes, want_codes, i, end, inv, zp, ch, step, qmin, qmax, mode)
             i = end
     return bad.sum()
 
 
 @njit(cache=True, inline="always")
-def _ste_run(x, grad, dx, i, end, iv, z, qmin, qmax, mode, want_step):
-    """Clipped STE over x[i:end] into dx; returns sum(grad * d x_hat / d step) (float64)."""
+def _ste_run(x, grad, dx, i, end, inv, zp, ch0, chstep, qmin, qmax, mode, want_step, pstep):
+    """Clipped STE over x[i:end] into dx (channels as in ``_quantize_run``); adds
+    grad * d x_hat / d step to pstep[channel] (float64) when ``want_step``."""
     acc = 0.0
     for j in range(i, end):
-        v = x[j] * iv
+        k = ch0 + (j - i) * chstep
+        v = x[j] * inv[k]
+        z = zp[k]
         r = round_code(v, mode)
         if r + z < qmin:
             dx[j] = 0.0
@@ -199,9 +234,14 @@ def _ste_run(x, grad, dx, i, end, iv, z, qmin, qmax, mode, want_step):
         else:
             dx[j] = grad[j]
             d = r - v
-        if want_step:
-            acc += grad[j] * d
-    return acc
+        if want_step:  # in float64: the product of two float32 values is then exact
+            gd = np.float64(grad[j]) * np.float64(d)
+            if chstep == 0:
+                acc += gd
+            else:
+                pstep[k] += gd
+    if want_step and chstep == 0:
+        pstep[ch0] += acc
 
 
 @njit(cache=True, parallel=True)
@@ -223,8 +263,8 @@ def ste_backward(x, grad, inv, zp, qmin, qmax, mode, G, P, C, Q, want_step, dx):
     for blk in prange(nblocks):
         i, stop, qi, c, p, g = _block(blk, n, P, C, Q)
         while i < stop:
-            end, ch, qi, c, p, g = _segment(i, stop, qi, c, p, g, P, C, Q)
-            pstep[blk, ch] += _ste_run(x, grad, dx, i, end, inv[ch], zp[ch], qmin, qmax, mode, want_step)
+            end, ch, step, qi, c, p, g = _segment(i, stop, qi, c, p, g, P, C, Q)
+            _ste_run(x, grad, dx, i, end, inv, zp, ch, step, qmin, qmax, mode, want_step, pstep[blk])
             i = end
     out = np.zeros(nch)
     for blk in range(nblocks):
