@@ -49,13 +49,9 @@ def row_kernel(fn: Callable) -> Callable:
     dispatch.serial = serial
     return dispatch
 
+
 _INV_SQRT2 = 1.0 / math.sqrt(2.0)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
-
-
-def n_row_blocks(rows: int) -> int:
-    """Number of ``ROW_BLOCK``-row blocks covering ``rows`` rows."""
-    return max(1, -(-rows // ROW_BLOCK))
 
 
 @row_kernel
