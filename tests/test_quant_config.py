@@ -58,6 +58,8 @@ def test_options_reach_specs_and_quantizers():
     q = cfg.quantizer_for("act", layer=2, dtype=np.float64)
     assert isinstance(q, Quantizer) and q.scale_mode == "running" and q.spec.axis is None and q.name == "act[2]"
     assert QuantConfig(A=4).quantizer_for("C") is None
+    bits = QuantConfig(all=256, A=16, C="float", target_options={"state": {"grid": "qs4d"}})
+    assert (bits.bits_for("A"), bits.bits_for("dt"), bits.bits_for("state"), bits.bits_for("C")) == (4, 8, 9, None)
 
 
 def test_validation_names_the_problem():

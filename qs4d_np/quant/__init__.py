@@ -26,7 +26,8 @@ imports ``qs4d_np.ssm``):
    discretization (two per-tensor quantizers, or one complex quantizer with
    complex_mode="cartesian" on A); C: complex_mode="shared"; dt: quantize ``log_dt``;
    state: the kernel K and the input u with ``levels // 2`` states (``state`` levels are
-   halved by the caller, as the reference does); linear / coder: the weight only; act:
+   halved by the caller, as the reference does; the reference's state n = 2 leaves one
+   state, all zeros, which we reject: levels must stay >= 2); linear / coder: the weight only; act:
    the block output after GLU. The layer's backward calls each quantizer's
    ``backward`` on the gradient of its output (identity STE by default), then chains
    through the discretization as in float.

@@ -29,7 +29,7 @@ from qs4d_np.quant.quantizer import QUANTIZER_SCALE_MODES, Quantizer
 TARGETS = ("A", "B", "C", "D", "dt", "linear", "act", "state", "coder")
 FLOAT = "float"
 
-# Option name -> allowed values (None: any bool).
+# Option name -> allowed values.
 _OPTION_CHOICES: dict[str, tuple] = {
     "grid": GRIDS,
     "symmetric": (True, False),
@@ -150,6 +150,12 @@ class QuantConfig:
         return QuantSpec(levels, grid=o["grid"], symmetric=o["symmetric"],
                          axis=axis if o["per_channel"] else None, rounding=o["rounding"],
                          power_of_two=o["power_of_two"], complex_mode=o["complex_mode"])
+
+    def bits_for(self, target: str, layer: int | None = None) -> int | None:
+        """Word width the target's codes really need on its grid (None = float), e.g. for
+        the hardware cost metrics: n = 2**b states need b bits on 'narrow'/'full', b+1 on 'qs4d'."""
+        spec = self.spec_for(target, layer)
+        return None if spec is None else spec.bits
 
     def quantizer_for(self, target: str, layer: int | None = None, *, axis: int | None = None,
                       n_scales: int = 1, dtype: type = None, **extra: Any) -> Quantizer | None:
