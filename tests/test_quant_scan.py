@@ -248,3 +248,32 @@ def test_integer_golden_recurrence_long_run_exercises_ties_saturation_and_clip()
     y_golden, y, events = _golden_case(0, 300, 3, 5, 150)
     assert np.array_equal(y, y_golden)
     assert min(events.values()) >= 5, events
+
+
+def test_results_do_not_depend_on_the_thread_count():
+    import numba
+
+    from qs4d_np.quant.fake import QuantSpec as Spec
+    from qs4d_np.quant.fake import ste_backward
+
+    rng = np.random.default_rng(13)
+    x = rng.normal(size=(40, 30, 33)).astype(np.float32)  # > CHUNK: several blocks
+    u, Abar, Bbar, C, D = _layer(14, 3, 20, 4, 3, np.float32)
+    state = StateQuant(QuantSpec(255), 40.0)
+
+    def run():
+        spec = Spec(31, axis=-1)
+        x_hat, st_ = spec.forward(x, scale_mode="absmean")
+        _, dstep = ste_backward(x, x, st_, "clipped", want_step=True)
+        y, cache = quant_scan(u, Abar, Bbar, C, D, state, 2.0)
+        return [x_hat, dstep, y, *quant_scan_backward(y, cache).values()]
+
+    before = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        one = run()
+        numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+        many = run()
+    finally:
+        numba.set_num_threads(before)
+    assert all(np.array_equal(a, b) for a, b in zip(one, many))
