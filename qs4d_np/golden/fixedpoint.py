@@ -17,8 +17,8 @@ from qs4d_np.core.checks import check_int
 # |accumulator| must stay below this so that int64 never overflows.
 INT64_BOUND = 1 << 63
 MAX_SHIFT = 62
-# Multipliers are stored as 32-bit two's-complement words, so at most 2**31 - 1.
-MULT_LIMIT = 1 << 31
+# Multipliers are non-negative 64-bit two's-complement words, so at most 2**63 - 1.
+MULT_LIMIT = 1 << 63
 
 
 def signed_range(width: int) -> tuple[int, int]:
@@ -147,7 +147,7 @@ def check_headroom(name: str, term_bounds: Sequence[int], multipliers: Sequence[
     for bound, mult in zip(term_bounds, multipliers):
         mult = np.asarray(mult)
         if mult.size and (mult.min() < 0 or mult.max() >= MULT_LIMIT):
-            raise ValueError(f"{name} multipliers must lie in [0, 2**31) (signs live in the "
+            raise ValueError(f"{name} multipliers must lie in [0, 2**63) (signs live in the "
                              f"weights), got range [{int(mult.min())}, {int(mult.max())}]")
         # object dtype: Python ints, so the check itself cannot overflow
         worst = worst + mult.astype(object) * int(bound)

@@ -17,30 +17,27 @@ from qs4d_np.golden.fixedpoint import INT64_BOUND, MAX_SHIFT
 from qs4d_np.golden.layer import SSMCoreFormats
 
 MULT_BITS = 31
-# Below this many significant multiplier bits the ratio is too coarse to call
-# the result a model of the float network.
-MIN_MULT_BITS = 16
-
-
-def _normalise(ratio: float) -> tuple[int, int]:
-    """(M0, shift) with M0 in [2**30, 2**31) and ratio ~= M0 / 2**shift; shift unchecked."""
-    q, e = math.frexp(ratio)
-    m0 = round(q * (1 << MULT_BITS))  # Python round(): ties to even; q * 2**31 is exact
-    if m0 == 1 << MULT_BITS:
-        m0 //= 2
-        e += 1
-    return m0, MULT_BITS - e
+# A sum whose multiplier rounding may move the exact value by more than this
+# many output LSBs is refused (the int64 headroom left too few bits).
+MAX_EPS = 2.0 ** -8
 
 
 def quantize_multiplier(ratio: float) -> tuple[int, int]:
     """TFLite-style (M0, shift) with M0 in [2**30, 2**31) and ratio ~= M0 / 2**shift.
 
-    frexp gives ratio = q * 2**e with q in [0.5, 1); M0 = round_half_even(q * 2**31);
-    if it rounds up to 2**31 it is halved and e incremented; shift = 31 - e
-    must lie in [0, 62], i.e. ratio in about [2**-31, 2**31).
+    For one-term requantizations (docs/integer_spec.md, section 5). frexp gives
+    ratio = q * 2**e with q in [0.5, 1); M0 = round_half_even(q * 2**31) (q * 2**31
+    is exact in float64); if it rounds up to 2**31 it is halved and e
+    incremented; shift = 31 - e must lie in [0, 62], i.e. ratio in about
+    [2**-31, 2**31).
     """
     ratio = check_float("ratio", ratio, min_value=0.0, min_inclusive=False)
-    m0, shift = _normalise(ratio)
+    q, e = math.frexp(ratio)
+    m0 = round(q * (1 << MULT_BITS))  # Python round(): ties to even
+    if m0 == 1 << MULT_BITS:
+        m0 //= 2
+        e += 1
+    shift = MULT_BITS - e
     if not 0 <= shift <= MAX_SHIFT:
         raise ValueError(f"ratio {ratio!r} needs right shift {shift}; allowed is [0, {MAX_SHIFT}] "
                          f"(ratios in about [2**-31, 2**31))")
@@ -51,12 +48,13 @@ def shared_shift_multipliers(ratios: Sequence[float], term_bounds: Sequence[int]
                              ) -> tuple[list[int], int]:
     """Multipliers M_k and one shift R with ratio_k ~= M_k / 2**R for a sum of terms.
 
-    R starts at the TFLite shift of the largest ratio (so its multiplier is a
-    normalised M0 in [2**30, 2**31)), capped at 62, and is lowered one bit at
-    a time until sum_k term_bounds[k] * M_k < 2**63, the int64 headroom. Each
-    M_k = round_half_even(ratio_k * 2**R). The cap and the lowering cost
-    precision: a negative shift or fewer than 16 significant bits in the
-    largest multiplier is refused.
+    R is the largest shift in [0, 62] with sum_k term_bounds[k] * M_k < 2**63
+    (the int64 headroom), M_k = round_half_even(ratio_k * 2**R). Each M_k is
+    then off by at most 1/2, so the exact sum moves by at most
+    eps = sum_k term_bounds[k] / 2**(R+1) output LSBs; eps > 2**-8 is refused.
+    (A shared shift normalised to the largest ratio, TFLite-style, would leave
+    a term with a small ratio but a large integer, e.g. Abar * x next to a
+    large Bbar * u ratio, with too few multiplier bits.)
     """
     if len(ratios) != len(term_bounds) or not ratios:
         raise ValueError(f"ratios and term_bounds must be non-empty and equally long, "
@@ -64,16 +62,17 @@ def shared_shift_multipliers(ratios: Sequence[float], term_bounds: Sequence[int]
     ratios = [check_float(f"ratios[{k}]", r, min_value=0.0, min_inclusive=False)
               for k, r in enumerate(ratios)]
     bounds = [check_int(f"term_bounds[{k}]", b, min_value=0) for k, b in enumerate(term_bounds)]
-    shift = min(_normalise(max(ratios))[1], MAX_SHIFT)
+    shift = MAX_SHIFT
     while True:
         mults = [round(math.ldexp(r, shift)) for r in ratios]
-        if sum(b * m for b, m in zip(bounds, mults)) < INT64_BOUND:
+        if sum(b * m for b, m in zip(bounds, mults)) < INT64_BOUND or shift < 0:
             break
         shift -= 1
-    if shift < 0 or max(mults).bit_length() < MIN_MULT_BITS:
-        raise ValueError(f"ratios {ratios} with term bounds {bounds} leave shift {shift} and "
-                         f"{max(mults).bit_length()} multiplier bits in int64 (need shift >= 0 "
-                         f"and >= {MIN_MULT_BITS} bits); narrow the widths")
+    eps = sum(bounds) / 2.0 ** (shift + 1)
+    if shift < 0 or eps > MAX_EPS:
+        raise ValueError(f"ratios {ratios} with term bounds {bounds} leave shift {shift} in int64, "
+                         f"so multiplier rounding may move the result by {eps:.3g} LSB "
+                         f"(allowed {MAX_EPS:.3g}); narrow the widths")
     return mults, shift
 
 

@@ -17,7 +17,7 @@ from qs4d_np.golden.fixedpoint import IntFormat
 from qs4d_np.golden.layer import SPEC_VERSION, WEIGHT_FORMAT, SSMCore, SSMCoreFormats, SSMCoreTrace
 from qs4d_np.io import atomic_write_json, atomic_write_text, load_json
 
-MULT_WIDTH = 32   # multipliers are < 2**31: a non-negative 32-bit word
+MULT_WIDTH = 64   # multipliers are < 2**63: a non-negative 64-bit word
 SHIFT_WIDTH = 8   # shifts are 0..62
 HEX_DIGITS = set("0123456789abcdefABCDEF")
 

@@ -22,7 +22,7 @@ module s4d_ssm_core #(
     parameter integer W_D = 8,
     parameter integer W_X = 16,
     parameter integer W_Y = 16,
-    parameter integer W_M = 32,   // multipliers: non-negative, < 2^31
+    parameter integer W_M = 64,   // multipliers: non-negative, < 2^63
     parameter integer W_R = 8,    // shifts: 0..62
     parameter integer X_MIN = -32768,
     parameter integer X_MAX = 32767,

@@ -24,7 +24,7 @@ module tb_s4d_ssm_core;
     parameter integer Y_MIN = -32768;
     parameter integer Y_MAX = 32767;
     parameter integer MAX_REPORT = 10;
-    localparam integer W_M = 32;
+    localparam integer W_M = 64;
     localparam integer W_R = 8;
     localparam integer HN = H * N2;
 
