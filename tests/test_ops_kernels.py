@@ -182,3 +182,20 @@ def test_row_split_matmuls(rows, k, n, seed, min_flops):
 def test_matmul_tn_checks_rows():
     with pytest.raises(ValueError, match=r"b must have 3 rows like a, got shape \(4, 2\)"):
         mm.matmul_tn(np.zeros((3, 2)), np.zeros((4, 2)))
+
+
+def _split_product_in_child(seed):
+    rng = np.random.default_rng(seed)
+    a = rng.standard_normal((5000, 64)).astype(np.float32)
+    b = rng.standard_normal((64, 64)).astype(np.float32)
+    return float(np.abs(mm.matmul(a, b) - a @ b).max())
+
+
+def test_matmul_pool_survives_fork():
+    """A child forked after the pool started gets its own pool (the parent's threads do not exist there)."""
+    import multiprocessing
+
+    _split_product_in_child(0)  # starts the parent's pool (5000*64*64*2 flops > MIN_SPLIT_FLOPS)
+    assert mm._state
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        assert pool.apply_async(_split_product_in_child, (1,)).get(timeout=60) < 1e-3

@@ -25,6 +25,9 @@ from threadpoolctl import ThreadpoolController
 MIN_SPLIT_FLOPS = 1 << 24
 
 _state: dict[str, Any] = {}
+# A forked child inherits the pool object but not its threads: start afresh there.
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_state.clear)
 
 
 def n_workers() -> int:
