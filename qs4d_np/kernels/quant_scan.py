@@ -109,13 +109,10 @@ def quant_scan_backward(u, Ar, Ai, Br, Bi, Cr, Ci, D, inv, qmin, qmax, mode, cli
     dD = np.zeros(H)
     dstep = np.zeros((H, 2))
     for h in prange(H):
-        # states x_{t-1} at row t (row 0 = x_{-1} = 0), masks and step terms of x_t at row t
+        # states x_{t-1} at row t (row 0 = x_{-1} = 0); the backward recomputes each step's
+        # pre-clip value from them for the masks and step terms
         xs_r = np.zeros((L + 1, M), dtype=u.dtype)
         xs_i = np.zeros((L + 1, M), dtype=u.dtype)
-        m_r = np.empty((L, M))
-        m_i = np.empty((L, M))
-        s_r = np.empty((L, M))
-        s_i = np.empty((L, M))
         gx_r = np.empty(M)
         gx_i = np.empty(M)
         # this channel's sums live in locals (written once at the end): stores into the
@@ -132,14 +129,9 @@ def quant_scan_backward(u, Ar, Ai, Br, Bi, Cr, Ci, D, inv, qmin, qmax, mode, cli
             for t in range(L):
                 ut = u[b, t, h]
                 for n in range(M):
-                    nr, ni, vr, vi, wr, wi = _state_step(xs_r[t, n], xs_i[t, n], ar_[n], ai_[n], br_[n], bi_[n],
-                                                         ut, clip, quantize, inv_r, inv_i, qmin, qmax, mode)
-                    xs_r[t + 1, n] = nr
-                    xs_i[t + 1, n] = ni
-                    m_r[t, n], s_r[t, n] = _ste_factors(vr, wr, inv_r, qmin, qmax, clip, quantize,
-                                                        clipped_ste, mode)
-                    m_i[t, n], s_i[t, n] = _ste_factors(vi, wi, inv_i, qmin, qmax, clip, quantize,
-                                                        clipped_ste, mode)
+                    xs_r[t + 1, n], xs_i[t + 1, n], _, _, _, _ = _state_step(
+                        xs_r[t, n], xs_i[t, n], ar_[n], ai_[n], br_[n], bi_[n], ut, clip, quantize, inv_r, inv_i,
+                        qmin, qmax, mode)
             gx_r[:] = 0.0
             gx_i[:] = 0.0
             for t in range(L - 1, -1, -1):
@@ -148,16 +140,21 @@ def quant_scan_backward(u, Ar, Ai, Br, Bi, Cr, Ci, D, inv, qmin, qmax, mode, cli
                 gD += g * ut
                 du_t = np.float64(D[h]) * g
                 for n in range(M):
+                    # the step's pre-clip and clipped values again (cheaper than storing them)
+                    _, _, vr, vi, wr, wi = _state_step(xs_r[t, n], xs_i[t, n], ar_[n], ai_[n], br_[n], bi_[n],
+                                                       u[b, t, h], clip, quantize, inv_r, inv_i, qmin, qmax, mode)
+                    m_r, s_r = _ste_factors(vr, wr, inv_r, qmin, qmax, clip, quantize, clipped_ste, mode)
+                    m_i, s_i = _ste_factors(vi, wi, inv_i, qmin, qmax, clip, quantize, clipped_ste, mode)
                     xr = np.float64(xs_r[t + 1, n])
                     xi = np.float64(xs_i[t + 1, n])
                     ar = gx_r[n] + 2.0 * cr_[n] * g
                     ai = gx_i[n] - 2.0 * ci_[n] * g
                     gCr[n] += 2.0 * g * xr
                     gCi[n] -= 2.0 * g * xi
-                    gs_r += ar * s_r[t, n]
-                    gs_i += ai * s_i[t, n]
-                    gvr = ar * m_r[t, n]
-                    gvi = ai * m_i[t, n]
+                    gs_r += ar * s_r
+                    gs_i += ai * s_i
+                    gvr = ar * m_r
+                    gvi = ai * m_i
                     pr = np.float64(xs_r[t, n])
                     pi = np.float64(xs_i[t, n])
                     gAr[n] += gvr * pr + gvi * pi
