@@ -285,3 +285,10 @@ def test_bad_input_errors_name_the_argument():
         fake_quant(np.ones(3, dtype=np.int32), 4)
     with pytest.raises(ValueError, match="absmean' needs symmetric"):
         fake_quant(x, 4, symmetric=False, scale_mode="absmean")
+
+
+def test_non_contiguous_input_is_quantized_by_its_logical_layout():
+    x = np.random.default_rng(15).normal(size=(6, 5)) * np.arange(1, 6)
+    view = x.T  # (5, 6), Fortran-ordered view
+    assert np.array_equal(fake_quant(view, 9, axis=0), fake_quant(np.ascontiguousarray(view), 9, axis=0))
+    assert np.array_equal(fake_quant(x[:, ::2], 9, axis=1), fake_quant(x[:, ::2].copy(), 9, axis=1))

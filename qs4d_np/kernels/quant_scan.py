@@ -20,11 +20,14 @@ golden model's state register. x_{-1} = 0.
 Backward: STE through the quantizer (``clipped_ste``: also zero where the code
 saturated, i.e. round(v) fell outside [qmin, qmax]), zero gradient where the
 clip was active, and the LSQ derivative of x w.r.t. the step 1/inv:
-round(v) - v where the code did not saturate, qmin/qmax where it did (v = w*inv). States are recomputed per sequence into per-channel
-buffers instead of being stored by the forward; ``prange`` runs over channels
-and each channel's gradients are summed over (b, t) in a fixed order into
-float64, so results are deterministic and the float64 twin
-``reference/quant.py`` matches bit for bit. No fastmath.
+round(v) - v where the code did not saturate, qmin/qmax where it did
+(v = w*inv). The forward keeps no states: the backward recomputes each
+sequence's states into a per-channel (L+1, M) buffer. The forward's ``prange``
+runs over batch*channels; the backward's over channels, so each channel's
+gradients are summed over (b, t) by one thread in a fixed order into float64
+(no cross-thread reduction buffers): results do not depend on the thread
+count and the float64 twin ``reference/quant.py`` matches bit for bit. The
+adjoint is carried in float64 whatever the dtype. No fastmath.
 """
 from __future__ import annotations
 
