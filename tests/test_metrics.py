@@ -91,3 +91,61 @@ def test_datapath_counts_with_pruning():
         MatVecOp("x", rows=2, cols=2, weight_bits=1, input_bits=1, output_bits=1, active_cols=3)
     with pytest.raises(TypeError, match="MatVecOp"):
         count_datapath([("A", 1, 1)])
+
+
+# -- the datapath of a model ---------------------------------------------------
+def _tiny(**kw):
+    import numpy as np
+    from qs4d_np.models.s4d_model import S4DModel
+    return S4DModel(2, 3, d_model=4, d_state=6, n_layers=2, dropout=0.0, seed=0, dtype=np.float64, **kw)
+
+
+def test_model_datapath_counts_by_hand():
+    from qs4d_np.hardware.datapath import model_datapath
+    model = _tiny()
+    r = BitWidths(A=5, C=4, dt=3, state=7, act=6, lin=3, coder=2, D=8)
+    c = count_datapath(model_datapath(model, r))
+    H, M, L, din, dout = 4, 3, 2, 2, 3
+    # per layer: Abar 4 MACs/mode (5x7), Bbar 2/mode (A's width x act: 5x6), C 2/mode (4x7), D 1/channel (8x6),
+    # mixing H*2H (3x6); encoder din*H and decoder H*dout (2x6)
+    assert c.macs == {(5, 7): L * H * M * 4, (5, 6): L * H * M * 2, (4, 7): L * H * M * 2, (8, 6): L * H,
+                      (3, 6): L * H * 2 * H, (2, 6): din * H + H * dout}
+    assert c.bits_stored == L * H * (M * (4 * 5 + 2 * 5 + 2 * 4) + 8 + 2 * H * 3) + (din * H + H * dout) * 2
+    # conversions: encoder H, per layer 2 per mode (state) + 1 per channel (y) + 2H (mixing), decoder d_out
+    assert c.adc_conversions == H + L * (H * (2 * M + 1) + 2 * H) + dout
+    assert c.adc_bits == H * 6 + L * (H * 2 * M * 7 + H * 6 + 2 * H * 6) + dout * 6
+
+
+def test_model_datapath_drops_pruned_parts():
+    from qs4d_np.hardware.datapath import model_datapath
+    from qs4d_np.hardware.pruning import prune_magnitude
+    model = _tiny()
+    r = BitWidths.uniform(8)
+    full = count_datapath(model_datapath(model, r))
+    prune_magnitude(model, 0.25, "channel").apply(model)  # one of 4 channels per layer
+    pruned = count_datapath(model_datapath(model, r))
+    H, M = 4, 3
+    # per layer one channel: 2M+1 readouts, its modes' 8 MACs each + D, and one mixing input row (2H MACs)
+    assert full.adc_conversions - pruned.adc_conversions == 2 * (2 * M + 1)
+    assert sum(full.macs.values()) - sum(pruned.macs.values()) == 2 * (M * 8 + 1 + 2 * H)
+
+
+def test_bit_widths_from_quant_config():
+    from qs4d_np.hardware.datapath import bit_widths
+    from qs4d_np.quant.config import QuantConfig
+    q = QuantConfig(all=[16, 256], C=4, dt="float")
+    assert bit_widths(q, 0) == BitWidths(A=4, C=2, dt=32, state=4, act=4, lin=4, coder=4, D=4, B=0)
+    assert bit_widths(q, 1).A == 8 and bit_widths(q, 1, learn_B=True).B == 8
+    assert bit_widths(None) == BitWidths.float32()
+
+
+def test_metrics_table_reductions_and_bad_bits():
+    from qs4d_np.hardware.datapath import metrics_table, model_datapath
+    model = _tiny()
+    table = metrics_table(model, BitWidths.uniform(8))
+    assert table["datapath"]["bits_stored"]["reduction"] == 4.0   # 32 -> 8 bits on every stored weight
+    assert table["datapath"]["bit_ops"]["reduction"] == 16.0      # both operands 32 -> 8
+    assert table["datapath"]["adc_conversions"]["reduction"] == 1.0
+    assert table["formulas"]["adc"]["reduction"] == 4.0
+    with pytest.raises(ValueError, match="bits must be a BitWidths or a list of 2"):
+        model_datapath(model, [BitWidths.uniform(8)])

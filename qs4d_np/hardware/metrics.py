@@ -24,8 +24,7 @@ the four values.
 ``count_datapath`` is the extension point for the figures counted from a
 model's actual integer datapath (MACs by operand widths, bits stored, ADC
 conversions x bits, pruned rows/columns removed): it counts a list of
-``MatVecOp``; producing that list from a model and its golden integer model
-is left to the code that owns them.
+``MatVecOp``; ``qs4d_np.hardware.datapath`` produces that list from a model.
 """
 from __future__ import annotations
 
@@ -59,7 +58,8 @@ class BitWidths:
     """Bits r_X per quantization target (SPEC.md section 2's names).
 
     ``B`` is 0 for S4D, whose B is fixed and folded into C; give it bits only
-    for a model that trains B.
+    for a model that trains B. ``D`` (the skip) is in no formula; the datapath
+    counts use it.
     """
 
     A: int = FLOAT_BITS
@@ -70,16 +70,17 @@ class BitWidths:
     lin: int = FLOAT_BITS
     coder: int = FLOAT_BITS
     B: int = 0
+    D: int = FLOAT_BITS
 
     def __post_init__(self) -> None:
-        for name in ("A", "C", "dt", "state", "act", "lin", "coder"):
+        for name in ("A", "C", "dt", "state", "act", "lin", "coder", "D"):
             check_int(f"BitWidths.{name}", getattr(self, name), min_value=1)
         check_int("BitWidths.B", self.B, min_value=0)
 
     @classmethod
     def uniform(cls, bits: int, B: int = 0) -> "BitWidths":
         """The same width for every target (B stays 0 unless given)."""
-        return cls(A=bits, C=bits, dt=bits, state=bits, act=bits, lin=bits, coder=bits, B=B)
+        return cls(A=bits, C=bits, dt=bits, state=bits, act=bits, lin=bits, coder=bits, B=B, D=bits)
 
     @classmethod
     def float32(cls) -> "BitWidths":
@@ -150,7 +151,9 @@ class MatVecOp:
     ``rows`` inputs x ``cols`` outputs, of which ``active_rows`` / ``active_cols``
     survive pruning (default: all). Weights have ``weight_bits``, inputs
     ``input_bits``; every active output is converted once per call with
-    ``output_bits`` (0 for a digital op without an ADC).
+    ``output_bits`` (0 for a digital op without an ADC). ``copies``: the op is
+    that many independent blocks of this shape (a block diagonal, e.g. one
+    2x2 Abar block per SSM mode); every count is multiplied by it.
     """
 
     name: str
@@ -162,9 +165,10 @@ class MatVecOp:
     calls: int = 1
     active_rows: int | None = None
     active_cols: int | None = None
+    copies: int = 1
 
     def __post_init__(self) -> None:
-        for key in ("rows", "cols", "weight_bits", "input_bits", "calls"):
+        for key in ("rows", "cols", "weight_bits", "input_bits", "calls", "copies"):
             check_int(f"MatVecOp({self.name!r}).{key}", getattr(self, key), min_value=1)
         check_int(f"MatVecOp({self.name!r}).output_bits", self.output_bits, min_value=0)
         if self.active_rows is not None:
@@ -196,9 +200,10 @@ def count_datapath(ops: Iterable[MatVecOp]) -> DatapathCounts:
             raise TypeError(f"count_datapath needs MatVecOp entries, got {type(op).__name__}")
         rows = op.rows if op.active_rows is None else op.active_rows
         cols = op.cols if op.active_cols is None else op.active_cols
-        counts.macs[(op.weight_bits, op.input_bits)] += rows * cols * op.calls
-        counts.bits_stored += rows * cols * op.weight_bits
+        cells = rows * cols * op.copies
+        counts.macs[(op.weight_bits, op.input_bits)] += cells * op.calls
+        counts.bits_stored += cells * op.weight_bits
         if op.output_bits:
-            counts.adc_conversions += cols * op.calls
-            counts.adc_bits += cols * op.calls * op.output_bits
+            counts.adc_conversions += cols * op.copies * op.calls
+            counts.adc_bits += cols * op.copies * op.calls * op.output_bits
     return counts
