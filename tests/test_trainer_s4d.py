@@ -8,9 +8,10 @@ from qs4d_np.train.trainer import TrainConfig, Trainer
 from test_trainer_ops import _data
 
 
-def _trainer(tmp_path, name, hook=None):
+def _trainer(tmp_path, name, hook=None, weight_noise=0.0):
     model = S4DModel(1, 3, d_model=8, d_state=4, n_layers=2, norm="batch", dropout=0.1, seed=0)
-    config = TrainConfig(epochs=3, batch_size=16, eval_batch_size=32, lr=0.01, weight_decay=0.05, seed=2)
+    config = TrainConfig(epochs=3, batch_size=16, eval_batch_size=32, lr=0.01, weight_decay=0.05, seed=2,
+                         weight_noise=weight_noise)
     return Trainer(model, _data(64, 1), _data(32, 2), config, tmp_path / name, test_data=_data(32, 3),
                    progress=False, on_epoch_end=hook)
 
@@ -38,3 +39,27 @@ def test_s4d_model_resume_is_exact_and_checkpoints_load(tmp_path):
     expected = straight.model.forward(x, training=False)
     np.testing.assert_array_equal(fresh.forward(x, training=False), expected)
     np.testing.assert_array_equal(exported.forward(x, training=False), expected)
+
+
+def _final_params(tmp_path, name):
+    return load_checkpoint(tmp_path / name, "last")[0]
+
+
+def test_weight_noise_changes_training_is_seeded_and_resumes_exactly(tmp_path):
+    _trainer(tmp_path, "clean").fit()
+    _trainer(tmp_path, "noisy", weight_noise=0.05).fit()
+    _trainer(tmp_path, "noisy_again", weight_noise=0.05).fit()
+
+    def kill(trainer, record):
+        if record["epoch"] == 2:
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        _trainer(tmp_path, "noisy_resumed", hook=kill, weight_noise=0.05).fit()
+    _trainer(tmp_path, "noisy_resumed", weight_noise=0.05).fit(resume=True)
+    clean, noisy = _final_params(tmp_path, "clean"), _final_params(tmp_path, "noisy")
+    key = "params/layers.0.ssm.C"
+    assert not np.array_equal(clean[key], noisy[key])
+    for other in ("noisy_again", "noisy_resumed"):
+        again = _final_params(tmp_path, other)
+        for k in noisy:
+            np.testing.assert_array_equal(noisy[k], again[k], err_msg=f"{other}: {k}")

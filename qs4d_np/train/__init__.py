@@ -2,8 +2,8 @@
 from qs4d_np.train.checkpoint import CheckpointError, load_checkpoint, load_model_arrays, save_checkpoint
 from qs4d_np.train.optim import AdamW, GroupRule, clip_grad_norm, global_grad_norm
 from qs4d_np.train.schedule import CosineSchedule
-from qs4d_np.train.trainer import TrainConfig, Trainer, TrainingDiverged
+from qs4d_np.train.trainer import TrainConfig, Trainer, TrainingDiverged, evaluate_model
 
 __all__ = ["AdamW", "CheckpointError", "CosineSchedule", "GroupRule", "TrainConfig", "Trainer", "TrainingDiverged",
-           "clip_grad_norm", "global_grad_norm", "load_checkpoint", "load_model_arrays",
+           "clip_grad_norm", "evaluate_model", "global_grad_norm", "load_checkpoint", "load_model_arrays",
            "save_checkpoint"]

@@ -2,7 +2,8 @@
 
 Works with any model object exposing ``forward(x, training)``,
 ``backward(dlogits)``, ``.params`` / ``.grads`` (flat dicts sharing arrays),
-``param_groups()`` and ``config``; optional ``quant_config``, per-module
+``param_groups()`` and ``config`` (a quantized model's config holds its
+quantization, so a resume with other widths is refused); per-module
 ``buffers`` dicts and ``np.random.Generator`` attributes are checkpointed too.
 
 Per epoch: train over a seeded shuffle, evaluate on the validation set, save
@@ -18,12 +19,13 @@ uninterrupted run (bit for bit, same machine and library versions).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import time
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, ContextManager, Mapping
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -36,6 +38,9 @@ from qs4d_np.train.checkpoint import (CheckpointError, checkpoint_exists, config
                                       model_buffers, model_generators, save_checkpoint, to_jsonable)
 from qs4d_np.train.optim import AdamW, GroupRule, clip_grad_norm, global_grad_norm
 from qs4d_np.train.schedule import CosineSchedule
+
+
+_NOISE_STREAM = 1  # second seed word of the weight-noise generator
 
 
 class TrainingDiverged(RuntimeError):
@@ -61,6 +66,11 @@ class TrainConfig:
     clip_norm: float | None = None
     seed: int = 0
     drop_last: bool = False
+    weight_noise: float = 0.0
+
+    # ``weight_noise`` sigma > 0: noise-aware training. Each step's forward and
+    # backward run on weights perturbed by ``qs4d_np.hardware.noise.weight_noise``
+    # (std sigma x max|w| per analog tensor); the optimizer updates the clean weights.
 
     def __post_init__(self) -> None:
         check_int("epochs", self.epochs, min_value=1)
@@ -71,6 +81,7 @@ class TrainConfig:
         if self.clip_norm is not None:
             check_float("clip_norm", self.clip_norm, min_value=0.0, min_inclusive=False)
         check_int("seed", self.seed, min_value=0)
+        check_float("weight_noise", self.weight_noise, min_value=0.0)
 
 
 @dataclasses.dataclass
@@ -118,6 +129,8 @@ class Trainer:
         self.schedule = CosineSchedule(config.epochs, config.warmup_epochs)
         self.train_batches = BatchIterator(train_data, config.batch_size, shuffle=True, seed=config.seed,
                                            drop_last=config.drop_last)
+        # its own stream (not the shuffle's), saved with the checkpoints like the other generators
+        self.noise_rng = np.random.default_rng([config.seed, _NOISE_STREAM])
         self.val_batches = BatchIterator(val_data, config.eval_batch_size)
         self.test_batches = None if test_data is None else BatchIterator(test_data, config.eval_batch_size)
         self.run_info = to_jsonable(dict(run_info or {}))
@@ -133,7 +146,6 @@ class Trainer:
         return {
             "train": to_jsonable(self.config),
             "model_config": to_jsonable(getattr(self.model, "config", None)),
-            "quant_config": to_jsonable(getattr(self.model, "quant_config", None)),
             "run_info": self.run_info,
             "data_sizes": {"train": len(self.train_batches.dataset), "val": len(self.val_batches.dataset),
                            "test": None if self.test_batches is None else len(self.test_batches.dataset)},
@@ -164,6 +176,7 @@ class Trainer:
             "epoch": self.epoch,
             "optimizer": self.optimizer.state_meta(),
             "rng": {"train_batches": self.train_batches.rng_state(),
+                    "weight_noise": self.noise_rng.bit_generator.state,
                     "model": {k: g.bit_generator.state for k, g in model_generators(self.model).items()}},
             "best": self.best,
             "history": self.history,
@@ -199,6 +212,7 @@ class Trainer:
         self.optimizer.load_state({k[len("optim/"):]: v for k, v in arrays.items() if k.startswith("optim/")},
                                   meta["optimizer"])
         self.train_batches.set_rng_state(meta["rng"]["train_batches"])
+        self.noise_rng.bit_generator.state = meta["rng"]["weight_noise"]
         for key, gen in generators.items():
             gen.bit_generator.state = meta["rng"]["model"][key]
         self.epoch = int(meta["epoch"])
@@ -217,6 +231,13 @@ class Trainer:
         if bad:
             raise self._diverged("count of non-finite logits", bad, where)
 
+    def _weights_for_step(self) -> ContextManager[Any]:
+        """The weights one training step's forward and backward see: noisy (``weight_noise`` > 0) or as is."""
+        if self.config.weight_noise == 0.0:
+            return contextlib.nullcontext()
+        from qs4d_np.hardware.noise import weight_noise  # hardware is only needed for noise-aware runs
+        return weight_noise(self.model, self.config.weight_noise, self.noise_rng)
+
     def _train_epoch(self) -> dict[str, Any]:
         self.optimizer.set_lr_factor(self.schedule.factor(self.epoch))
         totals, norms = _Totals(), []
@@ -224,12 +245,13 @@ class Trainer:
                    disable=not self.progress, leave=False)
         start = time.perf_counter()
         for step, (x, y) in enumerate(self.train_batches.epoch(), start=1):
-            logits = self.model.forward(x, training=True)
-            self._check_logits(logits, f"step {step}")
-            loss = self.loss_fn.forward(logits, y)
-            if not math.isfinite(loss):
-                raise self._diverged("loss", loss, f"step {step}")
-            self.model.backward(self.loss_fn.backward())
+            with self._weights_for_step():
+                logits = self.model.forward(x, training=True)
+                self._check_logits(logits, f"step {step}")
+                loss = self.loss_fn.forward(logits, y)
+                if not math.isfinite(loss):
+                    raise self._diverged("loss", loss, f"step {step}")
+                self.model.backward(self.loss_fn.backward())
             grads = self.model.grads
             norm = (clip_grad_norm(grads, self.config.clip_norm) if self.config.clip_norm is not None
                     else global_grad_norm(grads))
@@ -248,13 +270,11 @@ class Trainer:
                 "train_seconds": seconds, "train_samples_per_s": totals.count / seconds}
 
     def evaluate(self, batches: BatchIterator, desc: str) -> dict[str, float]:
-        """Mean loss and accuracy of the model (eval mode) over ``batches``."""
-        totals = _Totals()
-        for x, y in tqdm(batches.epoch(), total=len(batches), desc=desc, disable=not self.progress, leave=False):
-            logits = self.model.forward(x, training=False)
-            self._check_logits(logits, f"{desc} evaluation")
-            totals.add(self.loss_fn.forward(logits, y), logits, y)
-        return {"loss": totals.mean_loss, "acc": totals.accuracy}
+        """Mean loss and accuracy of the model (eval mode) over ``batches``; stops on non-finite logits."""
+        result = evaluate_model(self.model, batches, desc=desc, progress=self.progress)
+        if result["nonfinite"]:
+            raise self._diverged("count of non-finite logits", result["nonfinite"], f"{desc} evaluation")
+        return {"loss": result["loss"], "acc": result["acc"]}
 
     # -- the run -----------------------------------------------------------------
     def fit(self, resume: bool = False) -> dict[str, Any]:
@@ -295,6 +315,28 @@ class Trainer:
             self.model.save(self.out_dir / "best_model")  # the model's own format, for PTQ and evaluation
         atomic_write_json(self.out_dir / "results.json", results)
         return results
+
+
+def evaluate_model(model: Any, batches: BatchIterator, *, mode: str | None = None, desc: str = "eval",
+                   progress: bool = False) -> dict[str, float]:
+    """Mean cross-entropy ``loss``, accuracy ``acc``, ``count`` of samples and ``nonfinite`` logit count
+    of ``model`` in eval mode over one pass of ``batches``.
+
+    ``mode`` ("conv" | "recurrent") is passed to ``model.forward`` when given.
+    A sample whose logits are not all finite counts as wrong; the loss then is NaN.
+    """
+    loss_fn, totals, nonfinite = SoftmaxCrossEntropy(), _Totals(), 0
+    kwargs = {} if mode is None else {"mode": mode}
+    for x, y in tqdm(batches.epoch(), total=len(batches), desc=desc, disable=not progress, leave=False):
+        logits = model.forward(x, training=False, **kwargs)
+        finite = np.isfinite(logits).all(axis=1)
+        if not finite.all():
+            nonfinite += int(np.size(logits) - np.count_nonzero(np.isfinite(logits)))
+            totals.loss, totals.count = math.nan, totals.count + len(y)
+            totals.correct += int(np.count_nonzero((np.argmax(logits, axis=1) == y) & finite))
+            continue
+        totals.add(loss_fn.forward(logits, y), logits, y)
+    return {"loss": totals.mean_loss, "acc": totals.accuracy, "count": totals.count, "nonfinite": nonfinite}
 
 
 def _json_line(record: Mapping[str, Any]) -> str:
