@@ -1,5 +1,7 @@
 """IMSSA mapping: the real step matrix, ideal analog inference equals the float recurrence,
 counts equal the mapping formula, seeded reproducibility, pruned modes dropped, bad input."""
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -113,6 +115,20 @@ def test_seeded_reproducibility_and_fresh_read_noise():
     assert np.array_equal(noise_free.forward(x), noise_free.forward(x))
 
 
+def test_overflow_is_named_and_state_bound_clips():
+    model = S4DModel(2, 3, seed=6, **TINY)
+    ssm = model.blocks[1].ssm
+    d = ssm.discrete()
+    # growing modes, as programming noise can make of modes with |Abar| near 1
+    ssm.discrete = lambda: dataclasses.replace(d, Abar=1.5 * d.Abar / np.abs(d.Abar))
+    x = _x(length=300).astype(np.float32)
+    cfg = CrossbarConfig.ideal()
+    with pytest.raises(RuntimeError, match="analog recurrence of layer 1 overflowed at step"):
+        AnalogModel(model, cfg, seed=0).forward(x)  # 1.5^300 overflows float32
+    out = AnalogModel(model, cfg, seed=0, state_bound=10.0).forward(x)
+    assert np.all(np.isfinite(out))
+
+
 def test_evaluate_analog():
     model = S4DModel(2, 3, dtype=np.float64, seed=5, **TINY)
     x = _x(batch=7)
@@ -149,6 +165,8 @@ def test_bad_input_is_named():
         evaluate_analog(model, x, y, cfg, batch_size=0)
     with pytest.raises(ValueError, match="seed must be >= 0"):
         evaluate_analog(model, x, y, cfg, seed=-1)
+    with pytest.raises(ValueError, match="state_bound must be > 0.0"):
+        AnalogModel(model, cfg, state_bound=0.0)
     with pytest.raises(ValueError, match="length must be >= 1"):
         mapping_counts(model, cfg, 0)
     with pytest.raises(ValueError, match="tiling is False"):

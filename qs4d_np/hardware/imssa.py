@@ -47,7 +47,7 @@ from typing import Any
 
 import numpy as np
 
-from qs4d_np.core.checks import check_array, check_int, check_sequence_input
+from qs4d_np.core.checks import check_array, check_float, check_int, check_sequence_input
 from qs4d_np.core.linear import Linear
 from qs4d_np.hardware.config import CrossbarConfig
 from qs4d_np.hardware.crossbar import CrossbarArray
@@ -151,9 +151,18 @@ class AnalogModel:
     step at a time. Programming (and its noise) happens once here, seeded by
     ``seed``; every ``forward`` draws fresh read noise. The model's weights are
     read at construction: reprogram after changing them.
+
+    ``state_bound``: clip the digital state (after the ADC, before the next
+    DAC) to +-state_bound at every step, as a fixed-range state register does
+    (Zhao et al. clip |x| <= 50). Programming noise moves the eigenvalues of
+    the programmed Abar blocks, and modes with |Abar| close to 1 can end up
+    growing; with absmax noise management nothing else bounds the state. None
+    (default) does not clip, and a state that overflows raises a RuntimeError
+    naming the layer and the step instead of returning NaN.
     """
 
-    def __init__(self, model: Any, config: CrossbarConfig, *, seed: int | np.random.Generator = 0) -> None:
+    def __init__(self, model: Any, config: CrossbarConfig, *, seed: int | np.random.Generator = 0,
+                 state_bound: float | None = None) -> None:
         if not isinstance(config, CrossbarConfig):
             raise TypeError(f"config must be a CrossbarConfig, got {type(config).__name__}")
         for attr in ("encoder", "blocks", "pool", "decoder"):
@@ -162,6 +171,8 @@ class AnalogModel:
                                 f"got {type(model).__name__} without .{attr}")
         if not isinstance(seed, np.random.Generator):
             check_int("seed", seed, min_value=0)
+        self.state_bound = (None if state_bound is None else
+                            check_float("state_bound", state_bound, min_value=0.0, min_inclusive=False))
         self.model = model
         self.config = config
         self.dtype = np.dtype(model.dtype)
@@ -230,8 +241,9 @@ class AnalogModel:
             y += linear._params["bias"]
         return y.reshape(*x.shape[:-1], -1)
 
-    def _recurrence(self, layer: _SSMArrays, u: np.ndarray) -> np.ndarray:
-        """u (batch, length, H) -> the SSM output y (batch, length, H), one analog step per time step."""
+    def _recurrence(self, i: int, u: np.ndarray) -> np.ndarray:
+        """u (batch, length, H) -> layer i's SSM output y (batch, length, H), one analog step per time step."""
+        layer = self.ssm[i]
         batch, length, H = u.shape
         y = np.zeros((batch, length, H), dtype=self.dtype)
         z = np.zeros((batch, layer.width))
@@ -240,13 +252,20 @@ class AnalogModel:
             z_new = np.empty_like(z)
             for sl, array in zip(layer.slices, layer.arrays):
                 z_new[:, sl] = self._mvm(array, np.ascontiguousarray(z[:, sl]))
+            if self.state_bound is not None:
+                np.clip(z_new, -self.state_bound, self.state_bound, out=z_new)
+            elif not np.isfinite(z_new).all():
+                raise RuntimeError(
+                    f"the analog recurrence of layer {i} overflowed at step {t}: the programmed Abar blocks "
+                    "let the state grow (programming noise on modes with |Abar| near 1?); pass state_bound "
+                    "to clip the state, or use less programming noise")
             z = z_new
             y[:, t, layer.io_channel] = z[:, layer.io_index]
         return y
 
     def _ssm_block(self, i: int, u: np.ndarray) -> np.ndarray:
         ssm = self.model.blocks[i].ssm
-        y = self._recurrence(self.ssm[i], u)
+        y = self._recurrence(i, u)
         if ssm.activation is not None:
             y = ssm.activation.forward(y, training=False)
         if self.mixing[i] is not None:
@@ -298,13 +317,13 @@ def mapping_counts(model: Any, config: CrossbarConfig, length: int) -> dict[str,
 
 
 def evaluate_analog(model: Any, x: np.ndarray, y: np.ndarray, config: CrossbarConfig, *, batch_size: int = 64,
-                    seed: int = 0) -> dict[str, Any]:
+                    seed: int = 0, state_bound: float | None = None) -> dict[str, Any]:
     """Accuracy of ``model`` run on crossbars (``AnalogModel``) over x (n, length, d_input), labels y (n,).
 
     Returns accuracy, samples, arrays (tiles), adc_conversions (total, first
     rounds), adc_clipped, bm_retries, mvms, seconds and samples_per_s (the
     inference alone, programming excluded). Programming and read noise are
-    seeded by ``seed``: same seed, same result.
+    seeded by ``seed``: same seed, same result. ``state_bound``: see ``AnalogModel``.
     """
     x = check_sequence_input("x", x, model.d_input)
     y = check_array("y", y, ndim=1)
@@ -316,7 +335,7 @@ def evaluate_analog(model: Any, x: np.ndarray, y: np.ndarray, config: CrossbarCo
         raise ValueError(f"y must hold labels in 0..{model.d_output - 1}, got values in {y.min()}..{y.max()}")
     batch_size = check_int("batch_size", batch_size, min_value=1)
     check_int("seed", seed, min_value=0)
-    analog = AnalogModel(model, config, seed=seed)
+    analog = AnalogModel(model, config, seed=seed, state_bound=state_bound)
     correct = 0
     start = time.perf_counter()
     for lo in range(0, x.shape[0], batch_size):

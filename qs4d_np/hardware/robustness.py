@@ -11,7 +11,11 @@ Three kinds of noise (``KINDS``):
   transient read noise: ``w_noise = sigma`` ("additive": a fresh N(0, sigma)
   weight perturbation, relative to g_max, at every MVM) on top of
   ``base_config`` (ideal converters and no programming noise by default, so
-  the read noise is the only effect).
+  the read noise is the only effect). The noise is multiplicative in the
+  recurrence (absmax noise management scales it with the state), so slowly
+  decaying modes can grow; the state is clipped at ``state_bound`` (1e4 by
+  default, far above a working model's states) so that a diverging model
+  shows up as lost accuracy instead of an overflow error.
 
 Seeds: run s of a sweep uses ``np.random.default_rng([seed, s])``, the same
 stream for every model and noise level, so the curves of different models see
@@ -42,7 +46,7 @@ def _labels(model: Any, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.nd
 
 def accuracy_under_noise(model: Any, x: np.ndarray, y: np.ndarray, kind: str, sigma: float,
                          rng: np.random.Generator, *, batch_size: int = 256,
-                         base_config: CrossbarConfig | None = None) -> float:
+                         base_config: CrossbarConfig | None = None, state_bound: float | None = 1e4) -> float:
     """Accuracy of ``model`` on (x, y) with noise of ``kind`` at level ``sigma`` (module docstring)."""
     check_choice("kind", kind, KINDS)
     sigma = check_float("sigma", sigma, min_value=0.0)
@@ -52,7 +56,8 @@ def accuracy_under_noise(model: Any, x: np.ndarray, y: np.ndarray, kind: str, si
         cfg = replace(base_config if base_config is not None else CrossbarConfig.ideal(),
                       w_noise=sigma, w_noise_type="additive")
         seed = int(rng.integers(0, 2 ** 63))
-        return evaluate_analog(model, x, y, cfg, batch_size=batch_size, seed=seed)["accuracy"]
+        return evaluate_analog(model, x, y, cfg, batch_size=batch_size, seed=seed,
+                               state_bound=state_bound)["accuracy"]
     targets, scale = (("A",), "range") if kind == "A" else (NOISE_TARGETS, "absmax")
     correct = 0
     for lo in range(0, x.shape[0], batch_size):
@@ -64,7 +69,8 @@ def accuracy_under_noise(model: Any, x: np.ndarray, y: np.ndarray, kind: str, si
 
 def noise_sweep(models: Mapping[str, Any], x: np.ndarray, y: np.ndarray, kind: str, sigmas: Sequence[float], *,
                 seeds: int = 5, seed: int = 0, batch_size: int = 256,
-                base_config: CrossbarConfig | None = None) -> dict[str, dict[str, list]]:
+                base_config: CrossbarConfig | None = None, state_bound: float | None = 1e4
+                ) -> dict[str, dict[str, list]]:
     """Accuracy-vs-noise curves: for every model and sigma, ``seeds`` runs; mean and std over runs.
 
     Returns {name: {"sigma": [...], "mean": [...], "std": [...], "runs": [[acc per seed] per sigma]}}
@@ -81,7 +87,7 @@ def noise_sweep(models: Mapping[str, Any], x: np.ndarray, y: np.ndarray, kind: s
     out: dict[str, dict[str, list]] = {}
     for name, model in models.items():
         runs = [[accuracy_under_noise(model, x, y, kind, s, np.random.default_rng([seed, r]),
-                                      batch_size=batch_size, base_config=base_config)
+                                      batch_size=batch_size, base_config=base_config, state_bound=state_bound)
                  for r in range(seeds)] for s in sigmas]
         out[name] = {"sigma": sigmas, "mean": [float(np.mean(a)) for a in runs],
                      "std": [float(np.std(a)) for a in runs], "runs": runs}
