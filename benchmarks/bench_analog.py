@@ -15,33 +15,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 
+import numba
+import numpy as np
+from threadpoolctl import threadpool_limits
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=64, help="batch of the small model")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--large-batch", type=int, default=16, help="batch of the 4 x 128 model")
-    parser.add_argument("--large-repeats", type=int, default=1)
-    parser.add_argument("--length", type=int, default=784)
-    parser.add_argument("--skip-large", action="store_true")
-    parser.add_argument("--threads", type=int, default=None, help="BLAS and Numba threads (default: all)")
-    return parser.parse_args(argv)
-
-
-ARGS = parse_args(sys.argv[1:])
-if ARGS.threads is not None:
-    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
-        os.environ[var] = str(ARGS.threads)
-
-import numpy as np  # noqa: E402  (after the thread settings)
-
-from qs4d_np.data.tasks import load_task  # noqa: E402
-from qs4d_np.hardware.config import CrossbarConfig  # noqa: E402
-from qs4d_np.hardware.imssa import AnalogModel  # noqa: E402
-from qs4d_np.models.s4d_model import S4DModel  # noqa: E402
+from qs4d_np.data.tasks import load_task
+from qs4d_np.hardware.config import CrossbarConfig
+from qs4d_np.hardware.imssa import AnalogModel
+from qs4d_np.models.s4d_model import S4DModel
 
 CONFIGS = {"ideal": CrossbarConfig.ideal(), "converters": CrossbarConfig(), "realistic": CrossbarConfig.realistic()}
 
@@ -68,7 +51,25 @@ def bench(name: str, model: S4DModel, x: np.ndarray, repeats: int) -> None:
               f"{analog.n_tiles} arrays")
 
 
-def main(args: argparse.Namespace) -> None:
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=64, help="batch of the small model")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--large-batch", type=int, default=16, help="batch of the 4 x 128 model")
+    parser.add_argument("--large-repeats", type=int, default=1)
+    parser.add_argument("--length", type=int, default=784)
+    parser.add_argument("--skip-large", action="store_true")
+    parser.add_argument("--threads", type=int, default=None, help="BLAS and Numba threads (default: all)")
+    args = parser.parse_args()
+    if args.threads is None:
+        run(args)
+        return
+    numba.set_num_threads(args.threads)
+    with threadpool_limits(args.threads):
+        run(args)
+
+
+def run(args: argparse.Namespace) -> None:
     task = load_task("smnist")
     n = max(args.batch, args.large_batch)
     x, _ = task.test.batch(np.arange(n))
@@ -83,4 +84,4 @@ def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    main(ARGS)
+    main()
