@@ -10,6 +10,7 @@ import io
 import json
 import os
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -25,12 +26,35 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
+            # mkstemp creates the file 0600; give it the mode a plain open() would.
+            os.fchmod(fh.fileno(), 0o666 & ~_umask())
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    _fsync_dir(path.parent)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make the rename durable (POSIX); a no-op where directories cannot be opened."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -42,12 +66,22 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
 
 
 def atomic_save_npz(path: str | os.PathLike, arrays: Mapping[str, np.ndarray]) -> None:
-    """Save named arrays to an uncompressed ``.npz`` atomically; object arrays are refused."""
-    for key, value in arrays.items():
-        if np.asarray(value).dtype == object:
-            raise TypeError(f"array {key!r} has dtype object, which would need pickle")
+    """Save named arrays to an uncompressed ``.npz`` atomically; object arrays are refused.
+
+    The archive is written member by member (``<name>.npy``), so any string is a
+    valid array name (``np.savez(**arrays)`` would treat ``file`` or
+    ``allow_pickle`` as its own arguments).
+    """
     buf = io.BytesIO()
-    np.savez(buf, **{k: np.asarray(v) for k, v in arrays.items()})
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_STORED) as archive:
+        for key, value in arrays.items():
+            if not isinstance(key, str) or not key:
+                raise TypeError(f"array names must be non-empty strings, got {key!r}")
+            value = np.asarray(value)
+            if value.dtype == object:
+                raise TypeError(f"array {key!r} has dtype object, which would need pickle")
+            with archive.open(f"{key}.npy", "w", force_zip64=True) as member:
+                np.lib.format.write_array(member, value, allow_pickle=False)
     atomic_write_bytes(path, buf.getvalue())
 
 
@@ -56,10 +90,12 @@ def load_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no such file: {path}")
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"{path} is not a .npz (zip) archive")
     try:
         with np.load(path, allow_pickle=False) as data:
             return {k: data[k] for k in data.files}
-    except ValueError as exc:
+    except (ValueError, zipfile.BadZipFile, OSError) as exc:
         raise ValueError(f"{path} is not a valid pickle-free .npz file: {exc}") from exc
 
 

@@ -1,5 +1,6 @@
 """The shared plumbing: Module dicts, argument checks, atomic pickle-free IO, gradcheck."""
 import json
+import os
 
 import numpy as np
 import pytest
@@ -73,3 +74,30 @@ def test_numerical_grad_complex_convention():
     # L = sum |z|^2 -> dL/dRe + i dL/dIm = 2 z
     num = numerical_grad(lambda: float(np.sum(np.abs(z) ** 2)), z)
     assert grad_error(2 * z, num) < 1e-8
+
+
+def test_npz_names_that_are_savez_arguments_round_trip(tmp_path):
+    # np.savez(file, allow_pickle=...) would swallow or reject these names.
+    arrays = {"file": np.arange(2), "allow_pickle": np.ones(3, np.float32), "layers.0.ssm.C": np.array([1j])}
+    atomic_save_npz(tmp_path / "x.npz", arrays)
+    back = load_npz(tmp_path / "x.npz")
+    assert set(back) == set(arrays)
+    for key, value in arrays.items():
+        assert back[key].dtype == value.dtype and np.array_equal(back[key], value)
+
+
+def test_load_npz_rejects_files_that_are_not_npz(tmp_path):
+    np.save(tmp_path / "plain.npy", np.arange(3))
+    (tmp_path / "broken.npz").write_bytes(b"PK\x03\x04 truncated")
+    for name in ("plain.npy", "broken.npz"):
+        with pytest.raises(ValueError, match=name):
+            load_npz(tmp_path / name)
+
+
+def test_atomic_files_get_the_umask_mode(tmp_path):
+    old = os.umask(0o022)
+    try:
+        atomic_write_json(tmp_path / "m.json", {"k": 1})
+    finally:
+        os.umask(old)
+    assert (tmp_path / "m.json").stat().st_mode & 0o777 == 0o644
