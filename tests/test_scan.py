@@ -72,9 +72,11 @@ def test_scan_is_deterministic_across_thread_counts():
     # the split over threads must not change a single bit
     u, dy, Abar, Bbar, C, D = problem(3, 3, 40, 3, 4, (np.log(1e-3), np.log(1e-1)), "lin", "zoh")
     u, dy = u.astype(np.float32), dy.astype(np.float32)
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("Numba has a single thread here: nothing to compare")
     before = numba.get_num_threads()
     results = []
-    for threads in sorted({1, before}):
+    for threads in (1, 2):
         numba.set_num_threads(threads)
         try:
             results.append((scan(u, Abar, Bbar, C, D), *scan_backward(u, dy, Abar, Bbar, C, D)))
