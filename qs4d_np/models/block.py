@@ -21,7 +21,7 @@ class S4DBlock(Module):
     prenorm:            y = dropout(ssm(norm(x))) + x
     ``residual=False`` drops the "+ x"; ``norm=None`` drops the norm. Children:
     ``ssm`` (S4D, built with the same dropout rate for its inner dropout and
-    ``**s4d_options``), ``dropout`` (channel dropout, only when dropout > 0)
+    ``**s4d_options``, e.g. quant, layer, abar), ``dropout`` (channel dropout, only when dropout > 0)
     and ``norm``, so parameters read ``ssm.C``, ``norm.weight``.
     """
 
@@ -42,7 +42,7 @@ class S4DBlock(Module):
         z = x
         if self.prenorm and self.norm is not None:
             z = self.norm.forward(z, training=training)
-        z = self.ssm.forward(z, training=training, mode=mode)
+        z = self.ssm._forward(z, training, mode)  # the model checked its input once
         if self.dropout is not None:
             z = self.dropout.forward(z, training=training)
         if self.residual:
@@ -59,7 +59,7 @@ class S4DBlock(Module):
         g = grad
         if self.dropout is not None:
             g = self.dropout.backward(g)
-        g = self.ssm.backward(g)
+        g = self.ssm._backward(g)
         if self.prenorm and self.norm is not None:
             g = self.norm.backward(g)
         if self.residual:

@@ -13,12 +13,15 @@ from qs4d_np.core.module import Module
 from qs4d_np.core.pooling import LastPool, MeanPool
 from qs4d_np.io import atomic_save_npz, atomic_write_json, load_json, load_npz
 from qs4d_np.models.block import S4DBlock
-from qs4d_np.ssm.s4d import MODES
+from qs4d_np.quant.config import QuantConfig
+from qs4d_np.quant.quantizer import Quantizer
+from qs4d_np.quant.weights import WeightQuant
+from qs4d_np.ssm.s4d import ABARS, MODES
 
 POOLS = {"mean": MeanPool, "last": LastPool}
 FORMAT_VERSION = 1
 # SSM parameters trained with lr min(0.001, lr) and no weight decay (state-spaces recipe).
-SSM_PARAM_NAMES = ("log_dt", "log_A_real", "A_imag", "B")
+SSM_PARAM_NAMES = ("log_dt", "log_A_real", "A_imag", "B", "Abar_rho", "Abar_theta", "Bbar")
 
 PRESETS: dict[str, dict[str, Any]] = {
     # state-spaces example.py: GELU, GLU mixing, LayerNorm postnorm, residual, S4D-Lin.
@@ -37,7 +40,17 @@ class S4DModel(Module):
     (``S4DBlock``, children ``layers.0`` ... of the container ``layers``) ->
     mean or last over time -> decoder Linear(d_model, d_output) (child
     ``decoder``). Parameter names read ``layers.0.ssm.C``. ``**s4d_options``
-    go to every S4D layer (init, disc, dt_min, dt_max, activation, mixing, learn_B).
+    go to every S4D layer (init, disc, dt_min, dt_max, activation, mixing, learn_B,
+    state_clip).
+
+    Quantization-aware training: ``quant`` (a ``QuantConfig`` or None) goes to every
+    S4D layer with ``layer=i`` (per-layer levels) and ``abar`` (``"continuous"``,
+    ``"discrete"``, ``"frozen"``; see ``S4D``); the S4D layer quantizes its SSM
+    targets, the mixing weight (``linear``) and its output after GLU (``act``); the
+    model quantizes the encoder and decoder weights (``coder``; children
+    ``quant_encoder``, ``quant_decoder``, biases float). ``config`` holds
+    ``quant.to_dict()`` (or None) and ``abar``; ``save`` / ``load`` keep the
+    quantizers' learned steps (parameters) and running ranges (buffers).
 
     ``mode`` ("conv" | "recurrent") is the default for ``forward``; both modes
     give the same outputs up to rounding. The input is checked once here
@@ -47,7 +60,8 @@ class S4DModel(Module):
     def __init__(self, d_input: int, d_output: int, *, d_model: int = 128, d_state: int = 64,
                  n_layers: int = 4, dropout: float = 0.1, norm: str | None = "layer", prenorm: bool = False,
                  residual: bool = True, pool: str = "mean", mode: str = "conv", dtype: type = np.float32,
-                 seed: int | None = None, **s4d_options: Any) -> None:
+                 seed: int | None = None, quant: QuantConfig | None = None, abar: str = "continuous",
+                 **s4d_options: Any) -> None:
         super().__init__()
         self.d_input = check_int("d_input", d_input, min_value=1)
         self.d_output = check_int("d_output", d_output, min_value=1)
@@ -56,12 +70,18 @@ class S4DModel(Module):
         check_choice("mode", mode, MODES)
         if seed is not None:
             check_int("seed", seed, min_value=0)
+        if quant is not None and not isinstance(quant, QuantConfig):
+            raise TypeError(f"quant must be a QuantConfig or None, got {type(quant).__name__} "
+                            "(QuantConfig.from_dict turns a saved dict back into one)")
+        check_choice("abar", abar, ABARS)
+        self.quant = quant
         self.mode = mode
         self.dtype = np.dtype(dtype)
         self.config: dict[str, Any] = dict(
             d_input=self.d_input, d_output=self.d_output, d_model=d_model, d_state=d_state, n_layers=n_layers,
             dropout=dropout, norm=norm, prenorm=bool(prenorm), residual=bool(residual), pool=pool, mode=mode,
-            dtype=self.dtype.name, seed=seed, **s4d_options)
+            dtype=self.dtype.name, seed=seed, quant=None if quant is None else quant.to_dict(), abar=abar,
+            **s4d_options)
 
         encoder_rng, decoder_rng, *layer_rngs = np.random.default_rng(seed).spawn(2 + n_layers)
         self.encoder = self.add_child("encoder", Linear(d_input, d_model, dtype=dtype, seed=encoder_rng))
@@ -69,11 +89,20 @@ class S4DModel(Module):
         self.blocks = [
             self.layers.add_child(str(i), S4DBlock(d_model, d_state=d_state, dropout=dropout, norm=norm,
                                                    prenorm=prenorm, residual=residual, dtype=dtype,
-                                                   seed=layer_rngs[i], **s4d_options))
+                                                   seed=layer_rngs[i], quant=quant, layer=i, abar=abar,
+                                                   **s4d_options))
             for i in range(n_layers)
         ]
         self.pool = self.add_child("pool", POOLS[pool]())
         self.decoder = self.add_child("decoder", Linear(d_model, d_output, dtype=dtype, seed=decoder_rng))
+        self.coder_quant: dict[str, WeightQuant] = {}
+        if quant is not None:
+            for name, linear in (("encoder", self.encoder), ("decoder", self.decoder)):
+                per_channel = quant.options_for("coder")["per_channel"]
+                q = quant.quantizer_for("coder", axis=1, n_scales=linear.d_out if per_channel else 1, dtype=dtype)
+                if q is not None:
+                    q.name = f"coder.{name}"
+                    self.coder_quant[name] = WeightQuant(linear, self.add_child(f"quant_{name}", q))
 
     # -- presets ------------------------------------------------------------
     @classmethod
@@ -87,21 +116,36 @@ class S4DModel(Module):
         """x (batch, length, d_input) -> logits (batch, d_output); ``mode`` defaults to ``self.mode``."""
         mode = self.mode if mode is None else mode
         check_choice("mode", mode, MODES)
-        h = self.encoder.forward(check_sequence_input("x", x, self.d_input), training=training)
+        h = self._coder("encoder", check_sequence_input("x", x, self.d_input), training)
         for block in self.blocks:
             h = block.forward(h, training=training, mode=mode)
-        logits = self.decoder.forward(self.pool.forward(h, training=training), training=training)
+        logits = self._coder("decoder", self.pool.forward(h, training=training), training)
         self._cache = logits.shape
         return logits
+
+    def _coder(self, name: str, x: np.ndarray, training: bool) -> np.ndarray:
+        """The encoder or decoder forward, with its weight quantized when ``coder`` is a target."""
+        linear = getattr(self, name)
+        if name not in self.coder_quant:
+            return linear.forward(x, training=training)
+        with self.coder_quant[name].forward(training):
+            return linear.forward(x, training=training)
+
+    def _coder_backward(self, name: str, grad: np.ndarray) -> np.ndarray:
+        linear = getattr(self, name)
+        if name not in self.coder_quant:
+            return linear.backward(grad)
+        with self.coder_quant[name].backward():
+            return linear.backward(grad)
 
     def backward(self, dlogits: np.ndarray) -> np.ndarray:
         """dL/dlogits (batch, d_output) -> dL/dx; fills ``grads``."""
         shape = self._saved()
         dlogits = check_array("dlogits", dlogits, shape=shape)
-        g = self.pool.backward(self.decoder.backward(dlogits))
+        g = self.pool.backward(self._coder_backward("decoder", dlogits))
         for block in reversed(self.blocks):
             g = block.backward(g)
-        return self.encoder.backward(g)
+        return self._coder_backward("encoder", g)
 
     # -- optimizer groups -----------------------------------------------------
     def param_groups(self) -> list[dict[str, Any]]:
@@ -159,12 +203,34 @@ class S4DModel(Module):
             raise ValueError(f"{path}.json is not an S4DModel file (format {meta.get('format') if isinstance(meta, dict) else None!r})")
         if meta.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"{path}.json has format_version {meta.get('format_version')!r}, expected {FORMAT_VERSION}")
-        model = cls(**meta["config"])
+        config = dict(meta["config"])
+        if config.get("quant") is not None:
+            config["quant"] = QuantConfig.from_dict(config["quant"])
+        model = cls(**config)
         model.load_arrays(load_npz(path.with_name(path.name + ".npz")), source=f"{path}.npz")
         return model
 
+    def _load_range_buffers(self, arrays: dict[str, np.ndarray], source: str) -> None:
+        """Restore quantizers' running ranges first: an uncalibrated quantizer has no buffers yet,
+        so its ``buffers/<name>.running_lo`` / ``running_hi`` would otherwise look unexpected."""
+        for prefix, module in self.modules():
+            if isinstance(module, Quantizer) and module.scale_mode == "running":
+                keys = {k: f"buffers/{prefix}.{k}" for k in ("running_lo", "running_hi")}
+                present = [k for k, key in keys.items() if key in arrays]
+                if not present:
+                    continue
+                if len(present) == 1:
+                    raise ValueError(f"{source} has {keys[present[0]]!r} without its partner range array")
+                lo, hi = (np.asarray(arrays[keys[k]]) for k in ("running_lo", "running_hi"))
+                for k, v in (("running_lo", lo), ("running_hi", hi)):
+                    if v.shape != (module.n_scales,):
+                        raise ValueError(f"{source}: array {keys[k]!r} has shape {v.shape}, "
+                                         f"expected ({module.n_scales},)")
+                module.load_buffers({"running_lo": lo, "running_hi": hi})
+
     def load_arrays(self, arrays: dict[str, np.ndarray], source: str = "arrays") -> None:
         """Copy ``state_arrays()``-keyed arrays into this model in place, checking names and shapes."""
+        self._load_range_buffers(arrays, source)
         own = self.state_arrays()
         missing = sorted(set(own) - set(arrays))
         unexpected = sorted(set(arrays) - set(own))

@@ -12,7 +12,9 @@ ignores the override). Values:
   dict does not name fall back to ``all``.
 
 Options (grid, symmetric, per_channel, rounding, power_of_two, complex_mode,
-scale_mode, ste) apply to every target; ``target_options`` overrides them per
+scale_mode, ste) apply to every target; ``complex_mode=None`` (the default) means
+"shared" for C (one scale for its real and imaginary parts, as the reference) and
+"cartesian" (separate scales) for the other complex targets (A / Abar, Bbar); ``target_options`` overrides them per
 target, e.g. {"act": {"scale_mode": "running"}, "state": {"power_of_two": True}}.
 ``spec_for`` / ``quantizer_for`` turn (target, layer) into a ``QuantSpec`` or a
 ``Quantizer`` (None for float). ``to_dict`` / ``from_dict`` round-trip through JSON.
@@ -36,13 +38,13 @@ _OPTION_CHOICES: dict[str, tuple] = {
     "per_channel": (True, False),
     "rounding": tuple(ROUNDING),
     "power_of_two": (True, False),
-    "complex_mode": COMPLEX_MODES,
+    "complex_mode": COMPLEX_MODES + (None,),
     "scale_mode": QUANTIZER_SCALE_MODES,
     "ste": STE_MODES,
 }
 DEFAULT_OPTIONS: dict[str, Any] = {
     "grid": "narrow", "symmetric": True, "per_channel": False, "rounding": "half_even",
-    "power_of_two": False, "complex_mode": "cartesian", "scale_mode": "absmax", "ste": "identity",
+    "power_of_two": False, "complex_mode": None, "scale_mode": "absmax", "ste": "identity",
 }
 
 Levels = Any  # None | int | "float" | list[...] | dict[int, ...]
@@ -138,14 +140,28 @@ class QuantConfig:
         return None if value in (None, FLOAT) else int(value)  # type: ignore[arg-type]
 
     def options_for(self, target: str) -> dict[str, Any]:
+        """The options of ``target`` with ``complex_mode`` resolved (see the module docstring)."""
         check_choice("target", target, TARGETS)
-        return {**self.options, **self.target_options.get(target, {})}
+        o = {**self.options, **self.target_options.get(target, {})}
+        if o["complex_mode"] is None:
+            o["complex_mode"] = "shared" if target == "C" else "cartesian"
+        return o
 
-    def spec_for(self, target: str, layer: int | None = None, axis: int | None = None) -> QuantSpec | None:
-        """The ``QuantSpec`` of (target, layer); ``axis`` is the channel axis used when per_channel."""
+    def spec_for(self, target: str, layer: int | None = None, axis: int | None = None,
+                 halve: bool = False) -> QuantSpec | None:
+        """The ``QuantSpec`` of (target, layer); ``axis`` is the channel axis used when per_channel.
+
+        ``halve``: levels // 2 states, the reference's convolution-mode state target
+        (kernel K and input u); fewer than 2 remaining states is an error.
+        """
         levels = self.levels_for(target, layer)
         if levels is None:
             return None
+        if halve:
+            if levels // 2 < 2:
+                raise ValueError(f"{target} levels={levels} leave {levels // 2} state(s) after the "
+                                 f"convolution mode's halving (K and u get levels // 2); use levels >= 4")
+            levels //= 2
         o = self.options_for(target)
         return QuantSpec(levels, grid=o["grid"], symmetric=o["symmetric"],
                          axis=axis if o["per_channel"] else None, rounding=o["rounding"],
@@ -158,9 +174,11 @@ class QuantConfig:
         return None if spec is None else spec.bits
 
     def quantizer_for(self, target: str, layer: int | None = None, *, axis: int | None = None,
-                      n_scales: int = 1, dtype: type = None, **extra: Any) -> Quantizer | None:
-        """A ``Quantizer`` for (target, layer), or None when the target stays float."""
-        spec = self.spec_for(target, layer, axis)
+                      n_scales: int = 1, halve: bool = False, dtype: type = None,
+                      **extra: Any) -> Quantizer | None:
+        """A ``Quantizer`` for (target, layer), or None when the target stays float (``halve``:
+        see ``spec_for``)."""
+        spec = self.spec_for(target, layer, axis, halve)
         if spec is None:
             return None
         o = self.options_for(target)

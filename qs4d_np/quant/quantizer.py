@@ -30,7 +30,7 @@ import numpy as np
 
 from qs4d_np.core.checks import check_choice, check_float, check_int
 from qs4d_np.core.module import Module
-from qs4d_np.quant.fake import STE_MODES, QuantSpec, QuantState, ste_backward
+from qs4d_np.quant.fake import STE_MODES, QuantSpec, QuantState, QuantTensor, ste_backward
 
 QUANTIZER_SCALE_MODES = ("absmax", "absmean", "fixed", "running", "learned")
 
@@ -68,6 +68,8 @@ class Quantizer(Module):
         if scale_mode != "fixed" and fixed_range is not None:
             raise ValueError(f"fixed_range is only used with scale_mode='fixed', got scale_mode={scale_mode!r}")
         self.buffers: dict[str, np.ndarray] = {}
+        # Set by ``qs4d_np.quant.calibrate``: running ranges update in evaluation forwards too.
+        self.calibrating = False
         if scale_mode == "learned":
             if not self.spec.symmetric or self.spec.power_of_two:
                 raise ValueError("scale_mode='learned' needs symmetric=True and power_of_two=False")
@@ -97,39 +99,70 @@ class Quantizer(Module):
             raise ValueError(f"Quantizer {self.name!r} keeps n_scales={self.n_scales} scales but its input "
                              f"needs {channels} (axis={self.spec.axis}, complex_mode={self.spec.complex_mode!r})")
 
-    def forward(self, x: np.ndarray, training: bool = False) -> np.ndarray:
+    def observe(self, lo: np.ndarray, hi: np.ndarray) -> None:
+        """Fold one batch's ranges (lo, hi), each (n_scales,), into the running buffers.
+
+        The first call initialises them; later calls take an exponential moving
+        average with ``momentum``. ``forward`` calls it in training (or while
+        ``calibrating``); owners that compute a range themselves (the recurrent
+        state's absmax) call it directly.
+        """
+        lo = np.asarray(lo, dtype=np.float64).reshape(-1)
+        hi = np.asarray(hi, dtype=np.float64).reshape(-1)
+        self._check_scales(lo.size)
+        if self.calibrated:
+            m = self.momentum
+            lo = (1 - m) * self.buffers["running_lo"] + m * lo
+            hi = (1 - m) * self.buffers["running_hi"] + m * hi
+        self.buffers = {"running_lo": lo, "running_hi": hi}
+
+    def updates_range(self, training: bool) -> bool:
+        """Whether a forward now updates the running range (training or calibrating)."""
+        return self.scale_mode == "running" and (training or self.calibrating)
+
+    def _scales(self, x: np.ndarray, training: bool):
+        """(layout, inv, zp) for ``x`` with this op's range source; updates running ranges."""
         spec = self.spec
-        mode = self.scale_mode
-        if mode in ("absmax", "absmean", "fixed"):
-            out, state = spec.forward(x, scale_mode=mode, fixed_range=self.fixed_range, name=self.name)
-            self._cache = (x, state)
-            return out
         lay = spec.layout(x, self.name)
         real = np.dtype(lay.dtype.type(0).real.dtype)
+        mode = self.scale_mode
+        if mode in ("absmax", "absmean", "fixed"):
+            if mode == "fixed":
+                lo, hi = spec.fixed_range(self.fixed_range, lay)
+            else:
+                lo, hi = spec.stats_range(lay.flatten(x), lay, mode, self.name)
+            inv, zp = spec.scales(lo, hi, real)
+            return lay, inv, zp
         self._check_scales(lay.channels)
         if mode == "running":
-            if training:
-                lo, hi = spec.stats_range(lay.flatten(x), lay, "absmax", self.name)
-                if self.calibrated:
-                    m = self.momentum
-                    lo = (1 - m) * self.buffers["running_lo"] + m * lo
-                    hi = (1 - m) * self.buffers["running_hi"] + m * hi
-                self.buffers = {"running_lo": lo, "running_hi": hi}
+            if self.updates_range(training):
+                self.observe(*spec.stats_range(lay.flatten(x), lay, "absmax", self.name))
             elif not self.calibrated:
                 raise RuntimeError(f"Quantizer {self.name!r} (scale_mode='running') has no calibrated range; "
-                                   "run forward(x, training=True) on some batches first")
+                                   "run forward(x, training=True) on some batches first (or qs4d_np.quant.calibrate)")
             inv, zp = spec.scales(self.buffers["running_lo"], self.buffers["running_hi"], real)
-        else:
-            step = self._params["step"]
-            if np.isnan(step).any():
-                _, hi = spec.stats_range(lay.flatten(x), lay, "absmean", self.name)
-                step[:] = hi / spec.code_grid.qpos
-            floor = spec.min_range / spec.code_grid.qpos
-            inv = (1.0 / np.maximum(step.astype(np.float64), floor)).astype(real)
-            zp = np.zeros_like(inv)
-        out, state = spec.apply(x, lay, inv, zp, name=self.name)
+            return lay, inv, zp
+        step = self._params["step"]
+        if np.isnan(step).any():
+            _, hi = spec.stats_range(lay.flatten(x), lay, "absmean", self.name)
+            step[:] = hi / spec.code_grid.qpos
+        return lay, self.learned_inv(real), np.zeros(lay.channels, dtype=real)
+
+    def learned_inv(self, dtype: np.dtype) -> np.ndarray:
+        """inv = 1/step (n_scales,) in ``dtype``, the step floored at min_range/qpos (learned mode)."""
+        floor = self.spec.min_range / self.spec.code_grid.qpos
+        return (1.0 / np.maximum(self._params["step"].astype(np.float64), floor)).astype(dtype)
+
+    def forward(self, x: np.ndarray, training: bool = False) -> np.ndarray:
+        lay, inv, zp = self._scales(x, training)
+        out, state = self.spec.apply(x, lay, inv, zp, name=self.name)
         self._cache = (x, state)
         return out
+
+    def quantize(self, x: np.ndarray) -> QuantTensor:
+        """Integer codes of ``x`` as an evaluation forward would quantize it (no cache, no range update)."""
+        lay, inv, zp = self._scales(x, training=False)
+        return self.spec.apply(x, lay, inv, zp, want_codes=True, name=self.name)[1].tensor()
 
     def backward(self, grad: np.ndarray) -> np.ndarray:
         x, state = self._saved()

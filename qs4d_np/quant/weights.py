@@ -1,0 +1,61 @@
+"""Fake-quantized weights for ops that read their own ``weight`` parameter (Linear, PointwiseGLU).
+
+``WeightQuant(linear, quantizer)`` runs the op's forward and backward with the
+quantized weight W_q swapped in for the parameter W (the op reads
+``linear._params["weight"]``; its bias stays float, as the reference). After
+the backward it replaces the op's dL/dW_q by the quantizer's straight-through
+dL/dW. The parameter array itself is never modified, so an optimizer holding
+it keeps working.
+
+    wq = WeightQuant(mixing.linear, quantizer)
+    with wq.forward(training):
+        y = mixing.forward(x)
+    ...
+    with wq.backward():
+        dx = mixing.backward(g)
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+import numpy as np
+
+from qs4d_np.core.module import Module
+from qs4d_np.quant.quantizer import Quantizer
+
+
+class WeightQuant:
+    """Swap a fake-quantized weight into ``linear`` around its forward and backward."""
+
+    def __init__(self, linear: Module, quantizer: Quantizer) -> None:
+        self.linear = linear
+        self.quantizer = quantizer
+        self._W_q: np.ndarray | None = None
+
+    @contextmanager
+    def _swapped(self, W_q: np.ndarray) -> Iterator[None]:
+        params = self.linear._params
+        W = params["weight"]
+        params["weight"] = W_q
+        try:
+            yield
+        finally:
+            params["weight"] = W
+
+    @contextmanager
+    def forward(self, training: bool) -> Iterator[None]:
+        """Quantize the weight and run the enclosed forward with it."""
+        self._W_q = self.quantizer.forward(self.linear._params["weight"], training=training)
+        with self._swapped(self._W_q):
+            yield
+
+    @contextmanager
+    def backward(self) -> Iterator[None]:
+        """Run the enclosed backward with the forward's W_q, then chain dL/dW_q through the STE."""
+        if self._W_q is None:
+            raise RuntimeError("WeightQuant.backward() called before forward()")
+        with self._swapped(self._W_q):
+            yield
+        grads = self.linear._grads
+        grads["weight"] = self.quantizer.backward(grads["weight"]).astype(self._W_q.dtype, copy=False)

@@ -1,0 +1,318 @@
+"""Quantization-aware S4D / S4DModel: STE gradients, the float limit, mode agreement, files, bad input.
+
+STE gradients are checked against finite differences of a *frozen-offset* model:
+every ``Quantizer`` is replaced by x -> x + (q(x0) - x0) with the offset recorded at
+the checked point x0 (``frozen_quantizers``). That model equals the quantized one at
+x0 and its exact derivative passes each quantizer as the identity, which is what the
+identity straight-through estimator claims; everything else (discretization, kernel,
+convolution, scan, mixing, norms) is differentiated for real. The quantized-state scan
+is replaced by the LSQ surrogate of ``reference/quant.py`` the same way.
+"""
+from __future__ import annotations
+
+import contextlib
+import itertools
+
+import numpy as np
+import pytest
+
+import qs4d_np.ssm.s4d as s4d_module
+from qs4d_np.core.loss import SoftmaxCrossEntropy
+from qs4d_np.models.s4d_model import S4DModel
+from qs4d_np.quant import QuantConfig, Quantizer
+from qs4d_np.ssm.s4d import S4D
+from reference.gradcheck import grad_error, numerical_grad
+from reference.quant import quant_scan_ref
+
+TINY = dict(d_model=3, d_state=4, n_layers=1, dropout=0.0, dtype=np.float64, seed=3)
+TOL = 1e-6
+# Same balance of truncation and rounding error as tests/test_model.py (measured there).
+FD_EPS = 3e-5
+
+
+@contextlib.contextmanager
+def frozen_quantizers(model, monkeypatch=None):
+    """Record every quantizer's offset q(x) - x on the first forward, then apply only the offsets.
+
+    With ``monkeypatch`` the quantized-state scan is frozen too: the first forward records
+    each layer's state inv, later forwards run reference.quant_scan_ref's surrogate.
+    """
+    quantizers = [m for _, m in model.modules() if isinstance(m, Quantizer)]
+    offsets: dict[int, np.ndarray] = {}
+    originals = {id(q): q.forward for q in quantizers}
+
+    def wrap(q):
+        def forward(x, training=False):
+            if id(q) not in offsets:
+                out = originals[id(q)](x, training=training)
+                offsets[id(q)] = out - x
+                return out
+            return x + offsets[id(q)]
+        return forward
+
+    for q in quantizers:
+        q.forward = wrap(q)
+    if monkeypatch is not None:
+        real_scan = s4d_module.quant_scan
+        recorded: list = []
+        calls = itertools.count()
+
+        def scan(u, Abar, Bbar, C, D, state, clip):
+            i = next(calls) % max(len(recorded), 1) if len(recorded) == n_layers() else None
+            if i is None:
+                y, cache = real_scan(u, Abar, Bbar, C, D, state, clip)
+                recorded.append((state, {}))
+                return y, cache
+            st, frozen = recorded[i]
+            g = st.spec.code_grid
+            inv = st.per_channel_inv(Abar.shape[0], np.dtype(np.float64))
+            return quant_scan_ref(u, Abar, Bbar, C, D, inv, g.qmin, g.qmax, clip=clip, frozen=frozen), None
+
+        def n_layers():
+            return sum(isinstance(m, S4D) and m.q["x"] is not None for _, m in model.modules())
+
+        monkeypatch.setattr(s4d_module, "quant_scan", scan)
+    try:
+        yield
+    finally:
+        for q in quantizers:
+            del q.forward
+
+
+def check_ste_grads(model, x, mode, monkeypatch=None):
+    """FD of the frozen-offset model vs the analytic STE gradients of L = sum(logits * R)."""
+    R = np.random.default_rng(99).standard_normal((x.shape[0], model.d_output))
+    with frozen_quantizers(model, monkeypatch):
+        model.forward(x, mode=mode)
+        model.backward(R.copy())
+        analytic = {k: v.copy() for k, v in model.grads.items()}
+        model.forward(x, mode=mode)  # the surrogate scan records its residuals at this point
+        loss = lambda: float(np.sum(model.forward(x, mode=mode) * R))  # noqa: E731
+        checked = 0
+        for name, p in model.params.items():
+            if name.endswith(".step"):
+                continue  # LSQ steps: the frozen offsets do not depend on them (tested in test_quant_quantizer)
+            num = numerical_grad(loss, p, eps=FD_EPS)
+            if np.max(np.abs(num)) < 1e-9:
+                assert np.max(np.abs(analytic[name])) < 1e-9, name
+                continue
+            assert grad_error(analytic[name], num) <= TOL, (name, grad_error(analytic[name], num))
+            checked += 1
+    assert checked >= 6
+
+
+def jittered(model, seed=5):
+    """Perturb the SSM parameters so that the init's exact grid values (e.g. Re(A) = -1/2 everywhere)
+    do not make a quantizer lossless."""
+    rng = np.random.default_rng(seed)
+    for name, p in model.params.items():
+        if name.split(".")[-1] in ("log_A_real", "A_imag", "log_dt", "Abar_rho", "Abar_theta"):
+            p += 0.1 * rng.standard_normal(p.shape)
+    return model
+
+
+def data(B=2, L=6, d_in=2, seed=0):
+    return np.random.default_rng(seed).standard_normal((B, L, d_in))
+
+
+CONV_TARGETS = ["A", "C", "dt", "state", "linear", "act", "coder", "all"]
+
+
+@pytest.mark.parametrize("target", CONV_TARGETS)
+def test_conv_mode_ste_gradients_match_fd_of_the_frozen_offset_model(target):
+    quant = QuantConfig(**{target: 16})
+    model = jittered(S4DModel(2, 3, quant=quant, **TINY))
+    quantized = [n for n, m in model.modules() if isinstance(m, Quantizer)]
+    assert quantized  # the target really put a quantizer in
+    x = data()
+    # The quantizers change the output: the test is not checking a float model.
+    float_model = jittered(S4DModel(2, 3, **TINY))
+    assert not np.allclose(model.forward(x), float_model.forward(x), atol=1e-9)
+    check_ste_grads(model, x, "conv")
+
+
+@pytest.mark.parametrize("abar", ["discrete", "frozen"])
+@pytest.mark.parametrize("mode", ["conv", "recurrent"])
+def test_abar_parameterizations_ste_gradients(abar, mode):
+    quant = QuantConfig(all=32, state="float")
+    model = jittered(S4DModel(2, 3, quant=quant, abar=abar, **TINY))
+    check_ste_grads(model, data(), mode)
+
+
+@pytest.mark.parametrize("target", ["A", "B", "C", "D", "dt", "linear", "act", "coder"])
+def test_recurrent_mode_ste_gradients_match_fd(target):
+    model = jittered(S4DModel(2, 3, quant=QuantConfig(**{target: 16}), **TINY))
+    check_ste_grads(model, data(), "recurrent")
+
+
+@pytest.mark.parametrize("scale_mode", ["absmax", "fixed"])
+def test_recurrent_state_quantization_gradients_match_fd_of_the_surrogate(monkeypatch, scale_mode):
+    # clipped STE: the surrogate's saturation edges have zero slope, the clipped STE's rule
+    quant = QuantConfig(state=64, C=16, target_options={"state": {"ste": "clipped", "scale_mode": scale_mode}})
+    model = jittered(S4DModel(2, 3, quant=quant, state_clip=5.0, **{**TINY, "n_layers": 2}))
+    if scale_mode == "fixed":
+        for _, m in model.modules():
+            if isinstance(m, S4D):
+                m.q["x"].fixed_range = 0.3  # small: some states saturate
+    check_ste_grads(model, data(), "recurrent", monkeypatch)
+
+
+@pytest.mark.parametrize("mode", ["conv", "recurrent"])
+def test_fine_quantization_matches_the_float_model(mode):
+    # 2**30 states: every quantization error is ~1e-9 of its range, far below the tolerance
+    quant = QuantConfig(all=2**30)
+    q_model = S4DModel(2, 3, quant=quant, **{**TINY, "n_layers": 2, "d_model": 4})
+    f_model = S4DModel(2, 3, **{**TINY, "n_layers": 2, "d_model": 4})
+    x, labels = data(B=3, L=8), np.array([0, 2, 1])
+    results = []
+    for model in (q_model, f_model):
+        loss_fn = SoftmaxCrossEntropy()
+        loss = loss_fn.forward(model.forward(x, mode=mode), labels)
+        model.backward(loss_fn.backward())
+        results.append((loss, model.grads))
+    (lq, gq), (lf, gf) = results
+    assert abs(lq - lf) <= TOL * abs(lf)
+    for name, g in gf.items():
+        assert grad_error(gq[name], g) <= TOL, name
+    assert abs(lq - lf) > 0  # the quantizers did run
+
+
+def test_conv_and_recurrent_qat_agree_without_state_quantization():
+    # Targets with the same place in both modes (A and B/D differ by design: A before vs Abar after
+    # discretization; B, D only in recurrent mode).
+    quant = QuantConfig(C=8, dt=8, linear=8, act=16, coder=8)
+    model = S4DModel(2, 3, quant=quant, **{**TINY, "n_layers": 2})
+    x = data(L=10)
+    R = np.random.default_rng(1).standard_normal((2, 3))
+    outs, grads = [], []
+    for mode in ("conv", "recurrent"):
+        outs.append(model.forward(x, mode=mode))
+        model.backward(R)
+        grads.append({k: v.copy() for k, v in model.grads.items()})
+    np.testing.assert_allclose(outs[0], outs[1], rtol=1e-10, atol=1e-12)
+    for name in grads[0]:
+        assert grad_error(grads[0][name], grads[1][name]) <= 1e-9, name
+
+
+def test_discrete_and_frozen_modes_agree_across_modes():
+    quant = QuantConfig(A=16, C=16)
+    for abar in ("discrete", "frozen"):
+        model = S4DModel(2, 3, quant=quant, abar=abar, **TINY)
+        x = data(L=9)
+        np.testing.assert_allclose(model.forward(x, mode="conv"), model.forward(x, mode="recurrent"),
+                                   rtol=1e-10, atol=1e-12)
+
+
+def test_save_load_round_trip_keeps_steps_and_running_ranges(tmp_path):
+    quant = QuantConfig(all=16, per_channel=True, target_options={
+        "act": {"scale_mode": "running"}, "state": {"scale_mode": "running"}, "C": {"scale_mode": "learned"}})
+    model = jittered(S4DModel(2, 3, quant=quant, abar="frozen", state_clip=4.0, **{**TINY, "n_layers": 2}))
+    x = data()
+    for mode in ("conv", "recurrent"):
+        model.forward(x, training=True, mode=mode)  # calibrates the running ranges of both modes
+    buffers = model.named_buffers()
+    assert any(k.endswith("quant_act.running_lo") for k in buffers)
+    assert any(k.endswith("quant_x.running_hi") for k in buffers)
+    assert any(k.endswith("ssm.Abar") for k in buffers)  # the frozen Abar
+    assert any(k.endswith("quant_C.step") for k in model.params)
+    model.save(tmp_path / "m")
+    loaded = S4DModel.load(tmp_path / "m")
+    assert loaded.quant == quant and loaded.config["abar"] == "frozen"
+    assert loaded.config["quant"] == quant.to_dict()
+    for k, v in model.params.items():
+        assert np.array_equal(loaded.params[k], v), k
+    for k, v in buffers.items():
+        assert np.array_equal(loaded.named_buffers()[k], v), k
+    for mode in ("conv", "recurrent"):
+        assert np.array_equal(loaded.forward(x, mode=mode), model.forward(x, mode=mode))
+
+
+def test_running_quantizers_need_calibration_and_then_ignore_the_batch():
+    quant = QuantConfig(act=16, target_options={"act": {"scale_mode": "running"}})
+    model = S4DModel(2, 3, quant=quant, **TINY)
+    x = data(B=4)
+    with pytest.raises(RuntimeError, match="no calibrated range"):
+        model.forward(x)
+    model.forward(x, training=True)
+    # frozen in eval: one sequence gives the same logits alone as inside the batch
+    np.testing.assert_allclose(model.forward(x[:1])[0], model.forward(x)[0], rtol=1e-12)
+
+
+def test_discrete_abar_stays_inside_the_unit_circle_after_updates():
+    from qs4d_np.train.optim import AdamW
+    model = S4DModel(2, 3, quant=QuantConfig(A=64), abar="discrete", **TINY)
+    ssm = model.blocks[0].ssm
+    assert {"Abar_rho", "Abar_theta", "Bbar"} <= set(ssm.params) and "log_A_real" not in ssm.params
+    opt = AdamW(model.params, lr=0.5, weight_decay=0.0)
+    x = data()
+    for _ in range(20):  # large steps, always towards larger |Abar| (smaller rho)
+        model.forward(x)
+        model.backward(np.ones((2, 3)))
+        g = dict(model.grads)
+        g["layers.0.ssm.Abar_rho"] = np.ones_like(g["layers.0.ssm.Abar_rho"])
+        opt.step(g)
+    Abar = ssm.discrete().Abar
+    assert np.abs(Abar).max() < 1.0
+    assert np.abs(Abar).max() > 0.999  # the updates really pushed it to the circle
+
+
+def test_frozen_abar_has_no_gradient_and_no_A_parameters():
+    model = jittered(S4DModel(2, 3, quant=QuantConfig(A=8, C=8), abar="frozen", **TINY))
+    ssm = model.blocks[0].ssm
+    assert not {"log_dt", "log_A_real", "A_imag", "Abar_rho", "Abar_theta"} & set(ssm.params)
+    Abar0 = ssm.buffers["Abar"].copy()
+    for mode in ("conv", "recurrent"):
+        model.forward(data(), training=True, mode=mode)
+        model.backward(np.ones((2, 3)))
+        assert set(model.grads) == set(model.params)
+    assert np.array_equal(ssm.buffers["Abar"], Abar0)
+    # it runs at its quantized value
+    q = ssm.q["Abar"]
+    np.testing.assert_array_equal(q.forward(ssm.discrete().Abar), q.forward(Abar0.astype(np.complex128)))
+
+
+def test_model_config_and_quant_attribute():
+    quant = QuantConfig(all=32, state=64)
+    model = S4DModel(2, 3, quant=quant, abar="discrete", **TINY)
+    assert model.quant is quant and model.config["quant"] == quant.to_dict() and model.config["abar"] == "discrete"
+    plain = S4DModel(2, 3, **TINY)
+    assert plain.quant is None and plain.config["quant"] is None and plain.config["abar"] == "continuous"
+    assert not [m for _, m in plain.modules() if isinstance(m, Quantizer)]
+    names = {n.split(".")[-1] for n, m in model.modules() if isinstance(m, Quantizer)}
+    assert names == {"quant_Abar", "quant_B", "quant_C", "quant_D", "quant_K", "quant_u", "quant_x",
+                     "quant_linear", "quant_act", "quant_encoder", "quant_decoder"}
+    # the conv-mode state gets levels // 2 states, the recurrent state the full count
+    ssm = model.blocks[0].ssm
+    assert ssm.q["K"].spec.levels == 32 and ssm.q["u"].spec.levels == 32 and ssm.q["x"].spec.levels == 64
+
+
+def test_bad_input():
+    with pytest.raises(TypeError, match="quant must be a QuantConfig"):
+        S4DModel(2, 3, quant={"all": 8}, **TINY)
+    with pytest.raises(TypeError, match="quant must be a QuantConfig"):
+        S4D(3, 4, quant=8)
+    with pytest.raises(ValueError, match="abar must be one of"):
+        S4DModel(2, 3, abar="learned", **TINY)
+    with pytest.raises(ValueError, match="abar must be one of"):
+        S4D(3, 4, abar="polar")
+    with pytest.raises(ValueError, match="unknown quantization target"):
+        QuantConfig(mixing=8)
+    with pytest.raises(ValueError, match="levels // 2"):
+        S4DModel(2, 3, quant=QuantConfig(state=3), **TINY)
+    with pytest.raises(ValueError, match="learn_B applies to abar='continuous'"):
+        S4D(3, 4, abar="discrete", learn_B=True)
+    with pytest.raises(ValueError, match="layer must be >= 0"):
+        S4D(3, 4, layer=-1)
+    with pytest.raises(ValueError, match="state_clip must be > 0"):
+        S4D(3, 4, state_clip=0.0)
+    with pytest.raises(ValueError, match="step\\(\\) is the float recurrence"):
+        m = S4D(3, 4, quant=QuantConfig(C=8))
+        m.step(np.zeros((1, 3)), m.initial_state(1))
+    model = S4DModel(2, 3, quant=QuantConfig(state=16, target_options={"state": {"scale_mode": "absmean"}}), **TINY)
+    model.forward(data(), mode="conv")  # absmean is fine for K and u
+    with pytest.raises(ValueError, match="absmean' has no recurrent-mode meaning"):
+        model.forward(data(), mode="recurrent")
+    with pytest.raises(ValueError, match="x contains 1 non-finite"):
+        x = data()
+        x[0, 1, 0] = np.nan
+        S4DModel(2, 3, quant=QuantConfig(all=8), **TINY).forward(x)
