@@ -3,8 +3,8 @@
 Prints, per mode (conv, recurrent), the median over ``--repeats`` timed steps
 (after one warm-up) of one training step: forward (training=True) +
 softmax cross-entropy + backward, split into forward and backward; a
-per-op breakdown of one further step (exclusive times: an op's own time
-without its children's); the recurrent scan's throughput in mode-updates/s
+per-op breakdown of one further step (exclusive wall and CPU times: an op's
+own time without its children's); the recurrent scan's throughput in mode-updates/s
 (batch * length * d_model * d_state/2 complex updates per second of the S4D
 layer's recurrent path, forward and backward); and the peak resident memory
 (ru_maxrss). CPU time per step (all threads) is printed too: on a shared
@@ -49,37 +49,49 @@ def op_label(name: str, module: Any) -> str:
     return kind
 
 
-def instrument(model: Any) -> tuple[dict[str, float], Callable[[], None]]:
-    """Wrap every submodule's forward/backward to record exclusive times; returns (times, undo)."""
-    times: dict[str, float] = defaultdict(float)
-    stack: list[float] = []  # children's time accumulated inside the running call
-    originals = []
+# Methods timed per module: the op interface and, where a class has them, the
+# unchecked variants that a parent calls directly (S4D._forward from the block).
+PHASES = {"forward": "forward", "backward": "backward", "_forward": "forward", "_backward": "backward"}
+
+
+def instrument(model: Any) -> tuple[dict[str, np.ndarray], Callable[[], None]]:
+    """Wrap every submodule's forward/backward to record exclusive times; returns (times, undo).
+
+    times[label] = [wall seconds, CPU seconds (all threads of the process)].
+    """
+    times: dict[str, np.ndarray] = defaultdict(lambda: np.zeros(2))
+    stack: list[np.ndarray] = []  # children's times accumulated inside the running call
+
+    def now() -> np.ndarray:
+        return np.array([time.perf_counter(), time.process_time()])
 
     def wrap(label: str, fn: Callable) -> Callable:
         def timed(*args: Any, **kwargs: Any) -> Any:
-            stack.append(0.0)
-            start = time.perf_counter()
+            stack.append(np.zeros(2))
+            start = now()
             try:
                 return fn(*args, **kwargs)
             finally:
-                total = time.perf_counter() - start
+                total = now() - start
                 children = stack.pop()
                 times[label] += total - children
                 if stack:
                     stack[-1] += total
         return timed
 
+    originals = []
     for name, module in model.modules():
         if module is model or not name or name == "layers":
             continue
         label = op_label(name, module)
-        for phase in ("forward", "backward"):
-            originals.append((module, phase))
-            setattr(module, phase, wrap(f"{label} {phase}", getattr(module, phase)))
+        for method, phase in PHASES.items():
+            if hasattr(module, method):
+                originals.append((module, method))
+                setattr(module, method, wrap(f"{label} {phase}", getattr(module, method)))
 
     def undo() -> None:
-        for module, phase in originals:
-            delattr(module, phase)
+        for module, method in originals:
+            delattr(module, method)
 
     return times, undo
 
@@ -109,7 +121,7 @@ def run_mode(mode: str, batch: int, length: int, repeats: int) -> dict[str, Any]
     times, undo = instrument(model)
     step()
     undo()
-    breakdown = dict(sorted(times.items(), key=lambda kv: -kv[1]))
+    breakdown = {label: t.tolist() for label, t in sorted(times.items(), key=lambda kv: -kv[1][0])}
 
     H, N = 128, 64
     layer = S4D(H, N, activation=None, mixing=None, seed=0)
@@ -149,10 +161,10 @@ def report(results: list[dict[str, Any]]) -> None:
         print(f"scan (S4D recurrent path, H=128, N=64): forward {r['scan_forward_updates_per_s']:.3g}, "
               f"backward {r['scan_backward_updates_per_s']:.3g} mode-updates/s")
         print(f"peak memory (ru_maxrss): {r['peak_rss_gb']:.2f} GB")
-        total = sum(r["breakdown_s"].values())
-        print(f"per-op exclusive time in one instrumented step (sum {total:.3f} s):")
-        for label, t in r["breakdown_s"].items():
-            print(f"  {label:48s} {t * 1e3:8.1f} ms  {100 * t / total:5.1f}%")
+        total, total_cpu = np.sum(list(r["breakdown_s"].values()), axis=0)
+        print(f"per-op exclusive time in one instrumented step (sum {total:.3f} s wall, {total_cpu:.3f} s CPU):")
+        for label, (t, cpu) in r["breakdown_s"].items():
+            print(f"  {label:48s} {t * 1e3:8.1f} ms  {100 * t / total:5.1f}%   CPU {cpu * 1e3:8.1f} ms")
     by_mode = {r["mode"]: r for r in results}
     print("\n== targets ==")
     if "conv" in by_mode:

@@ -83,3 +83,16 @@ def zoh_expm(dt: np.ndarray, A: np.ndarray, B: np.ndarray) -> tuple[np.ndarray, 
             E = expm(np.array([[A[h, n], B[h, n]], [0.0, 0.0]], dtype=np.complex128) * dt[h])
             Abar[h, n], Bbar[h, n] = E[0, 0], E[0, 1]
     return Abar, Bbar
+
+
+def spectrum_product(u_f: np.ndarray, K_f: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(u_f * K_f, conj(u_f)) in complex128; u_f (B, F, H), K_f (F, H)."""
+    u_f = np.asarray(u_f, dtype=np.complex128)
+    return u_f * np.asarray(K_f, dtype=np.complex128), np.conj(u_f)
+
+
+def spectrum_backward(g_f: np.ndarray, u_f_conj: np.ndarray, K_f: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(sum over the batch of g_f * u_f_conj (F, H), g_f * conj(K_f) (B, F, H)) in complex128."""
+    g_f = np.asarray(g_f, dtype=np.complex128)
+    dK_f = np.sum(g_f * np.asarray(u_f_conj, dtype=np.complex128), axis=0)
+    return dK_f, g_f * np.conj(np.asarray(K_f, dtype=np.complex128))

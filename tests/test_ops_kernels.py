@@ -84,6 +84,60 @@ def test_float32_kernels_track_float64(variant):
     np.testing.assert_allclose(out, ref.gelu(z32), rtol=1e-6, atol=1e-6)
 
 
+# float32 data go through the float32 approximations in kernels.elementwise (exp_f32,
+# the fitted erfc). Bounds: float32 output rounding (6e-8 relative) plus the
+# approximation error, measured at <= 4e-7 absolute for GELU and its derivative
+# over x in [-20, 20] (largest near |x| ~ 1, from rounding in the degree-9
+# polynomial) and <= 1.5e-7 relative for exp and the sigmoid.
+@st.composite
+def float32_values(draw, max_size=3000):
+    n = draw(st.integers(1, max_size))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    scale = draw(st.sampled_from([0.5, 2.0, 8.0]))
+    return (rng.standard_normal(n) * scale).astype(np.float32), rng
+
+
+@SETTINGS
+@given(float32_values(), VARIANT)
+def test_float32_gelu_approximation(data, variant):
+    x, rng = data
+    g = rng.standard_normal(x.size).astype(np.float32)
+    out, cdf = np.empty_like(x), np.empty_like(x)
+    getattr(ew.gelu_forward, variant)(x, out, cdf)
+    want = ref.gelu(x)
+    assert np.all(np.abs(out - want) <= 4e-7 + 1e-7 * np.abs(want))
+    dx = np.empty_like(x)
+    getattr(ew.gelu_backward, variant)(x, cdf, g, dx)
+    want = ref.gelu_backward(x, g)
+    assert np.all(np.abs(dx - want) <= 4e-7 * np.abs(g) + 1e-7 * np.abs(want))
+
+
+def test_float32_gelu_tails_and_extremes():
+    """Far tails: Phi stays in [0, 1], GELU(x) -> x and -> 0, nothing overflows to NaN."""
+    x = np.array([-1e30, -200.0, -30.0, -9.0, 0.0, 9.0, 30.0, 200.0, 1e30], np.float32)
+    out, cdf = np.empty_like(x), np.empty_like(x)
+    ew.gelu_forward(x, out, cdf)
+    assert np.all((cdf >= 0) & (cdf <= 1)) and np.all(np.isfinite(out))
+    np.testing.assert_allclose(out[5:], x[5:], rtol=1e-7)
+    assert np.all(np.abs(out[:4]) <= 1e-15)
+    assert out[4] == 0.0
+
+
+@SETTINGS
+@given(float32_values(), st.sampled_from([1.0, 30.0]))
+def test_float32_exp_and_sigmoid(data, spread):
+    x, _ = data
+    y = np.clip(x * np.float32(spread), -87, 88)
+    got = np.array([ew.exp_f32(v) for v in y[:200]])
+    want = np.exp(y[:200].astype(np.float64))
+    assert np.all(np.abs(got - want) <= 1.5e-7 * want)
+    z = np.stack([np.ones_like(y), y], axis=1)  # GLU with a = 1: out = sigmoid(y)
+    out, gate = np.empty((len(y), 1), np.float32), np.empty((len(y), 1), np.float32)
+    ew.glu_forward(z, np.zeros(2, np.float32), out, gate)
+    want = 1.0 / (1.0 + np.exp(-y.astype(np.float64)))
+    assert np.all(np.abs(gate[:, 0] - want) <= 1.5e-7 * want + 1e-30)
+
+
 @SETTINGS
 @given(matrices(), VARIANT)
 def test_layernorm_kernels(data, variant):
