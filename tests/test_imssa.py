@@ -9,6 +9,7 @@ from qs4d_np.hardware.config import CrossbarConfig
 from qs4d_np.hardware.imssa import (AnalogModel, channel_matrix, evaluate_analog, mapping_counts,
                                     pack_channels)
 from qs4d_np.models.s4d_model import S4DModel
+from qs4d_np.quant.config import QuantConfig
 
 TINY = dict(d_model=6, d_state=8, n_layers=2, dropout=0.0)
 ARCHS = [dict(), dict(norm="batch", residual=False, activation=None), dict(prenorm=True, pool="last"),
@@ -65,6 +66,18 @@ def test_ideal_analog_float32_close_to_float_model():
     out = AnalogModel(model, CrossbarConfig.ideal(), seed=0).forward(x)
     # float32 everywhere (eps 6e-8), different summation orders: relative 1e-4 of the logit scale
     np.testing.assert_allclose(out, ref, rtol=0, atol=1e-4 * np.abs(ref).max())
+
+
+def test_qat_model_is_programmed_with_its_quantized_values():
+    # every quantized target except the state (which the arrays' converters replace)
+    quant = QuantConfig(A=16, B=16, C=16, D=16, linear=16, coder=16, act=16)
+    model = S4DModel(2, 3, dtype=np.float64, seed=1, quant=quant, **TINY)
+    x = _x()
+    ref = model.forward(x, mode="recurrent")
+    out = AnalogModel(model, CrossbarConfig.ideal(dtype="float64"), seed=0).forward(x)
+    np.testing.assert_allclose(out, ref, rtol=0, atol=1e-12)  # as in the float case
+    float_model = S4DModel(2, 3, dtype=np.float64, seed=1, **TINY)
+    assert np.abs(float_model.forward(x, mode="recurrent") - ref).max() > 1e-3  # the quantization matters
 
 
 @pytest.mark.parametrize("tiles", [(256, 256), (20, 11), (9, 9)])

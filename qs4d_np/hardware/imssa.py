@@ -33,6 +33,12 @@ layer's pointwise mixing Linear (H -> 2H, one MVM per step) and the decoder
 activation, the GLU gate, norms, residual adds and the pooling over time.
 Dropout is off (inference).
 
+A QAT model (``S4DModel(quant=...)``) is programmed with the values its
+recurrent mode computes with: the quantized Abar, Bbar, C, D and mixing /
+encoder / decoder weights, and its activation quantizer runs digitally after
+the GLU. Its state quantizer has no counterpart: the state lives in the
+arrays' DAC/ADC codes (``CrossbarConfig``) instead.
+
 Counts (per sample, first-round conversions; bound-management reruns are
 counted separately in ``bm_retries``): ADC conversions = L*(H + sum over layers
 of (sum_h n_h + 2H)) + d_out; arrays = the crossbar tiles of every programmed
@@ -55,6 +61,18 @@ from qs4d_np.kernels.elementwise import glu_forward
 
 
 # -- the per-channel matrix --------------------------------------------------
+def ssm_matrices(ssm: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(Abar, Bbar, C) (H, M) complex128 and D (H,) float64 of an S4D layer as its recurrent mode uses them:
+    the float values, or for a QAT layer the quantized ones (its ``_ssm_params`` in eval mode)."""
+    if getattr(ssm, "quant", None) is not None:
+        Abar, Bbar, C, D, _ = ssm._ssm_params(False, "recurrent")
+    else:
+        d = ssm.discrete()
+        Abar, Bbar, C, D = d.Abar, d.Bbar, ssm._params["C"], ssm._params["D"]
+    return (Abar.astype(np.complex128), Bbar.astype(np.complex128), C.astype(np.complex128),
+            D.astype(np.float64))
+
+
 def active_modes(C: np.ndarray) -> list[np.ndarray]:
     """Per channel, the indices of the modes that are mapped (C[h, m] != 0). C: (H, M) complex."""
     return [np.flatnonzero(row != 0) for row in C]
@@ -177,24 +195,27 @@ class AnalogModel:
         self.config = config
         self.dtype = np.dtype(model.dtype)
         self._rng = np.random.default_rng(seed)
-        self.encoder = self._program_linear(model.encoder)
+        coder_quant = getattr(model, "coder_quant", {})
+        self.encoder = self._program_linear(model.encoder, coder_quant.get("encoder"))
         self.ssm = [self._program_ssm(block.ssm) for block in model.blocks]
-        self.mixing = [None if block.ssm.mixing is None else self._program_linear(block.ssm.mixing.linear)
+        self.mixing = [None if block.ssm.mixing is None else
+                       self._program_linear(block.ssm.mixing.linear, getattr(block.ssm, "weight_quant", None))
                        for block in model.blocks]
-        self.decoder = self._program_linear(model.decoder)
+        self.decoder = self._program_linear(model.decoder, coder_quant.get("decoder"))
         self.counters = AnalogCounters()
 
     # -- programming ---------------------------------------------------------
     def _program(self, W: np.ndarray) -> CrossbarArray:
         return CrossbarArray(W, self.config, self._rng.spawn(1)[0])
 
-    def _program_linear(self, linear: Linear) -> CrossbarArray:
-        return self._program(linear._params["weight"].T.astype(np.float64))
+    def _program_linear(self, linear: Linear, weight_quant: Any = None) -> CrossbarArray:
+        W = linear._params["weight"]
+        if weight_quant is not None:  # a QAT model: program the weight it computes with
+            W = weight_quant.quantizer.forward(W, training=False)
+        return self._program(W.T.astype(np.float64))
 
     def _program_ssm(self, ssm: Any) -> _SSMArrays:
-        d = ssm.discrete()
-        C = ssm._params["C"].astype(np.complex128)
-        D = ssm._params["D"].astype(np.float64)
+        Abar, Bbar, C, D = ssm_matrices(ssm)
         modes = active_modes(C)
         sizes = [2 * len(m) + 1 if (len(m) or D[h] != 0) else 0 for h, m in enumerate(modes)]
         offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
@@ -206,7 +227,7 @@ class AnalogModel:
             for h in range(h0, h1):
                 a, b = int(offsets[h]) - lo, int(offsets[h + 1]) - lo
                 m = modes[h]
-                W[a:b, a:b] = channel_matrix(d.Abar[h, m], d.Bbar[h, m], C[h, m], D[h])
+                W[a:b, a:b] = channel_matrix(Abar[h, m], Bbar[h, m], C[h, m], D[h])
             slices.append(slice(lo, hi))
             arrays.append(self._program(W))
         io_index = np.array([offsets[h + 1] - 1 for h in mapped], dtype=np.int64)
@@ -274,6 +295,8 @@ class AnalogModel:
             out = np.empty((z.shape[0], ssm.d_model), dtype=self.dtype)
             glu_forward(z, linear._params["bias"], out, np.empty_like(out))
             y = out.reshape(y.shape)
+        if getattr(ssm, "q", {}).get("act") is not None:  # QAT: the digital activation quantizer
+            y = ssm.q["act"].forward(y, training=False)
         return y
 
     def forward(self, x: np.ndarray) -> np.ndarray:
