@@ -118,17 +118,21 @@ def saturate(v: np.ndarray, fmt: IntFormat) -> tuple[np.ndarray, np.ndarray]:
 
 
 def requantize(terms: Sequence[np.ndarray], multipliers: Sequence[np.ndarray],
-               shift: np.ndarray, fmt: IntFormat) -> tuple[np.ndarray, np.ndarray]:
+               shift: np.ndarray, fmt: IntFormat, offset: np.ndarray | None = None
+               ) -> tuple[np.ndarray, np.ndarray]:
     """Single-rounding requantization of a sum of integer products.
 
-    out = saturate(round_half_even(sum_k terms[k] * multipliers[k] / 2**shift)).
+    out = saturate(round_half_even((sum_k terms[k] * multipliers[k] + offset) / 2**shift)).
     Each term carries its own scale, folded into its multiplier; all terms
-    share one shift so the exact sum is rounded once. The caller guarantees
-    (see ``check_headroom``) that the sum fits int64.
+    share one shift so the exact sum is rounded once. ``offset`` (a folded
+    BatchNorm shift) is already at the scale of the multiplied sum. The caller
+    guarantees (see ``check_headroom``) that the sum fits int64.
     """
     acc = np.zeros(np.broadcast(*terms, *multipliers, shift).shape, dtype=np.int64)
     for term, mult in zip(terms, multipliers):
         acc += term * mult
+    if offset is not None:
+        acc += offset
     return saturate(round_shift(acc, shift), fmt)
 
 

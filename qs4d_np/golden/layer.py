@@ -21,7 +21,7 @@ import numpy as np
 from qs4d_np.core.checks import check_array
 from qs4d_np.golden.fixedpoint import IntFormat, check_headroom, requantize
 
-SPEC_VERSION = 1
+SPEC_VERSION = 2
 
 # Which grid of SSMCoreFormats each weight lies on.
 WEIGHT_FORMAT = {"Abar_re": "Abar", "Abar_im": "Abar", "Bbar_re": "Bbar", "Bbar_im": "Bbar",

@@ -112,18 +112,23 @@ def write_ssm_vectors(directory: str | os.PathLike, core: SSMCore, u: np.ndarray
 
 
 def load_vector_config(directory: str | os.PathLike) -> dict:
-    config = load_json(Path(directory) / "config.json")
-    if config.get("spec_version") != SPEC_VERSION:
-        raise ValueError(f"{directory}/config.json has spec_version {config.get('spec_version')!r}; "
-                         f"this code reads version {SPEC_VERSION}")
+    """A vector directory's metadata: ``manifest.json`` (whole model) or ``config.json`` (one SSM core)."""
+    directory = Path(directory)
+    name = "manifest.json" if (directory / "manifest.json").is_file() else "config.json"
+    if not (directory / name).is_file():
+        raise FileNotFoundError(f"{directory} has neither manifest.json nor config.json: not a vector directory")
+    config = load_json(directory / name)
+    if not isinstance(config, dict) or config.get("spec_version") != SPEC_VERSION:
+        got = config.get("spec_version") if isinstance(config, dict) else None
+        raise ValueError(f"{directory}/{name} has spec_version {got!r}; this code reads version {SPEC_VERSION}")
     return config
 
 
 def read_tensor(directory: str | os.PathLike, name: str, spec: dict) -> np.ndarray:
     """Read one tensor of a vector directory, shaped as its config entry says."""
     shape = tuple(spec["shape"])
-    words = read_memh(Path(directory) / f"{name}.memh", spec["width"], int(np.prod(shape)),
-                      signed=spec["signed"])
+    words = read_memh(Path(directory) / spec.get("file", f"{name}.memh"), spec["width"],
+                      int(np.prod(shape)), signed=spec["signed"])
     return words.reshape(shape)
 
 

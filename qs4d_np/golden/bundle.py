@@ -1,0 +1,149 @@
+"""Whole-model test vectors: ``manifest.json`` and one ``.memh`` file per tensor (docs/integer_spec.md, section 7).
+
+``export_bundle(model, x, out_dir)`` runs the integer model on int inputs x
+(K, L, d_in) with traces and writes
+
+* ``weights/<part>.<name>.memh``: every integer parameter (weights, biases,
+  multipliers, shifts, offsets, signs, the sigmoid table);
+* ``inputs/x.memh``: the input codes;
+* ``expected/layers.<i>.<tensor>.memh`` (and ``sat_<tensor>``): every traced
+  tensor per sample and step, then ``expected/pooled.memh``,
+  ``expected/avg.memh``, ``expected/logits.memh``, ``expected/predictions.memh``;
+* ``manifest.json``: spec version; per tensor its shape, width, signedness,
+  file, axes, layer, kind (weight / input / output) and, where it has one, its
+  real step (``scale``: real value = scale * word) and the multiplier and
+  shift words that requantize into it; the saturation counts and the local
+  agreement bounds (eps) of section 6.
+
+An RTL run writes its dump with the same relative file names (only the
+``output`` tensors are compared) and ``compare_dumps(out_dir, dump_dir)``
+reports every differing word.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from qs4d_np.golden.fixedpoint import IntFormat, bits_needed
+from qs4d_np.golden.layer import SPEC_VERSION
+from qs4d_np.golden.model import LAYER_TENSORS, ROUNDED, IntegerModel
+from qs4d_np.golden.vectors import MULT_WIDTH, SHIFT_WIDTH, write_memh
+from qs4d_np.io import atomic_write_json
+
+AXES_STATE = ["sample", "step", "channel", "mode"]
+AXES_SEQ = ["sample", "step", "channel"]
+
+
+def _word_width(name: str, value: np.ndarray) -> tuple[int, bool]:
+    """Width and signedness of an integer parameter word by its role."""
+    leaf = name.rsplit(".", 1)[-1]
+    if leaf.startswith(("m_", "post_m", "glu_m")) or "_m" in leaf and leaf.split("_m")[-1].isdigit():
+        return MULT_WIDTH, True
+    if leaf.startswith("r_") or leaf.endswith("_r"):
+        return SHIFT_WIDTH, True
+    lo, hi = (int(value.min()), int(value.max())) if value.size else (0, 0)
+    return max(2, bits_needed(lo, hi)), True
+
+
+def _layer_formats(model: IntegerModel, i: int) -> dict[str, IntFormat]:
+    lay = model.layers[i]
+    f = lay.core.formats
+    return {"u": f.u, "x_re": f.x, "x_im": f.x, "y": f.y, "za": lay.mix_a.requant.fmt,
+            "zb": lay.mix_b.requant.fmt, "sig": IntFormat(lay.sig_bits + 2, 0, 1 << lay.sig_bits),
+            "act": lay.glu.fmt, "out": lay.out_fmt}
+
+
+def _weight_formats(model: IntegerModel) -> dict[str, IntFormat]:
+    """The grid format of every weight word that has one (others get the width they need)."""
+    out = {"encoder.encoder_W": model.encoder.w_fmt, "decoder.decoder_W": model.decoder.w_fmt}
+    for i, lay in enumerate(model.layers):
+        f = lay.core.formats
+        for name, fmt in (("Abar_re", f.Abar), ("Abar_im", f.Abar), ("Bbar_re", f.Bbar), ("Bbar_im", f.Bbar),
+                          ("C_re", f.C), ("C_im", f.C), ("D", f.D), ("mix_a_W", lay.mix_a.w_fmt),
+                          ("mix_b_W", lay.mix_b.w_fmt)):
+            out[f"layers.{i}.{name}"] = fmt
+    return out
+
+
+def export_bundle(model: IntegerModel, x: np.ndarray, out_dir: str | os.PathLike,
+                  labels: np.ndarray | None = None) -> dict:
+    """Write the vector directory for int inputs ``x`` (K, L, d_in); return the manifest."""
+    out_dir = Path(out_dir)
+    run = model.run(x, trace=True)
+    tensors: dict[str, dict] = {}
+
+    def put(name: str, value: np.ndarray, width: int, signed: bool, kind: str, axes: list[str],
+            layer: int | None, **extra) -> None:
+        file = {"weight": "weights", "input": "inputs", "output": "expected"}[kind] + f"/{name}.memh"
+        write_memh(out_dir / file, value, width, signed=signed)
+        tensors[name] = {"shape": list(value.shape), "width": width, "signed": signed, "file": file,
+                         "output": kind == "output", "kind": kind, "axes": axes, "layer": layer, **extra}
+
+    wfmt = _weight_formats(model)
+    for name, value in model.arrays().items():
+        layer = int(name.split(".")[1]) if name.startswith("layers.") else None
+        if name in wfmt:
+            width, signed = wfmt[name].width, True
+        else:
+            width, signed = _word_width(name, value)
+        axes = [f"dim{d}" for d in range(value.ndim)]
+        put(name, value, width, signed, "weight", axes, layer, scale=_scale_of(model, name))
+    put("x", x.astype(np.int64), model.in_fmt.width, True, "input", ["sample", "step", "feature"], None,
+        scale=float(model.steps.get("in", np.nan)))
+    for i, t in enumerate(run.layers):
+        fmts = _layer_formats(model, i)
+        for name in LAYER_TENSORS:
+            axes = AXES_STATE if name.startswith("x_") else AXES_SEQ
+            step = model.steps.get(f"layers.{i}.{name}")
+            put(f"layers.{i}.{name}", t[name], fmts[name].width, name != "sig", "output", axes, i,
+                scale=None if step is None else np.asarray(step).tolist(),
+                qmin=fmts[name].qmin, qmax=fmts[name].qmax)
+            if name in ROUNDED:
+                put(f"layers.{i}.sat_{name}", t["sat_" + name], 1, False, "output", axes, i)
+    logit_fmt = model.decoder.requant.fmt
+    sum_bound = model.length * model.layers[-1].out_fmt.maxabs
+    put("pooled", run.pooled, bits_needed(-sum_bound, sum_bound), True, "output", ["sample", "channel"], None,
+        scale=float(model.steps["out_last"]))
+    put("avg", run.avg, model.pool.fmt.width, True, "output", ["sample", "channel"], None,
+        scale=float(model.steps["avg"]))
+    put("logits", run.logits, logit_fmt.width, True, "output", ["sample", "class"], None,
+        scale=float(model.steps["logits"]))
+    put("predictions", run.predictions.astype(np.int64), max(2, bits_needed(0, run.logits.shape[1] - 1)),
+        False, "output", ["sample"], None)
+    manifest = {
+        "spec_version": SPEC_VERSION, "kind": "model", "samples": int(x.shape[0]), "length": model.length,
+        "d_input": model.d_input, "n_layers": len(model.layers),
+        "layers": [{"H": l.core.H, "N2": l.core.N2, "sig_bits": l.sig_bits, "residual": l.residual,
+                    "post": l.post is not None} for l in model.layers],
+        "saturation": run.saturation, "eps": model.eps, "tensors": tensors}
+    if labels is not None:
+        manifest["labels"] = np.asarray(labels).astype(int).tolist()
+    atomic_write_json(out_dir / "manifest.json", manifest)
+    return manifest
+
+
+def _scale_of(model: IntegerModel, name: str):
+    """The real step of a weight word (real = step * word), or None for multipliers, shifts, tables."""
+    key = {"encoder.encoder_W": "encoder.W", "decoder.decoder_W": "decoder.W"}.get(name)
+    if key is None and name.startswith("layers."):
+        _, i, leaf = name.split(".", 2)
+        key = f"layers.{i}." + {"mix_a_W": "W_a", "mix_b_W": "W_b"}.get(leaf, leaf)
+    step = model.steps.get(key)
+    return None if step is None else np.asarray(step, dtype=np.float64).tolist()
+
+
+def dataset_codes(dataset, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Integer input codes (pixels, step 1/255) and labels of samples ``idx`` of a SequenceDataset.
+
+    The integer input is the raw pixel: only un-normalised tasks (mean 0, std 1
+    per channel, e.g. sMNIST) map pixel/255 onto it exactly.
+    """
+    if any(m != 0 for m in dataset.mean) or any(s != 1 for s in dataset.std):
+        raise ValueError(f"the integer input path takes raw pixels (step 1/255); this dataset is normalised "
+                         f"with mean {dataset.mean} and std {dataset.std}")
+    raw = dataset.pixels[idx]
+    if dataset.permutation is not None:
+        raw = raw[:, dataset.permutation]
+    return raw.astype(np.int64), dataset.labels[idx]

@@ -1,0 +1,331 @@
+"""Build the integer model from a trained S4DModel (export time: floats in, integers out).
+
+``from_model(model, x_calib, quant=QuantConfig(...))`` quantizes every
+weight with the QAT quantizers' rule (symmetric absmax, round half to even,
+on the config's grids), calibrates the fixed steps (state: ``state_absmax``
+and ``StateQuant.calibrated``; act: the act quantizer's range rule; the
+integer-only points u, y, za, zb, out, logits: absmax over the calibration
+batch times ``headroom`` onto ``widths``), folds BatchNorm (eval) and the
+decoder's 1/L, and turns every step ratio into integer multipliers and
+shifts (``multiplier.py``). It also records, per rounded tensor, the local
+agreement bound eps of docs/integer_spec.md section 6.
+
+Supported: the QS4D block (no activation, GLU mixing, BatchNorm postnorm or
+none, residual or not), mean pooling. Anything else (LayerNorm, GELU, prenorm,
+last pooling, float targets) is refused with the reason.
+"""
+from __future__ import annotations
+
+from typing import Mapping
+
+import numpy as np
+
+from qs4d_np.core.checks import check_array, check_float, check_int
+from qs4d_np.golden.fixedpoint import IntFormat
+from qs4d_np.golden.layer import SSMCore, SSMCoreFormats
+from qs4d_np.golden.model import IntegerModel, IntLayer, IntLinear, Requant
+from qs4d_np.golden.multiplier import shared_shift_multipliers, ssm_core_multipliers
+from qs4d_np.golden.twin import codes, sigmoid
+from qs4d_np.quant.config import QuantConfig
+from qs4d_np.quant.fake import quantize
+from qs4d_np.quant.scan import StateQuant, quant_scan, state_absmax
+
+# Targets the integer model needs quantized (float ones cannot be made integer).
+REQUIRED_TARGETS = ("A", "B", "C", "D", "state", "linear", "act", "coder")
+# Widths of the points only the integer model rounds (the QAT model keeps them float).
+DEFAULT_WIDTHS = {"in": 9, "u": 16, "y": 16, "za": 16, "zb": 12, "avg": 16, "logits": 16}
+# Fraction bits of the sigmoid table: its rounding adds |za| * 2**-(F+1) to the act bound.
+SIG_BITS = 20
+# The gate grid never spans more than +-GATE_RANGE: sigmoid(16) rounds to 2**15 / 2**15 already.
+GATE_RANGE = 16.0
+
+
+def _check_supported(model) -> None:
+    cfg = model.config
+    problems = []
+    if cfg.get("norm") not in (None, "batch"):
+        problems.append(f"norm={cfg.get('norm')!r} (LayerNorm needs a per-step integer mean and inverse "
+                        f"square root, not in the integer spec; use norm='batch' or None)")
+    if cfg.get("prenorm") and cfg.get("norm") is not None:
+        problems.append("prenorm=True (only the postnorm BatchNorm folds into the block output)")
+    if cfg.get("activation", "gelu") is not None:
+        problems.append(f"activation={cfg.get('activation', 'gelu')!r} (the integer spec's block has none, "
+                        f"as the QS4D preset)")
+    if cfg.get("mixing", "glu") != "glu":
+        problems.append(f"mixing={cfg.get('mixing')!r} (the integer spec's block mixes with Linear + GLU)")
+    if cfg.get("pool") != "mean":
+        problems.append(f"pool={cfg.get('pool')!r} (the integer decoder pools by the mean)")
+    if problems:
+        raise ValueError("this model cannot be made integer: " + "; ".join(problems))
+
+
+def _check_targets(quant: QuantConfig, n_layers: int) -> None:
+    missing = []
+    for t in REQUIRED_TARGETS:
+        float_layers = [i for i in range(n_layers) if quant.levels_for(t, i) is None]
+        if float_layers:
+            missing.append(t if len(float_layers) == n_layers else f"{t} (layers {float_layers})")
+    if missing:
+        raise ValueError(f"float (unquantized) targets cannot be made integer: {', '.join(missing)}; "
+                         f"give them levels in the QuantConfig")
+
+
+class _Quantizer:
+    """The config's quantizer for one target: codes, steps and the IntFormat (explicit width or the grid's)."""
+
+    def __init__(self, quant: QuantConfig, widths: Mapping[str, int]) -> None:
+        self.quant, self.widths = quant, widths
+
+    def fmt(self, target: str, layer: int) -> IntFormat:
+        spec = self.quant.spec_for(target, layer)
+        if not spec.symmetric or spec.rounding != "half_even":
+            raise ValueError(f"target {target!r} is quantized with symmetric={spec.symmetric}, "
+                             f"rounding={spec.rounding!r}; the integer spec needs symmetric half_even")
+        g = spec.code_grid
+        return IntFormat(self.widths.get(target, g.bits), g.qmin, g.qmax)
+
+    def weight(self, target: str, layer: int, w: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray, IntFormat]:
+        """(codes, steps broadcast to the codes' shape, format); complex -> leading (re, im) axis."""
+        fmt = self.fmt(target, layer)
+        spec = self.quant.spec_for(target, layer, axis)
+        w = np.asarray(w, dtype=np.complex128 if np.iscomplexobj(w) else np.float64)
+        qt = quantize(w, spec.levels, grid=spec.grid, symmetric=True, axis=spec.axis, rounding="half_even",
+                      power_of_two=spec.power_of_two, complex_mode="cartesian")
+        return qt.q.astype(np.int64), np.broadcast_to(1.0 / qt.inv_scale, qt.q.shape).astype(np.float64), fmt
+
+    def act_step(self, layer: int, absmax: float) -> float:
+        spec = self.quant.spec_for("act", layer)
+        inv, _ = spec.scales(np.array([-absmax]), np.array([absmax]), np.dtype(np.float64))
+        return float(1.0 / inv[0])
+
+
+def _calib_step(absmax: float, fmt: IntFormat, headroom: float) -> float:
+    return max(float(absmax), 1e-12) * headroom / fmt.qmax
+
+
+def _one_term(ratios: np.ndarray, bounds: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per channel (M, R, eps) of a one-term requantization, the shift chosen by int64 headroom.
+
+    (A 31-bit TFLite multiplier would overflow int64 on wide accumulators, e.g.
+    the decoder's sum over 784 steps; eps = bound * |r - M/2**R| in output LSBs.)
+    """
+    try:
+        pairs = [shared_shift_multipliers([float(r)], [int(b)]) for r, b in zip(ratios, bounds)]
+    except ValueError as exc:
+        raise ValueError(f"{name}: {exc}") from None
+    M = np.array([m[0] for m, _ in pairs], dtype=np.int64)
+    R = np.array([r for _, r in pairs], dtype=np.int64)
+    return M, R, np.asarray(bounds, dtype=np.float64) * np.abs(ratios - M / 2.0 ** R)
+
+
+def _linear(name: str, W: np.ndarray, b: np.ndarray, s_W: np.ndarray, w_fmt: IntFormat, in_fmt: IntFormat,
+            s_in: float, s_out: float, out_fmt: IntFormat) -> tuple[IntLinear, float]:
+    """An IntLinear with the bias at the product scale; also its local eps (output LSBs)."""
+    s_W = np.broadcast_to(s_W, W.shape)[0]  # per output column
+    b_int = np.array([round(v) for v in np.asarray(b, dtype=np.float64) / (s_W * s_in)], dtype=np.int64)
+    # the bound IntLinear proves headroom with (one for all outputs)
+    acc = np.full(W.shape[1], W.shape[0] * w_fmt.maxabs * in_fmt.maxabs + int(np.abs(b_int).max()), dtype=object)
+    M, R, eps = _one_term(s_W * s_in / s_out, acc, name)
+    return IntLinear(name, W, b_int, w_fmt, in_fmt, M, R, out_fmt), float(np.max(eps))
+
+
+def _coder(name: str, params: dict, qz: _Quantizer, a: np.ndarray, in_fmt: IntFormat, s_a: float,
+           out_fmt: IntFormat, headroom: float) -> tuple[IntLinear, float, float, np.ndarray]:
+    """Encoder or decoder (``coder`` weights): the IntLinear, its eps, the calibrated output step, s_W."""
+    Wq, sW, w_fmt = qz.weight("coder", 0, params["weight"], axis=1)
+    real = (a * s_a) @ (Wq * sW) + params["bias"]
+    s_out = _calib_step(np.abs(real).max(), out_fmt, headroom)
+    lin, eps = _linear(name, Wq, params["bias"], sW, w_fmt, in_fmt, s_a, s_out, out_fmt)
+    return lin, eps, s_out, sW[0]
+
+
+def _core_y(core: SSMCore, u: np.ndarray) -> np.ndarray:
+    """The core's y codes over u (B, L, H) without keeping the states."""
+    B, L, H = u.shape
+    x_re = np.zeros((B, H, core.N2), dtype=np.int64)
+    x_im = np.zeros_like(x_re)
+    y = np.zeros_like(u)
+    for t in range(L):
+        x_re, x_im, y[:, t], *_ = core.step(x_re, x_im, u[:, t])
+    return y
+
+
+def _multi_eps(ratios: list, mults: list, shift, bounds: list) -> np.ndarray:
+    return sum(b * np.abs(r - m / 2.0 ** shift) for r, m, b in zip(ratios, mults, bounds))
+
+
+def from_model(model, x_calib: np.ndarray, *, quant: QuantConfig | None = None, in_step: float = 1 / 255,
+               widths: Mapping[str, int] | None = None, headroom: float = 1.25,
+               sig_bits: int = SIG_BITS) -> IntegerModel:
+    """The integer model of ``model`` (an S4DModel), calibrated on float inputs ``x_calib`` (B, L, d_in).
+
+    ``quant`` defaults to the model's own ``quant`` config; ``in_step`` is the
+    input step (pixels / 255: 1/255, so pixel p is the code p); ``widths``
+    overrides DEFAULT_WIDTHS and any target's width (a width narrower than
+    the target's grid is an error naming both). The decoder's 1/L is folded
+    for L = x_calib.shape[1].
+    """
+    _check_supported(model)
+    if quant is None:
+        quant = getattr(model, "quant", None)
+        if quant is None:
+            raise ValueError("the model has no quantization config (a float model): pass quant= "
+                             "(CLI: the --*_quant flags)")
+    if not isinstance(quant, QuantConfig):
+        raise TypeError(f"quant must be a QuantConfig, got {type(quant).__name__}")
+    n_layers = len(model.blocks)
+    _check_targets(quant, n_layers)
+    x_calib = check_array("x_calib", x_calib, ndim=3, min_size=1)
+    if x_calib.shape[2] != model.d_input:
+        raise ValueError(f"x_calib must have shape (batch, length, {model.d_input}), got {x_calib.shape}")
+    in_step = check_float("in_step", in_step, min_value=0.0, min_inclusive=False)
+    headroom = check_float("headroom", headroom, min_value=1.0)
+    sig_bits = check_int("sig_bits", sig_bits, min_value=1, max_value=30)
+    W = {**DEFAULT_WIDTHS, **(widths or {})}
+    for k, v in W.items():
+        check_int(f"widths[{k!r}]", v, min_value=2, max_value=32)
+    qz = _Quantizer(quant, W)
+    L = x_calib.shape[1]
+    H = model.blocks[0].ssm.d_model
+    steps: dict[str, np.ndarray] = {"in": np.float64(in_step)}
+    eps: dict[str, float] = {}
+    full = IntFormat.full
+
+    in_fmt = full(W["in"])
+    x_int = codes(x_calib.astype(np.float64) / in_step, in_fmt)
+    u_fmt = full(W["u"])
+    encoder, eps["layers.0.u"], s_u, steps["encoder.W"] = _coder(
+        "encoder", model.encoder._params, qz, x_int, in_fmt, in_step, u_fmt, headroom)
+    u, _ = encoder(x_int)
+
+    layers = []
+    for i, block in enumerate(model.blocks):
+        p = f"layers.{i}."
+        layer, u, u_fmt, s_u = _export_layer(i, block, qz, u, u_fmt, s_u, W, headroom, sig_bits, steps, eps, p)
+        layers.append(layer)
+    steps["out_last"] = np.float64(s_u)
+
+    pooled = u.sum(axis=1)
+    avg_fmt = full(W["avg"])
+    s_avg = _calib_step(np.abs(pooled).max() * s_u / L, avg_fmt, headroom)
+    M, R, e = _one_term(np.full(H, s_u / (L * s_avg)), np.full(H, L * u_fmt.maxabs), "pool")
+    pool = Requant("pool", [M], R, avg_fmt, [L * u_fmt.maxabs])
+    eps["avg"] = float(e.max())
+    avg, _ = pool([pooled])
+    decoder, eps["logits"], s_logit, steps["decoder.W"] = _coder(
+        "decoder", model.decoder._params, qz, avg, avg_fmt, s_avg, full(W["logits"]), headroom)
+    steps.update({"avg": np.float64(s_avg), "logits": np.float64(s_logit)})
+    return IntegerModel(in_fmt, encoder, layers, pool, decoder, L, steps, eps)
+
+
+def _export_layer(i, block, qz: _Quantizer, u: np.ndarray, u_fmt: IntFormat, s_u: float, W: dict,
+                  headroom: float, sig_bits: int, steps: dict, eps: dict, p: str):
+    ssm = block.ssm
+    H, N2 = ssm.d_model, ssm.d_state // 2
+    d = ssm.discrete()
+    qA, sA, A_fmt = qz.weight("A", i, d.Abar, axis=0)
+    qB, sB, B_fmt = qz.weight("B", i, d.Bbar, axis=0)
+    qC, sC, C_fmt = qz.weight("C", i, ssm._params["C"], axis=0)
+    qD, sD, D_fmt = qz.weight("D", i, ssm._params["D"], axis=0)
+    Abar_hat = sA[0] * qA[0] + 1j * sA[1] * qA[1]
+    Bbar_hat = sB[0] * qB[0] + 1j * sB[1] * qB[1]
+    C_hat = sC[0] * qC[0] + 1j * sC[1] * qC[1]
+    D_hat = sD * qD
+    if np.ptp(sC[0], axis=1).max() > 0 or np.ptp(sC[1], axis=1).max() > 0:
+        raise ValueError(f"layer {i}: C steps must be per channel (H,), not per mode")
+
+    # state step from the float states of the quantized weights, as the QAT calibration does
+    u_real = u * s_u
+    absmax = state_absmax(u_real, Abar_hat, Bbar_hat, StateQuant(None))
+    state_spec = qz.quant.spec_for("state", i)
+    inv = StateQuant.calibrated(state_spec, absmax, "part").per_channel_inv(H, np.dtype(np.float64))
+    x_fmt = qz.fmt("state", i)
+    y_fmt = IntFormat.full(W["y"])
+    y_real, _ = quant_scan(u_real, Abar_hat, Bbar_hat, C_hat, D_hat, StateQuant(state_spec, inv))
+    s_y = _calib_step(np.abs(y_real).max(), y_fmt, headroom)
+    formats = SSMCoreFormats(u=u_fmt, Abar=A_fmt, Bbar=B_fmt, C=C_fmt, D=D_fmt, x=x_fmt, y=y_fmt)
+    core_steps = dict(s_u=np.full(H, s_u), s_Abar_re=sA[0], s_Abar_im=sA[1], s_Bbar_re=sB[0], s_Bbar_im=sB[1],
+                      s_C_re=sC[0][:, 0], s_C_im=sC[1][:, 0], s_D=sD, s_x_re=1.0 / inv[:, 0],
+                      s_x_im=1.0 / inv[:, 1], s_y=np.full(H, s_y))
+    mults = ssm_core_multipliers(formats, H=H, N2=N2, **core_steps)
+    core = SSMCore(formats, Abar_re=qA[0], Abar_im=qA[1], Bbar_re=qB[0], Bbar_im=qB[1], C_re=qC[0],
+                   C_im=qC[1], D=qD, **mults)
+    cs = {k[2:]: np.asarray(v, dtype=np.float64) for k, v in core_steps.items()}
+    steps.update({p + k: v for k, v in cs.items()})
+    ax, bu = A_fmt.maxabs * x_fmt.maxabs, B_fmt.maxabs * u_fmt.maxabs
+    for part, cross, other in (("re", "m_a_im_to_re", "im"), ("im", "m_a_im_to_im", "re")):
+        r = [cs["Abar_re"], cs["Abar_im"] * cs["x_" + other][:, None] / cs["x_" + part][:, None],
+             cs["Bbar_" + part] * cs["u"][:, None] / cs["x_" + part][:, None]]
+        m = [mults["m_a_re"], mults[cross], mults["m_b_" + part]]
+        eps[p + "x_" + part] = float(np.max(_multi_eps(r, m, mults["r_x"], [ax, ax, bu])))
+    cx = N2 * C_fmt.maxabs * x_fmt.maxabs
+    r = [2 * cs["C_re"] * cs["x_re"] / cs["y"], 2 * cs["C_im"] * cs["x_im"] / cs["y"], cs["D"] * cs["u"] / cs["y"]]
+    eps[p + "y"] = float(np.max(_multi_eps(r, [mults["m_c_re"], mults["m_c_im"], mults["m_d"]], mults["r_y"],
+                                           [cx, cx, D_fmt.maxabs * u_fmt.maxabs])))
+    y = _core_y(core, u)
+
+    mix = ssm.mixing.linear._params
+    Wq, sW, w_fmt = qz.weight("linear", i, mix["weight"], axis=1)
+    z_real = (y * s_y) @ (Wq * sW) + mix["bias"]
+    za_fmt, zb_fmt = IntFormat.full(W["za"]), IntFormat.full(W["zb"])
+    s_za = _calib_step(np.abs(z_real[..., :H]).max(), za_fmt, headroom)
+    s_zb = _calib_step(min(np.abs(z_real[..., H:]).max(), GATE_RANGE), zb_fmt, headroom)
+    mix_a, eps[p + "za"] = _linear("mix_a", Wq[:, :H], mix["bias"][:H], sW[:, :H], w_fmt, y_fmt, s_y, s_za, za_fmt)
+    mix_b, eps[p + "zb"] = _linear("mix_b", Wq[:, H:], mix["bias"][H:], sW[:, H:], w_fmt, y_fmt, s_y, s_zb, zb_fmt)
+    steps.update({p + "W_a": sW[0, :H], p + "W_b": sW[0, H:], p + "za": np.float64(s_za), p + "zb": np.float64(s_zb)})
+    za, _ = mix_a(y)
+    zb, _ = mix_b(y)
+
+    # the sigmoid table over every gate code; RNE(sigmoid * 2**F) (Python round: ties to even)
+    sig_lut = np.array([round(v) for v in sigmoid(s_zb * np.arange(zb_fmt.qmin, zb_fmt.qmax + 1)) * 2.0 ** sig_bits],
+                       dtype=np.int64)
+    prod = za * sig_lut[zb - zb_fmt.qmin]
+    act_fmt = qz.fmt("act", i)
+    s_act = qz.act_step(i, float(np.abs(prod).max() * s_za / 2.0 ** sig_bits))
+    # a wide product (za * sig): the shift comes from the int64 headroom, not a 31-bit multiplier
+    ratio, bound = s_za * 2.0 ** -sig_bits / s_act, za_fmt.maxabs << sig_bits
+    (m,), r = shared_shift_multipliers([ratio], [bound])
+    glu = Requant("glu", [np.full(H, m)], np.full(H, r), act_fmt, [bound])
+    # twin's exact sigmoid vs the table: at most half a table LSB times |za|
+    eps[p + "act"] = float(bound * abs(ratio - m / 2.0 ** r) + za_fmt.maxabs * s_za * 2.0 ** -(sig_bits + 1) / s_act)
+    steps[p + "act"] = np.float64(s_act)
+    act, _ = glu([prod])
+
+    norm, residual = block.norm, block.residual
+    post = None
+    out, out_fmt, s_out = act, act_fmt, s_act
+    if norm is not None or residual:
+        if norm is not None:
+            var = norm.buffers["running_var"].astype(np.float64)
+            k = norm._params["weight"].astype(np.float64) / np.sqrt(var + norm.eps)
+            c = norm._params["bias"].astype(np.float64) - k * norm.buffers["running_mean"].astype(np.float64)
+        else:
+            k, c = np.ones(H), np.zeros(H)
+        if np.any(k == 0):
+            raise ValueError(f"layer {i}: BatchNorm gain is 0 in channels {np.flatnonzero(k == 0).tolist()}")
+        out_fmt = IntFormat.full(W["u"])
+        real = k * (act * s_act + (u * s_u if residual else 0.0)) + c
+        s_out = _calib_step(np.abs(real).max(), out_fmt, headroom)
+        sign = np.where(k < 0, -1, 1).astype(np.int64)
+        # the BatchNorm shift c is one more term (bound 1) of the shared shift, so its
+        # integer offset has int64 headroom too; its sign goes into the offset word
+        ratios, bounds = [np.abs(k) * s_act / s_out], [act_fmt.maxabs]
+        if residual:
+            ratios, bounds = ratios + [np.abs(k) * s_u / s_out], bounds + [u_fmt.maxabs]
+        with_c = norm is not None and np.any(c != 0)
+        c_ratio = np.where(c == 0, 1.0, np.abs(c) / s_out)  # ratio > 0 required; zeroed below
+        pairs = [shared_shift_multipliers([r[h] for r in ratios] + ([c_ratio[h]] if with_c else []),
+                                          bounds + ([1] if with_c else [])) for h in range(H)]
+        Ms = [np.array([m[j] for m, _ in pairs], dtype=np.int64) for j in range(len(ratios))]
+        R = np.array([r for _, r in pairs], dtype=np.int64)
+        offset = None
+        if with_c:
+            offset = np.where(c == 0, 0, np.sign(c).astype(np.int64) * np.array([m[-1] for m, _ in pairs]))
+        post = Requant("post", Ms, R, out_fmt, bounds, offset=offset, sign=sign)
+        # multiplier error of every term and the offset's rounding (half a unit at the 2**R scale)
+        eps[p + "out"] = float(np.max(_multi_eps(ratios, Ms, R, bounds) + (2.0 ** -(R + 1) if with_c else 0.0)))
+        out, _ = post([act, u] if residual else [act])
+        steps.update({p + "bn_k": k, p + "bn_c": c})
+    steps[p + "out"] = np.float64(s_out)
+    layer = IntLayer(core, mix_a, mix_b, sig_lut, sig_bits, glu, post, residual)
+    return layer, out, out_fmt, s_out
