@@ -40,7 +40,7 @@ ROW_BLOCK = 1024
 PARALLEL_MIN_SIZE = 1 << 16
 
 
-def row_kernel(fn: Callable) -> Callable:
+def row_kernel(fn: Callable | None = None, *, reassociate: bool = False) -> Callable:
     """Compile ``fn`` twice, with ``parallel=True`` and serially (``prange`` then acts
     as ``range``), and call the parallel one when the first argument has at least
     ``PARALLEL_MIN_SIZE`` entries. Both stay reachable as ``.parallel`` / ``.serial``
@@ -51,12 +51,20 @@ def row_kernel(fn: Callable) -> Callable:
     that check on every float division keeps LLVM from vectorizing a loop
     (the float32 GELU forward ran ~9x slower). No kernel here divides by a
     value that can be zero for checked inputs.
+
+    ``reassociate=True`` (``@row_kernel(reassociate=True)``) lets LLVM reorder
+    sums (fast-math flag ``reassoc`` only) so reductions inside a row
+    vectorize; the order is fixed at compile time, so results still do not
+    depend on the thread count. Only for kernels that are not bit-exact.
     """
+    if fn is None:
+        return functools.partial(row_kernel, reassociate=reassociate)
     serial_fn = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__ + "_serial",
                                    fn.__defaults__, fn.__closure__)
     serial_fn.__qualname__ = fn.__qualname__ + "_serial"
-    parallel = njit(cache=True, parallel=True, error_model="numpy")(fn)
-    serial = njit(cache=True, error_model="numpy")(serial_fn)
+    options = dict(cache=True, error_model="numpy", fastmath={"reassoc"} if reassociate else False)
+    parallel = njit(parallel=True, **options)(fn)
+    serial = njit(**options)(serial_fn)
 
     @functools.wraps(fn)
     def dispatch(*args):
