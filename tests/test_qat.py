@@ -284,6 +284,10 @@ def test_model_config_and_quant_attribute():
     # the conv-mode state gets levels // 2 states, the recurrent state the full count
     ssm = model.blocks[0].ssm
     assert ssm.q["K"].spec.levels == 32 and ssm.q["u"].spec.levels == 32 and ssm.q["x"].spec.levels == 64
+    # ... but never fewer states than the grid needs for a nonzero code
+    for grid, levels, halved in (("narrow", 4, 3), ("narrow", 8, 4), ("qs4d", 2, 2), ("qs4d", 4, 2), ("full", 3, 2)):
+        ssm = S4D(3, 4, quant=QuantConfig(state=levels, grid=grid))
+        assert ssm.q["K"].spec.levels == halved and ssm.q["x"].spec.levels == levels, (grid, levels)
 
 
 def test_bad_input():
@@ -297,8 +301,6 @@ def test_bad_input():
         S4D(3, 4, abar="polar")
     with pytest.raises(ValueError, match="unknown quantization target"):
         QuantConfig(mixing=8)
-    with pytest.raises(ValueError, match="levels // 2"):
-        S4DModel(2, 3, quant=QuantConfig(state=3), **TINY)
     with pytest.raises(ValueError, match="learn_B applies to abar='continuous'"):
         S4D(3, 4, abar="discrete", learn_B=True)
     with pytest.raises(ValueError, match="layer must be >= 0"):

@@ -47,10 +47,12 @@ imports ``qs4d_np.ssm``):
 from qs4d_np.quant.config import TARGETS, QuantConfig
 from qs4d_np.quant.fake import QuantSpec, QuantTensor, fake_quant, quantize, ste_backward
 from qs4d_np.quant.grids import GRIDS, ROUNDING, Grid, make_grid
+from qs4d_np.quant.ptq import calibrate, ptq, ptq_sweep, with_quant
 from qs4d_np.quant.quantizer import Quantizer
 from qs4d_np.quant.scan import StateQuant, quant_scan, quant_scan_backward
 
 __all__ = [
     "GRIDS", "ROUNDING", "TARGETS", "Grid", "QuantConfig", "QuantSpec", "QuantTensor", "Quantizer",
-    "StateQuant", "fake_quant", "make_grid", "quant_scan", "quant_scan_backward", "quantize", "ste_backward",
+    "StateQuant", "calibrate", "fake_quant", "make_grid", "ptq", "ptq_sweep", "quant_scan", "quant_scan_backward",
+    "quantize", "ste_backward", "with_quant",
 ]

@@ -152,16 +152,17 @@ class QuantConfig:
         """The ``QuantSpec`` of (target, layer); ``axis`` is the channel axis used when per_channel.
 
         ``halve``: levels // 2 states, the reference's convolution-mode state target
-        (kernel K and input u); fewer than 2 remaining states is an error.
+        (kernel K and input u), but never fewer than the grid's smallest useful count (3 on
+        the symmetric narrow grid, where 2 states leave only the code 0; 2 elsewhere): the
+        reference's n = 2 leaves one state and quantizes everything to 0 (NaN for A).
         """
         levels = self.levels_for(target, layer)
         if levels is None:
             return None
         if halve:
-            if levels // 2 < 2:
-                raise ValueError(f"{target} levels={levels} leave {levels // 2} state(s) after the "
-                                 f"convolution mode's halving (K and u get levels // 2); use levels >= 4")
-            levels //= 2
+            o = self.options_for(target)
+            smallest = 3 if (o["grid"] == "narrow" and o["symmetric"]) else 2
+            levels = max(levels // 2, smallest)
         o = self.options_for(target)
         return QuantSpec(levels, grid=o["grid"], symmetric=o["symmetric"],
                          axis=axis if o["per_channel"] else None, rounding=o["rounding"],

@@ -218,8 +218,12 @@ class S4D(Module):
         make("act", "act", 2, H, False)
         self.weight_quant = (WeightQuant(self.mixing.linear, self.q["linear"])
                              if self.q["linear"] is not None else None)
-        # Parameter targets get their learned steps now (LSQ init from the initial values), so
-        # no NaN step is left for a target the training mode never reaches.
+        self.init_param_steps()
+
+    def init_param_steps(self) -> None:
+        """(Re)initialise the learned steps of the parameter targets (A, Abar, B, C, D, dt) from the
+        current parameters (LSQ init). Runs at construction, so no NaN step is left for a target
+        the training mode never reaches; ``quant.with_quant`` runs it again after copying weights."""
         d = self.discrete()
         A = None if self.abar != "continuous" else continuous_A(self._params["log_A_real"], self._params["A_imag"])
         for key, value in (("A", A), ("Abar", d.Abar), ("B", d.Bbar),
@@ -227,6 +231,7 @@ class S4D(Module):
                            ("dt", self._params.get("log_dt"))):
             q = self.q[key]
             if q is not None and q.scale_mode == "learned":
+                q._params["step"][:] = np.nan  # the sentinel that makes the forward initialise it
                 q.forward(value)
                 q._cache = None
 
