@@ -149,3 +149,10 @@ def test_metrics_table_reductions_and_bad_bits():
     assert table["formulas"]["adc"]["reduction"] == 4.0
     with pytest.raises(ValueError, match="bits must be a BitWidths or a list of 2"):
         model_datapath(model, [BitWidths.uniform(8)])
+    # pruning shows in the reductions: the baseline stays the dense float model
+    from qs4d_np.hardware.pruning import prune_magnitude
+    prune_magnitude(model, 0.5, "mode").apply(model)
+    pruned = metrics_table(model, BitWidths.uniform(8))
+    for key in ("bit_ops", "bits_stored", "adc_conversions"):
+        assert pruned["datapath"][key]["baseline"] == table["datapath"][key]["baseline"]
+        assert pruned["datapath"][key]["reduction"] > table["datapath"][key]["reduction"]

@@ -62,30 +62,37 @@ def bit_widths(quant: Any | None, layer: int | None = None, *, learn_B: bool = F
     return BitWidths(**values, B=0 if b is None else int(b))
 
 
-def _active(weight: np.ndarray) -> tuple[int, int]:
+def _active(weight: np.ndarray, dense: bool) -> tuple[int, int]:
     """Rows (inputs) and columns (outputs) of a (d_in, d_out) weight that hold a non-zero entry."""
+    if dense:
+        return weight.shape
     nz = weight != 0
     return int(nz.any(axis=1).sum()), int(nz.any(axis=0).sum())
 
 
-def _linear_op(name: str, weight: np.ndarray, r: BitWidths, weight_bits: int) -> MatVecOp:
-    rows, cols = _active(weight)
+def _linear_op(name: str, weight: np.ndarray, r: BitWidths, weight_bits: int, dense: bool) -> MatVecOp:
+    rows, cols = _active(weight, dense)
     return MatVecOp(name, rows=weight.shape[0], cols=weight.shape[1], weight_bits=weight_bits, input_bits=r.act,
                     output_bits=r.act, active_rows=rows, active_cols=cols)
 
 
-def model_datapath(model: Any, bits: BitWidths | Sequence[BitWidths]) -> list[MatVecOp]:
-    """The ops of one time step (module docstring); ``bits``: one BitWidths or one per layer."""
+def model_datapath(model: Any, bits: BitWidths | Sequence[BitWidths], *, dense: bool = False) -> list[MatVecOp]:
+    """The ops of one time step (module docstring); ``bits``: one BitWidths or one per layer.
+
+    ``dense=True`` ignores pruning (every mode, channel, row and column counted): the unpruned model.
+    """
     n_layers = len(model.blocks)
     per_layer = list(bits) if isinstance(bits, (list, tuple)) else [bits] * n_layers
     if len(per_layer) != n_layers or not all(isinstance(b, BitWidths) for b in per_layer):
         raise ValueError(f"bits must be a BitWidths or a list of {n_layers} (one per layer), got {bits!r}")
     first, last = per_layer[0], per_layer[-1]
-    ops = [_linear_op("encoder", model.encoder._params["weight"], first, first.coder)]
+    ops = [_linear_op("encoder", model.encoder._params["weight"], first, first.coder, dense)]
     for i, (block, r) in enumerate(zip(model.blocks, per_layer)):
         ssm = block.ssm
-        modes = [len(m) for m in active_modes(ssm._params["C"])]
-        D = ssm._params["D"]
+        C, D = ssm._params["C"], ssm._params["D"]
+        if dense:
+            C, D = np.ones_like(C), np.ones_like(D)
+        modes = [len(m) for m in active_modes(C)]
         n_modes = sum(modes)
         if n_modes:
             ops.append(MatVecOp(f"layers.{i}.Abar", rows=2, cols=2, copies=n_modes, weight_bits=r.A,
@@ -103,21 +110,22 @@ def model_datapath(model: Any, bits: BitWidths | Sequence[BitWidths]) -> list[Ma
             ops.append(MatVecOp(f"layers.{i}.D(alone)", rows=1, cols=1, copies=alone, weight_bits=r.D,
                                 input_bits=r.act, output_bits=r.act))
         if ssm.mixing is not None:
-            ops.append(_linear_op(f"layers.{i}.mixing", ssm.mixing.linear._params["weight"], r, r.lin))
-    ops.append(_linear_op("decoder", model.decoder._params["weight"], last, last.coder))
+            ops.append(_linear_op(f"layers.{i}.mixing", ssm.mixing.linear._params["weight"], r, r.lin, dense))
+    ops.append(_linear_op("decoder", model.decoder._params["weight"], last, last.coder, dense))
     return ops
 
 
 def metrics_table(model: Any, bits: BitWidths | Sequence[BitWidths], *, compat: str = "corrected",
                   baseline: BitWidths | None = None) -> dict[str, Any]:
     """Formula figures (QS4D, ``compat``) and datapath counts of ``model``, each with the float32 baseline
-    and the reduction. Per-layer bits enter the formulas as layer 0's widths (the formulas know one width
-    per target); the datapath uses each layer's own."""
+    and the reduction. The datapath baseline is the unpruned (dense) model at ``baseline`` widths, so
+    pruning shows in the reductions. Per-layer bits enter the formulas as layer 0's widths (the formulas
+    know one width per target); the datapath uses each layer's own."""
     layer_bits = list(bits) if isinstance(bits, (list, tuple)) else [bits]
     base = baseline if baseline is not None else BitWidths.float32()
     formulas = summary(model_shape(model), layer_bits[0], base, compat)
     counted = count_datapath(model_datapath(model, bits))
-    float_counted = count_datapath(model_datapath(model, base))
+    float_counted = count_datapath(model_datapath(model, base, dense=True))
     datapath: dict[str, Any] = {}
     for name in ("bit_ops", "bits_stored", "adc_conversions", "adc_bits"):
         b, q = getattr(float_counted, name), getattr(counted, name)
