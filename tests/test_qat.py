@@ -318,3 +318,85 @@ def test_bad_input():
         x = data()
         x[0, 1, 0] = np.nan
         S4DModel(2, 3, quant=QuantConfig(all=8), **TINY).forward(x)
+
+
+def calibrated_layer(abar="continuous", per_channel=True, seed=4):
+    """A float64 S4D layer (SSM core only) with every recurrent target quantized and static ranges."""
+    quant = QuantConfig(A=64, B=16, C=16, D=16, dt=32, state=256, act=64, per_channel=per_channel,
+                        target_options={"state": {"scale_mode": "running", "power_of_two": True},
+                                        "act": {"scale_mode": "running"}})
+    layer = S4D(3, 6, activation=None, mixing=None, dtype=np.float64, seed=seed, quant=quant, layer=0,
+                abar=abar, state_clip=8.0)
+    jittered(layer)
+    u = np.random.default_rng(seed).standard_normal((2, 12, 3))
+    layer.forward(u, training=True, mode="recurrent")  # calibrates the state and act ranges
+    return layer, u
+
+
+@pytest.mark.parametrize("abar", ["continuous", "discrete", "frozen"])
+@pytest.mark.parametrize("per_channel", [True, False])
+def test_quantized_recurrent_exports_exactly_what_the_forward_uses(monkeypatch, abar, per_channel):
+    layer, u = calibrated_layer(abar, per_channel)
+    seen = {}
+    real = s4d_module.quant_scan
+
+    def spy(u, Abar, Bbar, C, D, state, clip):
+        seen.update(Abar=Abar, Bbar=Bbar, C=C, D=D, state=state, clip=clip)
+        return real(u, Abar, Bbar, C, D, state, clip)
+
+    monkeypatch.setattr(s4d_module, "quant_scan", spy)
+    y = layer.forward(u, mode="recurrent")
+    ex = layer.quantized_recurrent()
+    for key in ("Abar", "Bbar", "C", "D"):
+        t = ex[key]
+        assert t.q.dtype == np.int64 and np.all(t.q >= t.grid.qmin) and np.all(t.q <= t.grid.qmax), key
+        assert np.array_equal(t.dequantize(), seen[key]), key
+    assert ex["Abar"].q.shape == (2, 3, 3) and ex["D"].q.shape == (3,)
+    assert np.array_equal(np.broadcast_to(ex["state"].per_channel_inv(3, np.dtype(np.float64)), (3, 2)),
+                          seen["state"].per_channel_inv(3, np.dtype(np.float64)))
+    assert ex["clip"] == seen["clip"] == 8.0
+    # the integer golden model's contract: the act scales reproduce the layer's output grid
+    act = ex["act"]
+    codes = np.rint(y * act["inv_scale"]) + act["zero_point"]
+    assert np.array_equal(codes / act["inv_scale"], y)
+
+
+@pytest.mark.parametrize("abar", ["continuous", "frozen"])
+def test_recurrent_quantized_layer_matches_its_reference_twin_exactly(abar):
+    from reference.quant import fake_quant_ref
+
+    layer, u = calibrated_layer(abar)
+    ex = layer.quantized_recurrent()
+    y = layer.forward(u, mode="recurrent")
+    d = layer.discrete()  # float Abar, Bbar (the dt quantizer only moves the continuous ones)
+    p = layer.params
+    if abar == "continuous":
+        log_dt_q = fake_quant_ref(p["log_dt"], 32, axis=0)[0]
+        from qs4d_np.ssm.discretize import discretize
+        d = discretize(log_dt_q, p["log_A_real"], p["A_imag"], None, "zoh")
+    Abar = fake_quant_ref(d.Abar, 64, axis=0)[0]
+    Bbar = fake_quant_ref(d.Bbar, 16, axis=0)[0]
+    C = fake_quant_ref(p["C"], 16, axis=0, complex_mode="shared")[0]
+    D = fake_quant_ref(p["D"], 16, axis=0)[0]
+    for name, ref in (("Abar", Abar), ("Bbar", Bbar), ("C", C), ("D", D)):
+        assert np.array_equal(ex[name].dequantize(), ref), name
+    st = ex["state"]
+    g = st.spec.code_grid
+    inv = st.per_channel_inv(3, np.dtype(np.float64))
+    assert np.all(np.log2(inv) == np.round(np.log2(inv)))  # power-of-two state scales
+    y_ref = quant_scan_ref(u, Abar, Bbar, C, D, inv, g.qmin, g.qmax, clip=8.0)
+    # the act quantizer (running range) on top, from its exported scales
+    act = ex["act"]
+    y_ref = np.clip(np.rint(y_ref * act["inv_scale"]), act["grid"].qmin, act["grid"].qmax) / act["inv_scale"]
+    assert np.array_equal(y, y_ref)
+
+
+def test_quantized_recurrent_needs_static_ranges():
+    with pytest.raises(ValueError, match="needs a layer built with quant"):
+        S4D(3, 4).quantized_recurrent()
+    layer = S4D(3, 4, quant=QuantConfig(state=64, C=8))  # state absmax: batch dependent
+    with pytest.raises(ValueError, match="takes its range from each tensor"):
+        layer.quantized_recurrent()
+    layer = S4D(3, 4, quant=QuantConfig(state=64, target_options={"state": {"scale_mode": "running"}}))
+    with pytest.raises(RuntimeError, match="no calibrated range"):
+        layer.quantized_recurrent()

@@ -26,6 +26,8 @@ real parts' scales first). It is needed up front only for ``learned``, whose
 """
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 
 from qs4d_np.core.checks import check_choice, check_float, check_int
@@ -126,27 +128,41 @@ class Quantizer(Module):
         lay = spec.layout(x, self.name)
         real = np.dtype(lay.dtype.type(0).real.dtype)
         mode = self.scale_mode
-        if mode in ("absmax", "absmean", "fixed"):
-            if mode == "fixed":
-                lo, hi = spec.fixed_range(self.fixed_range, lay)
-            else:
-                lo, hi = spec.stats_range(lay.flatten(x), lay, mode, self.name)
-            inv, zp = spec.scales(lo, hi, real)
+        if mode in ("absmax", "absmean"):
+            inv, zp = spec.scales(*spec.stats_range(lay.flatten(x), lay, mode, self.name), real)
             return lay, inv, zp
+        if mode == "fixed":
+            return lay, *spec.scales(*spec.fixed_range(self.fixed_range, lay), real)
         self._check_scales(lay.channels)
+        if self.updates_range(training):
+            self.observe(*spec.stats_range(lay.flatten(x), lay, "absmax", self.name))
+        if mode == "learned" and np.isnan(self._params["step"]).any():
+            _, hi = spec.stats_range(lay.flatten(x), lay, "absmean", self.name)
+            self._params["step"][:] = hi / spec.code_grid.qpos
+        inv, zp = self.static_scales(real)
+        return lay, inv, zp
+
+    def static_scales(self, dtype: np.dtype = np.dtype(np.float64)) -> tuple[np.ndarray, np.ndarray]:
+        """(inv, zp), each (n_scales,), of a range that does not depend on the data being
+        quantized: ``fixed``, calibrated ``running`` or initialised ``learned`` (e.g. for export)."""
+        dtype = np.dtype(dtype)
+        mode = self.scale_mode
+        if mode in ("absmax", "absmean"):
+            raise ValueError(f"Quantizer {self.name!r} (scale_mode={mode!r}) takes its range from each "
+                             "tensor it quantizes; use 'fixed', 'running' or 'learned' for a static scale")
+        if mode == "learned":
+            if np.isnan(self._params["step"]).any():
+                raise RuntimeError(f"Quantizer {self.name!r} (scale_mode='learned') has no step yet; "
+                                   "run a forward first")
+            return self.learned_inv(dtype), np.zeros(self.n_scales, dtype=dtype)
         if mode == "running":
-            if self.updates_range(training):
-                self.observe(*spec.stats_range(lay.flatten(x), lay, "absmax", self.name))
-            elif not self.calibrated:
+            if not self.calibrated:
                 raise RuntimeError(f"Quantizer {self.name!r} (scale_mode='running') has no calibrated range; "
                                    "run forward(x, training=True) on some batches first (or qs4d_np.quant.calibrate)")
-            inv, zp = spec.scales(self.buffers["running_lo"], self.buffers["running_hi"], real)
-            return lay, inv, zp
-        step = self._params["step"]
-        if np.isnan(step).any():
-            _, hi = spec.stats_range(lay.flatten(x), lay, "absmean", self.name)
-            step[:] = hi / spec.code_grid.qpos
-        return lay, self.learned_inv(real), np.zeros(lay.channels, dtype=real)
+            lo, hi = self.buffers["running_lo"], self.buffers["running_hi"]
+        else:
+            lo, hi = self.spec.fixed_range(self.fixed_range, SimpleNamespace(channels=self.n_scales, G=1))
+        return self.spec.scales(lo, hi, dtype)
 
     def learned_inv(self, dtype: np.dtype) -> np.ndarray:
         """inv = 1/step (n_scales,) in ``dtype``, the step floored at min_range/qpos (learned mode)."""

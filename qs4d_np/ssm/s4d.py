@@ -7,6 +7,7 @@ residual connection and the norm belong to the model's block, not here.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 
@@ -344,53 +345,106 @@ class S4D(Module):
             grads["Bbar"] = g_Bbar
         return grads
 
-    def _state_quant(self, u: np.ndarray, Abar: np.ndarray, Bbar: np.ndarray, training: bool) -> StateQuant:
-        """The recurrent state quantizer for this forward (range from ``quant_x``'s scale_mode)."""
+    def _state_quant(self, u: np.ndarray | None, Abar: np.ndarray, Bbar: np.ndarray, training: bool) -> StateQuant:
+        """The recurrent state quantizer for this forward (range from ``quant_x``'s scale_mode).
+
+        ``u=None`` (export): only a static range (fixed, calibrated running, learned) will do.
+        """
         q = self.q["x"]
         spec = q.spec
-        H = self.d_model
         # Scales: per tensor or channel (spec.axis), shared by or separate for the parts (complex_mode).
         per_channel, per_part = spec.axis is not None, spec.complex_mode == "cartesian"
-        clip = np.inf if self.state_clip is None else self.state_clip
         mode = q.scale_mode
         if mode == "absmean":
             raise ValueError("the state target's scale_mode='absmean' has no recurrent-mode meaning; "
                              "use absmax, running, fixed or learned")
 
         def float_state_range() -> np.ndarray:
+            clip = np.inf if self.state_clip is None else self.state_clip
             absmax = state_absmax(u, Abar, Bbar, StateQuant(None), clip)  # (H, 2)
             if per_channel:  # Quantizer order: real parts' scales first
                 return absmax.T.reshape(-1) if per_part else absmax.max(axis=1)
             return absmax.max(axis=0) if per_part else absmax.max(keepdims=True).reshape(1)
 
-        if mode == "learned":
-            step = q._params["step"]
-            if np.isnan(step).any():
-                step[:] = np.maximum(float_state_range(), spec.min_range) / spec.code_grid.qpos
-            inv = q.learned_inv(np.dtype(np.float64))
+        if u is not None and mode == "absmax":  # this batch's float states, like the reference
+            r = float_state_range()
+            inv, _ = spec.scales(-r, r, np.dtype(np.float64))
         else:
-            if mode == "fixed":
-                try:
-                    r = np.broadcast_to(np.asarray(q.fixed_range, dtype=np.float64), (q.n_scales,))
-                except ValueError:
-                    raise ValueError(f"state fixed_range must be a float or {q.n_scales} values, got {q.fixed_range!r}") from None
-                lo, hi = -r, r
-            elif mode == "running":
-                if q.updates_range(training):
-                    r = float_state_range()
-                    q.observe(-r, r)
-                elif not q.calibrated:
-                    raise RuntimeError(f"Quantizer {q.name!r} (scale_mode='running') has no calibrated state "
-                                       "range; run training forwards or qs4d_np.quant.calibrate first")
-                lo, hi = q.buffers["running_lo"], q.buffers["running_hi"]
-            else:  # absmax of this batch's float states
+            if u is not None and mode == "learned" and np.isnan(q._params["step"]).any():
+                q._params["step"][:] = np.maximum(float_state_range(), spec.min_range) / spec.code_grid.qpos
+            if u is not None and q.updates_range(training):
                 r = float_state_range()
-                lo, hi = -r, r
-            inv, _ = spec.scales(lo, hi, np.dtype(np.float64))
-        inv = np.asarray(inv, dtype=np.float64)
+                q.observe(-r, r)
+            inv, _ = q.static_scales(np.dtype(np.float64))
         if per_part:  # (2H,) or (2,) -> (H, 2)
-            inv = inv.reshape(2, -1).T if per_channel else np.tile(inv, (H, 1))
+            inv = inv.reshape(2, -1).T if per_channel else np.tile(inv, (self.d_model, 1))
         return StateQuant(spec, inv if per_channel or per_part else float(inv[0]), q.ste)
+
+    def quantized_recurrent(self) -> dict[str, Any]:
+        """The quantized tensors the evaluation-mode recurrent forward uses, for the integer golden model.
+
+        H = d_model, M = d_state/2. Every ``QuantTensor`` t holds int64 codes ``t.q`` and
+        float64 ``t.inv_scale`` (codes per unit) and int64 ``t.zero_point``, broadcastable
+        to ``t.q``, on the grid ``t.grid`` (qmin..qmax); each real value is
+        (code - zero_point) / inv_scale (``t.dequantize()``, bit for bit the fake-quant
+        value the forward computes). Complex tensors stack (real, imaginary) codes in a
+        leading axis of 2. A target the config leaves float comes as a float array instead.
+
+        * ``Abar``, ``Bbar``: (2, H, M) codes (or (H, M) complex128): Abar after the
+          discretization of the quantized dt (continuous) or the learned / frozen Abar;
+          Bbar likewise (B = 1 folded in unless learned);
+        * ``C``: (2, H, M) codes (or (H, M) complex); ``D``: (H,) codes (or (H,) float);
+        * ``state``: the ``StateQuant`` (spec: grid, rounding; ``inv`` scalar, (H,) or
+          (H, 2) codes per unit of the real / imaginary state) or None when the state is
+          float; per step the scan computes v = Abar*x + Bbar*u_t, clips each part to
+          [-clip, clip], then x = clamp(round(v*inv), qmin, qmax) / inv
+          (``kernels.quant_scan``'s docstring has the exact order);
+        * ``clip``: the state bound (inf = none); y_t = 2*Re(sum_n C x_t) + D*u_t;
+        * ``linear``: the mixing weight (H, 2H) codes (or float), ``linear_bias`` (2H,) float;
+        * ``act``: the output quantizer's static scales {"inv_scale", "zero_point" (per
+          tensor: (1,), per channel: (H,)), "grid", "rounding"} or None. The layer's input
+          is the previous layer's (or the encoder's) output; recurrent mode does not
+          quantize it again here.
+
+        Needs static ranges where ranges are data-dependent: the state and ``act`` must use
+        ``fixed``, calibrated ``running`` or ``learned`` scales (absmax ranges would change
+        with every batch). Leaves the forward caches untouched.
+        """
+        if self.quant is None:
+            raise ValueError("quantized_recurrent() needs a layer built with quant=QuantConfig(...)")
+        p = self._params
+
+        def export(key: str, x: np.ndarray) -> tuple[Any, np.ndarray]:
+            q = self.q[key]
+            if q is None:
+                return x, x
+            t = q.quantize(x)
+            return t, t.dequantize()
+
+        if self.abar == "continuous":
+            _, log_dt = export("dt", p["log_dt"])
+            d = discretize(log_dt, p["log_A_real"], p["A_imag"], p.get("B"), self.disc)
+            Abar_f, Bbar_f = d.Abar, d.Bbar
+        else:
+            Abar_f, Bbar_f = self._float_Abar(), p["Bbar"].astype(np.complex128)
+        out: dict[str, Any] = {}
+        out["Abar"], Abar = export("Abar", Abar_f)
+        out["Bbar"], Bbar = export("B", Bbar_f)
+        out["C"], _ = export("C", p["C"])
+        out["D"], _ = export("D", p["D"])
+        out["state"] = None if self.q["x"] is None else self._state_quant(None, Abar, Bbar, training=False)
+        out["clip"] = np.inf if self.state_clip is None else float(self.state_clip)
+        if self.mixing is not None:
+            out["linear"], _ = export("linear", self.mixing.linear._params["weight"])
+            out["linear_bias"] = self.mixing.linear._params["bias"]
+        act = self.q["act"]
+        if act is None:
+            out["act"] = None
+        else:
+            inv, zp = act.static_scales(np.dtype(np.float64))
+            out["act"] = {"inv_scale": inv, "zero_point": zp.astype(np.int64), "grid": act.spec.code_grid,
+                          "rounding": act.spec.rounding}
+        return out
 
     def _core_forward(self, u: np.ndarray, training: bool, mode: str) -> np.ndarray:
         Abar, Bbar, C, D, ctx = self._ssm_params(training, mode)
