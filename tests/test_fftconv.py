@@ -54,6 +54,17 @@ def test_spectrum_backward(case, variant):
     assert np.all(np.abs(g_f - want_g) <= _bound(g_f.dtype, np.abs(want_g)))
 
 
+@SETTINGS
+@given(st.integers(1, 3), st.integers(1, 40), st.integers(1, 20), st.integers(0, 5), st.integers(0, 2**32 - 1),
+       st.sampled_from([np.float32, np.float64, np.complex64]), VARIANT)
+def test_swap_axes(batch, rows, cols, extra, seed, dtype, variant):
+    """out = x with axes 1 and 2 swapped, cut to out's shape (x may be longer on its last axis)."""
+    x = np.random.default_rng(seed).standard_normal((batch, cols, rows + extra)).astype(dtype)
+    out = np.empty((batch, rows, cols), dtype)
+    getattr(spectral.swap_axes, variant)(x, out)
+    np.testing.assert_array_equal(out, np.swapaxes(x, 1, 2)[:, :rows, :])
+
+
 def test_spectrum_backward_independent_of_threads():
     """The batch sum runs per (bin, channel) in batch order, so threads cannot change a bit."""
     rng = np.random.default_rng(3)
