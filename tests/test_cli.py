@@ -12,10 +12,8 @@ from qs4d_np.train.checkpoint import load_checkpoint
 TINY = ["--n_layers_m", "2", "--d_model_m", "8", "--d_state", "4", "--batch_size", "16", "--quiet"]
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    """60 training and 20 test 'digits': noise plus one bright row whose position encodes the label."""
-    folder = tmp_path_factory.mktemp("idx")
+def write_tiny_mnist(folder):
+    """60 training and 20 test 'digits' as IDX files: noise plus one bright row whose position encodes the label."""
     rng = np.random.default_rng(0)
     for split, n in (("train", 60), ("t10k", 20)):
         labels = rng.integers(0, 10, size=n).astype(np.uint8)
@@ -24,6 +22,11 @@ def data_dir(tmp_path_factory):
         write_idx(folder / f"{split}-images-idx3-ubyte", images)
         write_idx(folder / f"{split}-labels-idx1-ubyte", labels)
     return folder
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return write_tiny_mnist(tmp_path_factory.mktemp("idx"))
 
 
 def _train(data_dir, out, *extra):

@@ -8,6 +8,8 @@ import pytest
 
 from qs4d_np.cli.common import load_model
 from qs4d_np.data.cifar import RECORD_BYTES
+from qs4d_np.io import load_json
+from test_cli import write_tiny_mnist
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -47,3 +49,22 @@ def test_scifar10_example_needs_data_and_runs_a_smoke_configuration(tmp_path, ca
     info = json.loads((tmp_path / "run" / "best.json").read_text())["identity"]["run_info"]
     assert info["task"]["task"] == "scifar" and info["task"]["length"] == 1024
     assert info["task"]["sizes"] == [18, 2, 6]
+
+
+def test_smnist_demo_machinery_in_a_smoke_configuration(tmp_path, capsys):
+    demo = _example("smnist_qat")
+    data = write_tiny_mnist(tmp_path / "idx")
+    figure, work = tmp_path / "fig" / "demo.png", tmp_path / "work"
+    assert demo.main(["--data-dir", str(data), "--n_layers_m", "1", "--d_model_m", "8", "--d_state", "4",
+                      "--epochs", "1", "--batch_size", "16", "--ptq-bits", "2", "4", "--qat-bits", "4",
+                      "--qat-epochs", "1", "--work-dir", str(work), "--out", str(figure), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    results = load_json(figure.with_suffix(".json"))
+    assert figure.read_bytes()[:4] == b"\x89PNG"
+    assert [(r["target"], r["bits"]) for r in results["ptq"]] == [("all", 2), ("all", 4)]
+    assert [(r["target"], r["bits"]) for r in results["qat"]] == [("all", 4)]
+    # the numbers are the runs' own: the QAT row is its run's test accuracy, float the float run's
+    assert results["qat"][0]["accuracy"] == load_json(work / "qat4" / "results.json")["test_acc"]
+    assert results["float_accuracy"] == pytest.approx(load_json(work / "float" / "results.json")["test_acc"])
+    assert load_model(work / "qat4").config["quant"]["all"] == 16
+    assert demo.table(results) in printed and "| 4 |" in printed
