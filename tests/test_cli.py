@@ -59,10 +59,34 @@ def test_train_eval_plot(data_dir, tmp_path, capsys):
                  "--data-dir", str(data_dir), "--mode", "recurrent"]) == 0
     assert json.loads(capsys.readouterr().out)["accuracy"] == pytest.approx(results["test_acc"])
 
-    rows = {"float_accuracy": 0.5, "ptq": [{"target": "all", "bits": b, "accuracy": a} for b, a in ((2, .1), (4, .4))],
-            "qat": [{"target": "all", "bits": 4, "accuracy": 0.45}]}
-    (tmp_path / "results.json").write_text(json.dumps(rows))
-    assert main(["plot", str(tmp_path / "results.json"), "--out", str(tmp_path / "fig.png")]) == 0
+    # on ideal crossbars (no converters, no noise) the analog model computes the digital one
+    from qs4d_np.hardware.config import CrossbarConfig
+    CrossbarConfig.ideal().save(tmp_path / "ideal.json")
+    assert main(["eval", "--checkpoint", str(run), "--analog", str(tmp_path / "ideal.json")]) == 0
+    analog = json.loads(capsys.readouterr().out)
+    assert analog["accuracy"] == pytest.approx(results["test_acc"]) and analog["arrays"] > 0
+
+    # PTQ sweep: one row per (target, bits), CSV and JSON agree
+    ptq_dir = tmp_path / "ptq"
+    assert main(["ptq", "--checkpoint", str(run), "--bits", "2", "8", "--targets", "all", "A",
+                 "--out", str(ptq_dir)]) == 0
+    capsys.readouterr()
+    table = json.loads((ptq_dir / "ptq.json").read_text())
+    assert [(r["target"], r["bits"], r["levels"]) for r in table["ptq"]] == [
+        ("all", 2, 4), ("all", 8, 256), ("A", 2, 4), ("A", 8, 256)]
+    assert table["float_accuracy"] == pytest.approx(results["test_acc"])
+    csv_lines = (ptq_dir / "ptq.csv").read_text().splitlines()
+    assert csv_lines[0] == "target,bits,levels,grid,accuracy" and len(csv_lines) == 5
+    assert csv_lines[1] == f"all,2,4,narrow,{table['ptq'][0]['accuracy']}"
+
+    # QAT fine-tuning from the float weights, then the figure from the PTQ table and the QAT run
+    qat = tmp_path / "qat4"
+    assert _train(data_dir, qat, "--epochs", "1", "--init-from", str(run), "--all_quant", "16",
+                  "--granularity", "channel") == 0
+    capsys.readouterr()
+    quant = S4DModel.load(qat / "best_model").config["quant"]
+    assert quant["all"] == 16 and quant["options"]["per_channel"] is True
+    assert main(["plot", str(ptq_dir / "ptq.json"), str(qat), "--out", str(tmp_path / "fig.png")]) == 0
     assert (tmp_path / "fig.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # a float run is no QAT point
     assert main(["plot", str(run), "--out", str(tmp_path / "fig2.png")]) == 1
