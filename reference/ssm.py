@@ -96,3 +96,15 @@ def spectrum_backward(g_f: np.ndarray, u_f_conj: np.ndarray, K_f: np.ndarray) ->
     g_f = np.asarray(g_f, dtype=np.complex128)
     dK_f = np.sum(g_f * np.asarray(u_f_conj, dtype=np.complex128), axis=0)
     return dK_f, g_f * np.conj(np.asarray(K_f, dtype=np.complex128))
+
+
+def vandermonde_adjoint_explicit(G: np.ndarray, Abar: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """V = sum_l G[h, l]*Abar**l and dV/dAbar = sum_{l>=1} l*G[h, l]*Abar**(l-1) by explicit powers."""
+    H, L = G.shape
+    V = np.zeros(Abar.shape, dtype=np.complex128)
+    dV = np.zeros_like(V)
+    for l in range(L):
+        V += G[:, l, None] * Abar ** l
+        if l >= 1:
+            dV += l * G[:, l, None] * Abar ** (l - 1)
+    return V, dV

@@ -1,12 +1,15 @@
 """S4D building blocks: discretization, Vandermonde kernel, FFT convolution (float64)."""
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from qs4d_np.kernels import vandermonde as vd
 from qs4d_np.ssm.discretize import continuous_A, discretize
 from qs4d_np.ssm.fftconv import causal_conv, causal_conv_backward
 from qs4d_np.ssm.kernel import ssm_kernel, ssm_kernel_backward, vandermonde_adjoint
 from reference.gradcheck import grad_error, numerical_grad
-from reference.ssm import causal_conv_direct, kernel_explicit, zoh_expm
+from reference.ssm import causal_conv_direct, kernel_explicit, vandermonde_adjoint_explicit, zoh_expm
 
 
 def random_ssm(rng, H, M, dt_range=(1e-3, 1e-1)):
@@ -55,10 +58,34 @@ def test_kernel_matches_explicit_powers(L):
     K = ssm_kernel(C * Bbar, Abar, L)
     np.testing.assert_allclose(K, kernel_explicit(C, Bbar, Abar, L), rtol=1e-12, atol=1e-12)
     G = rng.standard_normal((H, L))
-    V = vandermonde_adjoint(G, Abar)
-    l = np.arange(L)
-    V_explicit = np.einsum("hl,hml->hm", G, Abar[..., None] ** l)
+    V, dV = vandermonde_adjoint(G, Abar)
+    V_explicit, dV_explicit = vandermonde_adjoint_explicit(G, Abar)
     np.testing.assert_allclose(V, V_explicit, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(dV, dV_explicit, rtol=1e-12, atol=1e-11)  # l*G_l terms: up to L times larger
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(1, 5), st.integers(1, 6), st.integers(1, 120), st.integers(0, 2**32 - 1),
+       st.sampled_from(["parallel", "serial"]))
+def test_vandermonde_kernels(H, M, L, seed, variant):
+    """Numba kernels vs explicit powers. Both round each power (~L ulp relative); the bound is
+    1e-13 * L times the sum of the terms' magnitudes."""
+    rng = np.random.default_rng(seed)
+    Abar = rng.uniform(0, 1, (H, M)) * np.exp(1j * rng.uniform(-np.pi, np.pi, (H, M)))
+    Ct = rng.standard_normal((H, M)) + 1j * rng.standard_normal((H, M))
+    G = rng.standard_normal((H, L))
+    K = np.empty((H, L))
+    getattr(vd.kernel_from_modes, variant)(K, Ct, Abar)
+    powers = np.abs(Abar)[..., None] ** np.arange(L)  # (H, M, L)
+    scale = 2 * np.einsum("hm,hml->hl", np.abs(Ct), powers)
+    assert np.all(np.abs(K - kernel_explicit(Ct, np.ones_like(Ct), Abar, L)) <= 1e-13 * L * scale + 1e-300)
+    V, dV = np.empty_like(Abar), np.empty_like(Abar)
+    getattr(vd.adjoint_sums, variant)(G, Abar, V, dV)
+    V_ref, dV_ref = vandermonde_adjoint_explicit(G, Abar)
+    scale_V = np.einsum("hl,hml->hm", np.abs(G), powers)
+    scale_dV = np.einsum("hl,hml->hm", np.abs(G) * np.arange(L), np.abs(Abar)[..., None] ** np.maximum(np.arange(L) - 1, 0))
+    assert np.all(np.abs(V - V_ref) <= 1e-13 * L * scale_V + 1e-300)
+    assert np.all(np.abs(dV - dV_ref) <= 1e-13 * L * scale_dV + 1e-300)
 
 
 @pytest.mark.parametrize("L", [1, 3, 40])

@@ -1,76 +1,48 @@
 """The S4D convolution kernel K[h, l] = 2*Re(sum_n Ct[h, n] * Abar[h, n]**l) and its gradients.
 
-Ct = C*Bbar folds the input and output matrices. The powers Abar**l for
-l < L are never stored as an (H, M, L) tensor: with l = J*k + j (j < J,
-k < ceil(L/J), J ~ sqrt(L)) every power is a product of a "small" power
-Abar**j and a "big" power Abar**(J*k), so the Vandermonde products become
-batched matrix products of (H, M, J) and (H, M, ceil(L/J)) factors. Powers come
-from repeated multiplication (no logarithm, so Abar = 0 is fine); in float64 the
-relative error grows at most ~L ulp.
+Ct = C*Bbar folds the input and output matrices. The powers Abar**l are
+never stored as an (H, M, L) tensor: Numba kernels (``kernels.vandermonde``)
+step through them per (channel, mode), by repeated multiplication (no
+logarithm, so Abar = 0 is fine); in float64 the relative error grows ~L ulp.
+Measured at H = 128, M = 32: 3 ms (L = 784) and 0.3 ms (L = 64) for K, 7 ms
+and 0.6 ms for the backward, 2-5x less than batched block-power matrix
+products, whose NumPy call overhead dominated at small L.
 
-Work is done in complex128 whatever the layer's dtype; the arrays are small and
-the matrix products cost a few MFLOP.
+Work is done in complex128 whatever the layer's dtype; the arrays are small.
 """
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
-
-def _powers(base: np.ndarray, count: int) -> np.ndarray:
-    """base**0 .. base**(count-1) along a new last axis; base (H, M) complex."""
-    out = np.empty(base.shape + (count,), dtype=np.complex128)
-    out[..., 0] = 1.0
-    for p in range(1, count):
-        out[..., p] = out[..., p - 1] * base
-    return out
+from qs4d_np.kernels.vandermonde import adjoint_sums, kernel_from_modes
 
 
-def _block_powers(Abar: np.ndarray, L: int) -> tuple[np.ndarray, np.ndarray]:
-    """Small powers S = Abar**j (H, M, J) and big powers Q = Abar**(J*k) (H, M, Kb)."""
-    J = math.isqrt(L - 1) + 1                           # ceil(sqrt(L)) for L >= 1
-    S = _powers(Abar, J)
-    Q = _powers(S[..., -1] * Abar, -(-L // J))
-    return S, Q
+def _c128(x: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(x, dtype=np.complex128)
 
 
-def vandermonde(coef: np.ndarray, Abar: np.ndarray, L: int) -> np.ndarray:
-    """sum_n coef[h, n] * Abar[h, n]**l for l < L, (H, L) complex128."""
-    S, Q = _block_powers(Abar, L)
-    H = S.shape[0]
-    R = np.swapaxes(coef[..., None] * Q, 1, 2)          # (H, Kb, M)
-    return (R @ S).reshape(H, -1)[:, :L]                 # (H, Kb, J) -> (H, Kb*J)
-
-
-def vandermonde_adjoint(G: np.ndarray, Abar: np.ndarray) -> np.ndarray:
-    """sum_l G[h, l] * Abar[h, n]**l, (H, M) complex128; G (H, L) real."""
-    H, L = G.shape
-    S, Q = _block_powers(Abar, L)
-    J, Kb = S.shape[2], Q.shape[2]
-    Gpad = np.zeros((H, Kb * J), dtype=np.float64)
-    Gpad[:, :L] = G
-    T = S @ np.swapaxes(Gpad.reshape(H, Kb, J), 1, 2)    # (H, M, Kb)
-    return np.einsum("hmk,hmk->hm", T, Q)
+def vandermonde_adjoint(G: np.ndarray, Abar: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(V, dV/dAbar) for V = sum_l G[h, l] * Abar[h, n]**l: each (H, M) complex128; G (H, L) real."""
+    G = np.ascontiguousarray(G, dtype=np.float64)
+    Abar = _c128(Abar)
+    V = np.empty(Abar.shape, dtype=np.complex128)
+    dV = np.empty_like(V)
+    adjoint_sums(G, Abar, V, dV)
+    return V, dV
 
 
 def ssm_kernel(Ct: np.ndarray, Abar: np.ndarray, L: int) -> np.ndarray:
     """K (H, L) float64 from Ct = C*Bbar and Abar, both (H, M) complex."""
-    return 2.0 * vandermonde(Ct, Abar, L).real
+    K = np.empty((Abar.shape[0], L), dtype=np.float64)
+    kernel_from_modes(K, _c128(Ct), _c128(Abar))
+    return K
 
 
 def ssm_kernel_backward(G: np.ndarray, Ct: np.ndarray, Abar: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(g_Ct, g_Abar) (H, M) complex128 from G = dL/dK (H, L).
 
-    With V = sum_l G_l Abar**l and U' = sum_l l*G_l Abar**(l-1):
-    g_Ct = 2*conj(V) and g_Abar = 2*conj(Ct*U'). U' is the adjoint Vandermonde
-    of the shifted weights (l+1)*G_{l+1}, so no division by Abar is needed.
+    With V = sum_l G_l Abar**l and U' = dV/dAbar = sum_l l*G_l Abar**(l-1):
+    g_Ct = 2*conj(V) and g_Abar = 2*conj(Ct*U').
     """
-    H, L = G.shape
-    V = vandermonde_adjoint(G, Abar)
-    if L > 1:
-        Gshift = np.arange(1, L, dtype=np.float64) * G[:, 1:]
-        Uprime = vandermonde_adjoint(Gshift, Abar)
-    else:
-        Uprime = np.zeros_like(V)
+    V, Uprime = vandermonde_adjoint(G, Abar)
     return 2.0 * np.conj(V), 2.0 * np.conj(Ct * Uprime)
