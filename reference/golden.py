@@ -59,3 +59,55 @@ def ssm_core_run(p: dict, u: list, x_grid: tuple[int, int], y_grid: tuple[int, i
         for key in out:
             out[key].append(rows[key])
     return out
+
+
+def requant(terms: list, mults: list, shift: int, grid: tuple[int, int], offset: int = 0, sign: int = 1) -> int:
+    """sat(RNE((sign * sum_k M_k * T_k + offset) / 2**shift)) with Python ints (docs/integer_spec.md 2.3)."""
+    return clamp(rne_div_pow2(sign * sum(m * t for m, t in zip(mults, terms)) + offset, shift), *grid)[0]
+
+
+def linear_requant(a: list, lin) -> list:
+    """One ``IntLinear`` of the golden model on a vector ``a`` of ints, from its int arrays as Python ints."""
+    W, b = lin.W.tolist(), lin.b.tolist()
+    M, R, f = lin.requant.M[0].tolist(), lin.requant.R.tolist(), lin.requant.fmt
+    return [requant([sum(W[h][o] * a[h] for h in range(len(a))) + b[o]], [M[o]], R[o], (f.qmin, f.qmax))
+            for o in range(len(b))]
+
+
+def model_run(model, x: list) -> list:
+    """Logits of the whole integer model (qs4d_np.golden.IntegerModel) on x[b][t][i], in Python ints.
+
+    Layer by layer over whole sequences (the ops after the core are pointwise
+    in time); the core is ``ssm_core_run``. Shares no arithmetic with the
+    int64 paths: only the parameter words are read from ``model``.
+    """
+    u = [[linear_requant(x_t, model.encoder) for x_t in seq] for seq in x]
+    for layer in model.layers:
+        core, f = layer.core, layer.core.formats
+        p = {k: v.tolist() for k, v in core.arrays().items()}
+        y = ssm_core_run(p, u, (f.x.qmin, f.x.qmax), (f.y.qmin, f.y.qmax))["y"]
+        lut, zb_min = layer.sig_lut.tolist(), layer.mix_b.requant.fmt.qmin
+        g, post = layer.glu, layer.post
+        out = []
+        for seq_y, seq_u in zip(y, u):
+            rows = []
+            for y_t, u_t in zip(seq_y, seq_u):
+                za, zb = linear_requant(y_t, layer.mix_a), linear_requant(y_t, layer.mix_b)
+                act = [requant([za[h] * lut[zb[h] - zb_min]], [int(g.M[0][h])], int(g.R[h]), (g.fmt.qmin, g.fmt.qmax))
+                       for h in range(len(za))]
+                if post is not None:
+                    act = [requant([act[h], u_t[h]] if layer.residual else [act[h]],
+                                   [int(m[h]) for m in post.M], int(post.R[h]), (post.fmt.qmin, post.fmt.qmax),
+                                   0 if post.offset is None else int(post.offset[h]),
+                                   1 if post.sign is None else int(post.sign[h])) for h in range(len(act))]
+                rows.append(act)
+            out.append(rows)
+        u = out
+    pool, dec = model.pool, model.decoder
+    logits = []
+    for seq in u:
+        pooled = [sum(step[h] for step in seq) for h in range(len(seq[0]))]
+        avg = [requant([pooled[h]], [int(pool.M[0][h])], int(pool.R[h]), (pool.fmt.qmin, pool.fmt.qmax))
+               for h in range(len(pooled))]
+        logits.append(linear_requant(avg, dec))
+    return logits

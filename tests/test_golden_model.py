@@ -12,10 +12,12 @@ from hypothesis import given, settings, strategies as st
 from qs4d_np.golden import compare_dumps, model as golden_model, read_memh, write_memh
 from qs4d_np.golden.bundle import export_bundle
 from qs4d_np.golden.export import from_model
+from qs4d_np.golden.fast import run_fast
 from qs4d_np.golden.twin import codes, local_agreement, run_free
 from qs4d_np.models.s4d_model import S4DModel
 from qs4d_np.quant.config import QuantConfig
 
+from reference.golden import model_run
 from test_golden import FLOAT_NAMES
 
 
@@ -200,3 +202,26 @@ def test_cli_export_and_compare(tmp_path, capsys):
     assert main(["golden", "export", "--checkpoint", str(tmp_path / "m"), "--out", str(vec), "--dataset",
                  "smnist", "--calib", "2"]) == 1
     assert "no quantization config (a float model)" in capsys.readouterr().err
+
+
+@settings(max_examples=10, deadline=None)
+@given(st.integers(0, 2 ** 16), st.sampled_from([16, 256, 4096]), st.sampled_from([64, 2 ** 12, 2 ** 16]),
+       st.booleans(), st.sampled_from(["batch", None]), st.integers(1, 3))
+def test_numpy_and_numba_paths_equal_the_python_int_twin(seed, levels, state, residual, norm, batch):
+    _, im, x = build(seed, levels, state, residual=residual, norm=norm)
+    x = pixels(seed + 1, batch=batch)
+    # words at the input grid's edges too
+    x[0, :3, 0] = [0, 255, 255]
+    want = model_run(im, x.tolist())
+    slow, fast = im.run(x), run_fast(im, x)
+    assert slow.logits.tolist() == want
+    assert fast.logits.tolist() == want
+    assert np.array_equal(fast.avg, slow.avg) and fast.saturation == slow.saturation
+
+
+def test_fast_path_checks_its_input():
+    _, im, x = build(0)
+    with pytest.raises(TypeError, match="x must be an integer numpy array"):
+        run_fast(im, x.astype(np.float32))
+    with pytest.raises(ValueError, match=r"x must have shape \(batch, 12, 1\)"):
+        run_fast(im, x[:, :5])

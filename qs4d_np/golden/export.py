@@ -71,10 +71,16 @@ def _check_targets(quant: QuantConfig, n_layers: int) -> None:
 
 
 class _Quantizer:
-    """The config's quantizer for one target: codes, steps and the IntFormat (explicit width or the grid's)."""
+    """Codes, steps and IntFormat (explicit width or the grid's) of each quantized target.
 
-    def __init__(self, quant: QuantConfig, widths: Mapping[str, int]) -> None:
-        self.quant, self.widths = quant, widths
+    With ``own`` (the model's own QAT config) the model's quantizers give the
+    codes and steps, exactly as its evaluation forward quantizes (learned,
+    running or absmax ranges); otherwise the config's rule (absmax) is applied
+    to the float weights (post-training quantization).
+    """
+
+    def __init__(self, quant: QuantConfig, widths: Mapping[str, int], own: bool) -> None:
+        self.quant, self.widths, self.own = quant, widths, own
 
     def fmt(self, target: str, layer: int) -> IntFormat:
         spec = self.quant.spec_for(target, layer)
@@ -84,19 +90,46 @@ class _Quantizer:
         g = spec.code_grid
         return IntFormat(self.widths.get(target, g.bits), g.qmin, g.qmax)
 
-    def weight(self, target: str, layer: int, w: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray, IntFormat]:
-        """(codes, steps broadcast to the codes' shape, format); complex -> leading (re, im) axis."""
-        fmt = self.fmt(target, layer)
-        spec = self.quant.spec_for(target, layer, axis)
-        w = np.asarray(w, dtype=np.complex128 if np.iscomplexobj(w) else np.float64)
-        qt = quantize(w, spec.levels, grid=spec.grid, symmetric=True, axis=spec.axis, rounding="half_even",
-                      power_of_two=spec.power_of_two, complex_mode="cartesian")
-        return qt.q.astype(np.int64), np.broadcast_to(1.0 / qt.inv_scale, qt.q.shape).astype(np.float64), fmt
+    def weight(self, target: str, layer: int, w: np.ndarray, axis: int, model_q=None
+               ) -> tuple[np.ndarray, np.ndarray, IntFormat]:
+        """(codes, steps broadcast to the codes' shape, format); complex -> leading (re, im) axis.
 
-    def act_step(self, layer: int, absmax: float) -> float:
-        spec = self.quant.spec_for("act", layer)
-        inv, _ = spec.scales(np.array([-absmax]), np.array([absmax]), np.dtype(np.float64))
-        return float(1.0 / inv[0])
+        ``model_q`` is the model's own quantizer of this tensor (used when ``own``).
+        """
+        fmt = self.fmt(target, layer)
+        if self.own and model_q is not None:
+            qt = model_q.quantize(w)
+        else:
+            spec = self.quant.spec_for(target, layer, axis)
+            w = np.asarray(w, dtype=np.complex128 if np.iscomplexobj(w) else np.float64)
+            qt = quantize(w, spec.levels, grid=spec.grid, symmetric=True, axis=spec.axis, rounding="half_even",
+                          power_of_two=spec.power_of_two, complex_mode="cartesian")
+        if np.any(qt.zero_point != 0):
+            raise ValueError(f"target {target!r} has a nonzero zero point; the integer spec is symmetric")
+        steps = 1.0 / np.asarray(qt.inv_scale, dtype=np.float64)
+        return qt.q.astype(np.int64), np.broadcast_to(steps, qt.q.shape).astype(np.float64), fmt
+
+    def act_steps(self, layer: int, act_real: np.ndarray, model_q=None) -> np.ndarray:
+        """The act step per channel (H,): the model's act quantizer on ``act_real`` (B, L, H), or absmax."""
+        H = act_real.shape[-1]
+        if self.own and model_q is not None:
+            inv = np.asarray(model_q.quantize(act_real.astype(model_q.dtype)).inv_scale, dtype=np.float64)
+        else:
+            spec = self.quant.spec_for("act", layer)
+            r = np.array([np.abs(act_real).max()])
+            inv, _ = spec.scales(-r, r, np.dtype(np.float64))
+        return np.broadcast_to(1.0 / inv.reshape(-1), (H,)).astype(np.float64)
+
+    def state_inv(self, layer: int, ssm, u_real: np.ndarray, Abar: np.ndarray, Bbar: np.ndarray) -> np.ndarray:
+        """The state's codes per unit (H, 2): the model's state quantizer, or calibrated per part."""
+        H = ssm.d_model
+        if self.own and ssm.q.get("x") is not None:
+            state = ssm._state_quant(u_real.astype(ssm.dtype), Abar, Bbar, False)
+        else:
+            clip = np.inf if getattr(ssm, "state_clip", None) is None else ssm.state_clip
+            absmax = state_absmax(u_real, Abar, Bbar, StateQuant(None), clip)
+            state = StateQuant.calibrated(self.quant.spec_for("state", layer), absmax, "part")
+        return state.per_channel_inv(H, np.dtype(np.float64))
 
 
 def _calib_step(absmax: float, fmt: IntFormat, headroom: float) -> float:
@@ -129,10 +162,23 @@ def _linear(name: str, W: np.ndarray, b: np.ndarray, s_W: np.ndarray, w_fmt: Int
     return IntLinear(name, W, b_int, w_fmt, in_fmt, M, R, out_fmt), float(np.max(eps))
 
 
+def _clipped_grid(fmt: IntFormat, clip: float | None, inv: np.ndarray, layer: int) -> IntFormat:
+    """The state grid narrowed by the scan's clip |w| <= clip (docs/integer_spec.md, section 6)."""
+    if clip is None:
+        return fmt
+    lo = np.maximum(fmt.qmin, np.rint(-clip * inv)).astype(np.int64)
+    hi = np.minimum(fmt.qmax, np.rint(clip * inv)).astype(np.int64)
+    if lo.min() != lo.max() or hi.min() != hi.max():
+        raise ValueError(f"layer {layer}: state_clip {clip} maps to different grids per channel or part "
+                         f"([{lo.min()}, {hi.min()}] .. [{lo.max()}, {hi.max()}]); the integer state has one grid")
+    return IntFormat(fmt.width, int(lo.flat[0]), int(hi.flat[0]))
+
+
 def _coder(name: str, params: dict, qz: _Quantizer, a: np.ndarray, in_fmt: IntFormat, s_a: float,
-           out_fmt: IntFormat, headroom: float) -> tuple[IntLinear, float, float, np.ndarray]:
+           out_fmt: IntFormat, headroom: float, model_q=None) -> tuple[IntLinear, float, float, np.ndarray]:
     """Encoder or decoder (``coder`` weights): the IntLinear, its eps, the calibrated output step, s_W."""
-    Wq, sW, w_fmt = qz.weight("coder", 0, params["weight"], axis=1)
+    wq = getattr(model_q, "quantizer", None)
+    Wq, sW, w_fmt = qz.weight("coder", 0, params["weight"], axis=1, model_q=wq)
     real = (a * s_a) @ (Wq * sW) + params["bias"]
     s_out = _calib_step(np.abs(real).max(), out_fmt, headroom)
     lin, eps = _linear(name, Wq, params["bias"], sW, w_fmt, in_fmt, s_a, s_out, out_fmt)
@@ -184,7 +230,7 @@ def from_model(model, x_calib: np.ndarray, *, quant: QuantConfig | None = None, 
     W = {**DEFAULT_WIDTHS, **(widths or {})}
     for k, v in W.items():
         check_int(f"widths[{k!r}]", v, min_value=2, max_value=32)
-    qz = _Quantizer(quant, W)
+    qz = _Quantizer(quant, W, own=quant is getattr(model, "quant", None))
     L = x_calib.shape[1]
     H = model.blocks[0].ssm.d_model
     steps: dict[str, np.ndarray] = {"in": np.float64(in_step)}
@@ -195,7 +241,8 @@ def from_model(model, x_calib: np.ndarray, *, quant: QuantConfig | None = None, 
     x_int = codes(x_calib.astype(np.float64) / in_step, in_fmt)
     u_fmt = full(W["u"])
     encoder, eps["layers.0.u"], s_u, steps["encoder.W"] = _coder(
-        "encoder", model.encoder._params, qz, x_int, in_fmt, in_step, u_fmt, headroom)
+        "encoder", model.encoder._params, qz, x_int, in_fmt, in_step, u_fmt, headroom,
+        getattr(model, "coder_quant", {}).get("encoder"))
     u, _ = encoder(x_int)
 
     layers = []
@@ -213,7 +260,8 @@ def from_model(model, x_calib: np.ndarray, *, quant: QuantConfig | None = None, 
     eps["avg"] = float(e.max())
     avg, _ = pool([pooled])
     decoder, eps["logits"], s_logit, steps["decoder.W"] = _coder(
-        "decoder", model.decoder._params, qz, avg, avg_fmt, s_avg, full(W["logits"]), headroom)
+        "decoder", model.decoder._params, qz, avg, avg_fmt, s_avg, full(W["logits"]), headroom,
+        getattr(model, "coder_quant", {}).get("decoder"))
     steps.update({"avg": np.float64(s_avg), "logits": np.float64(s_logit)})
     return IntegerModel(in_fmt, encoder, layers, pool, decoder, L, steps, eps)
 
@@ -222,11 +270,15 @@ def _export_layer(i, block, qz: _Quantizer, u: np.ndarray, u_fmt: IntFormat, s_u
                   headroom: float, sig_bits: int, steps: dict, eps: dict, p: str):
     ssm = block.ssm
     H, N2 = ssm.d_model, ssm.d_state // 2
-    d = ssm.discrete()
-    qA, sA, A_fmt = qz.weight("A", i, d.Abar, axis=0)
-    qB, sB, B_fmt = qz.weight("B", i, d.Bbar, axis=0)
-    qC, sC, C_fmt = qz.weight("C", i, ssm._params["C"], axis=0)
-    qD, sD, D_fmt = qz.weight("D", i, ssm._params["D"], axis=0)
+    mq = getattr(ssm, "q", {})
+    # the float Abar, Bbar the recurrent forward quantizes (after a quantized dt, if any)
+    *_, ctx = ssm._ssm_params(False, "recurrent")
+    Abar_pre = ctx["d"].Abar if "d" in ctx else ctx["Abar"]
+    Bbar_pre = ctx["d"].Bbar if "d" in ctx else ssm._params["Bbar"]
+    qA, sA, A_fmt = qz.weight("A", i, Abar_pre, axis=0, model_q=mq.get("Abar"))
+    qB, sB, B_fmt = qz.weight("B", i, Bbar_pre, axis=0, model_q=mq.get("B"))
+    qC, sC, C_fmt = qz.weight("C", i, ssm._params["C"], axis=0, model_q=mq.get("C"))
+    qD, sD, D_fmt = qz.weight("D", i, ssm._params["D"], axis=0, model_q=mq.get("D"))
     Abar_hat = sA[0] * qA[0] + 1j * sA[1] * qA[1]
     Bbar_hat = sB[0] * qB[0] + 1j * sB[1] * qB[1]
     C_hat = sC[0] * qC[0] + 1j * sC[1] * qC[1]
@@ -236,12 +288,12 @@ def _export_layer(i, block, qz: _Quantizer, u: np.ndarray, u_fmt: IntFormat, s_u
 
     # state step from the float states of the quantized weights, as the QAT calibration does
     u_real = u * s_u
-    absmax = state_absmax(u_real, Abar_hat, Bbar_hat, StateQuant(None))
+    inv = qz.state_inv(i, ssm, u_real, Abar_hat, Bbar_hat)
     state_spec = qz.quant.spec_for("state", i)
-    inv = StateQuant.calibrated(state_spec, absmax, "part").per_channel_inv(H, np.dtype(np.float64))
-    x_fmt = qz.fmt("state", i)
+    x_fmt = _clipped_grid(qz.fmt("state", i), getattr(ssm, "state_clip", None), inv, i)
     y_fmt = IntFormat.full(W["y"])
-    y_real, _ = quant_scan(u_real, Abar_hat, Bbar_hat, C_hat, D_hat, StateQuant(state_spec, inv))
+    clip = np.inf if getattr(ssm, "state_clip", None) is None else ssm.state_clip
+    y_real, _ = quant_scan(u_real, Abar_hat, Bbar_hat, C_hat, D_hat, StateQuant(state_spec, inv), clip)
     s_y = _calib_step(np.abs(y_real).max(), y_fmt, headroom)
     formats = SSMCoreFormats(u=u_fmt, Abar=A_fmt, Bbar=B_fmt, C=C_fmt, D=D_fmt, x=x_fmt, y=y_fmt)
     core_steps = dict(s_u=np.full(H, s_u), s_Abar_re=sA[0], s_Abar_im=sA[1], s_Bbar_re=sB[0], s_Bbar_im=sB[1],
@@ -265,7 +317,7 @@ def _export_layer(i, block, qz: _Quantizer, u: np.ndarray, u_fmt: IntFormat, s_u
     y = _core_y(core, u)
 
     mix = ssm.mixing.linear._params
-    Wq, sW, w_fmt = qz.weight("linear", i, mix["weight"], axis=1)
+    Wq, sW, w_fmt = qz.weight("linear", i, mix["weight"], axis=1, model_q=mq.get("linear"))
     z_real = (y * s_y) @ (Wq * sW) + mix["bias"]
     za_fmt, zb_fmt = IntFormat.full(W["za"]), IntFormat.full(W["zb"])
     s_za = _calib_step(np.abs(z_real[..., :H]).max(), za_fmt, headroom)
@@ -281,20 +333,24 @@ def _export_layer(i, block, qz: _Quantizer, u: np.ndarray, u_fmt: IntFormat, s_u
                        dtype=np.int64)
     prod = za * sig_lut[zb - zb_fmt.qmin]
     act_fmt = qz.fmt("act", i)
-    s_act = qz.act_step(i, float(np.abs(prod).max() * s_za / 2.0 ** sig_bits))
+    s_act = qz.act_steps(i, prod * (s_za / 2.0 ** sig_bits), mq.get("act"))
     # a wide product (za * sig): the shift comes from the int64 headroom, not a 31-bit multiplier
-    ratio, bound = s_za * 2.0 ** -sig_bits / s_act, za_fmt.maxabs << sig_bits
-    (m,), r = shared_shift_multipliers([ratio], [bound])
-    glu = Requant("glu", [np.full(H, m)], np.full(H, r), act_fmt, [bound])
+    bound = za_fmt.maxabs << sig_bits
+    M, R, e = _one_term(s_za * 2.0 ** -sig_bits / s_act, np.full(H, bound), "glu")
+    glu = Requant("glu", [M], R, act_fmt, [bound])
     # twin's exact sigmoid vs the table: at most half a table LSB times |za|
-    eps[p + "act"] = float(bound * abs(ratio - m / 2.0 ** r) + za_fmt.maxabs * s_za * 2.0 ** -(sig_bits + 1) / s_act)
-    steps[p + "act"] = np.float64(s_act)
+    eps[p + "act"] = float(np.max(e + za_fmt.maxabs * s_za * 2.0 ** -(sig_bits + 1) / s_act))
+    steps[p + "act"] = s_act
     act, _ = glu([prod])
 
     norm, residual = block.norm, block.residual
     post = None
-    out, out_fmt, s_out = act, act_fmt, s_act
-    if norm is not None or residual:
+    if post_free := (block.norm is None and not block.residual):
+        if np.ptp(s_act) > 0:
+            raise ValueError(f"layer {i}: per-channel act steps feed the next layer directly; the integer "
+                             f"layer input has one step (add a norm, or quantize act per tensor)")
+    out, out_fmt, s_out = act, act_fmt, float(s_act[0])
+    if not post_free:
         if norm is not None:
             var = norm.buffers["running_var"].astype(np.float64)
             k = norm._params["weight"].astype(np.float64) / np.sqrt(var + norm.eps)
