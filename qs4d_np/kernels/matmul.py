@@ -10,8 +10,11 @@ row split (and half the CPU time). NumPy releases the GIL inside BLAS, and
 the pool's threads block (not spin) when idle.
 
 Products too small to pay for the hand-off (``MIN_SPLIT_FLOPS``) run as one
-ordinary call. Results depend on the number of row chunks (the pool size) by
-rounding only, like multi-threaded BLAS itself.
+call, also with BLAS on one thread: measured under load, a (256, 128) @
+(128, 256) float32 product took ~12 ms CPU with OpenBLAS's own threads
+(waking and spinning) and 0.25 ms on one thread; the thread-limit context
+costs ~0.02 ms. Results depend on the number of row chunks (the pool size)
+by rounding only, like multi-threaded BLAS itself.
 """
 from __future__ import annotations
 
@@ -59,10 +62,10 @@ def matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None) -> np.nd
     if out is None:
         out = np.empty((rows, b.shape[1]), dtype=np.result_type(a, b))
     chunks = _split(rows, rows * k * b.shape[1])
-    if chunks is None:
-        return np.matmul(a, b, out=out)
     pool, blas = _pool_and_blas()
     with blas.limit(limits=1):
+        if chunks is None:
+            return np.matmul(a, b, out=out)
         for f in [pool.submit(np.matmul, a[lo:hi], b, out[lo:hi]) for lo, hi in chunks]:
             f.result()
     return out
@@ -74,10 +77,10 @@ def matmul_tn(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     if b.shape[0] != rows:
         raise ValueError(f"b must have {rows} rows like a, got shape {b.shape}")
     chunks = _split(rows, rows * k * b.shape[1])
-    if chunks is None:
-        return a.T @ b
     pool, blas = _pool_and_blas()
     with blas.limit(limits=1):
+        if chunks is None:
+            return a.T @ b
         partials = [f.result() for f in [pool.submit(np.matmul, a[lo:hi].T, b[lo:hi]) for lo, hi in chunks]]
     total = partials[0]
     for p in partials[1:]:
