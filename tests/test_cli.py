@@ -76,8 +76,14 @@ def test_train_eval_plot(data_dir, tmp_path, capsys):
         ("all", 2, 4), ("all", 8, 256), ("A", 2, 4), ("A", 8, 256)]
     assert table["float_accuracy"] == pytest.approx(results["test_acc"])
     csv_lines = (ptq_dir / "ptq.csv").read_text().splitlines()
-    assert csv_lines[0] == "target,bits,levels,grid,accuracy" and len(csv_lines) == 5
-    assert csv_lines[1] == f"all,2,4,narrow,{table['ptq'][0]['accuracy']}"
+    assert csv_lines[0] == "target,bits,levels,grid,granularity,accuracy" and len(csv_lines) == 5
+    assert csv_lines[1] == f"all,2,4,narrow,tensor,{table['ptq'][0]['accuracy']}"
+    # one scale per channel
+    assert main(["ptq", "--checkpoint", str(run), "--bits", "2", "--targets", "C", "--granularity", "channel",
+                 "--out", str(tmp_path / "ptq_channel")]) == 0
+    capsys.readouterr()
+    channel = json.loads((tmp_path / "ptq_channel" / "ptq.json").read_text())["ptq"]
+    assert [(r["target"], r["bits"], r["granularity"]) for r in channel] == [("C", 2, "channel")]
 
     # QAT fine-tuning from the float weights, then the figure from the PTQ table and the QAT run
     qat = tmp_path / "qat4"
@@ -176,3 +182,17 @@ def test_runtime_errors_exit_1_and_overwrite_nothing(data_dir, tmp_path, capsys)
     assert main(["eval", "--checkpoint", str(tmp_path / "other.json"), "--dataset", "smnist",
                  "--data-dir", str(data_dir)]) == 1
     assert "is not an S4DModel file" in capsys.readouterr().err
+
+
+def test_per_channel_ptq_sweep_quantizes_per_channel():
+    from qs4d_np.cli.ptq import per_channel_sweep
+    model = S4DModel(1, 3, d_model=4, d_state=4, n_layers=1, seed=0)
+    seen = []
+
+    def accuracy(candidate):
+        seen.append((candidate.quant.levels_for("C"), candidate.quant.options_for("C")["per_channel"]))
+        return 0.5
+    x = np.random.default_rng(0).random((2, 6, 1), dtype=np.float32)
+    rows = per_channel_sweep(model, ["all", "C"], [3], [x], accuracy, grid="narrow", mode="conv")
+    assert seen == [(8, True), (8, True)]
+    assert [(r["target"], r["levels"], r["accuracy"]) for r in rows] == [("all", 8, 0.5), ("C", 8, 0.5)]

@@ -5,9 +5,10 @@ Example::
     qs4d ptq --checkpoint runs/float --bits 2 3 4 6 8 --targets all A C state --out runs/float/ptq
 
 For every target and width b the float weights are quantized with n = 2**b
-states (static ranges calibrated on ``--calib-batches`` training batches) and
+states, one scale per tensor or per channel (``--granularity``), static
+activation and state ranges calibrated on ``--calib-batches`` training batches, and
 the model is evaluated on the test set. Writes ``DIR/ptq.csv`` (one row per
-(target, bits): target, bits, levels, grid, accuracy) and ``DIR/ptq.json``
+(target, bits): target, bits, levels, grid, granularity, accuracy) and ``DIR/ptq.json``
 (the rows under ``"ptq"`` plus ``float_accuracy``, the checkpoint and the
 task), which ``qs4d plot`` reads.
 """
@@ -21,7 +22,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from qs4d_np.cli.common import (add_data_flags, check_model_fits, command, data_settings, load_data, load_model,
+from qs4d_np.cli.common import (add_data_flags, add_grid_flags, check_model_fits, command, data_settings, load_data, load_model,
                                 positive_int, run_info)
 from qs4d_np.data.loader import BatchIterator
 from qs4d_np.data.sequence import SequenceDataset
@@ -29,7 +30,7 @@ from qs4d_np.io import atomic_write_json, atomic_write_text
 from qs4d_np.train.trainer import evaluate_model
 
 PTQ_TARGETS = ("all", "A", "B", "C", "D", "dt", "linear", "act", "state", "coder")
-CSV_COLUMNS = ("target", "bits", "levels", "grid", "accuracy")
+CSV_COLUMNS = ("target", "bits", "levels", "grid", "granularity", "accuracy")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -38,7 +39,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--checkpoint", required=True, metavar="CKPT", help="float run directory or saved model")
     parser.add_argument("--bits", type=positive_int, nargs="+", default=[2, 3, 4, 5, 6, 8, 10, 12, 16])
     parser.add_argument("--targets", choices=PTQ_TARGETS, nargs="+", default=["all"])
-    parser.add_argument("--grid", choices=("narrow", "qs4d", "full"), default="narrow")
+    add_grid_flags(parser)
     parser.add_argument("--calib-batches", type=positive_int, default=4, metavar="N",
                         help="training batches that calibrate the static ranges")
     parser.add_argument("--mode", choices=("conv", "recurrent"), default="conv")
@@ -53,18 +54,39 @@ def calibration_batches(dataset: SequenceDataset, batch_size: int, n_batches: in
     return [x for x, _ in itertools.islice(BatchIterator(dataset, batch_size).epoch(), n_batches)]
 
 
-def sweep(model: Any, task: Any, targets: list[str], bits: list[int], *, grid: str = "narrow", mode: str = "conv",
-          batch_size: int = 64, calib_batches: int = 4) -> dict[str, Any]:
+def per_channel_sweep(model: Any, targets: list[str], bits: list[int], batches: list, accuracy: Any, *,
+                      grid: str, mode: str) -> list[dict[str, Any]]:
+    """``quant.ptq.ptq_sweep`` with one scale per channel: the same sweep points
+    (``sweep_config``) with ``per_channel`` set, each quantized and calibrated by ``ptq``."""
+    from qs4d_np.quant import QuantConfig
+    from qs4d_np.quant.ptq import ptq, sweep_config
+    rows = []
+    for target in targets:
+        for b in bits:
+            data = sweep_config(target, b, grid).to_dict()
+            data["options"]["per_channel"] = True
+            quantized = ptq(model, QuantConfig.from_dict(data), batches, mode)
+            rows.append({"target": target, "bits": b, "levels": 2 ** b, "grid": grid,
+                         "accuracy": float(accuracy(quantized))})
+    return rows
+
+
+def sweep(model: Any, task: Any, targets: list[str], bits: list[int], *, grid: str = "narrow",
+          granularity: str = "tensor", mode: str = "conv", batch_size: int = 64,
+          calib_batches: int = 4) -> dict[str, Any]:
     """Float accuracy and the PTQ rows of ``model`` on ``task.test`` (what ``ptq.json`` holds)."""
     from qs4d_np.quant.ptq import ptq_sweep
 
     def accuracy(candidate: Any) -> float:
         return evaluate_model(candidate, BatchIterator(task.test, batch_size), mode=mode)["acc"]
 
-    rows = ptq_sweep(model, list(targets), list(bits), calibration_batches(task.train, batch_size, calib_batches),
-                     accuracy, grid=grid, mode=mode)
-    return {"float_accuracy": accuracy(model), "mode": mode, "grid": grid, "task": task.name,
-            "test_samples": len(task.test), "ptq": rows}
+    batches = calibration_batches(task.train, batch_size, calib_batches)
+    run_sweep = ptq_sweep if granularity == "tensor" else per_channel_sweep
+    rows = run_sweep(model, list(targets), list(bits), batches, accuracy, grid=grid, mode=mode)
+    for row in rows:
+        row["granularity"] = granularity
+    return {"float_accuracy": accuracy(model), "mode": mode, "grid": grid, "granularity": granularity,
+            "task": task.name, "test_samples": len(task.test), "ptq": rows}
 
 
 def csv_text(rows: list[dict[str, Any]]) -> str:
@@ -81,8 +103,8 @@ def run(args: argparse.Namespace) -> int:
     settings = data_settings(args, run_info(args.checkpoint).get("data"))
     task = load_data(settings)
     check_model_fits(model, task, f"--checkpoint {args.checkpoint}")
-    result = sweep(model, task, args.targets, args.bits, grid=args.grid, mode=args.mode,
-                   batch_size=args.batch_size, calib_batches=args.calib_batches)
+    result = sweep(model, task, args.targets, args.bits, grid=args.grid, granularity=args.granularity,
+                   mode=args.mode, batch_size=args.batch_size, calib_batches=args.calib_batches)
     result["checkpoint"] = str(args.checkpoint)
     out = Path(args.out)
     atomic_write_text(out / "ptq.csv", csv_text(result["ptq"]))
