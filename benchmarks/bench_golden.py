@@ -6,7 +6,8 @@ exported to the integer model and run in streaming order on ``--batch``
 sMNIST-length (784-step) random pixel sequences, ``--repeats`` times;
 with the Numba layer kernel (``--kernel numba``, default) or the
 NumPy streaming path (``--kernel numpy``); prints the median wall time, samples/s, integer MACs/s and the extrapolated
-time for the 10,000-sample test set. The MAC count per sample and step is
+time for the 10,000-sample test set, at the machine's current load and, from
+the CPU time per sample, for two idle cores. The MAC count per sample and step is
 the integer multiplies of docs/integer_spec.md section 5 (state: 4 Abar and
 2 Bbar products plus 6 multiplier products per mode; readout 2 per mode plus
 3; mixing 2*H*H plus 2H; GLU 2H; post 2H), times L and the layers.
@@ -61,18 +62,25 @@ def throughput(args: argparse.Namespace) -> dict:
     x = rng.integers(0, 256, (args.batch, L_SMNIST, 1))
     run = int_model.run if args.kernel == "numpy" else lambda v: run_fast(int_model, v)
     run(x[:1])  # compile (Numba) / warm up
-    times = []
+    times, cpu = [], []
     for _ in range(args.repeats):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         run(x)
         times.append(time.perf_counter() - t0)
-    wall = statistics.median(times)
+        cpu.append(time.process_time() - c0)
+    wall, cpu_s = statistics.median(times), statistics.median(cpu)
     sps = args.batch / wall
+    # CPU seconds per sample do not depend on how busy the shared machine is; with 2 cores
+    # of its own the kernel (prange over samples) would run at about 2 / (CPU s per sample)
+    sps_idle = 2 * args.batch / cpu_s
     macs = macs_per_sample(int_model, L_SMNIST)
     return {"model": f"{args.layers} x {args.H} (N {args.N})", "kernel": args.kernel, "threads": numba.get_num_threads(),
             "batch": args.batch, "repeats": args.repeats,
             "median_s": round(wall, 3), "samples_per_s": round(sps, 3), "macs_per_sample": macs,
             "int_macs_per_s": f"{sps * macs:.3g}", "test_set_minutes": round(TEST_SET / sps / 60, 1),
+            "cpu_s_per_sample": round(cpu_s / args.batch, 3),
+            "two_idle_cores_samples_per_s": round(sps_idle, 3),
+            "two_idle_cores_test_set_minutes": round(TEST_SET / sps_idle / 60, 1),
             "load_average": os.getloadavg()}
 
 

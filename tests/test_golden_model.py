@@ -12,7 +12,7 @@ from hypothesis import given, settings, strategies as st
 from qs4d_np.golden import compare_dumps, model as golden_model, read_memh, write_memh
 from qs4d_np.golden.bundle import export_bundle
 from qs4d_np.golden.export import from_model
-from qs4d_np.golden.fast import run_fast
+from qs4d_np.golden.fast import _mixing_words, run_fast
 from qs4d_np.golden.twin import codes, local_agreement, run_free
 from qs4d_np.models.s4d_model import S4DModel
 from qs4d_np.quant.config import QuantConfig
@@ -37,10 +37,10 @@ def pixels(seed, batch=3, length=12):
     return np.random.default_rng(seed).integers(0, 256, (batch, length, 1))
 
 
-def build(seed=0, levels=256, state=2 ** 12, **kw):
+def build(seed=0, levels=256, state=2 ** 12, widths=None, **kw):
     model = tiny_model(seed, **kw)
     x = pixels(seed + 100)
-    im = from_model(model, x / 255.0, quant=QuantConfig(levels, state=state))
+    im = from_model(model, x / 255.0, quant=QuantConfig(levels, state=state), widths=widths)
     return model, im, x
 
 
@@ -206,9 +206,13 @@ def test_cli_export_and_compare(tmp_path, capsys):
 
 @settings(max_examples=10, deadline=None)
 @given(st.integers(0, 2 ** 16), st.sampled_from([16, 256, 4096]), st.sampled_from([64, 2 ** 12, 2 ** 16]),
-       st.booleans(), st.sampled_from(["batch", None]), st.integers(1, 3))
-def test_numpy_and_numba_paths_equal_the_python_int_twin(seed, levels, state, residual, norm, batch):
-    _, im, x = build(seed, levels, state, residual=residual, norm=norm)
+       st.booleans(), st.sampled_from(["batch", None]), st.integers(1, 3), st.booleans())
+def test_numpy_and_numba_paths_equal_the_python_int_twin(seed, levels, state, residual, norm, batch, wide):
+    # wide y: the mixing's accumulator bound exceeds int32, so the kernel's int64 mixing runs
+    if wide:
+        levels = 4096
+    _, im, x = build(seed, levels, state, residual=residual, norm=norm, widths={"y": 22} if wide else None)
+    assert _mixing_words(im.layers[0])[0].dtype == (np.int64 if wide else np.int32)
     x = pixels(seed + 1, batch=batch)
     # words at the input grid's edges too
     x[0, :3, 0] = [0, 255, 255]
