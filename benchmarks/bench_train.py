@@ -6,9 +6,9 @@ median over ``--repeats`` timed steps (after one warm-up step, which also
 compiles Numba kernels) is printed as seconds per step and samples/s, with
 the 1-minute load average (the machine may be shared).
 
-Cases: the sMNIST demo model (s4d-example preset, 4 x 64, N = 64) and the
+Cases: the sMNIST demo model (qs4d preset, 4 x 64, N = 64) and the
 s4d-example model (4 x 128, N = 64), each float (conv), QAT with every
-target at 2**bits states (conv) and QAT in recurrent mode.
+target at 2**bits states, one scale per channel (conv), and QAT in recurrent mode.
 
     python benchmarks/bench_train.py                         # batch 64, length 784, 5 repeats
     python benchmarks/bench_train.py --batch 16 --length 128 --repeats 3 --bits 6
@@ -28,7 +28,9 @@ from qs4d_np.core.loss import SoftmaxCrossEntropy
 from qs4d_np.models.s4d_model import S4DModel
 from qs4d_np.train.optim import AdamW
 
-MODELS = {"demo 4x64": dict(d_model=64, n_layers=4, d_state=64), "s4d-example 4x128": dict()}
+# label -> (preset, overrides)
+MODELS = {"demo (qs4d 4x64)": ("qs4d", dict(d_model=64, n_layers=4, d_state=64)),
+          "s4d-example 4x128": ("s4d-example", dict())}
 
 
 def step_seconds(model: S4DModel, x: np.ndarray, y: np.ndarray, repeats: int) -> list[float]:
@@ -46,15 +48,15 @@ def step_seconds(model: S4DModel, x: np.ndarray, y: np.ndarray, repeats: int) ->
     return times
 
 
-def cases(bits: int) -> list[tuple[str, dict[str, Any]]]:
-    """(label, S4DModel keyword arguments) per case; the QAT ones need ``qs4d_np.quant.QuantConfig``."""
+def cases(bits: int) -> list[tuple[str, str, dict[str, Any]]]:
+    """(label, preset, S4DModel keyword arguments) per case; QAT quantizes every target per channel."""
     from qs4d_np.quant import QuantConfig
-    quant = QuantConfig(2 ** bits, grid="narrow")
+    quant = QuantConfig(2 ** bits, grid="narrow", per_channel=True)
     out = []
-    for name, arch in MODELS.items():
-        out.append((f"{name} float conv", dict(arch, mode="conv")))
-        out.append((f"{name} QAT {bits}b conv", dict(arch, mode="conv", quant=quant)))
-        out.append((f"{name} QAT {bits}b recurrent", dict(arch, mode="recurrent", quant=quant)))
+    for name, (preset, arch) in MODELS.items():
+        out.append((f"{name} float conv", preset, dict(arch, mode="conv")))
+        out.append((f"{name} QAT {bits}b conv", preset, dict(arch, mode="conv", quant=quant)))
+        out.append((f"{name} QAT {bits}b recurrent", preset, dict(arch, mode="recurrent", quant=quant)))
     return out
 
 
@@ -70,10 +72,10 @@ def main() -> None:
     x = rng.random((args.batch, args.length, 1), dtype=np.float32)
     y = rng.integers(0, 10, size=args.batch)
     print(f"batch {args.batch}, length {args.length}, median of {args.repeats} steps after 1 warm-up")
-    for label, kwargs in cases(args.bits):
+    for label, preset, kwargs in cases(args.bits):
         if args.only is not None and args.only not in label:
             continue
-        model = S4DModel.from_preset("s4d-example", 1, 10, seed=0, **kwargs)
+        model = S4DModel.from_preset(preset, 1, 10, seed=0, **kwargs)
         median = statistics.median(step_seconds(model, x, y, args.repeats))
         print(json.dumps({"case": label, "s_per_step": round(median, 3),
                           "samples_per_s": round(args.batch / median, 1),
