@@ -31,11 +31,12 @@ FD_EPS = 3e-5
 
 
 @contextlib.contextmanager
-def frozen_quantizers(model, monkeypatch=None):
+def frozen_quantizers(model, monkeypatch=None, current_state_inv=False):
     """Record every quantizer's offset q(x) - x on the first forward, then apply only the offsets.
 
     With ``monkeypatch`` the quantized-state scan is frozen too: the first forward records
-    each layer's state inv, later forwards run reference.quant_scan_ref's surrogate.
+    each layer's state inv, later forwards run reference.quant_scan_ref's surrogate (with the
+    forward's current inv instead when ``current_state_inv``: a learned step then moves it).
     """
     quantizers = [m for _, m in model.modules() if isinstance(m, Quantizer)]
     offsets: dict[int, np.ndarray] = {}
@@ -64,6 +65,8 @@ def frozen_quantizers(model, monkeypatch=None):
                 recorded.append((state, {}))
                 return y, cache
             st, frozen = recorded[i]
+            if current_state_inv:
+                st = state
             g = st.spec.code_grid
             inv = st.per_channel_inv(Abar.shape[0], np.dtype(np.float64))
             return quant_scan_ref(u, Abar, Bbar, C, D, inv, g.qmin, g.qmax, clip=clip, frozen=frozen), None
@@ -79,10 +82,14 @@ def frozen_quantizers(model, monkeypatch=None):
             del q.forward
 
 
-def check_ste_grads(model, x, mode, monkeypatch=None):
-    """FD of the frozen-offset model vs the analytic STE gradients of L = sum(logits * R)."""
+def check_ste_grads(model, x, mode, monkeypatch=None, state_steps=False):
+    """FD of the frozen-offset model vs the analytic STE gradients of L = sum(logits * R).
+
+    ``state_steps``: also check the learned state steps (``quant_x.step``) against FD of the
+    surrogate scan, whose inv follows the step (the analytic ones carry LSQ's gradient scale).
+    """
     R = np.random.default_rng(99).standard_normal((x.shape[0], model.d_output))
-    with frozen_quantizers(model, monkeypatch):
+    with frozen_quantizers(model, monkeypatch, current_state_inv=state_steps):
         model.forward(x, mode=mode)
         model.backward(R.copy())
         analytic = {k: v.copy() for k, v in model.grads.items()}
@@ -90,6 +97,16 @@ def check_ste_grads(model, x, mode, monkeypatch=None):
         loss = lambda: float(np.sum(model.forward(x, mode=mode) * R))  # noqa: E731
         checked = 0
         for name, p in model.params.items():
+            if state_steps and name.endswith("quant_x.step"):
+                q = dict(model.modules())[name[:-len(".step")]]
+                count = 2 * x.shape[0] * x.shape[1] * model.blocks[0].ssm.d_model * (model.blocks[0].ssm.d_state // 2)
+                scale = 1.0 / np.sqrt(count / q.n_scales * q.spec.code_grid.qpos)
+                # eps relative to the step (~1e-2): 1e-7 of it left FD rounding noise at ~6e-6 of the
+                # gradient, 1e-5 of it pushed a code across the surrogate's saturation kink; 1e-6 passes TOL
+                num = numerical_grad(loss, p, eps=1e-6 * float(np.max(p)))
+                assert grad_error(analytic[name], num * scale) <= TOL, (name, analytic[name], num * scale)
+                checked += 1
+                continue
             if name.endswith(".step"):
                 continue  # LSQ steps: the frozen offsets do not depend on them (tested in test_quant_quantizer)
             num = numerical_grad(loss, p, eps=FD_EPS)
@@ -155,6 +172,15 @@ def test_recurrent_state_quantization_gradients_match_fd_of_the_surrogate(monkey
             if isinstance(m, S4D):
                 m.q["x"].fixed_range = 0.3  # small: some states saturate
     check_ste_grads(model, data(), "recurrent", monkeypatch)
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_learned_state_step_gradient_matches_fd_of_the_surrogate(monkeypatch, per_channel):
+    # clipped STE: the learned range starts at the float states' absmax, which quantized states can pass
+    quant = QuantConfig(state=64, per_channel=per_channel,
+                        target_options={"state": {"scale_mode": "learned", "ste": "clipped"}})
+    model = jittered(S4DModel(2, 3, quant=quant, **TINY))
+    check_ste_grads(model, data(), "recurrent", monkeypatch, state_steps=True)
 
 
 @pytest.mark.parametrize("mode", ["conv", "recurrent"])

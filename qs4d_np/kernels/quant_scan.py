@@ -96,7 +96,7 @@ def quant_scan_forward(u, Ar, Ai, Br, Bi, Cr, Ci, D, inv, qmin, qmax, mode, clip
             y[b, t, h] = 2.0 * acc + D[h] * ut
 
 
-@njit(cache=True)
+@njit(cache=True, inline="always")
 def _ste_factors(v, w, inv, qmin, qmax, clip, quantize, clipped_ste, mode):
     """(dx/dv, dx/dstep) of one state part: the STE mask and the LSQ step term."""
     if v < -clip or v > clip:
@@ -112,6 +112,18 @@ def _ste_factors(v, w, inv, qmin, qmax, clip, quantize, clipped_ste, mode):
     if r > qmax:
         return (0.0 if clipped_ste else mask), qmax
     return mask, r - s
+
+
+@njit(cache=True, inline="always")
+def _factors(prev_r, prev_i, coef, u_t, clip, quantize, inv_r, inv_i, qmin, qmax, mode, clipped_ste, fac):
+    """fac[0..3] (M,) = dx/dv and dx/dstep (real part), the same (imaginary part) of the step from
+    x_{t-1} = prev; the step's pre-clip and clipped values are recomputed (cheaper than storing them)."""
+    ar, ai, br, bi = coef
+    for n in range(prev_r.shape[0]):
+        _, _, vr, vi, wr, wi = _state_step(prev_r[n], prev_i[n], ar[n], ai[n], br[n], bi[n], u_t, clip,
+                                           quantize, inv_r, inv_i, qmin, qmax, mode)
+        fac[0, n], fac[1, n] = _ste_factors(vr, wr, inv_r, qmin, qmax, clip, quantize, clipped_ste, mode)
+        fac[2, n], fac[3, n] = _ste_factors(vi, wi, inv_i, qmin, qmax, clip, quantize, clipped_ste, mode)
 
 
 @njit(cache=True, parallel=True)
@@ -134,6 +146,8 @@ def quant_scan_backward(u, Ar, Ai, Br, Bi, Cr, Ci, D, inv, qmin, qmax, mode, cli
         # pre-clip value from them for the masks and step terms
         xs_r = np.zeros((L + 1, M), dtype=u.dtype)
         xs_i = np.zeros((L + 1, M), dtype=u.dtype)
+        xw_r = np.empty(M, dtype=u.dtype)  # the recomputed state, in the forward's precision
+        xw_i = np.empty(M, dtype=u.dtype)
         gx_r = np.empty(M)
         gx_i = np.empty(M)
         # this channel's sums live in locals (written once at the end): stores into the
@@ -143,16 +157,21 @@ def quant_scan_backward(u, Ar, Ai, Br, Bi, Cr, Ci, D, inv, qmin, qmax, mode, cli
         gD = 0.0
         gs_r = 0.0
         gs_i = 0.0
+        fac = np.empty((4, M))  # dx/dv and dx/dstep of the real and imaginary parts
+        a_r = np.empty(M)
+        a_i = np.empty(M)
         ar_, ai_, br_, bi_, cr_, ci_ = Ar[h], Ai[h], Br[h], Bi[h], Cr[h], Ci[h]
+        coef = (ar_, ai_, br_, bi_)
         inv_r = inv[h, 0]
         inv_i = inv[h, 1]
         for b in range(B):
+            xw_r[:] = 0.0
+            xw_i[:] = 0.0
             for t in range(L):
-                ut = u[b, t, h]
-                for n in range(M):
-                    xs_r[t + 1, n], xs_i[t + 1, n], _, _, _, _ = _state_step(
-                        xs_r[t, n], xs_i[t, n], ar_[n], ai_[n], br_[n], bi_[n], ut, clip, quantize, inv_r, inv_i,
-                        qmin, qmax, mode)
+                _advance_dispatch(xw_r, xw_i, ar_, ai_, br_, bi_, u[b, t, h], clip, quantize, inv_r, inv_i,
+                                  qmin, qmax, mode)
+                xs_r[t + 1] = xw_r
+                xs_i[t + 1] = xw_i
             gx_r[:] = 0.0
             gx_i[:] = 0.0
             for t in range(L - 1, -1, -1):
@@ -160,31 +179,46 @@ def quant_scan_backward(u, Ar, Ai, Br, Bi, Cr, Ci, D, inv, qmin, qmax, mode, cli
                 ut = np.float64(u[b, t, h])
                 gD += g * ut
                 du_t = np.float64(D[h]) * g
+                # the factors of this step, specialised like the forward (literal flags)
+                if not quantize:
+                    _factors(xs_r[t], xs_i[t], coef, u[b, t, h], clip, False, inv_r, inv_i, qmin, qmax, 0,
+                             clipped_ste, fac)
+                elif mode == 0:
+                    _factors(xs_r[t], xs_i[t], coef, u[b, t, h], clip, True, inv_r, inv_i, qmin, qmax, 0,
+                             clipped_ste, fac)
+                else:
+                    _factors(xs_r[t], xs_i[t], coef, u[b, t, h], clip, True, inv_r, inv_i, qmin, qmax, mode,
+                             clipped_ste, fac)
+                m_r, s_r, m_i, s_i = fac[0], fac[1], fac[2], fac[3]
+                # short loops over few arrays each, so that every one vectorizes; every
+                # accumulator still sees its terms in the twin's order (n inside t)
                 for n in range(M):
-                    # the step's pre-clip and clipped values again (cheaper than storing them)
-                    _, _, vr, vi, wr, wi = _state_step(xs_r[t, n], xs_i[t, n], ar_[n], ai_[n], br_[n], bi_[n],
-                                                       u[b, t, h], clip, quantize, inv_r, inv_i, qmin, qmax, mode)
-                    m_r, s_r = _ste_factors(vr, wr, inv_r, qmin, qmax, clip, quantize, clipped_ste, mode)
-                    m_i, s_i = _ste_factors(vi, wi, inv_i, qmin, qmax, clip, quantize, clipped_ste, mode)
-                    xr = np.float64(xs_r[t + 1, n])
-                    xi = np.float64(xs_i[t + 1, n])
-                    ar = gx_r[n] + 2.0 * cr_[n] * g
-                    ai = gx_i[n] - 2.0 * ci_[n] * g
-                    gCr[n] += 2.0 * g * xr
-                    gCi[n] -= 2.0 * g * xi
-                    gs_r += ar * s_r
-                    gs_i += ai * s_i
-                    gvr = ar * m_r
-                    gvi = ai * m_i
+                    a_r[n] = gx_r[n] + 2.0 * cr_[n] * g
+                    a_i[n] = gx_i[n] - 2.0 * ci_[n] * g
+                for n in range(M):
+                    gCr[n] += 2.0 * g * np.float64(xs_r[t + 1, n])
+                    gCi[n] -= 2.0 * g * np.float64(xs_i[t + 1, n])
+                for n in range(M):
+                    s_r[n] = a_r[n] * s_r[n]
+                    s_i[n] = a_i[n] * s_i[n]
+                    m_r[n] = a_r[n] * m_r[n]  # gv: the gradient at the pre-clip value
+                    m_i[n] = a_i[n] * m_i[n]
+                for n in range(M):
                     pr = np.float64(xs_r[t, n])
                     pi = np.float64(xs_i[t, n])
-                    gAr[n] += gvr * pr + gvi * pi
-                    gAi[n] += gvi * pr - gvr * pi
-                    gBr[n] += gvr * ut
-                    gBi[n] += gvi * ut
-                    du_t += gvr * br_[n] + gvi * bi_[n]
-                    gx_r[n] = gvr * ar_[n] + gvi * ai_[n]
-                    gx_i[n] = gvi * ar_[n] - gvr * ai_[n]
+                    gAr[n] += m_r[n] * pr + m_i[n] * pi
+                    gAi[n] += m_i[n] * pr - m_r[n] * pi
+                for n in range(M):
+                    gBr[n] += m_r[n] * ut
+                    gBi[n] += m_i[n] * ut
+                    a_r[n] = m_r[n] * br_[n] + m_i[n] * bi_[n]  # du_t's terms
+                for n in range(M):
+                    gx_r[n] = m_r[n] * ar_[n] + m_i[n] * ai_[n]
+                    gx_i[n] = m_i[n] * ar_[n] - m_r[n] * ai_[n]
+                for n in range(M):
+                    gs_r += s_r[n]
+                    gs_i += s_i[n]
+                    du_t += a_r[n]
                 du[b, t, h] = du_t
         dAr[h] = gAr
         dAi[h] = gAi
