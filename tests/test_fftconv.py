@@ -105,3 +105,20 @@ def test_float32_convolution_tracks_float64(L):
     assert du.dtype == np.float32 and dK.dtype == np.float64
     assert np.abs(du - du_ref).max() <= 1e-5 * np.abs(du_ref).max() + 1e-6
     assert np.abs(dK - dK_ref).max() <= 1e-5 * np.abs(dK_ref).max() + 1e-6
+
+
+def test_results_do_not_alias_scratch_buffers():
+    """Outputs of one call survive later calls of other shapes and dtypes (scratch is reused)."""
+    rng = np.random.default_rng(5)
+    cases = [(rng.standard_normal((2, L, 3)).astype(dt), rng.standard_normal((3, L)))
+             for L, dt in ((7, np.float64), (7, np.float32), (12, np.float64), (7, np.float64))]
+    outs = []
+    for u, K in cases:
+        y, u_f_conj, K_f = causal_conv(u, K)
+        du, dK = causal_conv_backward(np.ones_like(u), u_f_conj, K_f)
+        outs.append((y.copy(), y, du.copy(), du))
+    for (u, K), (y_saved, y, du_saved, du) in zip(cases, outs):
+        np.testing.assert_array_equal(y, y_saved)
+        np.testing.assert_array_equal(du, du_saved)
+        tol = 1e-4 if u.dtype == np.float32 else 1e-12
+        np.testing.assert_allclose(y, ref.causal_conv_direct(u, K), rtol=tol, atol=tol)

@@ -233,6 +233,22 @@ def test_row_split_matmuls(rows, k, n, seed, min_flops):
     assert ab.dtype == atc.dtype == np.float32
 
 
+@pytest.mark.parametrize("min_flops", [0, 1 << 62])
+def test_run_row_chunks_covers_rows_once(min_flops):
+    saved = mm.MIN_SPLIT_FLOPS
+    mm.MIN_SPLIT_FLOPS = min_flops
+    try:
+        hits = np.zeros(101, int)
+
+        def mark(lo, hi):
+            hits[lo:hi] += 1
+
+        mm.run_row_chunks(mark, 101, 10**9)
+    finally:
+        mm.MIN_SPLIT_FLOPS = saved
+    np.testing.assert_array_equal(hits, 1)
+
+
 def test_matmul_tn_checks_rows():
     with pytest.raises(ValueError, match=r"b must have 3 rows like a, got shape \(4, 2\)"):
         mm.matmul_tn(np.zeros((3, 2)), np.zeros((4, 2)))

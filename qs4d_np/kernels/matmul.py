@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 from threadpoolctl import ThreadpoolController
@@ -54,6 +54,21 @@ def _row_chunks(rows: int, n: int) -> list[tuple[int, int]]:
 def _split(rows: int, flops: int) -> list[tuple[int, int]] | None:
     n = min(n_workers(), rows)
     return None if n < 2 or flops < MIN_SPLIT_FLOPS else _row_chunks(rows, n)
+
+
+def run_row_chunks(fn: Callable[[int, int], Any], rows: int, flops: int) -> None:
+    """Call fn(lo, hi) over row chunks of [0, rows) on the pool (inline when ``flops`` is small).
+
+    For other GIL-releasing NumPy work split like the products (the FFT
+    convolution's inverse transforms); ``fn`` must write disjoint rows.
+    """
+    chunks = _split(rows, flops)
+    if chunks is None:
+        fn(0, rows)
+        return
+    pool, _ = _pool_and_blas()
+    for f in [pool.submit(fn, lo, hi) for lo, hi in chunks]:
+        f.result()
 
 
 def matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
