@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from qs4d_np.core.checks import check_array, check_int
+from qs4d_np.golden.fast import run_fast
 from qs4d_np.golden.model import IntegerModel
 from qs4d_np.golden.twin import local_agreement, run_free
 
@@ -38,7 +39,7 @@ def measure_agreement(model: IntegerModel, x: np.ndarray, labels: np.ndarray, fl
     pred_int, pred_twin, pred_float = [], [], []
     max_logit_diff, saturation = 0, {}
     for sl in _chunks(n, batch):
-        run = model.run(x[sl])
+        run = run_fast(model, x[sl])  # bit-identical to model.run (tested), faster
         twin = run_free(model, x[sl])
         pred_int.append(run.predictions)
         pred_twin.append(twin["predictions"])
