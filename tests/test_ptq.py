@@ -99,8 +99,13 @@ def test_ptq_sweep_rows_and_the_float_limit():
         assert 0.0 <= r["accuracy"] <= 1.0
         if r["bits"] == 20:
             assert r["accuracy"] == float_acc, r
-    rec = ptq_sweep(model, ["all"], [20], [x], accuracy_on(x, labels, "recurrent"), mode="recurrent", grid="qs4d")
+    rec = ptq_sweep(model, ["all"], [20], [x], accuracy_on(x, labels, "recurrent"), mode="recurrent", grid="qs4d",
+                    per_channel=True)
     assert rec[0]["grid"] == "qs4d" and rec[0]["accuracy"] == float_acc
+    seen = []
+    ptq_sweep(model, ["C"], [4], [x], lambda m: seen.append(m.blocks[0].ssm.q["C"].n_scales) or 0.0,
+              per_channel=True)
+    assert seen == [4]  # one scale per channel (d_model = 4)
 
 
 def test_ptq_sweep_bad_input():

@@ -113,22 +113,25 @@ def ptq(model: "S4DModel", quant: QuantConfig, calib_batches: Iterable[np.ndarra
     return new
 
 
-def sweep_config(target: str, bits: int, grid: str = "narrow") -> QuantConfig:
-    """The PTQ config of one sweep point: 2**bits states for ``target`` ("all" = every target)."""
+def sweep_config(target: str, bits: int, grid: str = "narrow", per_channel: bool = False) -> QuantConfig:
+    """The PTQ config of one sweep point: 2**bits states for ``target`` ("all" = every target),
+    one scale per tensor or, with ``per_channel``, per channel."""
     levels = 2 ** bits
     kwargs = {"all": levels} if target == "all" else {target: levels}
-    return QuantConfig(**kwargs, grid=grid, target_options=PTQ_TARGET_OPTIONS)
+    return QuantConfig(**kwargs, grid=grid, per_channel=per_channel, target_options=PTQ_TARGET_OPTIONS)
 
 
 def ptq_sweep(model: "S4DModel", targets: Sequence[str], bits: Sequence[int],
               calib_batches: Iterable[np.ndarray], evaluate: Callable[["S4DModel"], float], *,
-              grid: str = "narrow", mode: str = "conv") -> list[dict]:
+              grid: str = "narrow", mode: str = "conv", per_channel: bool = False) -> list[dict]:
     """Accuracy of the PTQ model per (target, bits), rows in the order targets x bits.
 
     ``evaluate(model) -> accuracy`` runs the caller's test set; ``calib_batches`` are
-    reused for every point (a one-shot iterator is materialised once).
+    reused for every point (a one-shot iterator is materialised once). ``per_channel``: one
+    scale per channel (H, or the weight's output columns) instead of per tensor.
     """
     check_choice("grid", grid, GRIDS)
+    check_choice("per_channel", per_channel, (True, False))
     check_choice("mode", mode, MODES)
     targets = list(targets)
     bits = [check_int(f"bits[{i}]", b, min_value=1, max_value=52) for i, b in enumerate(bits)]
@@ -142,7 +145,7 @@ def ptq_sweep(model: "S4DModel", targets: Sequence[str], bits: Sequence[int],
     configs = {}
     for t in targets:  # every point's grid is checked before the first (slow) evaluation
         for b in bits:
-            cfg = sweep_config(t, b, grid)
+            cfg = sweep_config(t, b, grid, per_channel)
             for target in TARGETS:
                 try:
                     cfg.spec_for(target)
