@@ -55,7 +55,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--ptq-bits", type=positive_int, nargs="+", default=[2, 3, 4, 5, 6, 8])
     parser.add_argument("--qat-bits", type=positive_int, nargs="+", default=[4, 6])
     parser.add_argument("--qat-epochs", type=positive_int, default=1)
-    parser.add_argument("--qat-lr", type=positive_float, default=0.002)
+    parser.add_argument("--qat-lr", type=positive_float, default=0.005)
     parser.add_argument("--qat-clip", type=positive_float, default=1.0, help="QAT gradient-norm clipping")
     parser.add_argument("--granularity", choices=("tensor", "channel"), default="channel",
                         help="quantization scales for PTQ and QAT: one per tensor or one per channel")
