@@ -10,10 +10,13 @@ Modules (one job each):
 * ``quantizer``: the ``Quantizer`` op (absmax / absmean / fixed / running / learned ranges);
 * ``config``: ``QuantConfig`` (levels and options per target and layer, JSON);
 * ``scan``: checked entry points of the quantized-state recurrent scan
-  (``kernels.quant_scan``), ``StateQuant``.
+  (``kernels.quant_scan``), ``StateQuant``;
+* ``discrete``: discretization from a quantized A, the polar ``discrete`` Abar;
+* ``weights``: ``WeightQuant``, a quantized weight swapped into Linear / PointwiseGLU;
+* ``ptq``: ``with_quant``, ``calibrate``, ``ptq``, ``ptq_sweep`` (imports the models lazily).
 
-How the pieces plug into the S4D layer and model (a later step; nothing here
-imports ``qs4d_np.ssm``):
+How the pieces plug into the S4D layer and model (implemented in ``ssm.s4d.S4D``
+and ``models.s4d_model.S4DModel``; the S4D docstring has the table of places):
 
 1. ``S4DModel(..., quant=QuantConfig(...))`` passes the config down; layer i asks
    ``cfg.quantizer_for(target, layer=i, axis=..., n_scales=...)`` for each target and
