@@ -8,7 +8,7 @@ Run directory (``qs4d train --out DIR``), as the trainer writes it:
                                with the data flags and ``init_from``), epoch, optimizer step,
                                every generator's state, best epoch, history; names its arrays
 ``DIR/last-eNNNN.npz``         parameters ``params/<name>``, buffers ``buffers/<name>``, AdamW
-                               moments ``optim/<name>/m|v`` (never pickled)
+                               moments ``optim/m.<name>``, ``optim/v.<name>`` (never pickled)
 ``DIR/best.json``, ``best-eNNNN.npz``  the same for the best validation epoch
 ``DIR/best_model.json|.npz``   the best weights in ``S4DModel.save`` format (what ``eval``,
                                ``ptq`` and ``train --init-from`` read)
@@ -33,12 +33,11 @@ from typing import Any, Callable
 import numpy as np
 
 from qs4d_np.data.idx import IDXFormatError
-from qs4d_np.data.loader import BatchIterator
 from qs4d_np.data.tasks import TASKS, Task, load_task
 from qs4d_np.io import load_json
 from qs4d_np.models.s4d_model import PRESETS, S4DModel
 from qs4d_np.train.checkpoint import CheckpointError
-from qs4d_np.train.trainer import TrainingDiverged, evaluate_model
+from qs4d_np.train.trainer import TrainingDiverged
 
 # The reference's quantization flags (levels = number of quantization states, e.g. 16 = 4 bits).
 QUANT_FLAGS = ("A", "B", "C", "D", "dt", "linear", "act", "state", "coder", "all")
@@ -234,11 +233,6 @@ def check_model_fits(model: S4DModel, task: Task, where: str) -> None:
     if (model.d_input, model.d_output) != (task.d_in, task.n_classes):
         raise CommandError(f"{where} takes {model.d_input} input channel(s) and {model.d_output} classes; "
                            f"task {task.name} has {task.d_in} and {task.n_classes}: a checkpoint of another model")
-
-
-def accuracy(model: Any, dataset: Any, batch_size: int, mode: str | None = None) -> float:
-    """Test accuracy of ``model`` on ``dataset`` in eval mode (batches in order)."""
-    return evaluate_model(model, BatchIterator(dataset, batch_size), mode=mode)["acc"]
 
 
 def build_model(args: argparse.Namespace, task: Task, quant: Any) -> S4DModel:
