@@ -108,3 +108,62 @@ def vandermonde_adjoint_explicit(G: np.ndarray, Abar: np.ndarray) -> tuple[np.nd
         if l >= 1:
             dV += l * G[:, l, None] * Abar ** (l - 1)
     return V, dV
+
+
+def zoh_factors_decimal(z: complex, digits: int = 60) -> tuple[complex, complex]:
+    """(phi1(z), psi(z)) for one complex z by their Taylor series in ``decimal`` arithmetic.
+
+    phi1(z) = (e^z - 1)/z = sum_{k>=0} z^k/(k+1)!, so ZOH's Bbar0 = dt*phi1(dt*A);
+    psi(z) = (z*e^z - (e^z - 1))/z^2 = sum_{k>=0} (k+1) z^k/(k+2)!, so
+    dBbar0/dA = dt^2*psi(dt*A). ``z`` is taken exactly (a float is a finite
+    binary fraction). The terms grow to ~e^|z| before they shrink, so the
+    working precision is ``digits`` plus the 0.44*|z| digits they cancel; the
+    sums are then exact far below float64 rounding.
+    """
+    from decimal import Decimal, localcontext
+
+    with localcontext() as ctx:
+        mod = abs(z)
+        ctx.prec = digits + int(0.44 * mod)
+        zr, zi = Decimal(z.real), Decimal(z.imag)
+        tiny = Decimal(10) ** (-digits + 10)
+        # q_k = z^k/(k+1)!, p_k = z^k/(k+2)!, updated by one complex product per term
+        qr, qi, pr, pi_ = Decimal(1), Decimal(0), Decimal(1) / 2, Decimal(0)
+        s1r, s1i, s2r, s2i = qr, qi, pr, pi_
+        k = 0
+        while True:
+            k += 1
+            qr, qi = (qr * zr - qi * zi) / (k + 1), (qr * zi + qi * zr) / (k + 1)
+            pr, pi_ = (pr * zr - pi_ * zi) / (k + 2), (pr * zi + pi_ * zr) / (k + 2)
+            s1r, s1i = s1r + qr, s1i + qi
+            s2r, s2i = s2r + (k + 1) * pr, s2i + (k + 1) * pi_
+            if k > 2 * mod + 5 and abs(qr) + abs(qi) + (k + 1) * (abs(pr) + abs(pi_)) < tiny:
+                break
+        return complex(float(s1r), float(s1i)), complex(float(s2r), float(s2i))
+
+
+def bilinear_exact(dt: float, A: complex) -> dict[str, complex]:
+    """Bilinear Abar, Bbar0 and their derivatives for one mode in exact rational arithmetic.
+
+    With w = 1 - dt*A/2: Abar = (2 - w)/w, Bbar0 = dt/w, dAbar/dA = dt/w^2,
+    dAbar/ddt = A/w^2, dBbar0/dA = dt^2/(2 w^2), dBbar0/ddt = 1/w^2. The float
+    inputs are exact binary fractions, so only the final rounding to complex is inexact.
+    """
+    from fractions import Fraction
+
+    def mul(a, b):
+        return (a[0] * b[0] - a[1] * b[1], a[0] * b[1] + a[1] * b[0])
+
+    def div(a, b):
+        den = b[0] ** 2 + b[1] ** 2
+        return ((a[0] * b[0] + a[1] * b[1]) / den, (a[1] * b[0] - a[0] * b[1]) / den)
+
+    t = (Fraction(dt), Fraction(0))
+    a = (Fraction(A.real), Fraction(A.imag))
+    ta = mul(t, a)
+    w = (1 - ta[0] / 2, -ta[1] / 2)
+    w2 = mul(w, w)
+    exact = {"Abar": div((2 - w[0], -w[1]), w), "Bbar0": div(t, w), "dAbar_dA": div(t, w2),
+             "dAbar_ddt": div(a, w2), "dBbar0_dA": div((t[0] ** 2 / 2, Fraction(0)), w2),
+             "dBbar0_ddt": div((Fraction(1), Fraction(0)), w2)}
+    return {k: complex(float(v[0]), float(v[1])) for k, v in exact.items()}

@@ -42,10 +42,6 @@ def test_bilinear_is_second_order_accurate():
     assert 7.0 < gaps[0] / gaps[1] < 9.0
 
 
-def test_unknown_discretization():
-    with pytest.raises(ValueError, match="disc must be one of"):
-        discretize(np.zeros(1), np.zeros((1, 1)), np.zeros((1, 1)), None, "euler")
-
 
 @pytest.mark.parametrize("L", [1, 2, 5, 37, 100])
 def test_kernel_matches_explicit_powers(L):
@@ -62,6 +58,22 @@ def test_kernel_matches_explicit_powers(L):
     V_explicit, dV_explicit = vandermonde_adjoint_explicit(G, Abar)
     np.testing.assert_allclose(V, V_explicit, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(dV, dV_explicit, rtol=1e-12, atol=1e-11)  # l*G_l terms: up to L times larger
+
+
+def test_kernel_argument_checks():
+    Ct = np.ones((2, 3), dtype=complex)
+    Abar = np.full((2, 3), 0.5 + 0j)
+    with pytest.raises(ValueError, match="L must be >= 1, got 0"):  # was: isqrt() argument must be nonnegative
+        ssm_kernel(Ct, Abar, 0)
+    with pytest.raises(TypeError, match="L must be an integer, got 4.0"):
+        ssm_kernel(Ct, Abar, 4.0)
+    with pytest.raises(ValueError, match=r"Ct must have shape \(2, 3\), got \(1, 3\)"):
+        ssm_kernel(Ct[:1], Abar, 4)
+    with pytest.raises(ValueError, match=r"Abar must have 2 dimensions, got shape \(3,\)"):
+        ssm_kernel(Ct, Abar[0], 4)
+    with pytest.raises(ValueError, match="Abar contains 1 non-finite"):
+        ssm_kernel(Ct, np.array([[np.nan, 0.5, 0.5], [0.5, 0.5, 0.5]], dtype=complex), 4)
+    assert ssm_kernel(Ct, Abar, np.int64(3)).shape == (2, 3)
 
 
 @settings(max_examples=25, deadline=None)

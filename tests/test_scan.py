@@ -52,19 +52,37 @@ def test_scan_matches_reference(seed, batch, L, H, M, log_dt_range, init, disc, 
         assert rel(got, want) <= tol
 
 
-def test_scan_bad_shapes():
+def test_scan_bad_arguments():
     u = np.zeros((1, 4, 2))
     Abar = np.zeros((2, 3), dtype=complex)
-    with pytest.raises(ValueError, match=r"Abar must have shape \(2, M\)"):
+    with pytest.raises(ValueError, match=r"Abar must have shape \(2, \*\), got \(3, 3\)"):
         scan(u, np.zeros((3, 3), dtype=complex), Abar, Abar, np.zeros(2))
-    with pytest.raises(ValueError, match=r"Bbar must have shape \(2, 3\)"):
+    with pytest.raises(ValueError, match=r"Bbar must have shape \(2, 3\), got \(2, 2\)"):
         scan(u, Abar, np.zeros((2, 2), dtype=complex), Abar, np.zeros(2))
-    with pytest.raises(ValueError, match=r"D must have shape \(2,\)"):
+    with pytest.raises(ValueError, match=r"C must have shape \(2, 3\), got \(3,\)"):
+        scan(u, Abar, Abar, np.zeros(3, dtype=complex), np.zeros(2))
+    with pytest.raises(ValueError, match=r"D must have shape \(2\), got \(3,\)"):
         scan(u, Abar, Abar, Abar, np.zeros(3))
     with pytest.raises(ValueError, match="u must be a float32/float64 array"):
         scan(np.zeros((4, 2)), Abar, Abar, Abar, np.zeros(2))
+    with pytest.raises(TypeError, match="u must be real"):
+        scan(u + 0j, Abar, Abar, Abar, np.zeros(2))
     with pytest.raises(ValueError, match=r"dy must have u's shape"):
         scan_backward(u, np.zeros((1, 3, 2)), Abar, Abar, Abar, np.zeros(2))
+    # used to fail deep inside with AttributeError: 'list' object has no attribute 'shape'
+    with pytest.raises(TypeError, match="D must be a numpy array, got list"):
+        scan(u, Abar, Abar, Abar, [0.0, 0.0])
+    with pytest.raises(TypeError, match="D must be real"):
+        scan(u, Abar, Abar, Abar, np.zeros(2, dtype=complex))
+    # the small parameters are checked for NaN/inf; u is left to S4D.forward (see scan's docstring)
+    bad = Abar.copy()
+    bad[1, 2] = np.nan
+    for args, name in (((bad, Abar, Abar, np.zeros(2)), "Abar"), ((Abar, bad, Abar, np.zeros(2)), "Bbar"),
+                       ((Abar, Abar, bad, np.zeros(2)), "C"), ((Abar, Abar, Abar, np.array([0.0, np.inf])), "D")):
+        with pytest.raises(ValueError, match=f"{name} contains 1 non-finite"):
+            scan(u, *args)
+        with pytest.raises(ValueError, match=f"{name} contains 1 non-finite"):
+            scan_backward(u, u, *args)
 
 
 def test_scan_is_deterministic_across_thread_counts():

@@ -35,6 +35,8 @@ import numba
 import numpy as np
 from numba import njit, prange
 
+from qs4d_np.core.checks import check_array
+
 _FLAGS = dict(parallel=True, cache=True, fastmath={"reassoc"})
 
 
@@ -132,30 +134,30 @@ def _scan_backward(u, dy, A_re, A_im, B_re, B_im, C_re, C_im, D, n_threads):
     return du, gA_re, gA_im, gB_re, gB_im, gC_re, gC_im
 
 
-def _split(name: str, z: np.ndarray, shape: tuple[int, ...], dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
-    """Contiguous real and imaginary parts of a complex parameter, in the signal dtype."""
-    if z.shape != shape:
-        raise ValueError(f"{name} must have shape {shape}, got {z.shape}")
-    return (np.ascontiguousarray(z.real, dtype=dtype), np.ascontiguousarray(z.imag, dtype=dtype))
-
-
 def _parts(u: np.ndarray, Abar: np.ndarray, Bbar: np.ndarray, C: np.ndarray, D: np.ndarray) -> tuple:
+    """Check the arguments; the parameters' real and imaginary parts, contiguous in u's dtype.
+
+    The (H, M) parameters and D are checked for finite values (cheap); u is
+    not: a pass over a (batch, L, H) activation costs as much as a scan step's
+    memory traffic, and the public entry (``S4D.forward``) checks it once.
+    """
+    u = check_array("u", u, finite=False)
     if u.ndim != 3 or u.dtype not in (np.float32, np.float64):
         raise ValueError(f"u must be a float32/float64 array (batch, length, H), got {u.dtype} {u.shape}")
     H = u.shape[2]
-    if Abar.ndim != 2 or Abar.shape[0] != H:
-        raise ValueError(f"Abar must have shape ({H}, M), got {Abar.shape}")
-    if D.shape != (H,):
-        raise ValueError(f"D must have shape ({H},), got {D.shape}")
-    shape = Abar.shape
-    return (*_split("Abar", Abar, shape, u.dtype), *_split("Bbar", Bbar, shape, u.dtype),
-            *_split("C", C, shape, u.dtype), np.ascontiguousarray(D, dtype=u.dtype))
+    Abar = check_array("Abar", Abar, shape=(H, None), allow_complex=True)
+    Bbar = check_array("Bbar", Bbar, shape=Abar.shape, allow_complex=True)
+    C = check_array("C", C, shape=Abar.shape, allow_complex=True)
+    D = check_array("D", D, shape=(H,))
+    parts = [np.ascontiguousarray(p, dtype=u.dtype) for z in (Abar, Bbar, C) for p in (z.real, z.imag)]
+    return (*parts, np.ascontiguousarray(D, dtype=u.dtype))
 
 
 def scan(u: np.ndarray, Abar: np.ndarray, Bbar: np.ndarray, C: np.ndarray, D: np.ndarray) -> np.ndarray:
     """Run the recurrence: u (batch, L, H) float -> y (batch, L, H) in u's dtype.
 
-    Abar, Bbar, C are (H, M) complex, D is (H,); they are cast to u's precision.
+    Abar, Bbar, C are (H, M) complex, D is (H,) real, all finite; they are cast
+    to u's precision. u's values are not checked for NaN/inf (see ``_parts``).
     """
     return _scan_forward(np.ascontiguousarray(u), *_parts(u, Abar, Bbar, C, D), numba.get_num_threads())
 
@@ -166,10 +168,13 @@ def scan_backward(u: np.ndarray, dy: np.ndarray, Abar: np.ndarray, Bbar: np.ndar
 
     Returns du (batch, L, H) in u's dtype and g_Abar, g_Bbar, g_C (H, M)
     complex128, summed over the batch (dL/dD = sum(dy*u) is left to the caller).
+    Like u, dy is checked for shape only (``S4D.backward`` checks its values).
     """
+    params = _parts(u, Abar, Bbar, C, D)
+    dy = check_array("dy", dy, finite=False)
     if dy.shape != u.shape:
         raise ValueError(f"dy must have u's shape {u.shape}, got {dy.shape}")
     du, *parts = _scan_backward(np.ascontiguousarray(u), np.ascontiguousarray(dy, dtype=u.dtype),
-                                *_parts(u, Abar, Bbar, C, D), numba.get_num_threads())
+                                *params, numba.get_num_threads())
     sums = [p.sum(axis=0, dtype=np.float64) for p in parts]
     return du, sums[0] + 1j * sums[1], sums[2] + 1j * sums[3], sums[4] + 1j * sums[5]

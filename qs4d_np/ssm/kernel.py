@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from qs4d_np.core.checks import check_array, check_int
 from qs4d_np.kernels.vandermonde import adjoint_sums, kernel_from_modes
 
 
@@ -32,7 +33,10 @@ def vandermonde_adjoint(G: np.ndarray, Abar: np.ndarray) -> tuple[np.ndarray, np
 
 
 def ssm_kernel(Ct: np.ndarray, Abar: np.ndarray, L: int) -> np.ndarray:
-    """K (H, L) float64 from Ct = C*Bbar and Abar, both (H, M) complex."""
+    """K (H, L) float64 from Ct = C*Bbar and Abar, both (H, M) complex (finite), and L >= 1."""
+    L = check_int("L", L, min_value=1)
+    Abar = check_array("Abar", Abar, ndim=2, allow_complex=True)
+    Ct = check_array("Ct", Ct, shape=Abar.shape, allow_complex=True)
     K = np.empty((Abar.shape[0], L), dtype=np.float64)
     kernel_from_modes(K, _c128(Ct), _c128(Abar))
     return K
