@@ -74,6 +74,12 @@ def test_kernel_argument_checks():
     with pytest.raises(ValueError, match="Abar contains 1 non-finite"):
         ssm_kernel(Ct, np.array([[np.nan, 0.5, 0.5], [0.5, 0.5, 0.5]], dtype=complex), 4)
     assert ssm_kernel(Ct, Abar, np.int64(3)).shape == (2, 3)
+    with pytest.raises(ValueError, match=r"G must have shape \(2, \*\), got \(3, 5\)"):
+        ssm_kernel_backward(np.zeros((3, 5)), Ct, Abar)
+    with pytest.raises(ValueError, match=r"Ct must have shape \(2, 3\), got \(2, 2\)"):
+        ssm_kernel_backward(np.zeros((2, 5)), Ct[:, :2], Abar)
+    with pytest.raises(ValueError, match="G contains 1 non-finite"):
+        ssm_kernel_backward(np.array([[0.0, np.inf], [0.0, 0.0]]), Ct, Abar)
 
 
 @settings(max_examples=25, deadline=None)

@@ -46,7 +46,11 @@ def ssm_kernel_backward(G: np.ndarray, Ct: np.ndarray, Abar: np.ndarray) -> tupl
     """(g_Ct, g_Abar) (H, M) complex128 from G = dL/dK (H, L).
 
     With V = sum_l G_l Abar**l and U' = dV/dAbar = sum_l l*G_l Abar**(l-1):
-    g_Ct = 2*conj(V) and g_Abar = 2*conj(Ct*U').
+    g_Ct = 2*conj(V) and g_Abar = 2*conj(Ct*U'). All three must be finite
+    (checking G's H*L values costs ~1/M of the sums).
     """
+    Abar = check_array("Abar", Abar, ndim=2, allow_complex=True)
+    Ct = check_array("Ct", Ct, shape=Abar.shape, allow_complex=True)
+    G = check_array("G", G, shape=(Abar.shape[0], None))
     V, Uprime = vandermonde_adjoint(G, Abar)
     return 2.0 * np.conj(V), 2.0 * np.conj(Ct * Uprime)
