@@ -1,4 +1,5 @@
 """The ``qs4d`` command line end to end on a tiny synthetic MNIST-format dataset (IDX files in tmp)."""
+import importlib
 import json
 
 import numpy as np
@@ -41,7 +42,7 @@ def _snapshot(folder):
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
 
 
-def test_train_eval_plot(data_dir, tmp_path, capsys):
+def test_train_eval_plot(data_dir, tmp_path, capsys, monkeypatch):
     run = tmp_path / "float"
     assert _train(data_dir, run, "--epochs", "2") == 0
     results = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -78,9 +79,17 @@ def test_train_eval_plot(data_dir, tmp_path, capsys):
     csv_lines = (ptq_dir / "ptq.csv").read_text().splitlines()
     assert csv_lines[0] == "target,bits,levels,grid,granularity,accuracy" and len(csv_lines) == 5
     assert csv_lines[1] == f"all,2,4,narrow,tensor,{table['ptq'][0]['accuracy']}"
-    # one scale per channel
+    # one scale per channel reaches the sweep
+    ptq_module = importlib.import_module("qs4d_np.quant.ptq")  # the package's name ``ptq`` is the function
+    real_sweep, seen = ptq_module.ptq_sweep, []
+
+    def recording_sweep(*args, **kwargs):
+        seen.append(kwargs["per_channel"])
+        return real_sweep(*args, **kwargs)
+    monkeypatch.setattr(ptq_module, "ptq_sweep", recording_sweep)
     assert main(["ptq", "--checkpoint", str(run), "--bits", "2", "--targets", "C", "--granularity", "channel",
                  "--out", str(tmp_path / "ptq_channel")]) == 0
+    assert seen == [True]
     capsys.readouterr()
     channel = json.loads((tmp_path / "ptq_channel" / "ptq.json").read_text())["ptq"]
     assert [(r["target"], r["bits"], r["granularity"]) for r in channel] == [("C", 2, "channel")]
@@ -183,16 +192,3 @@ def test_runtime_errors_exit_1_and_overwrite_nothing(data_dir, tmp_path, capsys)
                  "--data-dir", str(data_dir)]) == 1
     assert "is not an S4DModel file" in capsys.readouterr().err
 
-
-def test_per_channel_ptq_sweep_quantizes_per_channel():
-    from qs4d_np.cli.ptq import per_channel_sweep
-    model = S4DModel(1, 3, d_model=4, d_state=4, n_layers=1, seed=0)
-    seen = []
-
-    def accuracy(candidate):
-        seen.append((candidate.quant.levels_for("C"), candidate.quant.options_for("C")["per_channel"]))
-        return 0.5
-    x = np.random.default_rng(0).random((2, 6, 1), dtype=np.float32)
-    rows = per_channel_sweep(model, ["all", "C"], [3], [x], accuracy, grid="narrow", mode="conv")
-    assert seen == [(8, True), (8, True)]
-    assert [(r["target"], r["levels"], r["accuracy"]) for r in rows] == [("all", 8, 0.5), ("C", 8, 0.5)]

@@ -54,23 +54,6 @@ def calibration_batches(dataset: SequenceDataset, batch_size: int, n_batches: in
     return [x for x, _ in itertools.islice(BatchIterator(dataset, batch_size).epoch(), n_batches)]
 
 
-def per_channel_sweep(model: Any, targets: list[str], bits: list[int], batches: list, accuracy: Any, *,
-                      grid: str, mode: str) -> list[dict[str, Any]]:
-    """``quant.ptq.ptq_sweep`` with one scale per channel: the same sweep points
-    (``sweep_config``) with ``per_channel`` set, each quantized and calibrated by ``ptq``."""
-    from qs4d_np.quant import QuantConfig
-    from qs4d_np.quant.ptq import ptq, sweep_config
-    rows = []
-    for target in targets:
-        for b in bits:
-            data = sweep_config(target, b, grid).to_dict()
-            data["options"]["per_channel"] = True
-            quantized = ptq(model, QuantConfig.from_dict(data), batches, mode)
-            rows.append({"target": target, "bits": b, "levels": 2 ** b, "grid": grid,
-                         "accuracy": float(accuracy(quantized))})
-    return rows
-
-
 def sweep(model: Any, task: Any, targets: list[str], bits: list[int], *, grid: str = "narrow",
           granularity: str = "tensor", mode: str = "conv", batch_size: int = 64,
           calib_batches: int = 4) -> dict[str, Any]:
@@ -80,9 +63,8 @@ def sweep(model: Any, task: Any, targets: list[str], bits: list[int], *, grid: s
     def accuracy(candidate: Any) -> float:
         return evaluate_model(candidate, BatchIterator(task.test, batch_size), mode=mode)["acc"]
 
-    batches = calibration_batches(task.train, batch_size, calib_batches)
-    run_sweep = ptq_sweep if granularity == "tensor" else per_channel_sweep
-    rows = run_sweep(model, list(targets), list(bits), batches, accuracy, grid=grid, mode=mode)
+    rows = ptq_sweep(model, list(targets), list(bits), calibration_batches(task.train, batch_size, calib_batches),
+                     accuracy, grid=grid, mode=mode, per_channel=granularity == "channel")
     for row in rows:
         row["granularity"] = granularity
     return {"float_accuracy": accuracy(model), "mode": mode, "grid": grid, "granularity": granularity,
