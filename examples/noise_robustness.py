@@ -10,7 +10,7 @@ noise on the IMSSA mapping (``--read-samples`` test digits; slow: a
 784-step analog recurrence). Each point is the mean over ``--seeds`` noise
 draws with the std as error bar. Saves the figure (``--json PATH``: the numbers too)::
 
-    .venv/bin/python examples/noise_robustness.py                       # ~10 minutes on 2 busy cores
+    .venv/bin/python examples/noise_robustness.py       # ~1 hour on 2 cores at load ~9 (the read sweep: 42 min)
     .venv/bin/python examples/noise_robustness.py --checkpoint runs/float --bits 4 6 --epochs 0
 
 Noise reaches the latent weights; a QAT model quantizes them afterwards (as
@@ -76,6 +76,8 @@ def plot(results: dict[str, Any], out: Path) -> None:
             ax.errorbar(np.array(curve["sigma"]) * 100, np.array(curve["mean"]) * 100,
                         yerr=np.array(curve["std"]) * 100, marker="o", capsize=3, label=name)
         ax.set_xlabel(LABELS[kind])
+        if kind == "read":
+            ax.set_title(f"IMSSA mapping, {results['read_samples']} test digits", fontsize=9)
         ax.set_ylabel("test accuracy [%]")
         ax.grid(alpha=0.3)
     axes[0][0].legend()
@@ -112,7 +114,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         models = {name: load_model(path) for name, path in runs.items()}
         task = load_task("smnist")
         x, y = task.test.batch(np.arange(min(args.test_samples, len(task.test))))
-        results: dict[str, Any] = {"test_samples": len(y), "seeds": args.seeds, "sweeps": {},
+        results: dict[str, Any] = {"test_samples": len(y), "read_samples": min(args.read_samples, len(y)),
+                                   "seeds": args.seeds, "sweeps": {},
                                    "runs": {k: str(v) for k, v in runs.items()}}
         for kind in args.kinds:
             n = args.read_samples if kind == "read" else len(y)
