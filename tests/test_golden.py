@@ -11,8 +11,10 @@ from hypothesis import given, settings, strategies as st
 from qs4d_np.golden import (IntFormat, SSMCore, quantize_multiplier, round_shift, saturate,
                             shared_shift_multipliers, ssm_core_multipliers)
 from qs4d_np.golden import fixedpoint, layer
+from qs4d_np.golden.fixedpoint import bits_needed, word_range
 from qs4d_np.golden.multiplier import MAX_EPS
 from qs4d_np.golden.testcase import TENSORS, random_ssm_case
+from qs4d_np.quant.grids import make_grid
 from reference.golden import rne_div_pow2, ssm_core_run
 
 SETTINGS = settings(max_examples=40, deadline=None)
@@ -64,6 +66,17 @@ def test_grid_that_does_not_fit_the_width_is_refused():
         IntFormat.full(4).check("u", np.array([0, 2 ** 64 - 1], dtype=np.uint64))
 
 
+def test_word_ranges_and_widths():
+    assert word_range(8) == (-128, 127) and word_range(8, signed=False) == (0, 255)
+    assert word_range(64, signed=False) == (0, 2 ** 64 - 1) and word_range(1) == (-1, 0)
+    with pytest.raises(ValueError, match="width"):
+        word_range(65)
+    assert [bits_needed(*r) for r in ((0, 0), (-1, 0), (0, 1), (-128, 127), (-128, 128))] == [1, 1, 2, 8, 9]
+    for n in (2, 3, 16, 255, 256):  # the golden grid is the QAT quantizers' grid
+        g = make_grid("qs4d", n)
+        assert IntFormat.qs4d(n) == IntFormat(g.bits, g.qmin, g.qmax)
+
+
 @SETTINGS
 @given(st.floats(2.0 ** -30, 2.0 ** 30))
 def test_quantize_multiplier_is_normalised_and_accurate(ratio):
@@ -85,12 +98,13 @@ def test_quantize_multiplier_exact_cases_and_errors():
 
 @SETTINGS
 @given(st.lists(st.floats(2.0 ** -20, 2.0 ** 20), min_size=1, max_size=4),
-       st.lists(st.integers(1, 40), min_size=4, max_size=4))
+       st.lists(st.integers(0, 40), min_size=4, max_size=4))
 def test_shared_shift_is_as_precise_as_int64_allows(ratios, bound_bits):
-    bounds = [(1 << b) - 1 for b in bound_bits[:len(ratios)]]
+    bounds = [(1 << b) - 1 for b in bound_bits[:len(ratios)]]  # b = 0: a term on a [0, 0] grid
 
-    def fits(R):  # headroom at shift R, computed exactly
-        return sum(b * round(Fraction(r) * Fraction(2) ** R) for b, r in zip(bounds, ratios)) < 1 << 63
+    def fits(R):  # headroom at shift R and every multiplier an int64 word, computed exactly
+        mults = [round(Fraction(r) * Fraction(2) ** R) for r in ratios]
+        return sum(b * m for b, m in zip(bounds, mults)) < 1 << 63 and max(mults) < 1 << 63
 
     best = max((R for R in range(63) if fits(R)), default=None)
     if best is None or Fraction(sum(bounds), 1 << (best + 1)) > Fraction(1, 1 << 8):
@@ -98,10 +112,22 @@ def test_shared_shift_is_as_precise_as_int64_allows(ratios, bound_bits):
             shared_shift_multipliers(ratios, bounds)
         return
     mults, shift = shared_shift_multipliers(ratios, bounds)
-    assert shift == best
+    assert shift == best and max(mults) < 1 << 63
     assert sum(b * m for b, m in zip(bounds, mults)) < 1 << 63
     for r, m in zip(ratios, mults):  # each multiplier within half a unit of ratio * 2**shift
         assert abs(Fraction(m) - Fraction(r) * (1 << shift)) <= Fraction(1, 2)
+
+
+def test_shared_shift_bounds_the_multiplier_of_a_zero_bound_term():
+    # term 0 lives on a [0, 0] grid (bound 0): the headroom sum ignores it, but its
+    # multiplier is still stored as an int64 word, so it must stay below 2**63
+    mults, shift = shared_shift_multipliers([1e3, 1.0], [0, 1])
+    assert max(mults) < 1 << 63 and shift == 53  # 1000 * 2**53 < 2**63 <= 1000 * 2**54
+    assert mults == [round(Fraction(1000) * 2 ** 53), 1 << 53]
+    np.array(mults, dtype=np.int64)  # storable
+    with pytest.raises(ValueError, match=r"fit no shift in \[0, 62\]: even at shift 0 the multipliers "
+                                         r"reach 1180591620717411303424 "):
+        shared_shift_multipliers([2.0 ** 70, 1.0], [0, 1])
 
 
 def test_shared_shift_keeps_small_ratio_terms_precise():
@@ -110,8 +136,10 @@ def test_shared_shift_keeps_small_ratio_terms_precise():
     # multiplier ~7 bits; the headroom shift keeps the error far below an LSB.
     mults, shift = shared_shift_multipliers([2.0 ** -10, 2.0 ** 13], [2 ** 25, 2])
     assert abs(Fraction(mults[0], 1 << shift) - Fraction(2.0 ** -10)) * 2 ** 25 < Fraction(1, 1 << 20)
-    with pytest.raises(ValueError, match="may move the result by"):
+    with pytest.raises(ValueError, match=r"fit no shift .* accumulator bound 9223372036854775808 "):
         shared_shift_multipliers([1.0, 1.0], [2 ** 62, 2 ** 62])
+    with pytest.raises(ValueError, match="may move the result by"):
+        shared_shift_multipliers([1.0, 1.0], [2 ** 40, 2 ** 40])
 
 
 widths = st.fixed_dictionaries({k: st.integers(2, 16) for k in TENSORS})

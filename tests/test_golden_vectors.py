@@ -31,8 +31,17 @@ def test_memh_words_are_twos_complement_with_fixed_digits(tmp_path):
 
 
 def test_memh_write_errors(tmp_path):
-    with pytest.raises(ValueError, match=r"w.memh: word 1 = 32 does not fit a signed 6-bit word"):
+    with pytest.raises(ValueError, match=r"w.memh has 1 value\(s\) outside a signed 6-bit word \[-32, 31\] "
+                                         r"\(first: flat index 1 = 32"):
         write_memh(tmp_path / "w.memh", np.array([0, 32]), 6)
+    # the range is checked before any int64 cast: 2**64 - 1 must not wrap to -1 (= "ff")
+    with pytest.raises(ValueError, match=r"outside a signed 8-bit word \[-128, 127\] \(first: flat index 0 "
+                                         r"= 18446744073709551615"):
+        write_memh(tmp_path / "u.memh", np.array([2 ** 64 - 1], dtype=np.uint64), 8)
+    assert not (tmp_path / "u.memh").exists()
+    # a uint64 word that fits is written as is
+    write_memh(tmp_path / "u.memh", np.array([255, 2 ** 63], dtype=np.uint64), 64, signed=False)
+    assert (tmp_path / "u.memh").read_text() == "00000000000000ff\n8000000000000000\n"
     with pytest.raises(TypeError, match="must be an integer numpy array"):
         write_memh(tmp_path / "w.memh", np.array([0.5]), 6)
     with pytest.raises(FileNotFoundError, match="no such vector file"):

@@ -13,6 +13,7 @@ from typing import Sequence
 import numpy as np
 
 from qs4d_np.core.checks import check_int
+from qs4d_np.quant.grids import Grid, make_grid
 
 # |accumulator| must stay below this so that int64 never overflows.
 INT64_BOUND = 1 << 63
@@ -21,18 +22,36 @@ MAX_SHIFT = 62
 MULT_LIMIT = 1 << 63
 
 
-def signed_range(width: int) -> tuple[int, int]:
-    """The integers a ``width``-bit two's-complement word holds."""
-    width = check_int("width", width, min_value=1, max_value=63)
-    return -(1 << (width - 1)), (1 << (width - 1)) - 1
+def word_range(width: int, signed: bool = True) -> tuple[int, int]:
+    """The integers a ``width``-bit word holds (two's complement if ``signed``)."""
+    width = check_int("width", width, min_value=1, max_value=64)
+    return (-(1 << (width - 1)), (1 << (width - 1)) - 1) if signed else (0, (1 << width) - 1)
 
 
 def bits_needed(qmin: int, qmax: int) -> int:
-    """Smallest two's-complement width holding every integer in [qmin, qmax]."""
-    width = 1
-    while not (-(1 << (width - 1)) <= qmin and qmax <= (1 << (width - 1)) - 1):
-        width += 1
-    return width
+    """Smallest two's-complement width holding every integer in [qmin, qmax] (``Grid.bits``)."""
+    # qpos is unused by ``bits``; an int keeps this module free of floats (int is a valid float hint)
+    return Grid(name="range", levels=qmax - qmin + 1, symmetric=True, qmin=qmin, qmax=qmax, qpos=qmax).bits
+
+
+def check_in_range(name: str, q: np.ndarray, lo: int, hi: int, what: str = "its grid") -> np.ndarray:
+    """Require an integer array with every value in [lo, hi]; return it as int64.
+
+    The range is checked on the original values, before the int64 cast, so a
+    huge uint64 cannot wrap into range; the comparison uses Python ints, so
+    bounds up to 2**64 - 1 are exact (NumPy compares arrays with out-of-range
+    Python ints exactly too). An unsigned value >= 2**63 (allowed only
+    when ``hi`` says so) comes back as its two's-complement int64 bit pattern.
+    """
+    if not isinstance(q, np.ndarray) or q.dtype.kind not in ("i", "u"):
+        got = q.dtype if isinstance(q, np.ndarray) else type(q).__name__
+        raise TypeError(f"{name} must be an integer numpy array, got {got}")
+    if q.size and (int(q.min()) < lo or int(q.max()) > hi):
+        bad = np.flatnonzero((q < lo) | (q > hi))
+        first = int(bad[0])
+        raise ValueError(f"{name} has {bad.size} value(s) outside {what} [{lo}, {hi}] (first: flat "
+                         f"index {first} = {int(q.flat[first])}; range seen [{int(q.min())}, {int(q.max())}])")
+    return q.astype(np.int64, copy=False)
 
 
 @dataclass(frozen=True)
@@ -53,7 +72,7 @@ class IntFormat:
         check_int("qmax", self.qmax)
         if self.qmin > self.qmax:
             raise ValueError(f"grid must have qmin <= qmax, got [{self.qmin}, {self.qmax}]")
-        lo, hi = signed_range(self.width)
+        lo, hi = word_range(self.width)
         if self.qmin < lo or self.qmax > hi:
             need = bits_needed(self.qmin, self.qmax)
             raise ValueError(
@@ -63,19 +82,18 @@ class IntFormat:
     @classmethod
     def full(cls, width: int) -> "IntFormat":
         """Every value of a ``width``-bit two's-complement word."""
-        lo, hi = signed_range(width)
+        lo, hi = word_range(width)
         return cls(width, lo, hi)
 
     @classmethod
-    def qs4d(cls, n_states: int, width: int | None = None) -> "IntFormat":
-        """The QS4D absmax grid with ``n_states`` states: [-n//2 (floored), n//2].
+    def qs4d(cls, levels: int, width: int | None = None) -> "IntFormat":
+        """The QS4D absmax grid with ``levels`` states (``make_grid("qs4d", levels)``).
 
         ``width`` defaults to the smallest that holds the grid; an explicit
         width that cannot hold it is an error.
         """
-        n_states = check_int("n_states", n_states, min_value=2)
-        qmin, qmax = -n_states // 2, n_states // 2
-        return cls(bits_needed(qmin, qmax) if width is None else width, qmin, qmax)
+        g = make_grid("qs4d", levels)
+        return cls(g.bits if width is None else width, g.qmin, g.qmax)
 
     @property
     def maxabs(self) -> int:
@@ -83,15 +101,7 @@ class IntFormat:
 
     def check(self, name: str, q: np.ndarray) -> np.ndarray:
         """Require an integer array whose values lie on this grid; return it as int64."""
-        if not isinstance(q, np.ndarray) or q.dtype.kind not in ("i", "u"):
-            got = q.dtype if isinstance(q, np.ndarray) else type(q).__name__
-            raise TypeError(f"{name} must be an integer numpy array, got {got}")
-        # check before the int64 cast, so a huge uint64 cannot wrap onto the grid
-        if q.size and (q.min() < self.qmin or q.max() > self.qmax):
-            bad = int(np.count_nonzero((q < self.qmin) | (q > self.qmax)))
-            raise ValueError(f"{name} has {bad} value(s) outside its grid [{self.qmin}, {self.qmax}] "
-                             f"(range seen [{int(q.min())}, {int(q.max())}])")
-        return q.astype(np.int64, copy=False)
+        return check_in_range(name, q, self.qmin, self.qmax)
 
 
 def round_shift(acc: np.ndarray, shift: np.ndarray | int) -> np.ndarray:

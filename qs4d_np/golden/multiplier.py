@@ -13,7 +13,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from qs4d_np.core.checks import check_array, check_float, check_int
-from qs4d_np.golden.fixedpoint import INT64_BOUND, MAX_SHIFT
+from qs4d_np.golden.fixedpoint import INT64_BOUND, MAX_SHIFT, MULT_LIMIT
 from qs4d_np.golden.layer import SSMCoreFormats
 
 MULT_BITS = 31
@@ -49,7 +49,8 @@ def shared_shift_multipliers(ratios: Sequence[float], term_bounds: Sequence[int]
     """Multipliers M_k and one shift R with ratio_k ~= M_k / 2**R for a sum of terms.
 
     R is the largest shift in [0, 62] with sum_k term_bounds[k] * M_k < 2**63
-    (the int64 headroom), M_k = round_half_even(ratio_k * 2**R). Each M_k is
+    (the int64 headroom) and every M_k < 2**63 (a multiplier is an int64 word,
+    even where its term's bound is 0), M_k = round_half_even(ratio_k * 2**R). Each M_k is
     then off by at most 1/2, so the exact sum moves by at most
     eps = sum_k term_bounds[k] / 2**(R+1) output LSBs; eps > 2**-8 is refused.
     (A shared shift normalised to the largest ratio, TFLite-style, would leave
@@ -65,11 +66,16 @@ def shared_shift_multipliers(ratios: Sequence[float], term_bounds: Sequence[int]
     shift = MAX_SHIFT
     while True:
         mults = [round(math.ldexp(r, shift)) for r in ratios]
-        if sum(b * m for b, m in zip(bounds, mults)) < INT64_BOUND or shift < 0:
+        if sum(b * m for b, m in zip(bounds, mults)) < INT64_BOUND and max(mults) < MULT_LIMIT:
             break
         shift -= 1
+        if shift < 0:
+            acc = sum(b * m for b, m in zip(bounds, mults))
+            raise ValueError(f"ratios {ratios} with term bounds {bounds} fit no shift in [0, {MAX_SHIFT}]: even "
+                             f"at shift 0 the multipliers reach {max(mults)} and the accumulator bound "
+                             f"{acc} (each must be < 2**63, int64); narrow the widths or the ratios")
     eps = sum(bounds) / 2.0 ** (shift + 1)
-    if shift < 0 or eps > MAX_EPS:
+    if eps > MAX_EPS:
         raise ValueError(f"ratios {ratios} with term bounds {bounds} leave shift {shift} in int64, "
                          f"so multiplier rounding may move the result by {eps:.3g} LSB "
                          f"(allowed {MAX_EPS:.3g}); narrow the widths")

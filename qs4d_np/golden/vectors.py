@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from qs4d_np.core.checks import check_int
-from qs4d_np.golden.fixedpoint import IntFormat
+from qs4d_np.golden.fixedpoint import IntFormat, check_in_range, word_range
 from qs4d_np.golden.layer import SPEC_VERSION, WEIGHT_FORMAT, SSMCore, SSMCoreFormats, SSMCoreTrace
 from qs4d_np.io import atomic_write_json, atomic_write_text, load_json
 
@@ -22,23 +22,11 @@ SHIFT_WIDTH = 8   # shifts are 0..62
 HEX_DIGITS = set("0123456789abcdefABCDEF")
 
 
-def word_range(width: int, signed: bool) -> tuple[int, int]:
-    width = check_int("width", width, min_value=1, max_value=64)
-    return (-(1 << (width - 1)), (1 << (width - 1)) - 1) if signed else (0, (1 << width) - 1)
-
-
 def write_memh(path: str | os.PathLike, values: np.ndarray, width: int, *, signed: bool = True) -> None:
     """Write integer ``values`` (any shape, C order) as one ``width``-bit hex word per line."""
-    if not isinstance(values, np.ndarray) or values.dtype.kind not in ("i", "u"):
-        got = values.dtype if isinstance(values, np.ndarray) else type(values).__name__
-        raise TypeError(f"values for {path} must be an integer numpy array, got {got}")
     lo, hi = word_range(width, signed)
-    flat = values.astype(np.int64).ravel()
-    bad = np.flatnonzero((flat < lo) | (flat > hi))
-    if bad.size:
-        raise ValueError(f"{path}: word {int(bad[0])} = {int(flat[bad[0]])} does not fit a "
-                         f"{'signed' if signed else 'unsigned'} {width}-bit word [{lo}, {hi}] "
-                         f"({bad.size} such word(s))")
+    flat = check_in_range(f"values for {path}", values, lo, hi,
+                          f"a {'signed' if signed else 'unsigned'} {width}-bit word").ravel()
     digits, mask = (width + 3) // 4, (1 << width) - 1
     atomic_write_text(path, "".join(f"{int(v) & mask:0{digits}x}\n" for v in flat))
 
