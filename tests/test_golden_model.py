@@ -19,6 +19,7 @@ from qs4d_np.quant.config import QuantConfig
 
 from reference.golden import model_run
 from test_golden import FLOAT_NAMES
+from test_golden_vectors import crash_after, snapshot
 
 
 def tiny_model(seed=0, *, residual=False, norm="batch", H=4, N=4, layers=2, classes=3):
@@ -249,3 +250,18 @@ def test_qat_model_exports_through_its_own_quantizers():
     # the integer logits in real units follow the QAT model's up to its few extra roundings
     real = run.logits * im.steps["logits"]
     assert np.abs(real - logits).max() <= 0.05 * np.abs(logits).max() + 1e-3
+
+
+def test_interrupted_bundle_reexport_keeps_the_previous_bundle(tmp_path, monkeypatch):
+    from qs4d_np.golden import bundle
+    _, im, x = build(5)
+    export_bundle(im, x[:1], tmp_path / "vec")
+    before = snapshot(tmp_path)
+    written = crash_after(monkeypatch, bundle, 10)
+    with pytest.raises(OSError, match="simulated crash"):
+        export_bundle(im, x, tmp_path / "vec")
+    assert len(written) == 10 and snapshot(tmp_path) == before  # no staged copy left either
+    monkeypatch.undo()
+    manifest = export_bundle(im, x, tmp_path / "vec")
+    assert manifest["samples"] == x.shape[0] == json.loads((tmp_path / "vec/manifest.json").read_text())["samples"]
+    assert compare_dumps(tmp_path / "vec", tmp_path / "vec").ok

@@ -118,3 +118,65 @@ def test_compare_names_a_truncated_or_malformed_dump(tmp_path):
     (rtl / "y.memh").write_text("\n".join(lines) + "\n")
     with pytest.raises(ValueError, match=r"rtl/y.memh:5: expected a 3-digit hex word"):
         compare_dumps(vec, rtl)
+
+
+def snapshot(directory):
+    """Every file under ``directory`` (relative path -> bytes)."""
+    return {p.relative_to(directory).as_posix(): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def crash_after(monkeypatch, module, files):
+    """Make ``module.write_memh`` raise after ``files`` successful writes (a simulated crash)."""
+    real, done = module.write_memh, []
+
+    def writer(path, *args, **kwargs):
+        if len(done) == files:
+            raise OSError("simulated crash mid-export")
+        real(path, *args, **kwargs)
+        done.append(path)
+
+    monkeypatch.setattr(module, "write_memh", writer)
+    return done
+
+
+def test_interrupted_reexport_leaves_the_previous_export_intact(tmp_path, monkeypatch):
+    from qs4d_np.golden import vectors
+    _, _, _, vec = make_vectors(tmp_path, seed=5)
+    before = snapshot(vec)
+    core, u = random_ssm_case(6, {k: w for k, w in zip(TENSORS, (8, 9, 7, 6, 5, 12, 10))},
+                              H=3, N2=2, batch=2, length=5, edge=0.3, grid="qs4d")
+    trace = core.run(u)
+    written = crash_after(monkeypatch, vectors, 4)
+    with pytest.raises(OSError, match="simulated crash"):
+        write_ssm_vectors(vec, core, u, trace)
+    assert len(written) == 4
+    assert snapshot(vec) == before  # old config next to old .memh only
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["vec"]  # the staged copy is gone
+    monkeypatch.undo()
+    write_ssm_vectors(vec, core, u, trace)
+    core2, u2, _ = read_ssm_vectors(vec)
+    assert np.array_equal(u2, u) and np.array_equal(core2.Abar_re, core.Abar_re)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["vec"]
+
+
+def test_export_refuses_to_replace_foreign_files(tmp_path):
+    core, u, trace, vec = make_vectors(tmp_path)
+    user = tmp_path / "notes"
+    user.mkdir()
+    (user / "todo.txt").write_text("keep me")
+    with pytest.raises(ValueError, match=r"notes is not empty and is not a vector export; refusing to replace it "
+                                         r".*neither manifest.json nor config.json"):
+        write_ssm_vectors(user, core, u, trace)
+    assert snapshot(user) == {"todo.txt": b"keep me"}
+    # a previous export with a simulator dump inside: re-exporting would delete the dump
+    copy_outputs(vec, vec / "rtl")
+    before = snapshot(vec)
+    with pytest.raises(ValueError, match=r"vec holds a previous export and 6 other file\(s\) \(rtl/sat_x_im.memh, "
+                                         r"rtl/sat_x_re.memh, rtl/sat_y.memh, rtl/x_im.memh, rtl/x_re.memh and 1 more\)"):
+        write_ssm_vectors(vec, core, u, trace)
+    assert snapshot(vec) == before
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="exists and is not a directory"):
+        write_ssm_vectors(tmp_path / "file", core, u, trace)
+    (tmp_path / "empty").mkdir()
+    assert read_ssm_vectors(write_ssm_vectors(tmp_path / "empty", core, u, trace))[2]["H"] == 3

@@ -15,6 +15,10 @@
   shift words that requantize into it; the saturation counts and the local
   agreement bounds (eps) of section 6.
 
+The directory is written as a whole (``vectors.staged_export``): a
+re-export replaces a previous one only once complete, and a non-empty
+directory that is not a previous export (or holds other files too) is refused.
+
 An RTL run writes its dump with the same relative file names (only the
 ``output`` tensors are compared) and ``compare_dumps(out_dir, dump_dir)``
 reports every differing word.
@@ -29,7 +33,7 @@ import numpy as np
 from qs4d_np.golden.fixedpoint import IntFormat, bits_needed
 from qs4d_np.golden.layer import SPEC_VERSION
 from qs4d_np.golden.model import LAYER_TENSORS, ROUNDED, IntegerModel
-from qs4d_np.golden.vectors import MULT_WIDTH, SHIFT_WIDTH, write_memh
+from qs4d_np.golden.vectors import MULT_WIDTH, SHIFT_WIDTH, staged_export, write_memh
 from qs4d_np.io import atomic_write_json
 
 AXES_STATE = ["sample", "step", "channel", "mode"]
@@ -70,8 +74,12 @@ def _weight_formats(model: IntegerModel) -> dict[str, IntFormat]:
 def export_bundle(model: IntegerModel, x: np.ndarray, out_dir: str | os.PathLike,
                   labels: np.ndarray | None = None) -> dict:
     """Write the vector directory for int inputs ``x`` (K, L, d_in); return the manifest."""
-    out_dir = Path(out_dir)
     run = model.run(x, trace=True)
+    with staged_export(out_dir) as staged:
+        return _write_bundle(model, x, run, staged, labels)
+
+
+def _write_bundle(model: IntegerModel, x: np.ndarray, run, out_dir: Path, labels: np.ndarray | None) -> dict:
     tensors: dict[str, dict] = {}
 
     def put(name: str, value: np.ndarray, width: int, signed: bool, kind: str, axes: list[str],

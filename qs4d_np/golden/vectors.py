@@ -4,11 +4,19 @@ A word of ``width`` bits is written as ``value & (2**width - 1)`` in exactly
 ceil(width / 4) lower-case hex digits; reading sign-extends it back. A vector
 directory holds one ``.memh`` file per tensor (row-major, C order) and a
 ``config.json`` naming every file's shape, width and signedness.
+
+A vector directory is written as a whole (``staged_export``): into a hidden
+sibling first, renamed into place only when complete, so an interrupted
+re-export never leaves new ``.memh`` files next to the old metadata.
 """
 from __future__ import annotations
 
 import os
+import shutil
+import uuid
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -16,6 +24,8 @@ from qs4d_np.core.checks import check_int
 from qs4d_np.golden.fixedpoint import IntFormat, check_in_range, word_range
 from qs4d_np.golden.layer import SPEC_VERSION, WEIGHT_FORMAT, SSMCore, SSMCoreFormats, SSMCoreTrace
 from qs4d_np.io import atomic_write_json, atomic_write_text, load_json
+
+METADATA = ("manifest.json", "config.json")
 
 MULT_WIDTH = 64   # multipliers are < 2**63: a non-negative 64-bit word
 SHIFT_WIDTH = 8   # shifts are 0..62
@@ -62,6 +72,74 @@ def read_memh(path: str | os.PathLike, width: int, count: int, *, signed: bool =
     return out
 
 
+def _export_files(directory: Path) -> set[str]:
+    """Relative paths of the files a previous export in ``directory`` wrote; ValueError if it is none."""
+    meta = [name for name in METADATA if (directory / name).is_file()]
+    refuse = (f"{directory} is not empty and is not a vector export; refusing to replace it "
+              f"(export into a new or empty directory)")
+    if not meta:
+        raise ValueError(f"{refuse}: it has neither manifest.json nor config.json")
+    try:
+        tensors = load_json(directory / meta[0])["tensors"]
+        return {meta[0]} | {spec.get("file", f"{name}.memh") for name, spec in tensors.items()}
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ValueError(f"{refuse}: {meta[0]} does not list its tensors ({exc!r})") from None
+
+
+def _check_replaceable(directory: Path) -> None:
+    """Allow a missing or empty ``directory`` or one holding exactly a previous export's files."""
+    if not directory.exists():
+        return
+    if not directory.is_dir():
+        raise ValueError(f"vector directory {directory} exists and is not a directory")
+    present = {p.relative_to(directory).as_posix() for p in directory.rglob("*") if not p.is_dir()}
+    if not present:
+        return
+    extra = sorted(present - _export_files(directory))
+    if extra:
+        shown = ", ".join(extra[:5]) + (f" and {len(extra) - 5} more" if len(extra) > 5 else "")
+        raise ValueError(f"{directory} holds a previous export and {len(extra)} other file(s) ({shown}); "
+                         f"re-exporting would delete them: move them away or export elsewhere")
+
+
+@contextmanager
+def staged_export(directory: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty hidden sibling of ``directory`` to write an export into; then swap it in.
+
+    ``directory`` must be missing, empty, or a previous export with no other
+    files (checked before and again right before the swap; user files are never
+    deleted). On success the previous export is renamed aside, the new one
+    renamed into place and the old one deleted; on any exception the staged
+    files are removed and ``directory`` is untouched. After a hard kill a hidden
+    ``.<name>.*.partial`` sibling may remain; ``directory`` itself is then
+    still the complete old export (or, between the two renames, missing with
+    the old export in ``.<name>.*.old``).
+    """
+    directory = Path(directory)
+    _check_replaceable(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tag = f".{directory.name}.{uuid.uuid4().hex[:12]}"
+    staged = directory.with_name(tag + ".partial")
+    staged.mkdir()  # mode from the umask, as a plain export folder would get
+    try:
+        yield staged
+        _check_replaceable(directory)
+        if directory.exists():
+            old = directory.with_name(tag + ".old")
+            os.rename(directory, old)
+            try:
+                os.rename(staged, directory)
+            except BaseException:
+                os.rename(old, directory)
+                raise
+            shutil.rmtree(old)
+        else:
+            os.rename(staged, directory)
+    finally:
+        if staged.exists():
+            shutil.rmtree(staged)
+
+
 def _tensor_specs(core: SSMCore, batch: int, length: int) -> dict[str, dict]:
     """name -> shape, width, signedness, and whether the file is an expected output."""
     f, H, N2 = core.formats, core.H, core.N2
@@ -82,7 +160,10 @@ def _tensor_specs(core: SSMCore, batch: int, length: int) -> dict[str, dict]:
 
 def write_ssm_vectors(directory: str | os.PathLike, core: SSMCore, u: np.ndarray,
                       trace: SSMCoreTrace, *, layer: int = 0) -> Path:
-    """Export one SSM core run: weights, multipliers, inputs and the expected trace."""
+    """Export one SSM core run: weights, multipliers, inputs and the expected trace.
+
+    The directory is replaced as a whole (``staged_export``); returns its path.
+    """
     directory = Path(directory)
     batch, length, _ = u.shape
     specs = _tensor_specs(core, batch, length)
@@ -91,18 +172,20 @@ def write_ssm_vectors(directory: str | os.PathLike, core: SSMCore, u: np.ndarray
     for name, spec in specs.items():
         if list(arrays[name].shape) != spec["shape"]:
             raise ValueError(f"{name} must have shape {tuple(spec['shape'])}, got {arrays[name].shape}")
-        write_memh(directory / f"{name}.memh", arrays[name], spec["width"], signed=spec["signed"])
     fmts = {k: {"width": v.width, "qmin": v.qmin, "qmax": v.qmax} for k, v in vars(core.formats).items()}
-    atomic_write_json(directory / "config.json", {
-        "spec_version": SPEC_VERSION, "kind": "ssm_core", "layer": layer, "H": core.H,
-        "N2": core.N2, "batch": batch, "length": length, "formats": fmts, "tensors": specs})
+    with staged_export(directory) as staged:
+        for name, spec in specs.items():
+            write_memh(staged / f"{name}.memh", arrays[name], spec["width"], signed=spec["signed"])
+        atomic_write_json(staged / "config.json", {
+            "spec_version": SPEC_VERSION, "kind": "ssm_core", "layer": layer, "H": core.H,
+            "N2": core.N2, "batch": batch, "length": length, "formats": fmts, "tensors": specs})
     return directory
 
 
 def load_vector_config(directory: str | os.PathLike) -> dict:
     """A vector directory's metadata: ``manifest.json`` (whole model) or ``config.json`` (one SSM core)."""
     directory = Path(directory)
-    name = "manifest.json" if (directory / "manifest.json").is_file() else "config.json"
+    name = METADATA[0] if (directory / METADATA[0]).is_file() else METADATA[1]
     if not (directory / name).is_file():
         raise FileNotFoundError(f"{directory} has neither manifest.json nor config.json: not a vector directory")
     config = load_json(directory / name)
