@@ -121,5 +121,7 @@ def test_ptq_sweep_bad_input():
         ptq_sweep(model, ["all"], [4], [], ev)
     with pytest.raises(ValueError, match="grid must be one of"):
         ptq_sweep(model, ["all"], [4], batches(1), ev, grid="wide")
+    with pytest.raises(TypeError, match="per_channel must be True or False, got 1"):
+        ptq_sweep(model, ["all"], [4], batches(1), ev, per_channel=1)
     with pytest.raises(TypeError, match="quant must be a QuantConfig"):
         with_quant(model, {"all": 4})

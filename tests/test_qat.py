@@ -426,3 +426,39 @@ def test_quantized_recurrent_needs_static_ranges():
     layer = S4D(3, 4, quant=QuantConfig(state=64, target_options={"state": {"scale_mode": "running"}}))
     with pytest.raises(RuntimeError, match="no calibrated range"):
         layer.quantized_recurrent()
+
+
+@pytest.mark.parametrize("train_mode, other_mode, never_run", [
+    ("conv", "recurrent", ["quant_x"]), ("recurrent", "conv", ["quant_K", "quant_u"])])
+def test_learned_act_and_state_steps_a_mode_never_ran_can_be_saved_and_resumed(tmp_path, train_mode,
+                                                                                other_mode, never_run):
+    # Conv training never reaches quant_x (the state), recurrent training never reaches the
+    # conv path's activation quantizers: their learned steps stay uninitialised, which must be
+    # saveable (the trainer refuses NaN parameters) and must still initialise after a load.
+    from qs4d_np.train.optim import AdamW
+    quant = QuantConfig(all=16, target_options={"act": {"scale_mode": "learned"},
+                                                "state": {"scale_mode": "learned"}})
+    model = jittered(S4DModel(2, 3, quant=quant, **TINY))
+    learned = {name: q for name, q in model.modules() if isinstance(q, Quantizer) and q.scale_mode == "learned"}
+    x, labels = data(B=3), np.array([0, 2, 1])
+    loss = SoftmaxCrossEntropy()
+    opt = AdamW(model.params, lr=1e-2, weight_decay=0.0)
+    loss.forward(model.forward(x, training=True, mode=train_mode), labels)
+    model.zero_grads()
+    model.backward(loss.backward())
+    opt.step(model.grads)
+    unset = sorted(name for name, q in learned.items() if not q.step_ready)
+    assert [name.rsplit(".", 1)[1] for name in unset] == never_run
+    assert all(np.isfinite(v).all() for v in model.params.values())  # what the trainer requires
+    model.save(tmp_path / "m")
+    loaded = S4DModel.load(tmp_path / "m")
+    for k, v in model.state_arrays().items():
+        assert np.array_equal(loaded.state_arrays()[k], v), k
+    loaded_learned = {name: q for name, q in loaded.modules() if isinstance(q, Quantizer) and q.scale_mode == "learned"}
+    assert sorted(name for name, q in loaded_learned.items() if not q.step_ready) == unset
+    # the other mode after the load initialises those steps from the data, exactly as without the file
+    out = loaded.forward(x, mode=other_mode)
+    assert np.array_equal(out, model.forward(x, mode=other_mode)) and np.isfinite(out).all()
+    assert all(loaded_learned[name].step_ready for name in unset)
+    for name in unset:
+        assert np.array_equal(loaded_learned[name].params["step"], learned[name].params["step"]), name

@@ -28,6 +28,17 @@ def test_from_reference_flags():
         QuantConfig.from_flags(lr=0.01)
 
 
+def test_from_flags_default_grid_is_narrow_and_qs4d_gives_the_reference_codes():
+    x = np.linspace(-1.0, 1.0, 33)
+    ours = QuantConfig.from_flags(C_quant=16).spec_for("C").forward(x, want_codes=True)[1].tensor()
+    ref = QuantConfig.from_flags(C_quant=16, grid="qs4d").spec_for("C").forward(x, want_codes=True)[1].tensor()
+    assert (ours.q.min(), ours.q.max()) == (-7, 7)  # narrow: 15 levels, a 4-bit word
+    assert (ref.q.min(), ref.q.max()) == (-8, 8)    # the reference: 17 levels
+    assert QuantConfig.from_flags(C_quant=16, grid="qs4d") == QuantConfig(C=16, grid="qs4d")
+    with pytest.raises(ValueError, match=r"options\['grid'\] must be one of"):
+        QuantConfig.from_flags(C_quant=16, grid="reference")
+
+
 def test_per_layer_values():
     cfg = QuantConfig(all=[64, 32, 16], A={0: 8, 2: "float"})
     assert [cfg.levels_for("A", layer=i) for i in range(3)] == [8, 32, None]  # layer 1 falls back to all
@@ -75,6 +86,10 @@ def test_validation_names_the_problem():
         QuantConfig(dt="fp32")
     with pytest.raises(ValueError, match="rounding.* must be one of"):
         QuantConfig(all=4, rounding="nearest")
+    with pytest.raises(TypeError, match=r"options\['symmetric'\] must be True or False, got 1"):
+        QuantConfig(all=4, symmetric=1)
+    with pytest.raises(TypeError, match=r"target_options\['act'\]\['per_channel'\] must be True or False, got 0"):
+        QuantConfig(target_options={"act": {"per_channel": 0}})
     with pytest.raises(ValueError, match="target_options key must be one of"):
         QuantConfig(target_options={"mixing": {}})
     with pytest.raises(ValueError, match="unknown quantization option 'axis'"):

@@ -252,6 +252,32 @@ def test_ste_identity_and_clipped_masks():
     assert np.array_equal(dx, [0.0, 2.0, 3.0, 4.0, 0.0])
     with pytest.raises(ValueError, match="grad must have shape"):
         ste_backward(g[:3], x, state, "clipped")
+    # x must be the forward's tensor: a longer one would make the kernel read grad out of bounds
+    with pytest.raises(ValueError, match=r"x must be the tensor the forward quantized, shape \(5,\) dtype "
+                                         r"float64; got shape \(8,\) dtype float64"):
+        ste_backward(g, np.zeros(8), state, "clipped")
+    with pytest.raises(ValueError, match="got shape \\(5,\\) dtype float32"):
+        ste_backward(g, x.astype(np.float32), state, "identity", want_step=True)
+
+
+@pytest.mark.parametrize("dtype, levels", [(np.float32, 2**32), (np.float32, 2**25 + 1), (np.float64, 2**52)])
+def test_codes_stay_on_the_grid_past_the_dtypes_exact_integers(dtype, levels):
+    # float32(2**31 - 1) rounds up to 2**31: the clamp bound must not leave [qmin, qmax]
+    x = np.array([1.0, -1.0, 0.3], dtype=dtype)
+    for grid in ("narrow", "qs4d", "full"):
+        qt = quantize(x, levels, grid=grid)
+        g = qt.grid
+        assert g.qmin <= qt.q.min() and qt.q.max() <= g.qmax, (grid, qt.q, g)
+        assert -(2 ** (g.bits - 1)) <= qt.q.min() and qt.q.max() <= 2 ** (g.bits - 1) - 1
+        # the clipped STE sees the same bounds: nothing in range counts as saturated
+        _, state = QuantSpec(levels, grid=grid).forward(x, scale_mode="fixed", fixed_range=0.5)
+        dx, _ = ste_backward(np.ones(3, dtype=dtype), x, state, "clipped")
+        assert np.array_equal(dx, [0.0, 0.0, 1.0])
+    g = make_grid("narrow", levels)
+    lo, hi = g.bounds(np.dtype(dtype))  # the floats nearest to qmin / qmax from inside the grid
+    # Python compares float with int exactly
+    assert float(hi) <= g.qmax < float(np.nextafter(hi, dtype(np.inf)))
+    assert float(np.nextafter(lo, dtype(-np.inf))) < g.qmin <= float(lo)
 
 
 # -- bad input -------------------------------------------------------------------
@@ -283,6 +309,10 @@ def test_bad_input_errors_name_the_argument():
         fake_quant(x, 4, scale_mode="fixed", axis=1, fixed_range=[1.0, 2.0])
     with pytest.raises(TypeError, match="x must be float32/float64"):
         fake_quant(np.ones(3, dtype=np.int32), 4)
+    with pytest.raises(TypeError, match="symmetric must be True or False, got 1"):
+        fake_quant(x, 4, symmetric=1)
+    with pytest.raises(TypeError, match="power_of_two must be True or False, got 0"):
+        fake_quant(x, 4, power_of_two=0)
     with pytest.raises(ValueError, match="absmean' needs symmetric"):
         fake_quant(x, 4, symmetric=False, scale_mode="absmean")
 

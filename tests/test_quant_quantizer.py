@@ -81,8 +81,11 @@ def test_learned_step_initialisation_and_in_place_updates():
     x, _ = _loss_parts(2, (50, 4))
     q = Quantizer(15, scale_mode="learned", axis=1, n_scales=4, dtype=np.float64)
     step = q.params["step"]
-    assert np.isnan(step).all()
+    assert np.isfinite(step).all() and not q.step_ready  # a finite placeholder, flagged unset
+    with pytest.raises(RuntimeError, match="has no step yet"):
+        q.static_scales()
     q.forward(x, training=True)
+    assert q.step_ready
     np.testing.assert_allclose(step, 2 * np.abs(x).mean(axis=0) / np.sqrt(7), rtol=1e-12)
     before = q.forward(x)
     step *= 2.0  # what an optimizer does to the shared array
@@ -141,3 +144,42 @@ def test_quantizer_bad_options():
     q = Quantizer(8, name="act")
     with pytest.raises(ValueError, match="act contains 1 non-finite"):
         q.forward(np.array([0.0, np.nan]))
+
+
+def test_learned_step_flag_round_trips_and_reset_reinitialises():
+    x, _ = _loss_parts(5, (40, 3))
+    q = Quantizer(15, scale_mode="learned", axis=1, n_scales=3, dtype=np.float64)
+    q.forward(x, training=True)
+    saved = {"step": q.params["step"].copy(), "step_ready": q.buffers["step_ready"].copy()}
+    # a fresh quantizer given the saved arrays in place (what a model load does) needs no init
+    q2 = Quantizer(15, scale_mode="learned", axis=1, n_scales=3, dtype=np.float64)
+    q2.params["step"][...] = saved["step"]
+    q2.buffers["step_ready"][...] = saved["step_ready"]
+    assert np.array_equal(q2.forward(3 * x), q.forward(3 * x))  # not re-initialised from 3x
+    q2.reset_step()
+    q2.forward(3 * x)
+    np.testing.assert_allclose(q2.params["step"], 3 * saved["step"], rtol=1e-12)
+    assert Quantizer(15, scale_mode="learned", init_range=7.0).step_ready
+
+
+def test_load_buffers_rejects_bad_ranges():
+    q = Quantizer(15, scale_mode="running", n_scales=2, name="act")
+    good = {"running_lo": np.array([-1.0, -2.0]), "running_hi": np.array([1.0, 2.0])}
+    q.load_buffers(good)
+    assert q.calibrated and np.array_equal(q.buffers["running_hi"], good["running_hi"])
+    cases = [
+        ({**good, "running_lo": np.array([-1.0, np.nan])}, "'act': buffer running_lo holds NaN or inf"),
+        ({**good, "running_hi": np.array([1.0, np.inf])}, "buffer running_hi holds NaN or inf"),
+        ({**good, "running_hi": np.array([1.0])}, r"buffer running_hi has shape \(1,\), expected \(2,\)"),
+        ({**good, "running_lo": np.zeros((2, 1))}, r"buffer running_lo has shape \(2, 1\)"),
+        ({**good, "running_lo": np.array([-1.0, 3.0])}, "need running_lo <= running_hi"),
+        ({**good, "running_lo": np.array(["a", "b"])}, "must be real numbers"),
+    ]
+    for bad, message in cases:
+        fresh = Quantizer(15, scale_mode="running", n_scales=2, name="act")
+        with pytest.raises(ValueError, match=message):
+            fresh.load_buffers(bad)
+        assert not fresh.calibrated  # nothing half-loaded
+    one = Quantizer(15, scale_mode="running", name="act")
+    with pytest.raises(ValueError, match=r"expected \(1,\)"):
+        one.load_buffers(good)  # two scales' ranges for a one-scale quantizer

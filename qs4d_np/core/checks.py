@@ -17,6 +17,13 @@ def check_choice(name: str, value: object, choices: Iterable[object]) -> None:
         raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
 
 
+def check_bool(name: str, value: object) -> bool:
+    """Return ``value`` as a bool; reject 1 / 0 and other stand-ins (True == 1 in Python)."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {value!r} ({type(value).__name__})")
+    return bool(value)
+
+
 def check_int(name: str, value: object, *, min_value: int | None = None,
               max_value: int | None = None) -> int:
     """Return ``value`` as an int; reject bools, floats and out-of-range values."""

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from qs4d_np.core.checks import check_choice, check_int
+from qs4d_np.core.checks import check_bool, check_choice, check_int
 from qs4d_np.quant.fake import COMPLEX_MODES, STE_MODES, QuantSpec
 from qs4d_np.quant.grids import GRIDS, ROUNDING, check_levels
 from qs4d_np.quant.quantizer import QUANTIZER_SCALE_MODES, Quantizer
@@ -76,7 +76,10 @@ def _check_options(where: str, options: Mapping[str, Any]) -> dict[str, Any]:
         if key not in _OPTION_CHOICES:
             raise ValueError(f"unknown quantization option {key!r} in {where}; "
                              f"expected some of {sorted(_OPTION_CHOICES)}")
-        check_choice(f"{where}[{key!r}]", value, _OPTION_CHOICES[key])
+        if _OPTION_CHOICES[key] == (True, False):  # 1 == True, so check_choice would let 1 / 0 in
+            check_bool(f"{where}[{key!r}]", value)
+        else:
+            check_choice(f"{where}[{key!r}]", value, _OPTION_CHOICES[key])
     return dict(options)
 
 
@@ -101,16 +104,26 @@ class QuantConfig:
     # -- construction from the reference's command-line flags ---------------
     @classmethod
     def from_flags(cls, **flags: Any) -> "QuantConfig":
-        """From QS4D-style flags: ``A_quant=16`` means 16 levels for A, ``all_quant`` sets all.
+        """From the reference's ``*_quant`` flags: ``A_quant=16`` means 16 levels for A,
+        ``all_quant`` sets all. Accepts ``vars(args)`` of an argparse namespace restricted
+        to ``*_quant`` flags, plus option keywords (``grid``, ``scale_mode``, ...) as in
+        ``QuantConfig(...)``, validated the same way.
 
-        Accepts ``vars(args)`` of an argparse namespace restricted to ``*_quant`` flags.
+        The level counts mean what they mean in the reference, but the default grid
+        is still ours, ``narrow``: ``C_quant=16`` gives codes -7..7 (15 levels, a
+        4-bit word), where the reference's grid gives -8..8 (17 levels). Pass
+        ``grid="qs4d"`` to get the reference's codes.
         """
         kwargs: dict[str, Any] = {}
         for flag, value in flags.items():
+            if flag in _OPTION_CHOICES:
+                kwargs[flag] = value
+                continue
             target = flag[:-len("_quant")] if flag.endswith("_quant") else None
             if target not in TARGETS + ("all",):
                 raise ValueError(f"unknown quantization flag {flag!r}; expected one of "
-                                 f"{[t + '_quant' for t in ('all',) + TARGETS]}")
+                                 f"{[t + '_quant' for t in ('all',) + TARGETS]} or an option "
+                                 f"{sorted(_OPTION_CHOICES)}")
             kwargs[target] = value
         return cls(**kwargs)
 

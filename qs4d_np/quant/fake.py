@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from qs4d_np.core.checks import check_array, check_choice, check_float, check_int
+from qs4d_np.core.checks import check_array, check_bool, check_choice, check_float, check_int
 from qs4d_np.kernels import fake_quant as kern
 from qs4d_np.quant.grids import GRIDS, ROUNDING, Grid, make_grid
 
@@ -188,9 +188,9 @@ class QuantSpec:
 
     def __post_init__(self) -> None:
         check_choice("grid", self.grid, GRIDS)
-        check_choice("symmetric", self.symmetric, (True, False))
+        check_bool("symmetric", self.symmetric)
         check_choice("rounding", self.rounding, tuple(ROUNDING))
-        check_choice("power_of_two", self.power_of_two, (True, False))
+        check_bool("power_of_two", self.power_of_two)
         check_choice("complex_mode", self.complex_mode, COMPLEX_MODES)
         check_float("min_range", self.min_range, min_value=0.0, min_inclusive=False)
         if self.axis is not None:
@@ -286,7 +286,7 @@ class QuantSpec:
             inv = (g.qmax - g.qmin) / span
         inv = inv.astype(dtype)
         if self.power_of_two:
-            mant, expo = np.frexp(inv)  # inv = mant * 2**expo, mant in [0.5, 1)
+            expo = np.frexp(inv)[1]  # inv = mant * 2**expo, mant in [0.5, 1)
             inv = np.ldexp(np.ones_like(inv), expo - 1)
         if self.symmetric:
             zp = np.zeros_like(inv)
@@ -303,8 +303,8 @@ class QuantSpec:
         out = np.empty_like(xf)
         codes = np.empty_like(xf) if want_codes else np.empty(0, dtype=real)
         g = self.code_grid
-        bad = kern.fake_quant_forward(xf, inv.astype(real), zp.astype(real), real.type(g.qmin),
-                                      real.type(g.qmax), ROUNDING[self.rounding], lay.G, lay.P,
+        bad = kern.fake_quant_forward(xf, inv.astype(real), zp.astype(real), *g.bounds(real),
+                                      ROUNDING[self.rounding], lay.G, lay.P,
                                       lay.C, lay.Q, out, codes, want_codes)
         if bad:
             raise ValueError(f"{name} contains {bad} non-finite value(s) (NaN or inf); cannot quantize")
@@ -340,14 +340,19 @@ def ste_backward(grad: np.ndarray, x: np.ndarray, state: QuantState, ste: str = 
     check_choice("ste", ste, STE_MODES)
     lay = state.layout
     grad = check_array("grad", grad, shape=lay.shape, allow_complex=lay.is_complex)
+    # x goes to the kernel with the saved layout's sizes: a mismatch would read out of bounds.
+    x = np.asarray(x)
+    if x.shape != lay.shape or x.dtype != lay.dtype:
+        raise ValueError(f"x must be the tensor the forward quantized, shape {lay.shape} dtype {lay.dtype}; "
+                         f"got shape {x.shape} dtype {x.dtype}")
     if ste == "identity" and not want_step:
         return grad, None
     xf, gf = lay.flatten(x), lay.flatten(grad.astype(lay.dtype, copy=False))
     dxf = np.empty_like(xf)
     real = xf.dtype
     g = state.grid
-    dstep = kern.ste_backward(xf, gf, state.inv, state.zp, real.type(g.qmin), real.type(g.qmax),
-                              state.mode, lay.G, lay.P, lay.C, lay.Q, want_step, dxf)
+    dstep = kern.ste_backward(xf, gf, state.inv, state.zp, *g.bounds(real), state.mode,
+                              lay.G, lay.P, lay.C, lay.Q, want_step, dxf)
     dx = grad if ste == "identity" else lay.restore(dxf)
     return dx, (dstep if want_step else None)
 

@@ -29,6 +29,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from qs4d_np.core.checks import check_choice, check_int
 
 GRIDS = ("narrow", "qs4d", "full")
@@ -72,6 +74,26 @@ class Grid:
         while not (-(2 ** (b - 1)) <= self.qmin and self.qmax <= 2 ** (b - 1) - 1):
             b += 1
         return b
+
+    def bounds(self, dtype: np.dtype) -> tuple[np.floating, np.floating]:
+        """(qmin, qmax) as scalars of the float ``dtype`` the kernels clamp codes with.
+
+        Past the dtype's exact-integer range (2**24 for float32, 2**53 for
+        float64) ``dtype.type(qmax)`` can round outward (float32(2**31 - 1) is
+        2**31), so clamped codes would leave the grid and its ``bits``-wide
+        word. Each bound is therefore stepped to the nearest float at or inside
+        [qmin, qmax]. We clamp rather than reject such level counts: a float32
+        tensor with that many levels is quantized finer than float32 resolves,
+        which is a legitimate near-lossless sweep point, and the check is two
+        scalar comparisons per call, nothing on the per-element path.
+        """
+        real = np.dtype(dtype).type
+        lo, hi = real(self.qmin), real(self.qmax)
+        if int(hi) > self.qmax:
+            hi = np.nextafter(hi, real(0))
+        if int(lo) < self.qmin:
+            lo = np.nextafter(lo, real(0))
+        return lo, hi
 
 
 def make_grid(name: str, levels: int, symmetric: bool = True) -> Grid:

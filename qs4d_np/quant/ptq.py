@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
 import numpy as np
 
-from qs4d_np.core.checks import check_choice, check_int
+from qs4d_np.core.checks import check_bool, check_choice, check_int
 from qs4d_np.quant.config import TARGETS, QuantConfig
 from qs4d_np.quant.grids import GRIDS
 from qs4d_np.quant.quantizer import Quantizer
@@ -131,7 +131,7 @@ def ptq_sweep(model: "S4DModel", targets: Sequence[str], bits: Sequence[int],
     scale per channel (H, or the weight's output columns) instead of per tensor.
     """
     check_choice("grid", grid, GRIDS)
-    check_choice("per_channel", per_channel, (True, False))
+    check_bool("per_channel", per_channel)
     check_choice("mode", mode, MODES)
     targets = list(targets)
     bits = [check_int(f"bits[{i}]", b, min_value=1, max_value=52) for i, b in enumerate(bits)]

@@ -9,7 +9,8 @@ Range sources (``scale_mode``):
   updated buffers; in evaluation the buffers are frozen, so outputs never
   depend on the rest of the batch. Evaluating before any calibration fails.
 * ``learned``: LSQ (Esser et al. 2020). The parameter ``step`` (one per scale)
-  sets inv = 1/step; it is initialised on the first forward to
+  sets inv = 1/step; it is initialised (buffer ``step_ready``; until then the
+  step holds a finite placeholder) on the first forward to
   2*mean|x|/sqrt(qpos) unless ``init_range`` is given (step = init_range/qpos).
   Its gradient is sum(grad * (round(v) - v)) where the code did not saturate
   and qmin / qmax where it did (v = x/step), times 1/sqrt(count * qpos) when
@@ -75,10 +76,14 @@ class Quantizer(Module):
         if scale_mode == "learned":
             if not self.spec.symmetric or self.spec.power_of_two:
                 raise ValueError("scale_mode='learned' needs symmetric=True and power_of_two=False")
-            self._params["step"] = np.full(self.n_scales, np.nan, dtype=self.dtype)
+            # A finite placeholder plus the ``step_ready`` buffer flag, not a NaN sentinel: a
+            # quantizer the training mode never runs must still be saveable (the trainer refuses
+            # NaN parameters) and load / resume must bring back whether the step was initialised.
+            self._params["step"] = np.ones(self.n_scales, dtype=self.dtype)
+            self.buffers["step_ready"] = np.zeros(1, dtype=bool)
             if init_range is not None:
                 r = check_float("init_range", init_range, min_value=0.0, min_inclusive=False)
-                self._params["step"][:] = r / self.spec.code_grid.qpos
+                self.set_step(r / self.spec.code_grid.qpos)
         elif init_range is not None:
             raise ValueError("init_range is only used with scale_mode='learned'")
 
@@ -90,11 +95,40 @@ class Quantizer(Module):
     def calibrated(self) -> bool:
         return "running_lo" in self.buffers
 
+    @property
+    def step_ready(self) -> bool:
+        """Whether the learned step has been initialised (init_range, a forward or a checkpoint)."""
+        return bool(self.buffers["step_ready"][0])
+
+    def set_step(self, step: object) -> None:
+        """Set the learned step (a scalar or (n_scales,)) in place and mark it initialised."""
+        self._params["step"][:] = step
+        self.buffers["step_ready"][:] = True
+
+    def reset_step(self) -> None:
+        """Forget the learned step: the next forward initialises it from its input."""
+        self.buffers["step_ready"][:] = False
+
     def load_buffers(self, buffers: dict[str, np.ndarray]) -> None:
-        """Restore ``running_lo`` / ``running_hi`` (n_scales,) from a checkpoint."""
+        """Restore ``running_lo`` / ``running_hi``, each (n_scales,) finite with lo <= hi, from a checkpoint."""
         if set(buffers) != {"running_lo", "running_hi"}:
             raise ValueError(f"buffers must hold running_lo and running_hi, got {sorted(buffers)}")
-        self.buffers = {k: np.array(v, dtype=np.float64).reshape(-1) for k, v in buffers.items()}
+        loaded = {}
+        for key in ("running_lo", "running_hi"):
+            v = np.asarray(buffers[key])
+            if v.shape != (self.n_scales,):
+                raise ValueError(f"Quantizer {self.name!r}: buffer {key} has shape {v.shape}, "
+                                 f"expected ({self.n_scales},) (n_scales={self.n_scales})")
+            if v.dtype.kind not in "iuf":
+                raise ValueError(f"Quantizer {self.name!r}: buffer {key} must be real numbers, got dtype {v.dtype}")
+            v = v.astype(np.float64)
+            if not np.isfinite(v).all():
+                raise ValueError(f"Quantizer {self.name!r}: buffer {key} holds NaN or inf: {v}")
+            loaded[key] = v
+        if (loaded["running_lo"] > loaded["running_hi"]).any():
+            raise ValueError(f"Quantizer {self.name!r}: buffers need running_lo <= running_hi, got "
+                             f"running_lo={loaded['running_lo']}, running_hi={loaded['running_hi']}")
+        self.buffers.update(loaded)
 
     def _check_scales(self, channels: int) -> None:
         if channels != self.n_scales:
@@ -116,7 +150,7 @@ class Quantizer(Module):
             m = self.momentum
             lo = (1 - m) * self.buffers["running_lo"] + m * lo
             hi = (1 - m) * self.buffers["running_hi"] + m * hi
-        self.buffers = {"running_lo": lo, "running_hi": hi}
+        self.buffers.update(running_lo=lo, running_hi=hi)
 
     def updates_range(self, training: bool) -> bool:
         """Whether a forward now updates the running range (training or calibrating)."""
@@ -136,9 +170,9 @@ class Quantizer(Module):
         self._check_scales(lay.channels)
         if self.updates_range(training):
             self.observe(*spec.stats_range(lay.flatten(x), lay, "absmax", self.name))
-        if mode == "learned" and np.isnan(self._params["step"]).any():
+        if mode == "learned" and not self.step_ready:
             _, hi = spec.stats_range(lay.flatten(x), lay, "absmean", self.name)
-            self._params["step"][:] = hi / spec.code_grid.qpos
+            self.set_step(hi / spec.code_grid.qpos)
         inv, zp = self.static_scales(real)
         return lay, inv, zp
 
@@ -151,7 +185,7 @@ class Quantizer(Module):
             raise ValueError(f"Quantizer {self.name!r} (scale_mode={mode!r}) takes its range from each "
                              "tensor it quantizes; use 'fixed', 'running' or 'learned' for a static scale")
         if mode == "learned":
-            if np.isnan(self._params["step"]).any():
+            if not self.step_ready:
                 raise RuntimeError(f"Quantizer {self.name!r} (scale_mode='learned') has no step yet; "
                                    "run a forward first")
             return self.learned_inv(dtype), np.zeros(self.n_scales, dtype=dtype)

@@ -104,11 +104,11 @@ def _kernel_args(cache: ScanCache) -> tuple:
     dtype = cache.u.dtype
     st = cache.state
     if st.spec is None:
-        qmin, qmax, mode = -1.0, 1.0, 0
+        qmin, qmax, mode = dtype.type(-1.0), dtype.type(1.0), 0
     else:
         g = st.spec.code_grid
-        qmin, qmax, mode = g.qmin, g.qmax, ROUNDING[st.spec.rounding]
-    return (cache.u, *cache.planes, cache.D, cache.inv, dtype.type(qmin), dtype.type(qmax), mode,
+        (qmin, qmax), mode = g.bounds(dtype), ROUNDING[st.spec.rounding]
+    return (cache.u, *cache.planes, cache.D, cache.inv, qmin, qmax, mode,
             dtype.type(cache.clip), st.spec is not None)
 
 

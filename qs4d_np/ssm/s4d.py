@@ -223,7 +223,7 @@ class S4D(Module):
 
     def init_param_steps(self) -> None:
         """(Re)initialise the learned steps of the parameter targets (A, Abar, B, C, D, dt) from the
-        current parameters (LSQ init). Runs at construction, so no NaN step is left for a target
+        current parameters (LSQ init). Runs at construction, so no uninitialised step is left for a target
         the training mode never reaches; ``quant.with_quant`` runs it again after copying weights."""
         d = self.discrete()
         A = None if self.abar != "continuous" else continuous_A(self._params["log_A_real"], self._params["A_imag"])
@@ -232,7 +232,7 @@ class S4D(Module):
                            ("dt", self._params.get("log_dt"))):
             q = self.q[key]
             if q is not None and q.scale_mode == "learned":
-                q._params["step"][:] = np.nan  # the sentinel that makes the forward initialise it
+                q.reset_step()  # so the forward initialises it from the current value
                 q.forward(value)
                 q._cache = None
 
@@ -370,8 +370,8 @@ class S4D(Module):
             r = float_state_range()
             inv, _ = spec.scales(-r, r, np.dtype(np.float64))
         else:
-            if u is not None and mode == "learned" and np.isnan(q._params["step"]).any():
-                q._params["step"][:] = np.maximum(float_state_range(), spec.min_range) / spec.code_grid.qpos
+            if u is not None and mode == "learned" and not q.step_ready:
+                q.set_step(np.maximum(float_state_range(), spec.min_range) / spec.code_grid.qpos)
             if u is not None and q.updates_range(training):
                 r = float_state_range()
                 q.observe(-r, r)
