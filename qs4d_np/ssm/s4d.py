@@ -490,6 +490,12 @@ class S4D(Module):
             self._state_step_grad(sg["step"], scan_cache)
         grads = self._ssm_params_backward(mode, ctx, g_Abar, g_Bbar, g_C, g_D)
         self._grads = {name: grads[name].astype(value.dtype) for name, value in self._params.items()}
+        # The other mode's learned steps did not act on this output: their gradient is zero (the
+        # optimizer needs an entry for every parameter, and a stale one must not be reapplied).
+        for key in ("x",) if mode == "conv" else ("K", "u"):
+            q = self.q[key]
+            if q is not None and q.scale_mode == "learned":
+                q._grads["step"] = np.zeros_like(q._params["step"])
         return du
 
     def _state_step_grad(self, dstep: np.ndarray, scan_cache) -> None:
