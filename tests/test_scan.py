@@ -2,7 +2,7 @@
 import numba
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from qs4d_np.kernels.scan import scan, scan_backward
@@ -34,22 +34,32 @@ def rel(a, b):
        log_dt_range=st.sampled_from([(np.log(1e-3), np.log(1e-1)), (np.log(1e-1), np.log(1.0))]),
        init=st.sampled_from(INITS), disc=st.sampled_from(["zoh", "bilinear"]),
        dtype=st.sampled_from([np.float64, np.float32]))
+@example(seed=4630, batch=2, L=250, H=2, M=1, log_dt_range=(np.log(1e-3), np.log(1e-1)), init="lin", disc="zoh",
+         dtype=np.float32)  # gA cancels to ~1e-3 of its terms' magnitude
 def test_scan_matches_reference(seed, batch, L, H, M, log_dt_range, init, disc, dtype):
     u, dy, Abar, Bbar, C, D = problem(seed, batch, L, H, M, log_dt_range, init, disc)
     y_ref, _ = scan_naive(u, Abar, Bbar, C, D)
     du_ref, gA_ref, gB_ref, gC_ref, _ = scan_backward_naive(u, dy, Abar, Bbar, C, D)
     u_k, dy_k = u.astype(dtype), dy.astype(dtype)
-    # float64 differs from the twin by summation order only (measured <= 1e-14);
-    # float32 carries ~6e-8 relative rounding per operation, amplified by up to
-    # 300 steps and sums over 900 (batch, time) terms (measured <= 5e-6 on 60 cases)
-    tol = 1e-12 if dtype == np.float64 else 5e-5
     y = scan(u_k, Abar, Bbar, C, D)
     assert y.dtype == dtype and y.shape == u.shape
-    assert rel(y, y_ref) <= tol
     du, gA, gB, gC = scan_backward(u_k, dy_k, Abar, Bbar, C, D)
     assert du.dtype == dtype and gA.shape == (H, M)
-    for got, want in ((du, du_ref), (gA, gA_ref), (gB, gB_ref), (gC, gC_ref)):
-        assert rel(got, want) <= tol
+    pairs = ((y, y_ref), (du, du_ref), (gA, gA_ref), (gB, gB_ref), (gC, gC_ref))
+    if dtype == np.float64:
+        # differs from the twin by summation order only (measured <= 1e-14)
+        for got, want in pairs:
+            assert rel(got, want) <= 1e-12
+        return
+    # float32: each output is a long sum of products, so its rounding error scales
+    # with the sum of the terms' magnitudes, not with the (possibly cancelled)
+    # result. The twin run on |inputs| gives that magnitude; float32 error against
+    # it measured <= 1.7e-7 (~1.4 eps32) on 60 cases incl. a cancelling one that a
+    # result-relative bound fails (seed 4630); 1e-6 leaves ~6x margin.
+    y_abs, _ = scan_naive(*(np.abs(a) for a in (u, Abar, Bbar, C, D)))
+    abs_bounds = (y_abs, *scan_backward_naive(*(np.abs(a) for a in (u, dy, Abar, Bbar, C, D)))[:4])
+    for (got, want), bound in zip(pairs, abs_bounds):
+        assert np.max(np.abs(got - want)) <= 1e-6 * max(np.max(np.abs(bound)), 1e-300)
 
 
 def test_scan_bad_arguments():
