@@ -252,6 +252,35 @@ def test_qat_model_exports_through_its_own_quantizers():
     assert np.abs(real - logits).max() <= 0.05 * np.abs(logits).max() + 1e-3
 
 
+@pytest.mark.parametrize("abar", ["continuous", "discrete"])
+def test_export_codes_and_steps_equal_the_public_quantized_recurrent(abar):
+    # export.py reads the layer through its quantizers (it also supports absmax state / act
+    # ranges calibrated on x_calib, which quantized_recurrent() refuses); with static ranges
+    # both must give the same integers and steps, bit for bit
+    from qs4d_np.quant.ptq import calibrate
+    quant = QuantConfig(256, state=4096, target_options={"act": {"scale_mode": "running"},
+                                                         "state": {"scale_mode": "running"}})
+    model = S4DModel.from_preset("qs4d", 1, 3, d_model=4, d_state=4, n_layers=2, dropout=0.0, seed=3,
+                                 mode="recurrent", quant=quant, abar=abar)
+    x = pixels(9, batch=6)
+    calibrate(model, [x / 255.0], mode="recurrent")
+    im = from_model(model, x / 255.0)
+    for i, block in enumerate(model.blocks):
+        want, core, p = block.ssm.quantized_recurrent(), im.layers[i].core, f"layers.{i}."
+        for key in ("Abar", "Bbar", "C"):
+            steps = np.broadcast_to(1.0 / np.asarray(want[key].inv_scale, dtype=np.float64), want[key].q.shape)
+            for j, part in enumerate(("re", "im")):
+                assert np.array_equal(getattr(core, f"{key}_{part}"), want[key].q[j]), (i, key, part)
+                if key != "C":
+                    assert np.array_equal(im.steps[p + f"{key}_{part}"], steps[j]), (i, key, part)
+        assert np.array_equal(core.D, want["D"].q)
+        inv = want["state"].per_channel_inv(4, np.dtype(np.float64))
+        assert np.array_equal(im.steps[p + "x_re"], 1.0 / inv[:, 0]) and np.array_equal(im.steps[p + "x_im"], 1.0 / inv[:, 1])
+        # the export takes the act step the float32 forward uses; quantized_recurrent() gives it in float64
+        act_inv = want["act"]["inv_scale"].astype(np.float32).astype(np.float64)
+        assert np.array_equal(im.steps[p + "act"], np.broadcast_to(1.0 / act_inv, (4,)))
+
+
 def test_interrupted_bundle_reexport_keeps_the_previous_bundle(tmp_path, monkeypatch):
     from qs4d_np.golden import bundle
     _, im, x = build(5)

@@ -274,7 +274,8 @@ def _export_layer(i, block, qz: _Quantizer, u: np.ndarray, u_fmt: IntFormat, s_u
     # the float Abar, Bbar the recurrent forward quantizes (after a quantized dt, if any)
     *_, ctx = ssm._ssm_params(False, "recurrent")
     Abar_pre = ctx["d"].Abar if "d" in ctx else ctx["Abar"]
-    Bbar_pre = ctx["d"].Bbar if "d" in ctx else ssm._params["Bbar"]
+    # complex128 as the forward quantizes it (the float32 parameter would give a different step)
+    Bbar_pre = ctx["d"].Bbar if "d" in ctx else ssm._params["Bbar"].astype(np.complex128)
     qA, sA, A_fmt = qz.weight("A", i, Abar_pre, axis=0, model_q=mq.get("Abar"))
     qB, sB, B_fmt = qz.weight("B", i, Bbar_pre, axis=0, model_q=mq.get("B"))
     qC, sC, C_fmt = qz.weight("C", i, ssm._params["C"], axis=0, model_q=mq.get("C"))
