@@ -65,8 +65,8 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
-def atomic_save_npz(path: str | os.PathLike, arrays: Mapping[str, np.ndarray]) -> None:
-    """Save named arrays to an uncompressed ``.npz`` atomically; object arrays are refused.
+def npz_bytes(arrays: Mapping[str, np.ndarray]) -> bytes:
+    """Named arrays as the bytes of an uncompressed ``.npz``; object arrays are refused.
 
     The archive is written member by member (``<name>.npy``), so any string is a
     valid array name (``np.savez(**arrays)`` would treat ``file`` or
@@ -82,7 +82,12 @@ def atomic_save_npz(path: str | os.PathLike, arrays: Mapping[str, np.ndarray]) -
                 raise TypeError(f"array {key!r} has dtype object, which would need pickle")
             with archive.open(f"{key}.npy", "w", force_zip64=True) as member:
                 np.lib.format.write_array(member, value, allow_pickle=False)
-    atomic_write_bytes(path, buf.getvalue())
+    return buf.getvalue()
+
+
+def atomic_save_npz(path: str | os.PathLike, arrays: Mapping[str, np.ndarray]) -> None:
+    """Save named arrays to an uncompressed ``.npz`` atomically (see ``npz_bytes``)."""
+    atomic_write_bytes(path, npz_bytes(arrays))
 
 
 def load_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:

@@ -1,4 +1,5 @@
 """Checkpoint pairs survive crashes: an interrupted save keeps the old pair, a SIGKILLed run resumes exactly."""
+import json
 import os
 import signal
 import subprocess
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 
 from qs4d_np.train import checkpoint as ckpt
-from qs4d_np.train.checkpoint import config_differences, load_checkpoint, model_generators, save_checkpoint
+from qs4d_np.train.checkpoint import CheckpointError, config_differences, load_checkpoint, model_generators, save_checkpoint
 
 TESTS = Path(__file__).resolve().parent
 
@@ -27,9 +28,40 @@ def test_crash_between_arrays_and_metadata_keeps_old_pair(tmp_path, monkeypatch)
     arrays, meta = load_checkpoint(tmp_path, "last")
     assert meta["epoch"] == 1 and np.array_equal(arrays["w"], np.arange(3.0))
     # the orphaned arrays of the failed save are removed by the next successful one
-    assert (tmp_path / "last-e0002.npz").exists()
+    assert len(list(tmp_path.glob("last-e0002-*.npz"))) == 1
     save_checkpoint(tmp_path, "last", 3, {"w": np.zeros(3)}, {"epoch": 3})
-    assert sorted(p.name for p in tmp_path.glob("*.npz")) == ["last-e0003.npz"]
+    assert [p.name[:11] for p in tmp_path.glob("*.npz")] == ["last-e0003-"]
+
+
+def test_resaving_an_epoch_never_overwrites_the_named_arrays(tmp_path, monkeypatch):
+    save_checkpoint(tmp_path, "last", 1, {"w": np.arange(3.0)}, {"epoch": 1})
+
+    def crash(path, obj):
+        raise KeyboardInterrupt("killed while writing the metadata")
+    monkeypatch.setattr(ckpt, "atomic_write_json", crash)
+    with pytest.raises(KeyboardInterrupt):  # same epoch, other contents
+        save_checkpoint(tmp_path, "last", 1, {"w": np.full(3, 9.0)}, {"epoch": 1})
+    monkeypatch.undo()
+    arrays, meta = load_checkpoint(tmp_path, "last")
+    assert np.array_equal(arrays["w"], np.arange(3.0))
+
+
+def test_saving_a_tag_leaves_tags_it_prefixes_alone(tmp_path):
+    save_checkpoint(tmp_path, "run-eval", 3, {"w": np.ones(2)}, {"epoch": 3})
+    save_checkpoint(tmp_path, "run", 1, {"w": np.zeros(2)}, {"epoch": 1})
+    save_checkpoint(tmp_path, "run", 2, {"w": np.zeros(2) + 2}, {"epoch": 2})
+    assert np.array_equal(load_checkpoint(tmp_path, "run-eval")[0]["w"], np.ones(2))
+    assert load_checkpoint(tmp_path, "run")[1]["epoch"] == 2
+    assert len(list(tmp_path.glob("run-e0*.npz"))) == 1 and len(list(tmp_path.glob("run-eval-e0*.npz"))) == 1
+
+
+def test_arrays_file_outside_the_folder_is_refused(tmp_path):
+    save_checkpoint(tmp_path, "t", 0, {"w": np.ones(2)}, {"epoch": 0})
+    meta = json.loads((tmp_path / "t.json").read_text())
+    meta["arrays_file"] = "../elsewhere.npz"
+    (tmp_path / "t.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="expected a file name in the same folder"):
+        load_checkpoint(tmp_path, "t")
 
 
 def test_complex_arrays_and_generators_roundtrip(tmp_path):

@@ -2,11 +2,14 @@
 
 A checkpoint ``tag`` in a folder is two files:
 
-* ``<tag>-e<epoch>.npz``: the arrays (never pickled), written atomically under
-  a new name, so the previous checkpoint stays intact while it is written;
+* ``<tag>-e<epoch>-<sha>.npz``: the arrays (never pickled), named after the
+  epoch and the first 12 hex digits of their SHA-256, so a new checkpoint never
+  overwrites the file the current metadata names (not even when the same epoch
+  is saved again with other contents);
 * ``<tag>.json``: the metadata, naming that ``.npz`` and its SHA-256. Renaming
-  it into place is the commit point; afterwards older ``<tag>-e*.npz`` files
-  are removed. A crash at any moment leaves either the old or the new pair.
+  it into place is the commit point; afterwards this tag's older arrays files
+  are removed (only this tag's: ``run`` never touches ``run-eval``'s). A crash
+  at any moment leaves either the old or the new pair.
 
 The module also collects the state a model carries besides its parameters:
 ``buffers`` dicts (BatchNorm running statistics) and ``np.random.Generator``
@@ -18,12 +21,13 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 import numpy as np
 
-from qs4d_np.io import atomic_save_npz, atomic_write_json, load_json, load_npz
+from qs4d_np.io import atomic_write_bytes, atomic_write_json, load_json, load_npz, npz_bytes
 
 
 class CheckpointError(RuntimeError):
@@ -42,13 +46,16 @@ def save_checkpoint(folder: str | os.PathLike, tag: str, epoch: int, arrays: Map
                     meta: Mapping[str, Any]) -> Path:
     """Write ``arrays`` + ``meta`` as checkpoint ``tag``; returns the JSON path."""
     folder = Path(folder)
-    npz = folder / f"{tag}-e{epoch:04d}.npz"
-    atomic_save_npz(npz, arrays)
-    record = dict(meta, arrays_file=npz.name, arrays_sha256=_file_sha256(npz))
+    data = npz_bytes(arrays)
+    sha = hashlib.sha256(data).hexdigest()
+    npz = folder / f"{tag}-e{epoch:04d}-{sha[:12]}.npz"
+    atomic_write_bytes(npz, data)
+    record = dict(meta, arrays_file=npz.name, arrays_sha256=sha)
     json_path = folder / f"{tag}.json"
     atomic_write_json(json_path, record)
+    own = re.compile(re.escape(tag) + r"-e\d{4,}(-[0-9a-f]{12})?\.npz")
     for stale in folder.glob(f"{tag}-e*.npz"):
-        if stale.name != npz.name:
+        if stale.name != npz.name and own.fullmatch(stale.name):
             stale.unlink()
     return json_path
 
@@ -61,7 +68,10 @@ def load_checkpoint(folder: str | os.PathLike, tag: str) -> tuple[dict[str, np.n
     meta = load_json(json_path)
     if not isinstance(meta, dict) or not {"arrays_file", "arrays_sha256"} <= set(meta):
         raise CheckpointError(f"{json_path} is not checkpoint metadata (no arrays_file / arrays_sha256)")
-    npz = json_path.parent / meta["arrays_file"]
+    name = meta["arrays_file"]
+    if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
+        raise CheckpointError(f"{json_path} names arrays file {name!r}; expected a file name in the same folder")
+    npz = json_path.parent / name
     if not npz.is_file():
         raise CheckpointError(f"{json_path} names {npz.name}, which is missing")
     digest = _file_sha256(npz)
