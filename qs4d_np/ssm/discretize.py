@@ -150,6 +150,24 @@ def derivatives(d: DiscreteSSM) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.
     return dt * inv, A * inv, dt**2 / 2 * inv, inv
 
 
+def discretize_dt_A_backward(d: DiscreteSSM, B: np.ndarray | None, g_Abar: np.ndarray,
+                             g_Bbar: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """(dL/ddt (H,), dL/dA (H, M) complex, dL/dB (H, M) or None) from g_Abar, g_Bbar (H, M).
+
+    The backward of ``discretize_dt_A``: what a quantized A's straight-through
+    backward needs (``discretize_backward`` chains on to log_dt, log_A_real, A_imag).
+    """
+    dAbar_dA, dAbar_ddt, dBbar0_dA, dBbar0_ddt = derivatives(d)
+    g_B = None
+    g_Bbar0 = g_Bbar
+    if B is not None:
+        g_Bbar0 = np.conj(B.astype(np.complex128)) * g_Bbar
+        g_B = np.conj(d.Bbar0) * g_Bbar
+    g_A = np.conj(dAbar_dA) * g_Abar + np.conj(dBbar0_dA) * g_Bbar0
+    g_dt = np.real(np.conj(dAbar_ddt) * g_Abar + np.conj(dBbar0_ddt) * g_Bbar0).sum(axis=1)
+    return g_dt, g_A, g_B
+
+
 def discretize_backward(d: DiscreteSSM, B: np.ndarray | None, g_Abar: np.ndarray,
                         g_Bbar: np.ndarray) -> dict[str, np.ndarray]:
     """Chain g_Abar, g_Bbar (H, M) back to the continuous parameters.
@@ -157,15 +175,8 @@ def discretize_backward(d: DiscreteSSM, B: np.ndarray | None, g_Abar: np.ndarray
     Returns float64/complex128 gradients keyed ``log_dt`` (H,), ``log_A_real``,
     ``A_imag`` (H, M) and, when ``B`` is given, ``B`` (H, M).
     """
-    dAbar_dA, dAbar_ddt, dBbar0_dA, dBbar0_ddt = derivatives(d)
-    grads: dict[str, np.ndarray] = {}
-    if B is None:
-        g_Bbar0 = g_Bbar
-    else:
-        g_Bbar0 = np.conj(B.astype(np.complex128)) * g_Bbar
-        grads["B"] = np.conj(d.Bbar0) * g_Bbar
-    g_A = np.conj(dAbar_dA) * g_Abar + np.conj(dBbar0_dA) * g_Bbar0
-    g_dt = np.real(np.conj(dAbar_ddt) * g_Abar + np.conj(dBbar0_ddt) * g_Bbar0).sum(axis=1)
+    g_dt, g_A, g_B = discretize_dt_A_backward(d, B, g_Abar, g_Bbar)
+    grads: dict[str, np.ndarray] = {} if g_B is None else {"B": g_B}
     grads["log_dt"] = g_dt * d.dt[:, 0]
     grads["log_A_real"] = np.real(g_A) * np.real(d.A)  # dRe(A)/dlog_A_real = Re(A)
     grads["A_imag"] = np.imag(g_A)

@@ -19,11 +19,12 @@ from qs4d_np.core.mixing import PointwiseGLU
 from qs4d_np.core.module import Module
 from qs4d_np.kernels.scan import scan, scan_backward
 from qs4d_np.quant.config import QuantConfig
-from qs4d_np.quant.discrete import discretize_A, discretize_A_backward, polar_abar, polar_backward, polar_params
+from qs4d_np.quant.discrete import polar_abar, polar_backward, polar_params
 from qs4d_np.quant.quantizer import Quantizer
 from qs4d_np.quant.scan import StateQuant, quant_scan, quant_scan_backward, state_absmax
 from qs4d_np.quant.weights import WeightQuant
-from qs4d_np.ssm.discretize import DISCRETIZATIONS, DiscreteSSM, continuous_A, discretize, discretize_backward
+from qs4d_np.ssm.discretize import (DISCRETIZATIONS, DiscreteSSM, continuous_A, discretize, discretize_backward,
+                                     discretize_dt_A, discretize_dt_A_backward)
 from qs4d_np.ssm.fftconv import causal_conv, causal_conv_backward
 from qs4d_np.ssm.kernel import ssm_kernel, ssm_kernel_backward
 
@@ -300,7 +301,7 @@ class S4D(Module):
                 Abar = self._quant("Abar", d.Abar, training) if recurrent else d.Abar
             else:  # the reference: quantize A itself, then discretize
                 A = self._quant("A", continuous_A(p["log_A_real"], p["A_imag"]), training)
-                d = discretize_A(np.exp(log_dt.astype(np.float64)), A, p.get("B"), self.disc)
+                d = discretize_dt_A(np.exp(log_dt.astype(np.float64)), A, p.get("B"), self.disc)
                 ctx["A_quantized"] = True
                 Abar = d.Abar
             ctx["d"] = d
@@ -326,7 +327,7 @@ class S4D(Module):
         if self.abar == "continuous":
             d = ctx["d"]
             if ctx.get("A_quantized"):
-                g_dt, g_A, g_B = discretize_A_backward(d, p.get("B"), g_Abar, g_Bbar)
+                g_dt, g_A, g_B = discretize_dt_A_backward(d, p.get("B"), g_Abar, g_Bbar)
                 g_A = self._unquant("A", g_A)
                 grads["log_A_real"] = np.real(g_A) * -np.exp(p["log_A_real"].astype(np.float64))
                 grads["A_imag"] = np.imag(g_A)
