@@ -5,6 +5,7 @@ import http.server
 import socket
 import sys
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -116,6 +117,40 @@ def test_fetch_times_out_on_a_silent_server(tmp_path):
             fetch("x.gz", "0" * 64, [f"http://127.0.0.1:{silent.getsockname()[1]}/"], tmp_path, timeout=0.5)
     finally:
         silent.close()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_fetch_budget_holds_against_a_trickling_server(tmp_path):
+    # headers at once, then one byte every 0.2 s for ~6 s: each read returns quickly,
+    # so only the total budget can stop it
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    stop = threading.Event()
+
+    def trickle():
+        conn, _ = listener.accept()
+        conn.recv(4096)
+        conn.sendall(b"HTTP/1.0 200 OK\r\nContent-Length: 100000\r\n\r\n")
+        try:
+            for _ in range(30):  # ends after ~6 s, so a reader without a budget fails instead of hanging
+                if stop.wait(0.2):
+                    break
+                conn.sendall(b"x")
+        except OSError:
+            pass
+        conn.close()
+
+    thread = threading.Thread(target=trickle, daemon=True)
+    thread.start()
+    start = time.monotonic()
+    try:
+        with pytest.raises(DownloadError, match="could not download x.gz within 1.0 s"):
+            fetch("x.gz", "0" * 64, [f"http://127.0.0.1:{listener.getsockname()[1]}/"], tmp_path, timeout=1.0)
+    finally:
+        stop.set()
+        listener.close()
+    assert time.monotonic() - start < 2.0  # budget 1 s, plus one sub-second read at most
     assert list(tmp_path.iterdir()) == []
 
 

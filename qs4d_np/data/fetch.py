@@ -53,6 +53,17 @@ def _resolves(host: str, port: int, timeout: float) -> None:
         raise outcome[0]
 
 
+def _set_read_timeout(response: http.client.HTTPResponse, seconds: float) -> None:
+    """Shrink the socket timeout of an open response to the remaining budget.
+
+    The timeout given to ``open`` is fixed when the connection is made; the
+    socket sits behind the response's buffered reader (CPython's layout).
+    """
+    sock = getattr(getattr(getattr(response, "fp", None), "raw", None), "_sock", None)
+    if sock is not None:
+        sock.settimeout(max(seconds, 0.01))
+
+
 def _get(url: str, deadline: float, max_bytes: int) -> bytes:
     remaining = deadline - time.monotonic()
     if remaining <= 0:
@@ -67,9 +78,13 @@ def _get(url: str, deadline: float, max_bytes: int) -> bytes:
     opener = urllib.request.build_opener()
     with opener.open(url, timeout=max(deadline - time.monotonic(), 0.01)) as response:
         while True:
-            if time.monotonic() > deadline:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
                 raise TimeoutError(f"download slower than the time budget ({total} bytes so far)")
-            chunk = response.read(1 << 16)
+            _set_read_timeout(response, remaining)
+            # read1: return what has arrived instead of waiting for a full chunk, so a
+            # server that trickles bytes cannot hold one read past the budget
+            chunk = response.read1(1 << 16)
             if not chunk:
                 break
             total += len(chunk)
