@@ -13,7 +13,9 @@
   file, axes, layer, kind (weight / input / output) and, where it has one, its
   real step (``scale``: real value = scale * word) and the multiplier and
   shift words that requantize into it; the saturation counts and the local
-  agreement bounds (eps) of section 6.
+  agreement bounds (eps) of section 6; per layer H, N2 and, when the export
+  dropped modes with C = 0, ``N2_original`` and ``modes_kept`` (per channel
+  the original indices of its modes, the rest of its N2 being inert padding).
 
 The directory is written as a whole (``vectors.staged_export``): a
 re-export replaces a previous one only once complete, and a non-empty
@@ -123,13 +125,21 @@ def _write_bundle(model: IntegerModel, x: np.ndarray, run, out_dir: Path, labels
     manifest = {
         "spec_version": SPEC_VERSION, "kind": "model", "samples": int(x.shape[0]), "length": model.length,
         "d_input": model.d_input, "n_layers": len(model.layers),
-        "layers": [{"H": l.core.H, "N2": l.core.N2, "sig_bits": l.sig_bits, "residual": l.residual,
-                    "post": l.post is not None} for l in model.layers],
+        "layers": [_layer_entry(l) for l in model.layers],
         "saturation": run.saturation, "eps": model.eps, "tensors": tensors}
     if labels is not None:
         manifest["labels"] = np.asarray(labels).astype(int).tolist()
     atomic_write_json(out_dir / "manifest.json", manifest)
     return manifest
+
+
+def _layer_entry(layer) -> dict:
+    """A layer's manifest entry; with dropped modes also the original M and the kept mode indices."""
+    entry = {"H": layer.core.H, "N2": layer.core.N2, "sig_bits": layer.sig_bits, "residual": layer.residual,
+             "post": layer.post is not None}
+    if layer.modes is not None:
+        entry.update({"N2_original": layer.modes.M, "modes_kept": [list(k) for k in layer.modes.kept]})
+    return entry
 
 
 def _scale_of(model: IntegerModel, name: str):

@@ -20,10 +20,10 @@ from typing import Mapping
 
 import numpy as np
 
-from qs4d_np.core.checks import check_array, check_float, check_int
+from qs4d_np.core.checks import check_array, check_bool, check_float, check_int
 from qs4d_np.golden.fixedpoint import IntFormat
 from qs4d_np.golden.layer import SSMCore, SSMCoreFormats
-from qs4d_np.golden.model import IntegerModel, IntLayer, IntLinear, Requant
+from qs4d_np.golden.model import IntegerModel, IntLayer, IntLinear, ModeMap, Requant
 from qs4d_np.golden.multiplier import shared_shift_multipliers, ssm_core_multipliers
 from qs4d_np.golden.twin import codes, sigmoid
 from qs4d_np.quant.config import QuantConfig
@@ -36,6 +36,8 @@ REQUIRED_TARGETS = ("A", "B", "C", "D", "state", "linear", "act", "coder")
 DEFAULT_WIDTHS = {"in": 9, "u": 16, "y": 16, "za": 16, "zb": 12, "avg": 16, "logits": 16}
 # Fraction bits of the sigmoid table: its rounding adds |za| * 2**-(F+1) to the act bound.
 SIG_BITS = 20
+# Steps with one value per mode (H, N2): compacted with the core when modes are dropped.
+MODE_STEPS = ("Abar_re", "Abar_im", "Bbar_re", "Bbar_im")
 # The gate grid never spans more than +-GATE_RANGE: sigmoid(16) rounds to 2**15 / 2**15 already.
 GATE_RANGE = 16.0
 
@@ -202,14 +204,17 @@ def _multi_eps(ratios: list, mults: list, shift, bounds: list) -> np.ndarray:
 
 def from_model(model, x_calib: np.ndarray, *, quant: QuantConfig | None = None, in_step: float = 1 / 255,
                widths: Mapping[str, int] | None = None, headroom: float = 1.25,
-               sig_bits: int = SIG_BITS) -> IntegerModel:
+               sig_bits: int = SIG_BITS, drop_pruned: bool = True) -> IntegerModel:
     """The integer model of ``model`` (an S4DModel), calibrated on float inputs ``x_calib`` (B, L, d_in).
 
     ``quant`` defaults to the model's own ``quant`` config; ``in_step`` is the
     input step (pixels / 255: 1/255, so pixel p is the code p); ``widths``
     overrides DEFAULT_WIDTHS and any target's width (a width narrower than
     the target's grid is an error naming both). The decoder's 1/L is folded
-    for L = x_calib.shape[1].
+    for L = x_calib.shape[1]. With ``drop_pruned`` (default) the modes whose
+    quantized C is 0 (pruned: ``qs4d_np.hardware.pruning``) are dropped from
+    each core (``_drop_zero_c_modes``); every output but the per-mode state
+    tensors is the same integer as without.
     """
     _check_supported(model)
     if quant is None:
@@ -227,6 +232,7 @@ def from_model(model, x_calib: np.ndarray, *, quant: QuantConfig | None = None, 
     in_step = check_float("in_step", in_step, min_value=0.0, min_inclusive=False)
     headroom = check_float("headroom", headroom, min_value=1.0)
     sig_bits = check_int("sig_bits", sig_bits, min_value=1, max_value=30)
+    drop_pruned = check_bool("drop_pruned", drop_pruned)
     W = {**DEFAULT_WIDTHS, **(widths or {})}
     for k, v in W.items():
         check_int(f"widths[{k!r}]", v, min_value=2, max_value=32)
@@ -248,7 +254,8 @@ def from_model(model, x_calib: np.ndarray, *, quant: QuantConfig | None = None, 
     layers = []
     for i, block in enumerate(model.blocks):
         p = f"layers.{i}."
-        layer, u, u_fmt, s_u = _export_layer(i, block, qz, u, u_fmt, s_u, W, headroom, sig_bits, steps, eps, p)
+        layer, u, u_fmt, s_u = _export_layer(i, block, qz, u, u_fmt, s_u, W, headroom, sig_bits, steps, eps, p,
+                                             drop_pruned)
         layers.append(layer)
     steps["out_last"] = np.float64(s_u)
 
@@ -266,8 +273,37 @@ def from_model(model, x_calib: np.ndarray, *, quant: QuantConfig | None = None, 
     return IntegerModel(in_fmt, encoder, layers, pool, decoder, L, steps, eps)
 
 
+def _drop_zero_c_modes(core: SSMCore, mode_steps: dict[str, np.ndarray]
+                       ) -> tuple[SSMCore, ModeMap | None, dict[str, np.ndarray]]:
+    """Drop the modes whose C codes are 0 in both parts (docs/integer_spec.md, section 5.3).
+
+    Per channel the kept modes move to the front in their order; every channel is
+    padded to N2' = the largest kept count (at least 1) with inert modes: all (H, N2)
+    words 0 (Abar, Bbar, C, state multipliers, r_x), so the padding state stays 0,
+    and the per-mode steps ``mode_steps`` ((H, N2) each) 0. The output multipliers
+    (m_c_*, m_d, r_y) are kept as computed for the full core, so y is the same
+    integer. Returns the core unchanged and None when no mode is dropped.
+    """
+    keep = (core.C_re != 0) | (core.C_im != 0)
+    if keep.all():
+        return core, None, mode_steps
+    kept = tuple(tuple(int(n) for n in np.flatnonzero(row)) for row in keep)
+    n2 = max(1, max(len(k) for k in kept))
+    arrays = core.arrays()
+
+    def compact(a: np.ndarray) -> np.ndarray:
+        out = np.zeros((core.H, n2), dtype=a.dtype)
+        for h, idx in enumerate(kept):
+            out[h, :len(idx)] = a[h, list(idx)]
+        return out
+
+    arrays.update({k: compact(v) for k, v in arrays.items() if v.ndim == 2})
+    new = SSMCore(core.formats, **arrays)
+    return new, ModeMap(core.N2, kept), {k: compact(v) for k, v in mode_steps.items()}
+
+
 def _export_layer(i, block, qz: _Quantizer, u: np.ndarray, u_fmt: IntFormat, s_u: float, W: dict,
-                  headroom: float, sig_bits: int, steps: dict, eps: dict, p: str):
+                  headroom: float, sig_bits: int, steps: dict, eps: dict, p: str, drop_pruned: bool):
     ssm = block.ssm
     H, N2 = ssm.d_model, ssm.d_state // 2
     mq = getattr(ssm, "q", {})
@@ -384,5 +420,9 @@ def _export_layer(i, block, qz: _Quantizer, u: np.ndarray, u_fmt: IntFormat, s_u
         out, _ = post([act, u] if residual else [act])
         steps.update({p + "bn_k": k, p + "bn_c": c})
     steps[p + "out"] = np.float64(s_out)
-    layer = IntLayer(core, mix_a, mix_b, sig_lut, sig_bits, glu, post, residual)
+    modes = None
+    if drop_pruned:  # after the eps bounds, which are computed (as upper bounds) over every mode
+        core, modes, mode_steps = _drop_zero_c_modes(core, {k: cs[k] for k in MODE_STEPS})
+        steps.update({p + k: v for k, v in mode_steps.items()})
+    layer = IntLayer(core, mix_a, mix_b, sig_lut, sig_bits, glu, post, residual, modes)
     return layer, out, out_fmt, s_out

@@ -123,6 +123,35 @@ class IntLinear:
         return {f"{self.name}_W": self.W, f"{self.name}_b": self.b, **self.requant.arrays()}
 
 
+@dataclass(frozen=True)
+class ModeMap:
+    """Which original SSM modes a compacted core keeps (modes with C = 0 dropped at export).
+
+    ``M``: the layer's original mode count; ``kept[h]``: the original indices,
+    increasing, of the modes channel h keeps, in the core's mode order; core
+    modes ``len(kept[h])`` .. N2-1 of channel h are inert padding (Abar, Bbar,
+    C codes and state multipliers 0).
+    """
+
+    M: int
+    kept: tuple[tuple[int, ...], ...]
+
+    def check(self, core: SSMCore) -> None:
+        """Fail unless the map fits ``core`` (H channels, N2 <= M) and every padding mode is inert."""
+        if len(self.kept) != core.H:
+            raise ValueError(f"mode map has {len(self.kept)} channels, the core {core.H}")
+        if core.N2 > self.M:
+            raise ValueError(f"the core has N2={core.N2} modes, more than the original M={self.M}")
+        for h, idx in enumerate(self.kept):
+            if len(idx) > core.N2 or any(a >= b for a, b in zip(idx, idx[1:])) or \
+                    (idx and (idx[0] < 0 or idx[-1] >= self.M)):
+                raise ValueError(f"channel {h}: kept modes {list(idx)} must be increasing indices in "
+                                 f"[0, {self.M}), at most N2={core.N2} of them")
+            pad = slice(len(idx), None)
+            if any(np.any(a[h, pad] != 0) for a in core.arrays().values() if a.ndim == 2):
+                raise ValueError(f"channel {h}: padding modes {len(idx)}..{core.N2 - 1} must be all zero words")
+
+
 @dataclass
 class IntLayer:
     """One S4D block: SSM core, mixing halves, sigmoid table, GLU requantization, optional post op.
@@ -130,6 +159,8 @@ class IntLayer:
     ``sig_lut`` has one entry per code of ``mix_b``'s grid (index zb - qmin),
     values in [0, 2**sig_bits]. ``post`` is None when the block has neither
     norm nor residual (out = act); else a ``Requant`` over [act] or [act, u].
+    ``modes`` maps the core's modes to the original ones when the export
+    dropped modes with C = 0; None when the core keeps every mode in order.
     """
 
     core: SSMCore
@@ -140,6 +171,7 @@ class IntLayer:
     glu: Requant
     post: Requant | None = None
     residual: bool = False
+    modes: ModeMap | None = None
 
     def __post_init__(self) -> None:
         gate = self.mix_b.requant.fmt
@@ -149,6 +181,8 @@ class IntLayer:
             raise ValueError(f"sig_lut values must lie in [0, 2**{self.sig_bits}]")
         if self.residual and (self.post is None or len(self.post.M) != 2):
             raise ValueError("a residual block needs a two-term post requantization (act, u)")
+        if self.modes is not None:
+            self.modes.check(self.core)
 
     @property
     def out_fmt(self) -> IntFormat:
