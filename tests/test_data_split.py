@@ -36,7 +36,7 @@ def _dataset(n=10, length=4):
 def test_sequence_dataset_rejects_bad_input():
     with pytest.raises(TypeError, match="pixels must have dtype uint8"):
         SequenceDataset(np.zeros((2, 3, 1)), np.zeros(2), (0.0,), (1.0,))
-    with pytest.raises(ValueError, match=r"labels must have shape \(2\)"):
+    with pytest.raises(ValueError, match=r"labels must have shape \(2,\)"):
         SequenceDataset(np.zeros((2, 3, 1), np.uint8), np.zeros(3), (0.0,), (1.0,))
     with pytest.raises(ValueError, match="one value per input channel"):
         SequenceDataset(np.zeros((2, 3, 1), np.uint8), np.zeros(2), (0.0, 0.0), (1.0,))

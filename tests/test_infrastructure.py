@@ -51,6 +51,8 @@ def test_checks_name_the_argument():
         check_sequence_input("u", np.zeros((2, 3, 5)), 4)
     with pytest.raises(ValueError, match="non-finite"):
         check_array("x", np.array([1.0, np.nan]))
+    with pytest.raises(ValueError, match=r"D must have shape \(2,\), got \(3,\)"):  # a 1-tuple keeps its comma
+        check_array("D", np.zeros(3), shape=(2,))
     with pytest.raises(ValueError, match="init must be one of"):
         check_choice("init", "foo", ["lin", "inv"])
     with pytest.raises(TypeError, match="d_state must be an integer"):

@@ -142,6 +142,27 @@ def test_param_groups_partition_and_ssm_names():
     assert "layers.0.ssm.C" in main["names"] and "layers.0.ssm.mixing.linear.weight" in main["names"]
 
 
+def test_learned_quantizer_steps_form_a_group_without_weight_decay():
+    from qs4d_np.quant import QuantConfig
+    from qs4d_np.train.optim import AdamW
+
+    model = S4DModel(2, 3, seed=0, quant=QuantConfig(all=16, scale_mode="learned"), **TINY)
+    main, ssm, steps = model.param_groups()
+    assert steps["weight_decay"] == 0.0 and steps["ssm"] is False
+    assert steps["names"] and all(name.endswith(".step") and "quant_" in name for name in steps["names"])
+    assert sorted(main["names"] + ssm["names"] + steps["names"]) == sorted(model.params)
+    # with zero gradients only weight decay moves a parameter: the main group's weights shrink,
+    # the steps do not
+    opt = AdamW(model.params, model.param_groups(), lr=0.1, weight_decay=0.5)
+    before = {k: v.copy() for k, v in model.params.items()}
+    opt.step({k: np.zeros_like(v) for k, v in model.params.items()})
+    for name in steps["names"]:
+        np.testing.assert_array_equal(model.params[name], before[name])
+    assert not np.array_equal(model.params["layers.0.ssm.C"], before["layers.0.ssm.C"])
+    # a float model keeps its two groups
+    assert len(S4DModel(2, 3, seed=0, **TINY).param_groups()) == 2
+
+
 def test_seeded_construction_is_deterministic():
     a, b, c = (S4DModel(2, 3, seed=s, **TINY) for s in (7, 7, 8))
     for k in a.params:

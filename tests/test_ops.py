@@ -261,7 +261,7 @@ def test_cross_entropy_bad_input():
         ce.forward(np.zeros((2, 3)), np.array([-1, 0]))
     with pytest.raises(TypeError, match="labels must be integers"):
         ce.forward(np.zeros((2, 3)), np.array([0.0, 1.0]))
-    with pytest.raises(ValueError, match=r"labels must have shape \(2\)"):
+    with pytest.raises(ValueError, match=r"labels must have shape \(2,\)"):
         ce.forward(np.zeros((2, 3)), np.array([0, 1, 1]))
     with pytest.raises(ValueError, match="logits contains 1 non-finite"):
         ce.forward(np.array([[0.0, np.nan]]), np.array([0]))

@@ -71,7 +71,7 @@ def test_scan_bad_arguments():
         scan(u, Abar, np.zeros((2, 2), dtype=complex), Abar, np.zeros(2))
     with pytest.raises(ValueError, match=r"C must have shape \(2, 3\), got \(3,\)"):
         scan(u, Abar, Abar, np.zeros(3, dtype=complex), np.zeros(2))
-    with pytest.raises(ValueError, match=r"D must have shape \(2\), got \(3,\)"):
+    with pytest.raises(ValueError, match=r"D must have shape \(2,\), got \(3,\)"):
         scan(u, Abar, Abar, Abar, np.zeros(3))
     with pytest.raises(ValueError, match="u must be a float32/float64 array"):
         scan(np.zeros((4, 2)), Abar, Abar, Abar, np.zeros(2))

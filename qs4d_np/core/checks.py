@@ -73,7 +73,7 @@ def check_array(name: str, x: object, *, ndim: int | None = None,
         raise ValueError(f"{name} must have {ndim} dimensions, got shape {x.shape}")
     if shape is not None:
         if x.ndim != len(shape) or any(s is not None and s != d for s, d in zip(shape, x.shape)):
-            want = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"
+            want = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ("," if len(shape) == 1 else "") + ")"
             raise ValueError(f"{name} must have shape {want}, got {x.shape}")
     if min_size is not None and any(d < min_size for d in x.shape):
         raise ValueError(f"{name} must have at least {min_size} entries along every axis, got shape {x.shape}")

@@ -151,19 +151,28 @@ class S4DModel(Module):
     def param_groups(self) -> list[dict[str, Any]]:
         """Parameter names split for the optimizer:
 
-        ``[{"names": [...], "ssm": False}, {"names": [...], "ssm": True}]``. The
-        ``ssm`` group holds every S4D layer's ``log_dt``, ``log_A_real``,
-        ``A_imag`` (and ``B`` when learned); the recipe trains it with lr
-        min(0.001, lr) and weight decay 0. Everything else (C, D, mixing,
-        norms, encoder, decoder) is the main group. Every parameter is in
-        exactly one group; names keep ``.params`` order.
+        ``[{"names": [...], "ssm": False}, {"names": [...], "ssm": True}]``, plus
+        ``{"names": [...], "ssm": False, "weight_decay": 0.0}`` when the model has
+        learned (LSQ) quantizer steps. The ``ssm`` group holds every S4D layer's
+        ``log_dt``, ``log_A_real``, ``A_imag`` (and ``B`` when learned) or its
+        discrete ``Abar_rho``, ``Abar_theta``, ``Bbar``; the recipe trains it with
+        lr min(0.001, lr) and weight decay 0. Quantizer steps get the base lr and no
+        weight decay: decay would shrink every step toward 0, i.e. push the range
+        to clip more and more values (LSQ trains steps without decay). Everything
+        else (C, D, mixing, norms, encoder, decoder) is the main group. Every
+        parameter is in exactly one group; names keep ``.params`` order.
         """
-        ssm, main = [], []
+        steps = {f"{prefix}.{key}" for prefix, module in self.modules() if isinstance(module, Quantizer)
+                 for key in module.params}
+        ssm, main, quant = [], [], []
         for name in self.params:
             parts = name.split(".")
             is_ssm = len(parts) >= 2 and parts[-2] == "ssm" and parts[-1] in SSM_PARAM_NAMES
-            (ssm if is_ssm else main).append(name)
-        return [{"names": main, "ssm": False}, {"names": ssm, "ssm": True}]
+            (quant if name in steps else ssm if is_ssm else main).append(name)
+        groups = [{"names": main, "ssm": False}, {"names": ssm, "ssm": True}]
+        if quant:
+            groups.append({"names": quant, "ssm": False, "weight_decay": 0.0})
+        return groups
 
     # -- files ----------------------------------------------------------------
     def named_buffers(self) -> dict[str, np.ndarray]:
