@@ -255,8 +255,8 @@ def test_qat_model_exports_through_its_own_quantizers():
 @pytest.mark.parametrize("abar", ["continuous", "discrete"])
 def test_export_codes_and_steps_equal_the_public_quantized_recurrent(abar):
     # export.py reads the layer through its quantizers (it also supports absmax state / act
-    # ranges calibrated on x_calib, which quantized_recurrent() refuses); with static ranges
-    # both must give the same integers and steps, bit for bit
+    # ranges calibrated on x_calib, which quantized_recurrent() resolves only given calib); with
+    # static ranges both must give the same integers and steps, bit for bit
     from qs4d_np.quant.ptq import calibrate
     quant = QuantConfig(256, state=4096, target_options={"act": {"scale_mode": "running"},
                                                          "state": {"scale_mode": "running"}})
@@ -276,9 +276,10 @@ def test_export_codes_and_steps_equal_the_public_quantized_recurrent(abar):
         assert np.array_equal(core.D, want["D"].q)
         inv = want["state"].per_channel_inv(4, np.dtype(np.float64))
         assert np.array_equal(im.steps[p + "x_re"], 1.0 / inv[:, 0]) and np.array_equal(im.steps[p + "x_im"], 1.0 / inv[:, 1])
-        # the export takes the act step the float32 forward uses; quantized_recurrent() gives it in float64
-        act_inv = want["act"]["inv_scale"].astype(np.float32).astype(np.float64)
-        assert np.array_equal(im.steps[p + "act"], np.broadcast_to(1.0 / act_inv, (4,)))
+        # both take the act step the float32 forward quantizes with
+        act_inv = want["act"]["inv_scale"]
+        assert act_inv.dtype == np.float32
+        assert np.array_equal(im.steps[p + "act"], np.broadcast_to(1.0 / act_inv.astype(np.float64), (4,)))
 
 
 def test_interrupted_bundle_reexport_keeps_the_previous_bundle(tmp_path, monkeypatch):

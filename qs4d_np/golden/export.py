@@ -126,7 +126,7 @@ class _Quantizer:
         """The state's codes per unit (H, 2): the model's state quantizer, or calibrated per part."""
         H = ssm.d_model
         if self.own and ssm.q.get("x") is not None:
-            state = ssm._state_quant(u_real.astype(ssm.dtype), Abar, Bbar, False)
+            state = ssm.quantization.state_quant(u_real.astype(ssm.dtype), Abar, Bbar)
         else:
             clip = np.inf if getattr(ssm, "state_clip", None) is None else ssm.state_clip
             absmax = state_absmax(u_real, Abar, Bbar, StateQuant(None), clip)
@@ -306,16 +306,15 @@ def _export_layer(i, block, qz: _Quantizer, u: np.ndarray, u_fmt: IntFormat, s_u
                   headroom: float, sig_bits: int, steps: dict, eps: dict, p: str, drop_pruned: bool):
     ssm = block.ssm
     H, N2 = ssm.d_model, ssm.d_state // 2
-    mq = getattr(ssm, "q", {})
-    # the float Abar, Bbar the recurrent forward quantizes (after a quantized dt, if any)
-    *_, ctx = ssm._ssm_params(False, "recurrent")
-    Abar_pre = ctx["d"].Abar if "d" in ctx else ctx["Abar"]
-    # complex128 as the forward quantizes it (the float32 parameter would give a different step)
-    Bbar_pre = ctx["d"].Bbar if "d" in ctx else ssm._params["Bbar"].astype(np.complex128)
-    qA, sA, A_fmt = qz.weight("A", i, Abar_pre, axis=0, model_q=mq.get("Abar"))
-    qB, sB, B_fmt = qz.weight("B", i, Bbar_pre, axis=0, model_q=mq.get("B"))
-    qC, sC, C_fmt = qz.weight("C", i, ssm._params["C"], axis=0, model_q=mq.get("C"))
-    qD, sD, D_fmt = qz.weight("D", i, ssm._params["D"], axis=0, model_q=mq.get("D"))
+    mq = ssm.q
+    # the float Abar, Bbar the recurrent forward quantizes (after a quantized dt, if any), complex128
+    # as the forward quantizes them (the float32 Bbar parameter would give a different step)
+    eff = ssm.effective_ssm("recurrent")
+    params = ssm.params
+    qA, sA, A_fmt = qz.weight("A", i, eff.Abar_float, axis=0, model_q=mq.get("Abar"))
+    qB, sB, B_fmt = qz.weight("B", i, eff.Bbar_float, axis=0, model_q=mq.get("B"))
+    qC, sC, C_fmt = qz.weight("C", i, params["C"], axis=0, model_q=mq.get("C"))
+    qD, sD, D_fmt = qz.weight("D", i, params["D"], axis=0, model_q=mq.get("D"))
     Abar_hat = sA[0] * qA[0] + 1j * sA[1] * qA[1]
     Bbar_hat = sB[0] * qB[0] + 1j * sB[1] * qB[1]
     C_hat = sC[0] * qC[0] + 1j * sC[1] * qC[1]
@@ -353,7 +352,7 @@ def _export_layer(i, block, qz: _Quantizer, u: np.ndarray, u_fmt: IntFormat, s_u
                                            [cx, cx, D_fmt.maxabs * u_fmt.maxabs])))
     y = _core_y(core, u)
 
-    mix = ssm.mixing.linear._params
+    mix = ssm.mixing.linear.params
     Wq, sW, w_fmt = qz.weight("linear", i, mix["weight"], axis=1, model_q=mq.get("linear"))
     z_real = (y * s_y) @ (Wq * sW) + mix["bias"]
     za_fmt, zb_fmt = IntFormat.full(W["za"]), IntFormat.full(W["zb"])

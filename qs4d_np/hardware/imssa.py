@@ -63,12 +63,13 @@ from qs4d_np.kernels.elementwise import glu_forward
 # -- the per-channel matrix --------------------------------------------------
 def ssm_matrices(ssm: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(Abar, Bbar, C) (H, M) complex128 and D (H,) float64 of an S4D layer as its recurrent mode uses them:
-    the float values, or for a QAT layer the quantized ones (its ``_ssm_params`` in eval mode)."""
+    the float values, or for a QAT layer the quantized ones (``S4D.effective_ssm``)."""
     if getattr(ssm, "quant", None) is not None:
-        Abar, Bbar, C, D, _ = ssm._ssm_params(False, "recurrent")
+        eff = ssm.effective_ssm("recurrent")
+        Abar, Bbar, C, D = eff.Abar, eff.Bbar, eff.C, eff.D
     else:
         d = ssm.discrete()
-        Abar, Bbar, C, D = d.Abar, d.Bbar, ssm._params["C"], ssm._params["D"]
+        Abar, Bbar, C, D = d.Abar, d.Bbar, ssm.params["C"], ssm.params["D"]
     return (Abar.astype(np.complex128), Bbar.astype(np.complex128), C.astype(np.complex128),
             D.astype(np.float64))
 
@@ -199,8 +200,7 @@ class AnalogModel:
         self.encoder = self._program_linear(model.encoder, coder_quant.get("encoder"))
         self.ssm = [self._program_ssm(block.ssm) for block in model.blocks]
         self.mixing = [None if block.ssm.mixing is None else
-                       self._program_linear(block.ssm.mixing.linear, getattr(block.ssm, "weight_quant", None))
-                       for block in model.blocks]
+                       self._program(block.ssm.mixing_weight().T.astype(np.float64)) for block in model.blocks]
         self.decoder = self._program_linear(model.decoder, coder_quant.get("decoder"))
         self.counters = AnalogCounters()
 
@@ -295,8 +295,8 @@ class AnalogModel:
             out = np.empty((z.shape[0], ssm.d_model), dtype=self.dtype)
             glu_forward(z, linear._params["bias"], out, np.empty_like(out))
             y = out.reshape(y.shape)
-        if getattr(ssm, "q", {}).get("act") is not None:  # QAT: the digital activation quantizer
-            y = ssm.q["act"].forward(y, training=False)
+        if ssm.act_quantizer is not None:  # QAT: the digital activation quantizer
+            y = ssm.act_quantizer.forward(y, training=False)
         return y
 
     def forward(self, x: np.ndarray) -> np.ndarray:

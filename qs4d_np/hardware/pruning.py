@@ -116,7 +116,7 @@ class _Group:
 def mode_scores(ssm: Any) -> np.ndarray:
     """(H, M) score |C*Bbar| / sqrt(1 - |Abar|^2) of every mode of an S4D layer (module docstring)."""
     d = ssm.discrete()
-    C = ssm._params["C"].astype(np.complex128)
+    C = ssm.params["C"].astype(np.complex128)
     return np.abs(C * d.Bbar) / np.sqrt(np.maximum(1.0 - np.abs(d.Abar) ** 2, 1e-12))
 
 
@@ -143,10 +143,10 @@ def _groups(model: Any, granularity: str) -> list[_Group]:
                 masks[f"{prefix}.ssm.C"].reshape(-1)[idx] = False
             groups.append(_Group(prefix, scores.reshape(-1), zero))
             continue
-        D = ssm._params["D"].astype(np.float64)
+        D = ssm.params["D"].astype(np.float64)
         channel = np.sqrt((scores ** 2).sum(axis=1) + D ** 2)
         if ssm.mixing is not None:
-            channel = channel * np.linalg.norm(ssm.mixing.linear._params["weight"].astype(np.float64), axis=1)
+            channel = channel * np.linalg.norm(ssm.params["mixing.linear.weight"].astype(np.float64), axis=1)
 
         def zero(masks, idx, prefix=prefix, mixing=ssm.mixing is not None):
             masks[f"{prefix}.ssm.C"][idx, :] = False

@@ -1,0 +1,445 @@
+"""The quantization wiring of one S4D layer (``S4DQuant``): what ``S4D`` quantizes, where, and how.
+
+``S4D(..., quant=QuantConfig(...), layer=i)`` builds one ``S4DQuant``; it owns
+
+* the ``Quantizer`` children (built from the config and registered on the layer
+  under the names below, so learned steps appear in the layer's ``.params`` and
+  running ranges in their ``buffers``; a float layer has none);
+* the parameter path of both modes: the (possibly quantized) Abar, Bbar, C, D the
+  SSM core computes with (``ssm_params``) and the backward chaining the core's
+  gradients through the quantizers and the discretization to the parameters
+  (``ssm_params_backward``);
+* the recurrent state quantizer (``state_quant``) and its learned step's gradient;
+* the export of the evaluation-mode recurrent layer for the integer model
+  (``export``, behind ``S4D.quantized_recurrent``) and the effective parameters
+  (``effective``, behind ``S4D.effective_ssm``);
+* one streaming step of the quantized recurrence (``core_step``, behind ``S4D.step``).
+
+Where each target acts (H = d_model, M = d_state/2):
+
+==============  =====================================  ==============================
+child           convolution mode (the reference)        recurrent mode (Zhao et al.)
+==============  =====================================  ==============================
+``quant_A``     A = -exp(log_A_real) + i*A_imag before  -
+                discretization (continuous only)
+``quant_Abar``  Abar (discrete / frozen)                Abar (real and imaginary
+                                                        parts separately by default)
+``quant_B``     -                                       Bbar
+``quant_C``     C (one scale for both parts by default) C
+``quant_D``     - (the reference keeps D float)         D
+``quant_dt``    log_dt, then dt = exp(.)                 log_dt, then dt = exp(.)
+``quant_K``,    the kernel K and the input u, each with  -
+``quant_u``     levels // 2 states (``state`` target)
+``quant_x``     -                                       the state x after every update
+                                                        (``state`` target, full levels)
+``quant_linear`` the mixing weight (H, 2H); bias float  same
+``quant_act``   the layer output after GLU              same
+==============  =====================================  ==============================
+
+Per-channel scales run over H (axis 0 of the (H, ...) parameters, the last axis
+of activations, the 2H outputs of the mixing weight). The state's range comes
+from ``quant_x``'s scale_mode: ``absmax`` (max |x| of this batch's float states,
+like the reference's per-call scales), ``running`` (that absmax folded into
+running buffers in training / calibration, frozen in eval), ``fixed``
+(``fixed_range``) or ``learned`` (LSQ step, initialised to the float states'
+absmax / qpos). Gradients pass every quantizer by its STE and then the
+discretization, as in float.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Iterator
+
+import numpy as np
+
+from qs4d_np.core.checks import check_sequence_input
+from qs4d_np.quant.config import QuantConfig
+from qs4d_np.quant.discrete import polar_backward
+from qs4d_np.quant.grids import ROUNDING
+from qs4d_np.quant.quantizer import Quantizer
+from qs4d_np.quant.scan import ScanCache, StateQuant, state_absmax
+from qs4d_np.quant.weights import WeightQuant
+from qs4d_np.ssm.discretize import (continuous_A, discretize, discretize_backward, discretize_dt_A,
+                                     discretize_dt_A_backward)
+
+if TYPE_CHECKING:
+    from qs4d_np.ssm.s4d import S4D
+
+# The layer's quantizer keys, in the order their children are registered (checkpoint keys).
+KEYS = ("A", "Abar", "B", "C", "D", "dt", "K", "u", "x", "linear", "act")
+# Range sources that do not depend on the data being quantized (streaming, export without calib).
+STATIC_SCALE_MODES = ("fixed", "running", "learned")
+
+
+@dataclass(frozen=True)
+class EffectiveSSM:
+    """The SSM parameters an evaluation-mode forward computes with (``S4D.effective_ssm``).
+
+    ``Abar``, ``Bbar``, ``C``: (H, M) complex128; ``D``: (H,) float64. Quantized
+    where the config quantizes them in that mode (the fake-quant values), float
+    otherwise. ``Abar_float``, ``Bbar_float``: (H, M) complex128, the values
+    before the Abar / Bbar quantizers (after a quantized dt or A, if any); equal
+    to ``Abar``, ``Bbar`` where those are not quantized.
+    """
+
+    Abar: np.ndarray
+    Bbar: np.ndarray
+    C: np.ndarray
+    D: np.ndarray
+    Abar_float: np.ndarray
+    Bbar_float: np.ndarray
+
+
+def _round(v: np.ndarray, mode: int) -> np.ndarray:
+    """``kernels.fake_quant.round_code`` on an array, in v's dtype (rules by ``quant.grids.ROUNDING``)."""
+    if mode == 0:
+        return np.rint(v)
+    if mode == 3:
+        return np.floor(v)
+    a = np.abs(v)
+    f = np.floor(a)
+    d = a - f
+    up = d >= 0.5 if mode == 2 else (d > 0.5) | ((d == 0.5) & (v >= 0))
+    r = np.where(up, f + v.dtype.type(1), f)
+    return np.where(v >= 0, r, -r)
+
+
+class S4DQuant:
+    """The quantizers of one S4D layer and the code that applies them (module docstring).
+
+    ``q[key]`` is the ``Quantizer`` of each key of ``KEYS`` or None (float);
+    ``weight_quant`` swaps the quantized mixing weight into the layer's mixing.
+    The layer's own helper: it reads the layer's parameters directly.
+    """
+
+    def __init__(self, layer: "S4D") -> None:
+        self.layer = layer
+        self.q: dict[str, Quantizer | None] = dict.fromkeys(KEYS)
+        self.weight_quant: WeightQuant | None = None
+        if layer.quant is not None:
+            self._build(layer.quant)
+            self.init_param_steps()
+
+    # -- building -------------------------------------------------------------
+    def _make(self, cfg: QuantConfig, key: str, target: str, axis: int, channels: int, is_complex: bool,
+              halve: bool = False, **extra: Any) -> None:
+        """The quantizer of ``key`` (config ``target``; ``channels`` along ``axis`` when per channel),
+        registered on the layer as child ``quant_<key>``; ``extra`` goes to the ``Quantizer``."""
+        layer = self.layer
+        o = cfg.options_for(target)
+        n = channels if o["per_channel"] else 1
+        if is_complex and o["complex_mode"] == "cartesian":
+            n *= 2
+        q = cfg.quantizer_for(target, layer.layer, axis=axis, n_scales=n, halve=halve, dtype=layer.dtype, **extra)
+        if q is not None:
+            q.name = f"{key}[{layer.layer}]" if layer.layer is not None else key
+            self.q[key] = layer.add_child(f"quant_{key}", q)
+
+    def _build(self, cfg: QuantConfig) -> None:
+        layer, H = self.layer, self.layer.d_model
+        make = self._make
+        if layer.abar == "continuous":
+            make(cfg, "A", "A", 0, H, True)  # A in convolution mode
+        # Abar in recurrent mode (and always for discrete / frozen)
+        make(cfg, "Abar", "A", 0, H, True)
+        make(cfg, "B", "B", 0, H, True)
+        make(cfg, "C", "C", 0, H, True)
+        make(cfg, "D", "D", 0, H, False)
+        if layer.abar == "continuous":
+            make(cfg, "dt", "dt", 0, H, False)
+        make(cfg, "K", "state", 0, H, False, halve=True)
+        make(cfg, "u", "state", 2, H, False, halve=True)
+        # The recurrent state: one range per tensor, per channel, or per channel and part.
+        make(cfg, "x", "state", 0, H, True)
+        if layer.mixing is not None:
+            make(cfg, "linear", "linear", 1, 2 * H, False)
+        make(cfg, "act", "act", 2, H, False)
+        if self.q["linear"] is not None:
+            self.weight_quant = WeightQuant(layer.mixing.linear, self.q["linear"])
+
+    def init_param_steps(self) -> None:
+        """(Re)initialise the learned steps of the parameter targets (A, Abar, B, C, D, dt) from the
+        layer's current parameters (LSQ init); see ``S4D.init_param_steps``."""
+        layer, p = self.layer, self.layer._params
+        d = layer.discrete()
+        A = None if layer.abar != "continuous" else continuous_A(p["log_A_real"], p["A_imag"])
+        for key, value in (("A", A), ("Abar", d.Abar), ("B", d.Bbar), ("C", p["C"]), ("D", p["D"]),
+                           ("dt", p.get("log_dt"))):
+            q = self.q[key]
+            if q is not None and q.scale_mode == "learned":
+                q.reset_step()  # so the forward initialises it from the current value
+                q.forward(value)
+                q._cache = None
+
+    # -- applying -------------------------------------------------------------
+    def apply(self, key: str, x: np.ndarray, training: bool) -> np.ndarray:
+        """x through the quantizer of ``key`` (x itself when that target is float)."""
+        q = self.q[key]
+        return x if q is None else q.forward(x, training=training)
+
+    def unapply(self, key: str, grad: np.ndarray) -> np.ndarray:
+        """The straight-through backward of ``apply`` (grad itself when float)."""
+        q = self.q[key]
+        return grad if q is None else q.backward(grad)
+
+    @contextmanager
+    def kept_caches(self) -> Iterator[None]:
+        """Run inference inside without disturbing a pending backward: on exit every forward cache
+        of the layer and its children (and the quantized mixing weight) is what it was."""
+        saved = [(m, m._cache) for _, m in self.layer.modules()]
+        W_q = None if self.weight_quant is None else self.weight_quant._W_q
+        try:
+            yield
+        finally:
+            for m, cache in saved:
+                m._cache = cache
+            if self.weight_quant is not None:
+                self.weight_quant._W_q = W_q
+
+    # -- the SSM parameters ---------------------------------------------------
+    def ssm_params(self, training: bool, mode: str) -> tuple:
+        """(Abar, Bbar, C, D, ctx): the (possibly quantized) parameters the core runs with in ``mode``,
+        and the backward's context (``ctx["float"]`` = Abar, Bbar before their quantizers)."""
+        p = self.layer._params
+        recurrent = mode == "recurrent"
+        ctx: dict = {}
+        if self.layer.abar == "continuous":
+            log_dt = self.apply("dt", p["log_dt"], training)
+            if recurrent or self.q["A"] is None:
+                d = discretize(log_dt, p["log_A_real"], p["A_imag"], p.get("B"), self.layer.disc)
+                Abar = self.apply("Abar", d.Abar, training) if recurrent else d.Abar
+            else:  # the reference: quantize A itself, then discretize
+                A = self.apply("A", continuous_A(p["log_A_real"], p["A_imag"]), training)
+                d = discretize_dt_A(np.exp(log_dt.astype(np.float64)), A, p.get("B"), self.layer.disc)
+                ctx["A_quantized"] = True
+                Abar = d.Abar
+            ctx["d"] = d
+            Bbar = d.Bbar
+            ctx["float"] = (d.Abar, d.Bbar)
+        else:
+            ctx["Abar"] = self.layer._float_Abar()
+            Abar = self.apply("Abar", ctx["Abar"], training)
+            Bbar = p["Bbar"].astype(np.complex128)
+            ctx["float"] = (ctx["Abar"], Bbar)
+        C, D = self.apply("C", p["C"], training), p["D"]
+        if recurrent:
+            Bbar = self.apply("B", Bbar, training)
+            D = self.apply("D", D, training)
+        return Abar, Bbar, C, D, ctx
+
+    def ssm_params_backward(self, mode: str, ctx: dict, g_Abar: np.ndarray, g_Bbar: np.ndarray,
+                            g_C: np.ndarray, g_D: np.ndarray) -> dict[str, np.ndarray]:
+        """Chain the core's gradients through the quantizers and the discretization to the parameters."""
+        p = self.layer._params
+        if mode == "recurrent":
+            g_Bbar = self.unapply("B", g_Bbar)
+            g_D = self.unapply("D", g_D)
+        grads = {"C": self.unapply("C", g_C), "D": g_D}
+        if self.layer.abar == "continuous":
+            d = ctx["d"]
+            if ctx.get("A_quantized"):
+                g_dt, g_A, g_B = discretize_dt_A_backward(d, p.get("B"), g_Abar, g_Bbar)
+                g_A = self.unapply("A", g_A)
+                grads["log_A_real"] = np.real(g_A) * -np.exp(p["log_A_real"].astype(np.float64))
+                grads["A_imag"] = np.imag(g_A)
+                grads["log_dt"] = g_dt * d.dt[:, 0]
+                if g_B is not None:
+                    grads["B"] = g_B
+            else:
+                if mode == "recurrent":
+                    g_Abar = self.unapply("Abar", g_Abar)
+                grads.update(discretize_backward(d, p.get("B"), g_Abar, g_Bbar))
+            grads["log_dt"] = self.unapply("dt", grads["log_dt"])
+        else:
+            g_Abar = self.unapply("Abar", g_Abar)  # also the learned step's gradient when frozen
+            if self.layer.abar == "discrete":
+                grads["Abar_rho"], grads["Abar_theta"] = polar_backward(p["Abar_rho"], ctx["Abar"], g_Abar)
+            grads["Bbar"] = g_Bbar
+        return grads
+
+    def zero_unused_steps(self, mode: str) -> None:
+        """Zero gradients for the learned steps of the other mode's data quantizers.
+
+        They did not act on this output, but the optimizer needs an entry for every
+        parameter, and a stale one must not be reapplied.
+        """
+        for key in ("x",) if mode == "conv" else ("K", "u"):
+            q = self.q[key]
+            if q is not None and q.scale_mode == "learned":
+                q._grads["step"] = np.zeros_like(q._params["step"])
+
+    def effective(self, mode: str) -> EffectiveSSM:
+        """``ssm_params`` of an evaluation forward, every cache kept, as an ``EffectiveSSM``."""
+        with self.kept_caches():
+            Abar, Bbar, C, D, ctx = self.ssm_params(False, mode)
+        Abar_f, Bbar_f = ctx["float"]
+        c128 = np.complex128
+        return EffectiveSSM(Abar.astype(c128), Bbar.astype(c128), C.astype(c128), D.astype(np.float64),
+                            Abar_f.astype(c128), Bbar_f.astype(c128))
+
+    # -- the recurrent state ----------------------------------------------------
+    @property
+    def runs_quant_scan(self) -> bool:
+        """Whether recurrent mode runs the quantized-state scan (a state target or a clip)."""
+        return self.q["x"] is not None or self.layer.state_clip is not None
+
+    def state_quant(self, u: np.ndarray | None, Abar: np.ndarray, Bbar: np.ndarray,
+                    training: bool = False) -> StateQuant:
+        """The recurrent state quantizer for a forward on u (batch, L, H) with the core's Abar, Bbar (H, M).
+
+        The range comes from ``quant_x``'s scale_mode: ``absmax`` takes this u's float states;
+        ``running`` folds them into the buffers in training (or calibration); ``learned``
+        initialises its step from them once. ``u=None``: only a static range (fixed,
+        calibrated running, initialised learned) will do. Returns ``StateQuant(None)`` for
+        a float state.
+        """
+        q = self.q["x"]
+        if q is None:
+            return StateQuant(None)
+        spec = q.spec
+        # Scales: per tensor or channel (spec.axis), shared by or separate for the parts (complex_mode).
+        per_channel, per_part = spec.axis is not None, spec.complex_mode == "cartesian"
+        mode = q.scale_mode
+        if mode == "absmean":
+            raise ValueError("the state target's scale_mode='absmean' has no recurrent-mode meaning; "
+                             "use absmax, running, fixed or learned")
+
+        def float_state_range() -> np.ndarray:
+            clip = np.inf if self.layer.state_clip is None else self.layer.state_clip
+            absmax = state_absmax(u, Abar, Bbar, StateQuant(None), clip)  # (H, 2)
+            if per_channel:  # Quantizer order: real parts' scales first
+                return absmax.T.reshape(-1) if per_part else absmax.max(axis=1)
+            return absmax.max(axis=0) if per_part else absmax.max(keepdims=True).reshape(1)
+
+        if u is not None and mode == "absmax":  # this batch's float states, like the reference
+            r = float_state_range()
+            inv, _ = spec.scales(-r, r, np.dtype(np.float64))
+        else:
+            if u is not None and mode == "learned" and not q.step_ready:
+                q.set_step(np.maximum(float_state_range(), spec.min_range) / spec.code_grid.qpos)
+            if u is not None and q.updates_range(training):
+                r = float_state_range()
+                q.observe(-r, r)
+            inv, _ = q.static_scales(np.dtype(np.float64))
+        if per_part:  # (2H,) or (2,) -> (H, 2)
+            inv = inv.reshape(2, -1).T if per_channel else np.tile(inv, (self.layer.d_model, 1))
+        return StateQuant(spec, inv if per_channel or per_part else float(inv[0]), q.ste)
+
+    def state_step_grad(self, dstep: np.ndarray, scan_cache: ScanCache) -> None:
+        """Learned state step: dL/dstep (the scan's) into ``quant_x.grads['step']``, LSQ-scaled."""
+        q = self.q["x"]
+        if q is None or q.scale_mode != "learned":
+            return
+        dstep = np.asarray(dstep, dtype=np.float64)  # shaped like the StateQuant's inv
+        if dstep.ndim == 2:  # (H, 2): per channel and part, or per part tiled over channels
+            flat = dstep.T.reshape(-1) if q.spec.axis is not None else dstep.sum(axis=0)
+        else:
+            flat = dstep.reshape(-1)
+        g = 1.0
+        if q.lsq_grad_scale:
+            count = 2 * scan_cache.u.size * (self.layer.d_state // 2) / q.n_scales  # state entries per scale
+            g = 1.0 / np.sqrt(count * q.spec.code_grid.qpos)
+        q._grads["step"] = (flat * g).astype(q.dtype)
+
+    # -- export ---------------------------------------------------------------------
+    def _data_range_quantizer(self) -> str | None:
+        """Names the first state / act quantizer whose range comes from the data it quantizes, if any."""
+        for key, target in (("x", "state"), ("act", "act")):
+            q = self.q[key]
+            if q is not None and q.scale_mode not in STATIC_SCALE_MODES:
+                return f"quantizer {q.name!r} (target {target!r}, scale_mode={q.scale_mode!r})"
+        return None
+
+    def export(self, calib: np.ndarray | None) -> dict[str, Any]:
+        """``S4D.quantized_recurrent(calib)`` (its docstring describes the result)."""
+        layer = self.layer
+        q = self._data_range_quantizer()
+        if calib is None and q is not None:
+            raise ValueError(f"quantized_recurrent(): {q} takes its range from each tensor it quantizes; "
+                             f"pass calib (batch, L, {layer.d_model}) to resolve it on that input as the forward "
+                             f"would, or calibrate static ranges (scale_mode 'running' with "
+                             f"qs4d_np.quant.calibrate, 'fixed' or 'learned')")
+        if calib is not None:
+            calib = np.ascontiguousarray(check_sequence_input("calib", calib, layer.d_model), dtype=layer.dtype)
+        eff = self.effective("recurrent")
+
+        def export(key: str, x: np.ndarray) -> Any:
+            q = self.q[key]
+            return x if q is None else q.quantize(x)
+
+        out: dict[str, Any] = {"Abar": export("Abar", eff.Abar_float), "Bbar": export("B", eff.Bbar_float),
+                               "C": export("C", layer._params["C"]), "D": export("D", layer._params["D"])}
+        x = self.q["x"]
+        data_range = x is not None and x.scale_mode == "absmax"
+        out["state"] = None if x is None else self.state_quant(calib if data_range else None, eff.Abar, eff.Bbar)
+        out["clip"] = np.inf if layer.state_clip is None else float(layer.state_clip)
+        if layer.mixing is not None:
+            out["linear"] = export("linear", layer.mixing.linear._params["weight"])
+            out["linear_bias"] = layer.mixing.linear._params["bias"]
+        act = self.q["act"]
+        if act is None:
+            out["act"] = None
+        else:
+            if act.scale_mode in STATIC_SCALE_MODES:
+                inv, zp = act.static_scales(layer.dtype)
+            else:  # the range of the layer's output on calib, as the forward quantizes it
+                with self.kept_caches():
+                    t = act.quantize(layer._pre_act(calib, False, "recurrent"))
+                # (1, 1, n) -> (n,); the forward's inv is in the layer's dtype (the float64 copy is exact)
+                inv, zp = t.inv_scale.reshape(-1).astype(layer.dtype), t.zero_point.reshape(-1)
+            out["act"] = {"inv_scale": inv, "zero_point": zp.astype(np.int64), "grid": act.spec.code_grid,
+                          "rounding": act.spec.rounding}
+        return out
+
+    # -- streaming ------------------------------------------------------------------
+    def core_step(self, u_t: np.ndarray, state: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """One step of the evaluation-mode recurrent SSM core of a quantized layer.
+
+        u_t (batch, H) and state (batch, H, M) complex, both in the layer's precision (checked by
+        ``S4D.step``). Returns y_t (batch, H) in the layer's dtype (the core output, D*u_t included)
+        and the new state (batch, H, M) in its complex dtype. With a state target or a clip this is
+        ``kernels.quant_scan``'s documented per-step order, vectorised over batch and channels:
+        state update in the layer dtype, clip, round / saturate / divide, read-out summed in float64
+        over the modes in order 0..M-1. Without either the forward runs ``kernels.scan``, whose sums
+        may be reassociated (fastmath): the same step with the read-out summed in the layer dtype
+        then agrees with it to rounding only.
+        """
+        layer = self.layer
+        q = self._data_range_quantizer()
+        if q is not None:
+            raise ValueError(f"step(): {q} takes its range from the whole sequence it quantizes, which a "
+                             f"stream does not have; calibrate static ranges (scale_mode 'running' with "
+                             f"qs4d_np.quant.calibrate) or use 'fixed' or 'learned'")
+        dtype = layer.dtype
+        with self.kept_caches():
+            Abar, Bbar, C, D, _ = self.ssm_params(False, "recurrent")
+        st = self.state_quant(None, Abar, Bbar) if self.q["x"] is not None else StateQuant(None)
+        act = self.q["act"]
+        if act is not None:
+            act.static_scales(dtype)  # fails clearly for an uncalibrated running / unset learned range
+        ar, ai, br, bi, cr, ci = (np.ascontiguousarray(part, dtype=dtype)
+                                  for z in (Abar, Bbar, C) for part in (z.real, z.imag))
+        D = np.asarray(D, dtype=dtype)
+        u = u_t[:, :, None]
+        xr, xi = state.real, state.imag
+        vr = (ar * xr - ai * xi) + br * u
+        vi = (ar * xi + ai * xr) + bi * u
+        if self.runs_quant_scan:
+            clip = dtype.type(np.inf if layer.state_clip is None else layer.state_clip)
+            vr = np.minimum(np.maximum(vr, -clip), clip)
+            vi = np.minimum(np.maximum(vi, -clip), clip)
+            if st.spec is not None:
+                inv = st.per_channel_inv(layer.d_model, dtype)
+                qmin, qmax = st.spec.code_grid.bounds(dtype)
+                mode = ROUNDING[st.spec.rounding]
+                for v, i in ((vr, 0), (vi, 1)):
+                    inv_p = inv[:, i, None]
+                    v[...] = np.minimum(np.maximum(_round(v * inv_p, mode), qmin), qmax) / inv_p
+        acc = np.zeros(u_t.shape, dtype=np.float64 if self.runs_quant_scan else dtype)
+        for n in range(ar.shape[1]):
+            acc += cr[:, n] * vr[:, :, n] - ci[:, n] * vi[:, :, n]
+        y = (2.0 * acc.astype(np.float64, copy=False) + D * u_t).astype(dtype)
+        x = np.empty(state.shape, dtype=layer.cdtype)
+        x.real, x.imag = vr, vi
+        return y, x
