@@ -414,7 +414,7 @@ class S4DQuant:
         dtype = layer.dtype
         with self.kept_caches():
             Abar, Bbar, C, D, _ = self.ssm_params(False, "recurrent")
-        st = self.state_quant(None, Abar, Bbar) if self.q["x"] is not None else StateQuant(None)
+        st = self.state_quant(None, Abar, Bbar)
         act = self.q["act"]
         if act is not None:
             act.static_scales(dtype)  # fails clearly for an uncalibrated running / unset learned range
