@@ -326,9 +326,8 @@ def mapping_counts(model: Any, config: CrossbarConfig, length: int) -> dict[str,
     conversions = length * H + model.d_output
     for block in model.blocks:
         ssm = block.ssm
-        D = ssm._params["D"]
-        sizes = [2 * len(m) + 1 if (len(m) or D[h] != 0) else 0
-                 for h, m in enumerate(active_modes(ssm._params["C"]))]
+        C, D = ssm.params["C"], ssm.params["D"]
+        sizes = [2 * len(m) + 1 if (len(m) or D[h] != 0) else 0 for h, m in enumerate(active_modes(C))]
         for h0, h1 in pack_channels(sizes, config.tile_rows, config.tile_cols):
             n = sum(sizes[h0:h1])
             tiles += _tiles(n, n, config)
