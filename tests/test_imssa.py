@@ -131,15 +131,34 @@ def test_seeded_reproducibility_and_fresh_read_noise():
 def test_overflow_is_named_and_state_bound_clips():
     model = S4DModel(2, 3, seed=6, **TINY)
     ssm = model.blocks[1].ssm
-    d = ssm.discrete()
+    eff = ssm.effective_ssm()
     # growing modes, as programming noise can make of modes with |Abar| near 1
-    ssm.discrete = lambda: dataclasses.replace(d, Abar=1.5 * d.Abar / np.abs(d.Abar))
+    ssm.effective_ssm = lambda mode="recurrent": dataclasses.replace(eff, Abar=1.5 * eff.Abar / np.abs(eff.Abar))
     x = _x(length=300).astype(np.float32)
     cfg = CrossbarConfig.ideal()
     with pytest.raises(RuntimeError, match="analog recurrence of layer 1 overflowed at step"):
         AnalogModel(model, cfg, seed=0).forward(x)  # 1.5^300 overflows float32
     out = AnalogModel(model, cfg, seed=0, state_bound=10.0).forward(x)
     assert np.all(np.isfinite(out))
+
+
+def test_counts_follow_the_quantized_C_of_a_qat_model():
+    # 3 levels of C on the narrow grid: codes -1, 0, 1, so small entries quantize to 0 and map no mode
+    from qs4d_np.hardware.datapath import model_datapath
+    from qs4d_np.hardware.imssa import active_modes
+    from qs4d_np.hardware.metrics import BitWidths
+
+    model = S4DModel(2, 3, seed=5, quant=QuantConfig(C=3), **TINY)
+    C = model.blocks[0].ssm.effective_ssm().C
+    assert 0 < np.count_nonzero(C == 0) < C.size
+    x = _x(batch=4)
+    cfg = CrossbarConfig.ideal()
+    out = evaluate_analog(model, x, np.zeros(4, dtype=np.int64), cfg, batch_size=2)
+    counts = mapping_counts(model, cfg, x.shape[1])
+    assert out["arrays"] == counts["arrays"]
+    assert out["adc_conversions"] == 4 * counts["adc_conversions_per_sample"]
+    ops = {op.name: op for op in model_datapath(model, BitWidths.uniform(8))}
+    assert ops["layers.0.Abar"].copies == sum(len(m) for m in active_modes(C))
 
 
 def test_evaluate_analog():

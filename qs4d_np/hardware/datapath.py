@@ -89,7 +89,8 @@ def model_datapath(model: Any, bits: BitWidths | Sequence[BitWidths], *, dense: 
     ops = [_linear_op("encoder", model.encoder._params["weight"], first, first.coder, dense)]
     for i, (block, r) in enumerate(zip(model.blocks, per_layer)):
         ssm = block.ssm
-        C, D = ssm._params["C"], ssm._params["D"]
+        eff = ssm.effective_ssm("recurrent")  # a QAT C quantized to 0 maps no mode (the golden export drops it too)
+        C, D = eff.C, eff.D
         if dense:
             C, D = np.ones_like(C), np.ones_like(D)
         modes = [len(m) for m in active_modes(C)]

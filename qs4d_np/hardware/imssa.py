@@ -64,14 +64,8 @@ from qs4d_np.kernels.elementwise import glu_forward
 def ssm_matrices(ssm: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(Abar, Bbar, C) (H, M) complex128 and D (H,) float64 of an S4D layer as its recurrent mode uses them:
     the float values, or for a QAT layer the quantized ones (``S4D.effective_ssm``)."""
-    if getattr(ssm, "quant", None) is not None:
-        eff = ssm.effective_ssm("recurrent")
-        Abar, Bbar, C, D = eff.Abar, eff.Bbar, eff.C, eff.D
-    else:
-        d = ssm.discrete()
-        Abar, Bbar, C, D = d.Abar, d.Bbar, ssm.params["C"], ssm.params["D"]
-    return (Abar.astype(np.complex128), Bbar.astype(np.complex128), C.astype(np.complex128),
-            D.astype(np.float64))
+    eff = ssm.effective_ssm("recurrent")
+    return eff.Abar, eff.Bbar, eff.C, eff.D
 
 
 def active_modes(C: np.ndarray) -> list[np.ndarray]:
@@ -326,7 +320,7 @@ def mapping_counts(model: Any, config: CrossbarConfig, length: int) -> dict[str,
     conversions = length * H + model.d_output
     for block in model.blocks:
         ssm = block.ssm
-        C, D = ssm.params["C"], ssm.params["D"]
+        _, _, C, D = ssm_matrices(ssm)  # a QAT C quantized to 0 maps no mode, as in AnalogModel
         sizes = [2 * len(m) + 1 if (len(m) or D[h] != 0) else 0 for h, m in enumerate(active_modes(C))]
         for h0, h1 in pack_channels(sizes, config.tile_rows, config.tile_cols):
             n = sum(sizes[h0:h1])
