@@ -96,3 +96,26 @@ def test_validation_names_the_problem():
         QuantConfig(target_options={"act": {"axis": 1}})
     with pytest.raises(ValueError, match="target must be one of"):
         QuantConfig(all=4).levels_for("E")
+
+
+def test_abar_bound_option_defaults_round_trips_and_reaches_the_abar_quantizer(tmp_path):
+    cfg = QuantConfig(all=16, per_channel=True)
+    assert cfg.options_for("A")["abar_bound"] is True
+    off = QuantConfig(all=16, target_options={"A": {"abar_bound": False}})
+    assert off.options_for("A")["abar_bound"] is False and off.options_for("C")["abar_bound"] is True
+    for c in (cfg, off, QuantConfig(all=8, abar_bound=False)):
+        atomic_write_json(tmp_path / "q.json", c.to_dict())
+        assert QuantConfig.from_dict(load_json(tmp_path / "q.json")) == c
+    # a dict saved before the option existed loads with the default
+    old = cfg.to_dict()
+    del old["options"]["abar_bound"]
+    back = QuantConfig.from_dict(json.loads(json.dumps(old)))
+    assert back.options_for("A")["abar_bound"] is True and back == cfg
+    with pytest.raises(TypeError, match=r"options\['abar_bound'\] must be True or False, got 1"):
+        QuantConfig(all=4, abar_bound=1)
+    # the S4D wiring's call: the A target's quantizer of Abar with the unit-disk bound
+    q = cfg.quantizer_for("A", 0, axis=0, n_scales=8, dtype=np.float32, max_modulus=1.0)
+    assert q.spec.max_modulus == 1.0 and q.spec.axis == 0 and q.spec.complex_mode == "cartesian"
+    assert cfg.quantizer_for("A", 0, axis=0, n_scales=8).spec.max_modulus is None
+    Abar = (0.99 * np.exp(1j * np.linspace(0.1, 1.5, 8))).astype(np.complex64).reshape(4, 2)
+    assert (np.abs(q.forward(Abar).astype(np.complex128)) <= 1.0).all()

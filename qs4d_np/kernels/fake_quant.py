@@ -21,7 +21,9 @@ The code of one element is ``q = clamp(round(x * inv) + zp, qmin, qmax)`` and
 its dequantized value ``(q - zp) / inv`` (``inv`` = codes per unit, the
 reciprocal of the step). Rounding rules (``mode``): 0 ties-to-even, 1 ties
 toward +inf, 2 ties away from zero, 3 floor. No fastmath: the golden model
-relies on these exact operations. The NumPy twin is ``reference/quant.py``.
+relies on these exact operations. The NumPy twin is ``reference/quant.py``;
+``disk_bound`` (complex codes kept inside a disk) has its own twin,
+``reference/quant_disk.py``.
 """
 from __future__ import annotations
 
@@ -216,24 +218,31 @@ def fake_quant_forward(x, inv, zp, qmin, qmax, mode, G, P, C, Q, out, codes, wan
 
 
 @njit(cache=True, inline="always")
-def _ste_run(x, grad, dx, i, end, inv, zp, ch0, chstep, qmin, qmax, mode, want_step, pstep):
+def _ste_run(x, grad, dx, i, end, inv, zp, ch0, chstep, qmin, qmax, mode, want_step, pstep, codes):
     """Clipped STE over x[i:end] into dx (channels as in ``_quantize_run``); adds
-    grad * d x_hat / d step to pstep[channel] (float64) when ``want_step``."""
+    grad * d x_hat / d step to pstep[channel] (float64) when ``want_step``. ``codes`` (empty:
+    recompute them by the rounding rule) are the codes the forward chose."""
     acc = 0.0
+    use_codes = codes.size > 0
     for j in range(i, end):
         k = ch0 + (j - i) * chstep
         v = x[j] * inv[k]
         z = zp[k]
         r = round_code(v, mode)
-        if r + z < qmin:
-            dx[j] = 0.0
-            d = qmin - z
+        if use_codes:
+            c = codes[j] - z
+        elif r + z < qmin:
+            c = qmin - z
         elif r + z > qmax:
+            c = qmax - z
+        else:
+            c = r
+        if r + z < qmin or r + z > qmax:
             dx[j] = 0.0
-            d = qmax - z
+            d = c
         else:
             dx[j] = grad[j]
-            d = r - v
+            d = c - v
         if want_step:  # in float64: the product of two float32 values is then exact
             gd = np.float64(grad[j]) * np.float64(d)
             if chstep == 0:
@@ -245,16 +254,18 @@ def _ste_run(x, grad, dx, i, end, inv, zp, ch0, chstep, qmin, qmax, mode, want_s
 
 
 @njit(cache=True, parallel=True)
-def ste_backward(x, grad, inv, zp, qmin, qmax, mode, G, P, C, Q, want_step, dx):
+def ste_backward(x, grad, inv, zp, qmin, qmax, mode, G, P, C, Q, want_step, dx, codes):
     """Clipped STE and the LSQ step gradient in one pass.
 
     dx = grad where the code did not saturate (qmin <= round(x*inv) + zp <= qmax),
     else 0: the element that absmax maps onto the top code keeps its gradient
     even when x*inv rounds a hair above qmax. When ``want_step``, also returns
     per channel (float64, G*C) the sum of grad * d(x_hat)/d(step) with
-    step = 1/inv and x_hat = (q - zp) * step: round(v) - v where the code did
-    not saturate, (qmin - zp) or (qmax - zp) where it did (v = x*inv, round by
-    the forward's ``mode``): the LSQ formula with round's derivative taken as 1.
+    step = 1/inv and x_hat = (q - zp) * step: q - zp - v where the code did
+    not saturate, q - zp where it did (v = x*inv; the code frozen): the LSQ formula with
+    round's derivative taken as 1. q is the forward's code: ``codes`` when given
+    (the modulus-bounded complex quantizer, ``disk_bound``, may pick a neighbour of
+    round(v)), else clamp(round(v) + zp) by the forward's ``mode``.
     """
     n = x.size
     nch = G * C
@@ -264,10 +275,115 @@ def ste_backward(x, grad, inv, zp, qmin, qmax, mode, G, P, C, Q, want_step, dx):
         i, stop, qi, c, p, g = _block(blk, n, P, C, Q)
         while i < stop:
             end, ch, step, qi, c, p, g = _segment(i, stop, qi, c, p, g, P, C, Q)
-            _ste_run(x, grad, dx, i, end, inv, zp, ch, step, qmin, qmax, mode, want_step, pstep[blk])
+            _ste_run(x, grad, dx, i, end, inv, zp, ch, step, qmin, qmax, mode, want_step, pstep[blk], codes)
             i = end
     out = np.zeros(nch)
     for blk in range(nblocks):
         for ch in range(nch):
             out[ch] += pstep[blk, ch]
     return out
+
+
+# -- the modulus bound of complex codes -------------------------------------------
+@njit(cache=True, inline="always")
+def _channel(j, P, C, Q):
+    """Channel g*C + c of flat index j in the layout (G, P, C, Q)."""
+    return (j // (Q * C * P)) * C + (j // Q) % C
+
+
+@njit(cache=True, inline="always")
+def _admissible(kr, ki, inv_r, inv_i, m2):
+    """Whether centered codes (kr, ki) dequantize inside the disk: (kr/inv_r)^2 + (ki/inv_i)^2 <= m2,
+    all in float64 in this order (the definition the twin and the tests use)."""
+    a = kr / inv_r
+    b = ki / inv_i
+    return a * a + b * b <= m2
+
+
+@njit(cache=True, inline="always")
+def _corner(u, zero_ward, z, qmin, qmax):
+    """A neighbour of u on the centered grid: trunc(u) (``zero_ward``) or the other one of
+    floor(u), ceil(u), saturated like every code (clamp(k + z, qmin, qmax) - z)."""
+    if (u >= 0) == zero_ward:
+        k = np.floor(u)
+    else:
+        k = np.ceil(u)
+    return min(max(k + z, qmin), qmax) - z
+
+
+@njit(cache=True, parallel=True)
+def disk_bound(x, inv, zp, qmin, qmax, G, P, C, Q, max_modulus, out, codes):
+    """Move the complex codes that dequantize outside the disk |z| <= max_modulus.
+
+    Runs after ``fake_quant_forward`` (with codes) on a complex tensor flattened as
+    (real parts, imaginary parts): the pair (i, i + x.size/2) is one value. A pair whose
+    codes pass ``_admissible`` is left alone. Otherwise x is first projected radially
+    onto the circle when |x| > max_modulus (in float64), and the codes become the
+    admissible corner (``_corner`` of u = x*inv per part; u in x's dtype as in the first
+    pass when x was not projected, in float64 when it was) nearest to x in value space
+    (float64 squared distance); ties go to the earlier corner in the order (zero-ward re,
+    zero-ward im), (zero-ward, outward), (outward, zero-ward), (outward, outward). In exact
+    arithmetic the all-zero-ward corner is admissible; when x's rounding has put it a hair
+    outside, the part of larger dequantized magnitude (ties: the real part) steps one code
+    toward zero until admissible ((0, 0) always is). ``out`` gets (q - zp)/inv in x's dtype
+    as in the first pass. Returns the number of values moved.
+    """
+    half = x.size // 2
+    m = np.float64(max_modulus)
+    m2 = m * m
+    lo = np.float64(qmin)
+    hi = np.float64(qmax)
+    nblocks = max(1, (half + CHUNK - 1) // CHUNK)
+    moved = np.zeros(nblocks, np.int64)
+    for blk in prange(nblocks):
+        for i in range(blk * CHUNK, min(half, (blk + 1) * CHUNK)):
+            jr = i
+            ji = i + half
+            cr = _channel(jr, P, C, Q)
+            ci = _channel(ji, P, C, Q)
+            ivr = np.float64(inv[cr])
+            ivi = np.float64(inv[ci])
+            zr = np.float64(zp[cr])
+            zi = np.float64(zp[ci])
+            if _admissible(np.float64(codes[jr]) - zr, np.float64(codes[ji]) - zi, ivr, ivi, m2):
+                continue
+            xr = np.float64(x[jr])
+            xi = np.float64(x[ji])
+            r2 = xr * xr + xi * xi
+            if r2 > m2:
+                s = m / np.sqrt(r2)
+                xr *= s
+                xi *= s
+                ur = xr * ivr
+                ui = xi * ivi
+            else:
+                ur = np.float64(x[jr] * inv[cr])
+                ui = np.float64(x[ji] * inv[ci])
+            best = np.inf
+            br = 0.0
+            bi = 0.0
+            for corner in range(4):
+                ar = _corner(ur, corner < 2, zr, lo, hi)
+                ai = _corner(ui, corner % 2 == 0, zi, lo, hi)
+                if _admissible(ar, ai, ivr, ivi, m2):
+                    dr = ar / ivr - xr
+                    di = ai / ivi - xi
+                    d = dr * dr + di * di
+                    if d < best:
+                        best = d
+                        br = ar
+                        bi = ai
+            if best == np.inf:
+                br = _corner(ur, True, zr, lo, hi)
+                bi = _corner(ui, True, zi, lo, hi)
+                while not _admissible(br, bi, ivr, ivi, m2):
+                    if abs(br / ivr) >= abs(bi / ivi):
+                        br -= np.sign(br)
+                    else:
+                        bi -= np.sign(bi)
+            codes[jr] = br + zr
+            codes[ji] = bi + zi
+            out[jr] = (codes[jr] - zp[cr]) / inv[cr]
+            out[ji] = (codes[ji] - zp[ci]) / inv[ci]
+            moved[blk] += 1
+    return moved.sum()

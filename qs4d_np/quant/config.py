@@ -16,6 +16,15 @@ scale_mode, ste) apply to every target; ``complex_mode=None`` (the default) mean
 "shared" for C (one scale for its real and imaginary parts, as the reference) and
 "cartesian" (separate scales) for the other complex targets (A / Abar, Bbar); ``target_options`` overrides them per
 target, e.g. {"act": {"scale_mode": "running"}, "state": {"power_of_two": True}}.
+
+``abar_bound`` (default True): bound the quantized Abar to the unit disk. It only
+concerns target A's quantizer of the discrete Abar (recurrent mode), which the S4D
+layer builds with ``quantizer_for("A", ..., max_modulus=1.0)`` when
+``options_for("A")["abar_bound"]`` is true (see ``QuantSpec.max_modulus``): plain
+rounding of the real and imaginary parts can put |Abar_q| above 1, and the
+recurrence then grows like |Abar_q|**L. The continuous A of convolution mode
+(|A| up to ~100) never gets the bound; other targets ignore the option. A dict
+saved before the option existed loads with the default.
 ``spec_for`` / ``quantizer_for`` turn (target, layer) into a ``QuantSpec`` or a
 ``Quantizer`` (None for float). ``to_dict`` / ``from_dict`` round-trip through JSON.
 """
@@ -41,10 +50,12 @@ _OPTION_CHOICES: dict[str, tuple] = {
     "complex_mode": COMPLEX_MODES + (None,),
     "scale_mode": QUANTIZER_SCALE_MODES,
     "ste": STE_MODES,
+    "abar_bound": (True, False),
 }
 DEFAULT_OPTIONS: dict[str, Any] = {
     "grid": "narrow", "symmetric": True, "per_channel": False, "rounding": "half_even",
     "power_of_two": False, "complex_mode": None, "scale_mode": "absmax", "ste": "identity",
+    "abar_bound": True,
 }
 
 Levels = Any  # None | int | "float" | list[...] | dict[int, ...]

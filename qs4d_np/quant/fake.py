@@ -30,6 +30,11 @@ imaginary parts with separate scales, ``"shared"`` with one scale from both
 parts (the reference's C). Per-channel scales (``axis``) are per channel and
 per part.
 
+Modulus bound (``max_modulus``, complex tensors only): each value's code pair
+is kept where it dequantizes inside the disk |z| <= max_modulus, else moved
+to the nearest admissible neighbour on the grid (``QuantSpec``); e.g. a
+discrete state matrix Abar stays stable (|Abar_q| <= 1) at few bits.
+
 Shapes: ``x`` any shape; per-channel scales have the channel count at
 ``axis`` and 1 elsewhere; complex codes are stacked (real, imag) in a new
 leading axis of size 2.
@@ -175,6 +180,28 @@ class QuantSpec:
     levels: quantization states n >= 2; grid: one of ``GRIDS``; axis: None
     (per tensor) or the channel axis; rounding: a name in ``ROUNDING``;
     complex_mode: ``COMPLEX_MODES``; min_range: floor of the range (> 0).
+
+    max_modulus: None (the default: each part rounded on its own) or a bound m > 0 on
+    the modulus of complex values (real tensors are refused). Scales are computed as
+    without it; each value x = a + ib then gets codes (q_re, q_im) as follows:
+
+    * round both parts as usual; keep the codes when they are admissible, i.e.
+      ((q_re - zp_re)/inv_re)^2 + ((q_im - zp_im)/inv_im)^2 <= m^2, evaluated in
+      float64 on the codes in this order (the dequantized values of x's dtype may
+      differ from those quotients by half an ulp of that dtype);
+    * otherwise, if |x| > m, project x radially onto the circle of radius m first;
+      then take the admissible corner of the grid cell around x*inv (floor / ceil
+      of each part, saturated to [qmin, qmax] like every code) nearest to x in
+      value space; ties go to the earlier corner in the order (zero-ward re,
+      zero-ward im), (zero-ward, outward), (outward, zero-ward), (outward, outward).
+      The all-zero-ward corner is admissible in exact arithmetic; should x's
+      float rounding put it a hair outside, the part of larger magnitude steps one
+      code toward zero until the pair is admissible.
+
+    This biases the rounding toward the disk, only on the values whose plain
+    rounding leaves it. The backward is unchanged for the identity STE; the
+    clipped STE still zeroes where a part's plain rounding saturates; the LSQ step
+    gradient uses the codes actually chosen (``ste_backward``).
     """
 
     levels: int
@@ -185,6 +212,7 @@ class QuantSpec:
     power_of_two: bool = False
     complex_mode: str = "cartesian"
     min_range: float = 1e-5
+    max_modulus: float | None = None
 
     def __post_init__(self) -> None:
         check_choice("grid", self.grid, GRIDS)
@@ -195,6 +223,8 @@ class QuantSpec:
         check_float("min_range", self.min_range, min_value=0.0, min_inclusive=False)
         if self.axis is not None:
             check_int("axis", self.axis)
+        if self.max_modulus is not None:
+            check_float("max_modulus", self.max_modulus, min_value=0.0, min_inclusive=False)
         object.__setattr__(self, "_grid", make_grid(self.grid, self.levels, self.symmetric))
 
     @property
@@ -220,7 +250,14 @@ class QuantSpec:
                 raise ValueError(f"axis={axis} does not exist for {name} with shape {x.shape} "
                                  f"(expected -{x.ndim} <= axis < {x.ndim})")
             axis %= x.ndim
-        return make_layout(x, axis, self.complex_mode)
+        lay = make_layout(x, axis, self.complex_mode)
+        self._check_bound(lay, name)
+        return lay
+
+    def _check_bound(self, lay: Layout, name: str) -> None:
+        if self.max_modulus is not None and not lay.is_complex:
+            raise ValueError(f"max_modulus={self.max_modulus} bounds complex values, but {name} is real "
+                             f"(dtype {lay.dtype}); use max_modulus=None for real tensors")
 
     # -- ranges -> (inv, zp) -----------------------------------------------
     def stats_range(self, xf: np.ndarray, lay: Layout, scale_mode: str,
@@ -297,19 +334,25 @@ class QuantSpec:
     # -- the pass ----------------------------------------------------------
     def apply(self, x: np.ndarray, lay: Layout, inv: np.ndarray, zp: np.ndarray, *,
               want_codes: bool = False, name: str = "x") -> tuple[np.ndarray, QuantState]:
-        """Fake-quantize ``x`` with per-channel (inv, zp); returns (x_hat, state for backward)."""
+        """Fake-quantize ``x`` with per-channel (inv, zp); returns (x_hat, state for backward).
+
+        With ``max_modulus`` the state always keeps the codes: the backward needs the chosen ones."""
+        self._check_bound(lay, name)
         xf = lay.flatten(x)
         real = xf.dtype
         out = np.empty_like(xf)
-        codes = np.empty_like(xf) if want_codes else np.empty(0, dtype=real)
+        keep = want_codes or self.max_modulus is not None
+        codes = np.empty_like(xf) if keep else np.empty(0, dtype=real)
         g = self.code_grid
-        bad = kern.fake_quant_forward(xf, inv.astype(real), zp.astype(real), *g.bounds(real),
-                                      ROUNDING[self.rounding], lay.G, lay.P,
-                                      lay.C, lay.Q, out, codes, want_codes)
+        inv, zp = inv.astype(real), zp.astype(real)
+        bad = kern.fake_quant_forward(xf, inv, zp, *g.bounds(real), ROUNDING[self.rounding],
+                                      lay.G, lay.P, lay.C, lay.Q, out, codes, keep)
         if bad:
             raise ValueError(f"{name} contains {bad} non-finite value(s) (NaN or inf); cannot quantize")
-        state = QuantState(lay, inv.astype(real), zp.astype(real), g, ROUNDING[self.rounding],
-                           codes if want_codes else None)
+        if self.max_modulus is not None:
+            kern.disk_bound(xf, inv, zp, *g.bounds(real), lay.G, lay.P, lay.C, lay.Q,
+                            self.max_modulus, out, codes)
+        state = QuantState(lay, inv, zp, g, ROUNDING[self.rounding], codes if keep else None)
         return lay.restore(out), state
 
     def forward(self, x: np.ndarray, *, scale_mode: str = "absmax", fixed_range: object = None,
@@ -335,7 +378,7 @@ def ste_backward(grad: np.ndarray, x: np.ndarray, state: QuantState, ste: str = 
     ``identity`` passes ``grad`` unchanged (the reference); ``clipped`` zeroes
     it where the code saturated (round(x*inv) + zp outside [qmin, qmax]). ``want_step`` (LSQ) adds the
     per-channel (G*C,) float64 gradient w.r.t. the step 1/inv (see
-    ``kernels.fake_quant.ste_backward``).
+    ``kernels.fake_quant.ste_backward``), from the forward's codes when the state kept them.
     """
     check_choice("ste", ste, STE_MODES)
     lay = state.layout
@@ -351,8 +394,9 @@ def ste_backward(grad: np.ndarray, x: np.ndarray, state: QuantState, ste: str = 
     dxf = np.empty_like(xf)
     real = xf.dtype
     g = state.grid
+    codes = state.codes if state.codes is not None else np.empty(0, dtype=real)
     dstep = kern.ste_backward(xf, gf, state.inv, state.zp, *g.bounds(real), state.mode,
-                              lay.G, lay.P, lay.C, lay.Q, want_step, dxf)
+                              lay.G, lay.P, lay.C, lay.Q, want_step, dxf, codes)
     dx = grad if ste == "identity" else lay.restore(dxf)
     return dx, (dstep if want_step else None)
 

@@ -20,6 +20,11 @@ Backward (``ste``): ``identity`` (the reference) passes the gradient through
 unchanged; ``clipped`` zeroes it where the code saturated (round(x*inv) + zp
 outside [qmin, qmax]).
 
+``max_modulus`` (a spec option, complex tensors only) keeps every code pair
+inside the disk of that radius (``QuantSpec``); forward, ``quantize`` and the
+learned step's gradient all use the codes it chose, e.g. for Abar
+(``QuantConfig`` option ``abar_bound``).
+
 ``n_scales`` is the number of scales the op keeps (1 per tensor; the channel
 count per channel; doubled for complex tensors with ``complex_mode="cartesian"``,
 real parts' scales first). It is needed up front only for ``learned``, whose
@@ -44,7 +49,7 @@ class Quantizer(Module):
     ``forward(x, training)`` returns x_hat (x's shape and dtype); ``backward``
     returns dL/dx and, for ``learned``, sets ``grads['step']`` (n_scales,).
     Spec options (grid, symmetric, axis, rounding, power_of_two, complex_mode,
-    min_range) are those of ``QuantSpec``.
+    min_range, max_modulus) are those of ``QuantSpec``.
     """
 
     def __init__(self, levels: int, *, scale_mode: str = "absmax", ste: str = "identity",
