@@ -9,7 +9,7 @@ from qs4d_np.core.checks import check_choice
 from qs4d_np.core.dropout import Dropout
 from qs4d_np.core.module import Module
 from qs4d_np.core.norm import BatchNorm, LayerNorm
-from qs4d_np.ssm.s4d import S4D
+from qs4d_np.ssm.s4d import S4D, ParamSnapshot, S4DStepper, check_step, snapshot
 
 NORMS = {"layer": LayerNorm, "batch": BatchNorm, None: None}
 
@@ -65,3 +65,60 @@ class S4DBlock(Module):
         if self.residual:
             g = g + grad  # a new array: g may be shared with a cache inside ssm
         return g
+
+    # -- streaming ----------------------------------------------------------
+    def initial_state(self, batch: int) -> np.ndarray:
+        """The zero state of the block's S4D layer, (batch, d_model, d_state/2) complex."""
+        return self.ssm.initial_state(batch)
+
+    def stepper(self) -> "BlockStepper":
+        """This block in evaluation, frozen for streaming (``BlockStepper``)."""
+        return BlockStepper(self, "stepper()")
+
+    def step(self, x_t: np.ndarray, state: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """One time step in evaluation: x_t (batch, d_model), state (batch, d_model, d_state/2)
+        complex -> (y_t (batch, d_model), new state). Derives the layer's constants anew on every
+        call; to stream many steps build ``stepper()`` once."""
+        x_t, state = check_step(x_t, state, self.ssm.d_model, self.ssm.d_state, self.ssm.dtype, "x_t")
+        y, x = BlockStepper(self, "step()")._step(x_t, state.transpose(2, 0, 1))
+        return y, np.ascontiguousarray(x.transpose(1, 2, 0))
+
+
+class BlockStepper:
+    """One ``S4DBlock`` in evaluation, frozen for streaming: the layer's ``S4DStepper`` and a copy
+    of the norm (evaluation: BatchNorm with its running statistics), in ``S4DBlock.forward``'s
+    order (prenorm / postnorm, residual; dropout is off in evaluation). A snapshot, like
+    ``S4DStepper``: ``is_current()`` says whether the block changed since; its state is
+    mode-major like ``S4DStepper``'s. ``where`` names the caller in the error for a
+    data-dependent (absmax) range.
+    """
+
+    def __init__(self, block: S4DBlock, where: str = "BlockStepper") -> None:
+        self.ssm = S4DStepper(block.ssm, where)
+        self.norm = None if block.norm is None else snapshot(block.norm)
+        self.prenorm, self.residual = block.prenorm, block.residual
+        self._snapshot = ParamSnapshot(block)
+
+    def initial_state(self, batch: int) -> np.ndarray:
+        return self.ssm.initial_state(batch)
+
+    def is_current(self) -> bool:
+        """Whether the block's parameters and buffers are still those this stepper was built from."""
+        return self._snapshot.is_current()
+
+    def step(self, x_t: np.ndarray, state: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """x_t (batch, d_model), state (d_state/2, batch, d_model) -> (y_t (batch, d_model), new state)."""
+        s = self.ssm
+        return self._step(*check_step(x_t, state, s.d_model, s.d_state, s.dtype, "x_t", mode_major=True))
+
+    def _step(self, x_t: np.ndarray, state: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``step`` on checked input in the layer's dtype."""
+        z = x_t
+        if self.prenorm and self.norm is not None:
+            z = self.norm.forward(z)
+        z, state = self.ssm._step(z, state)
+        if self.residual:
+            z = z + x_t
+        if not self.prenorm and self.norm is not None:
+            z = self.norm.forward(z)
+        return z, state

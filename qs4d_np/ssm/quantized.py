@@ -13,7 +13,7 @@
 * the export of the evaluation-mode recurrent layer for the integer model
   (``export``, behind ``S4D.quantized_recurrent``) and the effective parameters
   (``effective``, behind ``S4D.effective_ssm``);
-* one streaming step of the quantized recurrence (``core_step``, behind ``S4D.step``).
+* the recurrent core frozen for streaming (``frozen_core`` -> ``CoreStep``, behind ``S4D.stepper``).
 
 Where each target acts (H = d_model, M = d_state/2):
 
@@ -393,53 +393,173 @@ class S4DQuant:
         return out
 
     # -- streaming ------------------------------------------------------------------
-    def core_step(self, u_t: np.ndarray, state: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """One step of the evaluation-mode recurrent SSM core of a quantized layer.
+    def frozen_core(self, where: str = "step()") -> "CoreStep":
+        """The evaluation-mode recurrent SSM core frozen for streaming (``CoreStep``): the quantized
+        Abar, Bbar, C, D, the state clip and the state quantizer's scales, derived once now.
 
-        u_t (batch, H) and state (batch, H, M) complex, both in the layer's precision (checked by
-        ``S4D.step``). Returns y_t (batch, H) in the layer's dtype (the core output, D*u_t included)
-        and the new state (batch, H, M) in its complex dtype. With a state target or a clip this is
-        ``kernels.quant_scan``'s documented per-step order, vectorised over batch and channels:
-        state update in the layer dtype, clip, round / saturate / divide, read-out summed in float64
-        over the modes in order 0..M-1. Without either the forward runs ``kernels.scan``, whose sums
-        may be reassociated (fastmath): the same step with the read-out summed in the layer dtype
-        then agrees with it to rounding only.
+        The state and act ranges must be static (``fixed``, calibrated ``running``, initialised
+        ``learned``); a data-dependent range raises ValueError naming the quantizer, prefixed by
+        ``where`` (who asked). Leaves the forward caches untouched.
         """
         layer = self.layer
         q = self._data_range_quantizer()
         if q is not None:
-            raise ValueError(f"step(): {q} takes its range from the whole sequence it quantizes, which a "
+            raise ValueError(f"{where}: {q} takes its range from the whole sequence it quantizes, which a "
                              f"stream does not have; calibrate static ranges (scale_mode 'running' with "
                              f"qs4d_np.quant.calibrate) or use 'fixed' or 'learned'")
         dtype = layer.dtype
         with self.kept_caches():
             Abar, Bbar, C, D, _ = self.ssm_params(False, "recurrent")
         st = self.state_quant(None, Abar, Bbar)
-        act = self.q["act"]
-        if act is not None:
-            act.static_scales(dtype)  # fails clearly for an uncalibrated running / unset learned range
-        ar, ai, br, bi, cr, ci = (np.ascontiguousarray(part, dtype=dtype)
-                                  for z in (Abar, Bbar, C) for part in (z.real, z.imag))
-        D = np.asarray(D, dtype=dtype)
-        u = u_t[:, :, None]
-        xr, xi = state.real, state.imag
-        vr = (ar * xr - ai * xi) + br * u
-        vi = (ar * xi + ai * xr) + bi * u
+        clip = state = None
         if self.runs_quant_scan:
             clip = dtype.type(np.inf if layer.state_clip is None else layer.state_clip)
-            vr = np.minimum(np.maximum(vr, -clip), clip)
-            vi = np.minimum(np.maximum(vi, -clip), clip)
             if st.spec is not None:
                 inv = st.per_channel_inv(layer.d_model, dtype)
-                qmin, qmax = st.spec.code_grid.bounds(dtype)
-                mode = ROUNDING[st.spec.rounding]
-                for v, i in ((vr, 0), (vi, 1)):
-                    inv_p = inv[:, i, None]
-                    v[...] = np.minimum(np.maximum(_round(v * inv_p, mode), qmin), qmax) / inv_p
-        acc = np.zeros(u_t.shape, dtype=np.float64 if self.runs_quant_scan else dtype)
-        for n in range(ar.shape[1]):
-            acc += cr[:, n] * vr[:, :, n] - ci[:, n] * vi[:, :, n]
-        y = (2.0 * acc.astype(np.float64, copy=False) + D * u_t).astype(dtype)
-        x = np.empty(state.shape, dtype=layer.cdtype)
+                name = self.q["x"].name
+                # like the scan kernel, no finiteness check on the state (it saturates)
+                state = tuple(StaticQuant.of(st.spec, inv[:, i], None, f"{name} ({part})", dtype, False)
+                              for i, part in enumerate(("real part", "imaginary part")))
+        Abar, Bbar, C = (np.asarray(z, dtype=layer.cdtype) for z in (Abar, Bbar, C))
+        return CoreStep(Abar, Bbar, C, np.asarray(D, dtype=dtype), clip, state)
+
+    def frozen_act(self) -> "StaticQuant | None":
+        """The act quantizer with its static range frozen for streaming (None without one); raises
+        for an uncalibrated ``running`` or an unset ``learned`` range (``Quantizer.static_scales``)."""
+        act = self.q["act"]
+        if act is None:
+            return None
+        dtype = self.layer.dtype
+        return StaticQuant.of(act.spec, *act.static_scales(dtype), act.name, dtype, True)
+
+
+@dataclass(frozen=True)
+class StaticQuant:
+    """A fake quantizer with a frozen range, for streaming: x_hat = (clamp(round(x*inv) + zp,
+    qmin, qmax) - zp) / inv per element in x's dtype, the rounding by ``rounding``
+    (``quant.grids.ROUNDING`` code): the arithmetic of ``kernels.fake_quant`` (``zp`` None: the
+    state quantizer of ``kernels.quant_scan``, which adds no zero point). ``inv``, ``zp``: per
+    tensor (1,) or per channel (H,), broadcast over the last axis; read-only copies. ``name``
+    names the quantizer in errors; ``check_finite``: raise on NaN / inf as ``kernels.fake_quant``
+    does (the state quantizer of the scan kernel saturates instead).
+    """
+
+    inv: np.ndarray
+    zp: np.ndarray | None
+    qmin: np.floating
+    qmax: np.floating
+    rounding: int
+    name: str
+    check_finite: bool
+
+    @classmethod
+    def of(cls, spec: Any, inv: np.ndarray, zp: np.ndarray | None, name: str, dtype: np.dtype,
+           check_finite: bool) -> "StaticQuant":
+        """From a ``QuantSpec`` (its grid and rounding rule) and frozen scales, in ``dtype``."""
+        arrays = []
+        for a in (inv, zp):
+            if a is not None:
+                a = np.array(a, dtype=dtype)
+                a.setflags(write=False)
+            arrays.append(a)
+        return cls(arrays[0], arrays[1], *spec.code_grid.bounds(dtype), ROUNDING[spec.rounding], name, check_finite)
+
+    def apply(self, v: np.ndarray) -> np.ndarray:
+        """Fake-quantize v (..., H) in place and return it."""
+        if self.check_finite and not np.isfinite(v).all():
+            raise ValueError(f"{self.name}: the stream's values contain {np.size(v) - np.isfinite(v).sum()} "
+                             "non-finite value(s) (NaN or inf); cannot quantize")
+        v *= self.inv
+        if self.rounding == 0:  # ties to even, in place (the common case)
+            np.rint(v, out=v)
+        else:
+            v[...] = _round(v, self.rounding)
+        if self.zp is not None:
+            v += self.zp
+        np.clip(v, self.qmin, self.qmax, out=v)
+        if self.zp is not None:
+            v -= self.zp
+        v /= self.inv
+        return v
+
+
+@dataclass(frozen=True)
+class CoreStep:
+    """One layer's evaluation-mode recurrent SSM core, frozen for streaming (``S4DQuant.frozen_core``).
+
+    ``Abar``, ``Bbar``, ``C``: the (quantized) parameters (H, M) in the layer's complex dtype;
+    ``D`` (H,) in its dtype. ``clip``: the state bound (inf when only the state is quantized), or
+    None when the forward runs the float scan (no state target, no clip). ``state``: the state
+    quantizer of the real and of the imaginary part (``StaticQuant``, codes per unit (H,)), or
+    None for a float state. The arrays are read-only copies: a stream never sees a later change
+    of the layer.
+
+    ``step(u_t, state)``: u_t (batch, H) in the layer's dtype and the state **mode-major**, (M,
+    batch, H) in its complex dtype, so that every elementwise pass and each mode's read-out add
+    runs over contiguous memory (unchecked: the callers check). Returns y_t (batch, H) in the
+    layer's dtype (the core output, D*u_t included) and the new state (M, batch, H). With a clip
+    this is ``kernels.quant_scan``'s documented per-step order on real and imaginary planes,
+    vectorised over batch and channels: state update in the layer dtype, clip, round / saturate /
+    divide, read-out accumulated in float64 over the modes in order 0..M-1 (one add per mode), so
+    it reproduces the forward bit for bit. Without a clip the forward runs ``kernels.scan``, whose
+    sums may be reassociated (fastmath): the step then uses complex arithmetic and a summed
+    read-out and agrees with it to rounding only.
+    """
+
+    Abar: np.ndarray
+    Bbar: np.ndarray
+    C: np.ndarray
+    D: np.ndarray
+    clip: np.floating | None
+    state: tuple[StaticQuant, StaticQuant] | None
+
+    def __post_init__(self) -> None:
+        for name in ("Abar", "Bbar", "C", "D"):
+            value = getattr(self, name).copy()
+            value.setflags(write=False)
+            object.__setattr__(self, name, value)
+        # Abar, Bbar, C as (M, 1, H), complex and as real / imaginary planes
+        modes = [np.ascontiguousarray(z.T[:, None, :]) for z in (self.Abar, self.Bbar, self.C)]
+        planes = [np.ascontiguousarray(part) for z in modes for part in (z.real, z.imag)]
+        for a in modes + planes:
+            a.setflags(write=False)
+        object.__setattr__(self, "_modes", tuple(modes))
+        object.__setattr__(self, "_planes", tuple(planes))
+
+    def step(self, u_t: np.ndarray, state: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(y_t (batch, H), new state (M, batch, H)) of one step; see the class docstring."""
+        if self.clip is None:
+            A, B, C = self._modes
+            x = A * state
+            x += B * u_t
+            y = 2 * (C * x).real.sum(axis=0) + self.D * u_t
+            return y, x
+        ar, ai, br, bi, cr, ci = self._planes
+        xr, xi = state.real.copy(), state.imag.copy()
+        tmp = np.empty_like(xr)
+        vr = np.multiply(ar, xr)  # vr = (ar*xr - ai*xi) + br*u
+        vr -= np.multiply(ai, xi, out=tmp)
+        vr += np.multiply(br, u_t, out=tmp)
+        vi = np.multiply(ar, xi, out=xi)  # vi = (ar*xi + ai*xr) + bi*u; x_{t-1}'s imaginary part is done
+        vi += np.multiply(ai, xr, out=tmp)
+        vi += np.multiply(bi, u_t, out=tmp)
+        for i, v in enumerate((vr, vi)):
+            if np.isfinite(self.clip):
+                np.clip(v, -self.clip, self.clip, out=v)
+            if self.state is not None:
+                self.state[i].apply(v)
+        terms = np.multiply(cr, vr, out=tmp)
+        terms -= np.multiply(ci, vi, out=xr)  # x_{t-1}'s real part is done too
+        terms = terms.astype(np.float64)  # exact; the kernel adds each float32 term to a float64 acc
+        if terms[0].size > 1:
+            # the modes axis is not the fast one in memory, so numpy adds the (batch, H) rows one by
+            # one in order 0..M-1 (pairwise summation only runs along the fast axis: np.sum's notes)
+            acc = np.add.reduce(terms, axis=0)
+        else:
+            acc = terms[0].copy()
+            for n in range(1, terms.shape[0]):
+                acc += terms[n]
+        y = (2.0 * acc + self.D * u_t).astype(self.D.dtype)
+        x = np.empty(state.shape, dtype=state.dtype)
         x.real, x.imag = vr, vi
         return y, x
