@@ -9,6 +9,7 @@ import pytest
 from qs4d_np.cli.common import load_model
 from qs4d_np.data.cifar import RECORD_BYTES
 from qs4d_np.io import load_json
+from qs4d_np.models.s4d_model import S4DModel
 from test_cli import write_tiny_mnist
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -68,3 +69,18 @@ def test_smnist_demo_machinery_in_a_smoke_configuration(tmp_path, capsys):
     assert results["float_accuracy"] == pytest.approx(load_json(work / "float" / "results.json")["test_acc"])
     assert load_model(work / "qat4").config["quant"]["all"] == 16
     assert demo.table(results) in printed and "| 4 |" in printed
+
+
+def test_streaming_example_streams_digits_and_checks_against_the_forward(tmp_path, capsys):
+    streaming = _example("streaming")
+    data = write_tiny_mnist(tmp_path / "idx")
+    S4DModel.from_preset("qs4d", 1, 10, d_model=4, d_state=4, n_layers=1, seed=0).save(tmp_path / "tiny")
+    argv = ["--data-dir", str(data), "--checkpoint", str(tmp_path / "tiny"), "--digits", "2", "--prints", "3"]
+    assert streaming.main(argv) == 0
+    assert streaming.main(argv + ["--bits", "8"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("  784  100%") == 2 and "8-bit PTQ" in out and out.count("max relative difference") == 2
+    assert streaming.main(["--random", "--length", "12", "--digits", "1", "--prints", "2"]) == 0
+    assert "   12  100%" in capsys.readouterr().out
+    assert streaming.main(["--data-dir", str(tmp_path / "nothing"), "--digits", "1"]) == 1
+    assert "streaming.py: error:" in capsys.readouterr().err
