@@ -65,7 +65,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--prints", type=int, default=8, help="how many steps to print (and check)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    if args.digits < 1 or args.prints < 1 or args.length < 1 or args.seed < 0 or not (args.bits == 0 or 2 <= args.bits <= 16):
+    if (min(args.digits, args.prints, args.length) < 1 or args.seed < 0
+            or not (args.bits == 0 or 2 <= args.bits <= 16)):
         parser.error(f"--digits, --prints, --length must be >= 1, --seed >= 0 and --bits 0 or 2..16, got "
                      f"{args.digits}, {args.prints}, {args.length}, {args.seed}, {args.bits}")
     rng = np.random.default_rng(args.seed)

@@ -460,7 +460,8 @@ class ParamSnapshot:
     def is_current(self) -> bool:
         now = _arrays(self.module)
         return now.keys() == self.arrays.keys() and all(
-            now[key].shape == value.shape and np.array_equal(now[key], value) for key, value in self.arrays.items())
+            now[key].shape == value.shape and np.array_equal(now[key], value)
+            for key, value in self.arrays.items())
 
 
 class S4DStepper:
@@ -470,9 +471,9 @@ class S4DStepper:
     core's (quantized) Abar, Bbar, C, D, state clip and state scales (``CoreStep``), copies of the
     activation and of the mixing with its (quantized) weight, and the act quantizer's static
     scales. ``step(u_t, state)`` then does the arithmetic only, with ``S4D.step``'s contract and
-    results, except that its state is **mode-major**, (d_state/2, batch, d_model) complex (each
-    mode's slice contiguous, which makes a step about twice as fast; ``x.transpose(1, 2, 0)`` is
-    ``S4D.step``'s state). It is a snapshot: parameters, buffers or quantizer ranges changed in
+    results, except that its state is **mode-major**, (d_state/2, batch, d_model) complex, so
+    that every elementwise pass and each mode's read-out add run over contiguous memory
+    (``x.transpose(1, 2, 0)`` is ``S4D.step``'s state). It is a snapshot: parameters, buffers or quantizer ranges changed in
     the layer afterwards do not reach it (``is_current()`` says whether they changed; build a new
     stepper). ``where`` names the caller in the error for a data-dependent (absmax) range.
     """
