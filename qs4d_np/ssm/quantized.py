@@ -141,8 +141,10 @@ class S4DQuant:
         make = self._make
         if layer.abar == "continuous":
             make(cfg, "A", "A", 0, H, True)  # A in convolution mode
-        # Abar in recurrent mode (and always for discrete / frozen)
-        make(cfg, "Abar", "A", 0, H, True)
+        # Abar in recurrent mode (and always for discrete / frozen). Cartesian rounding can push a
+        # point with |Abar| < 1 outside the unit circle, and the recurrence then grows like
+        # |Abar_q|**L; ``abar_bound`` keeps the codes in the disk (QuantSpec.max_modulus).
+        make(cfg, "Abar", "A", 0, H, True, **({"max_modulus": 1.0} if cfg.options_for("A")["abar_bound"] else {}))
         make(cfg, "B", "B", 0, H, True)
         make(cfg, "C", "C", 0, H, True)
         make(cfg, "D", "D", 0, H, False)
