@@ -140,6 +140,8 @@ def test_model_stream_is_a_snapshot_and_says_when_the_model_changed():
     assert np.array_equal(logits, want[-1])  # the stream still computes with its snapshot
     assert not np.array_equal(stream_logits(model, x)[-1], want[-1])
     assert model.stream().is_current()
+    with pytest.raises(RuntimeError, match="S4DBlock stepper was built without a snapshot .* ask the stream's"):
+        stream.blocks[0].is_current()  # the stream tracks the whole model, not each block again
 
 
 def test_block_step_is_its_stepper_and_the_block_forward():

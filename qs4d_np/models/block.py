@@ -80,7 +80,7 @@ class S4DBlock(Module):
         complex -> (y_t (batch, d_model), new state). Derives the layer's constants anew on every
         call; to stream many steps build ``stepper()`` once."""
         x_t, state = check_step(x_t, state, self.ssm.d_model, self.ssm.d_state, self.ssm.dtype, "x_t")
-        y, x = BlockStepper(self, "step()")._step(x_t, state.transpose(2, 0, 1))
+        y, x = BlockStepper(self, "step()", track=False)._step(x_t, state.transpose(2, 0, 1))
         return y, np.ascontiguousarray(x.transpose(1, 2, 0))
 
 
@@ -90,14 +90,14 @@ class BlockStepper:
     order (prenorm / postnorm, residual; dropout is off in evaluation). A snapshot, like
     ``S4DStepper``: ``is_current()`` says whether the block changed since; its state is
     mode-major like ``S4DStepper``'s. ``where`` names the caller in the error for a
-    data-dependent (absmax) range.
+    data-dependent (absmax) range; ``track=False`` skips the snapshot behind ``is_current``.
     """
 
-    def __init__(self, block: S4DBlock, where: str = "BlockStepper") -> None:
-        self.ssm = S4DStepper(block.ssm, where)
+    def __init__(self, block: S4DBlock, where: str = "BlockStepper", track: bool = True) -> None:
+        self.ssm = S4DStepper(block.ssm, where, track=False)
         self.norm = None if block.norm is None else snapshot(block.norm)
         self.prenorm, self.residual = block.prenorm, block.residual
-        self._snapshot = ParamSnapshot(block)
+        self._snapshot = ParamSnapshot(block, track)
 
     def initial_state(self, batch: int) -> np.ndarray:
         return self.ssm.initial_state(batch)

@@ -173,7 +173,7 @@ class S4DModel(Module):
         Derives every layer's (quantized) parameters anew on each call; to stream many
         steps build ``stream()`` once and step it (same results).
         """
-        return S4DModelStream(self, "S4DModel.step()").step(x_t, state)
+        return S4DModelStream(self, "S4DModel.step()", track=False).step(x_t, state)
 
     def _frozen_coder(self, name: str) -> Linear:
         """A copy of the encoder or decoder with the weight an evaluation forward uses (quantized
@@ -343,17 +343,19 @@ class S4DModelStream:
     what the stream was built from; build a new stream after a change. State and act ranges must
     be static (``fixed``, calibrated ``running``, initialised ``learned``): a data-dependent
     (``absmax``) range is refused with an error naming the layer and the quantizer.
+    ``track=False`` skips the snapshot behind ``is_current`` (``S4DModel.step``'s one-step use).
     """
 
-    def __init__(self, model: S4DModel, where: str = "S4DModelStream") -> None:
+    def __init__(self, model: S4DModel, where: str = "S4DModelStream", track: bool = True) -> None:
         c = model.config
         self.d_input, self.d_model, self.d_state = model.d_input, c["d_model"], c["d_state"]
         self.dtype, self.pool = model.dtype, c["pool"]
-        self.blocks = [BlockStepper(b, f"{where}, layer {i} (layers.{i}.ssm)") for i, b in enumerate(model.blocks)]
+        self.blocks = [BlockStepper(b, f"{where}, layer {i} (layers.{i}.ssm)", track=False)
+                       for i, b in enumerate(model.blocks)]
         self.encoder = model._frozen_coder("encoder")
         self.decoder = model._frozen_coder("decoder")
         self._model = model
-        self._snapshot = ParamSnapshot(model)
+        self._snapshot = ParamSnapshot(model, track)
 
     def initial_state(self, batch: int) -> StreamState:
         """The state before the first step (``S4DModel.initial_state``)."""

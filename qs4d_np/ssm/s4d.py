@@ -402,7 +402,7 @@ class S4D(Module):
         many steps, build ``stepper()`` once and step it.
         """
         u_t, state = check_step(u_t, state, self.d_model, self.d_state, self.dtype)
-        y, x = S4DStepper(self, "step()")._step(u_t, state.transpose(2, 0, 1))
+        y, x = S4DStepper(self, "step()", track=False)._step(u_t, state.transpose(2, 0, 1))
         return y, np.ascontiguousarray(x.transpose(1, 2, 0))
 
 
@@ -451,13 +451,17 @@ def _arrays(module: Module) -> dict[str, np.ndarray]:
 
 class ParamSnapshot:
     """Copies of a module's parameters and buffers (quantizer ranges included) taken when a stream
-    is built; ``is_current()`` tells whether the module still holds exactly those values."""
+    is built; ``is_current()`` tells whether the module still holds exactly those values.
+    ``track=False`` copies nothing (a stepper inside a stream, or built for a single step)."""
 
-    def __init__(self, module: Module) -> None:
+    def __init__(self, module: Module, track: bool = True) -> None:
         self.module = module
-        self.arrays = {key: value.copy() for key, value in _arrays(module).items()}
+        self.arrays = {key: value.copy() for key, value in _arrays(module).items()} if track else None
 
     def is_current(self) -> bool:
+        if self.arrays is None:
+            raise RuntimeError(f"this {type(self.module).__name__} stepper was built without a snapshot (it is "
+                               "part of a stream, or was built for one step): ask the stream's is_current()")
         now = _arrays(self.module)
         return now.keys() == self.arrays.keys() and all(
             now[key].shape == value.shape and np.array_equal(now[key], value)
@@ -475,17 +479,18 @@ class S4DStepper:
     that every elementwise pass and each mode's read-out add run over contiguous memory
     (``x.transpose(1, 2, 0)`` is ``S4D.step``'s state). It is a snapshot: parameters, buffers or quantizer ranges changed in
     the layer afterwards do not reach it (``is_current()`` says whether they changed; build a new
-    stepper). ``where`` names the caller in the error for a data-dependent (absmax) range.
+    stepper). ``where`` names the caller in the error for a data-dependent (absmax) range;
+    ``track=False`` skips the snapshot behind ``is_current`` (inside a stream, one-step use).
     """
 
-    def __init__(self, layer: S4D, where: str = "S4DStepper") -> None:
+    def __init__(self, layer: S4D, where: str = "S4DStepper", track: bool = True) -> None:
         self.d_model, self.d_state, self.dtype = layer.d_model, layer.d_state, layer.dtype
         self.core = layer.quantization.frozen_core(where)
         self.act = layer.quantization.frozen_act()
         self._post: list[Module] = [snapshot(op) for op in (layer.activation, layer.mixing) if op is not None]
         if layer.mixing is not None:
             self._post[-1].linear._params["weight"] = layer.mixing_weight()  # quantized when 'linear' is
-        self._snapshot = ParamSnapshot(layer)
+        self._snapshot = ParamSnapshot(layer, track)
 
     def initial_state(self, batch: int) -> np.ndarray:
         """Zero state (d_state/2, batch, d_model) complex (mode-major)."""
