@@ -326,3 +326,8 @@ def test_max_modulus_on_a_real_tensor_is_refused_in_every_path():
     lay = QuantSpec(8).layout(x)
     with pytest.raises(ValueError, match="max_modulus"):
         spec.apply(x, lay, np.ones(1), np.zeros(1))
+
+
+def test_max_modulus_is_stored_as_a_float():
+    spec = QuantSpec(8, max_modulus=1)
+    assert type(spec.max_modulus) is float and spec == QuantSpec(8, max_modulus=1.0)

@@ -224,7 +224,8 @@ class QuantSpec:
         if self.axis is not None:
             check_int("axis", self.axis)
         if self.max_modulus is not None:
-            check_float("max_modulus", self.max_modulus, min_value=0.0, min_inclusive=False)
+            object.__setattr__(self, "max_modulus",
+                               check_float("max_modulus", self.max_modulus, min_value=0.0, min_inclusive=False))
         object.__setattr__(self, "_grid", make_grid(self.grid, self.levels, self.symmetric))
 
     @property
