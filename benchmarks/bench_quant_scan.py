@@ -2,7 +2,9 @@
 
 Times the three calls a recurrent QAT step makes per layer, through the public API
 (``qs4d_np.quant.scan``): the float-state range (``state_absmax``), the quantized
-forward (``quant_scan``) and its backward (``quant_scan_backward``). Default shape
+forward (``quant_scan``), the same forward also observing the pre-quantization
+state maxima (what a training step with a running state range runs instead of
+``state_absmax`` + forward) and the backward (``quant_scan_backward``). Default shape
 = one layer of bench_qat.py's s4d-example model: batch 64, length 784, H = 128
 channels, M = 32 complex modes, float32, 64 state levels, ranges from the float
 states (the default absmax state quantizer, some codes saturate at 0.8x the range).
@@ -15,6 +17,7 @@ is printed with the CPU time (all threads) and the 1-minute load average.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import time
 
@@ -48,10 +51,12 @@ def main(argv: list[str] | None = None) -> None:
     float_state = StateQuant(None)
     state = StateQuant.calibrated(QuantSpec(args.levels), 0.8 * state_absmax(u, Abar, Bbar, float_state),
                                   "part", ste=args.ste)
+    observing = dataclasses.replace(state, observer=lambda wmax: None)
     _, cache = quant_scan(u, Abar, Bbar, C, D, state)
     kernels = {
         "state_absmax (float states)": lambda: state_absmax(u, Abar, Bbar, float_state),
         "quant_scan (forward)": lambda: quant_scan(u, Abar, Bbar, C, D, state),
+        "quant_scan (forward, observing)": lambda: quant_scan(u, Abar, Bbar, C, D, observing),
         "quant_scan_backward": lambda: quant_scan_backward(gy, cache),
     }
     times: dict[str, list[tuple[float, float]]] = {name: [] for name in kernels}
@@ -68,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
           f"{max(loads):.2f}) ==")
     for name, ts in times.items():
         wall, cpu = np.array(ts).T
-        print(f"{name:30s} {np.median(wall):7.3f} s  (CPU {np.median(cpu):7.3f} s; all: "
+        print(f"{name:33s} {np.median(wall):7.3f} s  (CPU {np.median(cpu):7.3f} s; all: "
               f"{', '.join(f'{w:.3f}' for w in wall)})")
 
 

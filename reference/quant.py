@@ -126,9 +126,11 @@ def _unpack(u, Abar, Bbar, C, D, inv):
 
 
 def quant_scan_ref(u, Abar, Bbar, C, D, inv, qmin, qmax, rounding="half_even", clip=math.inf,
-                   quantize=True, frozen=None, return_absmax=False):
+                   quantize=True, frozen=None, return_absmax=False, return_wmax=False):
     """Forward twin: y (B, L, H) float64; inv (H, 2). ``return_absmax`` also returns the
-    (H, 2) max |Re x|, |Im x| over the states (the twin of ``quant_scan_state_absmax``).
+    (H, 2) max |Re x|, |Im x| over the states (the twin of ``quant_scan_state_absmax``);
+    ``return_wmax`` (after it) the (H, 2) max |Re w|, |Im w| over the clipped
+    pre-quantization values (the twin of the forward kernel's ``wmax``).
 
     With a dict ``frozen`` the state quantizer is replaced by its LSQ surrogate
     (``_surrogate_part``; residuals recorded on the first call, ties-to-even): equal to the
@@ -139,6 +141,7 @@ def quant_scan_ref(u, Abar, Bbar, C, D, inv, qmin, qmax, rounding="half_even", c
     u, Ar, Ai, Br, Bi, Cr, Ci, D, inv = _unpack(u, Abar, Bbar, C, D, inv)
     y = np.zeros((B, L, H))
     absmax = np.zeros((H, 2))
+    wmax = np.zeros((H, 2))
     for b in range(B):
         for h in range(H):
             xr, xi = [0.0] * M, [0.0] * M
@@ -146,16 +149,18 @@ def quant_scan_ref(u, Abar, Bbar, C, D, inv, qmin, qmax, rounding="half_even", c
                 ut = u[b][t][h]
                 acc = 0.0
                 for n in range(M):
-                    xr[n], xi[n], *_ = _step(xr[n], xi[n], Ar[h][n], Ai[h][n], Br[h][n], Bi[h][n], ut, clip,
-                                             inv[h][0], inv[h][1], qmin, qmax, rounding,
-                                             quantize and frozen is None)
+                    xr[n], xi[n], _, _, wr, wi = _step(xr[n], xi[n], Ar[h][n], Ai[h][n], Br[h][n], Bi[h][n],
+                                                       ut, clip, inv[h][0], inv[h][1], qmin, qmax, rounding,
+                                                       quantize and frozen is None)
+                    wmax[h] = np.maximum(wmax[h], [abs(wr), abs(wi)])
                     if frozen is not None:
                         xr[n] = _surrogate_part(xr[n], inv[h][0], qmin, qmax, (b, h, t, n, 0), frozen)
                         xi[n] = _surrogate_part(xi[n], inv[h][1], qmin, qmax, (b, h, t, n, 1), frozen)
                     acc += Cr[h][n] * xr[n] - Ci[h][n] * xi[n]
                     absmax[h] = np.maximum(absmax[h], [abs(xr[n]), abs(xi[n])])
                 y[b, t, h] = 2.0 * acc + D[h] * ut
-    return (y, absmax) if return_absmax else y
+    extra = [absmax] * return_absmax + [wmax] * return_wmax
+    return (y, *extra) if extra else y
 
 
 def quant_scan_backward_ref(u, Abar, Bbar, C, D, inv, qmin, qmax, gy, rounding="half_even",

@@ -486,3 +486,85 @@ def test_abar_bound_keeps_the_recurrent_adjoint_bounded_at_4_bits(abar):
     assert modulus <= 1.0 and np.all(du <= bound * (1 + 1e-4))  # 1e-4: float32 sums over 784 steps
     modulus, du, bound = grad_and_bound(False)  # the unbounded rounding leaves the disk and the bound fails
     assert modulus > 1.0 and np.any(du > bound)
+
+
+def _running_state_layer(per_channel, complex_mode, clip):
+    quant = QuantConfig(state=16, per_channel=per_channel,
+                        target_options={"state": {"scale_mode": "running", "complex_mode": complex_mode}})
+    return S4D(3, 6, quant=quant, activation=None, mixing=None, dropout=0.0, dtype=np.float64, seed=1,
+               state_clip=clip)
+
+
+def _scale_order(absmax, per_channel, complex_mode):
+    """(H, 2) maxima -> the state quantizer's scales, written out per layout."""
+    if complex_mode == "cartesian":
+        return absmax.T.reshape(-1) if per_channel else absmax.max(axis=0)
+    return absmax.max(axis=1) if per_channel else absmax.max(keepdims=True).reshape(1)
+
+
+@pytest.mark.parametrize("per_channel, complex_mode, clip", [
+    (True, "cartesian", None), (False, "cartesian", 0.7), (True, "shared", 0.7), (False, "shared", None)])
+def test_running_state_range_follows_the_quantized_scan_with_one_batch_of_lag(monkeypatch, per_channel,
+                                                                            complex_mode, clip):
+    import qs4d_np.ssm.quantized as quantized_module
+
+    layer = _running_state_layer(per_channel, complex_mode, clip)
+    calls = []
+    real_absmax = quantized_module.state_absmax
+    monkeypatch.setattr(quantized_module, "state_absmax", lambda *a, **k: calls.append(1) or real_absmax(*a, **k))
+    q, qz = layer.q["x"], layer.quantization
+    e = layer.effective_ssm()  # only the state is quantized: Abar, Bbar, C, D are the float ones
+    H, clip_v = 3, np.inf if clip is None else clip
+    g = q.spec.code_grid
+    batches = [np.random.default_rng(s).standard_normal((2, 9, H)) * 3 for s in range(3)]
+    # batch 1: no buffers yet, so the range comes from this batch's float states (one float pass)
+    layer.forward(batches[0], training=True, mode="recurrent")
+    assert len(calls) == 1
+    _, float_max = quant_scan_ref(batches[0], e.Abar, e.Bbar, e.C, e.D, np.ones((H, 2)), -1, 1, clip=clip_v,
+                                  quantize=False, return_absmax=True)
+    hi = _scale_order(float_max, per_channel, complex_mode)
+    assert np.array_equal(q.buffers["running_hi"], hi) and np.array_equal(q.buffers["running_lo"], -hi)
+    for u in batches[1:]:
+        # later batches: quantized with the buffers from before them, then the scan's own max |w| folded in
+        inv = qz.state_quant(None, e.Abar, e.Bbar).per_channel_inv(H, np.float64)
+        y_want, wmax = quant_scan_ref(u, e.Abar, e.Bbar, e.C, e.D, inv, g.qmin, g.qmax, clip=clip_v,
+                                      return_wmax=True)
+        y = layer.forward(u, training=True, mode="recurrent")
+        assert np.array_equal(y, y_want)
+        hi = (1 - q.momentum) * hi + q.momentum * _scale_order(wmax, per_channel, complex_mode)
+        assert np.array_equal(q.buffers["running_hi"], hi) and np.array_equal(q.buffers["running_lo"], -hi)
+    assert len(calls) == 1  # no float-state pass after the first batch
+    layer.backward(np.ones_like(y))  # the backward runs on the observed forward's cache
+    # evaluation: the buffers are frozen and no pass runs
+    before = q.buffers["running_hi"].copy()
+    layer.forward(batches[0], mode="recurrent")
+    assert np.array_equal(q.buffers["running_hi"], before) and len(calls) == 1
+
+
+def test_calibrate_keeps_the_float_state_range_and_training_then_observes_the_scan(monkeypatch):
+    import qs4d_np.ssm.quantized as quantized_module
+    from qs4d_np.quant.ptq import calibrate
+
+    quant = QuantConfig(state=16, per_channel=True, target_options={"state": {"scale_mode": "running"}})
+    model = jittered(S4DModel(2, 3, quant=quant, **{**TINY, "n_layers": 1}))
+    ssm = model.blocks[0].ssm
+    calls = []
+    real_absmax = quantized_module.state_absmax
+    monkeypatch.setattr(quantized_module, "state_absmax", lambda *a, **k: calls.append(1) or real_absmax(*a, **k))
+    xs = [data(seed=s) for s in range(2)]
+    inputs = []  # the SSM core's input, recorded for the twin
+    real_forward = ssm._core_forward
+    monkeypatch.setattr(ssm, "_core_forward", lambda u, *a: inputs.append(u.copy()) or real_forward(u, *a))
+    calibrate(model, xs, mode="recurrent")
+    assert len(calls) == 2  # calibration: every batch's float states
+    e = ssm.effective_ssm()
+    q = ssm.q["x"]
+    hi = None
+    for u in inputs:
+        _, m = quant_scan_ref(u, e.Abar, e.Bbar, e.C, e.D, np.ones((3, 2)), -1, 1, quantize=False,
+                              return_absmax=True)
+        m = m.T.reshape(-1)
+        hi = m if hi is None else (1 - q.momentum) * hi + q.momentum * m
+    np.testing.assert_array_equal(q.buffers["running_hi"], hi)
+    model.forward(xs[0], training=True, mode="recurrent")  # calibrated: the scan observes itself
+    assert len(calls) == 2 and not np.array_equal(q.buffers["running_hi"], hi)

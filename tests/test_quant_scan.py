@@ -36,10 +36,13 @@ def test_kernel_matches_loop_twin_bit_for_bit(seed, B, L, H, M, levels, grid, ro
     rng = np.random.default_rng(seed + 1)
     # small inv so the codes also saturate sometimes
     inv = {"scalar": rng.uniform(2, 60), "channel": rng.uniform(2, 60, H), "part": rng.uniform(2, 60, (H, 2))}[inv_kind]
-    state = StateQuant(QuantSpec(levels, grid=grid, rounding=rounding) if quantize else None, inv, ste)
+    seen = []  # the forward's observed max |w| (H, 2)
+    state = StateQuant(QuantSpec(levels, grid=grid, rounding=rounding) if quantize else None, inv, ste, seen.append)
     y, cache = quant_scan(u, Abar, Bbar, C, D, state, clip)
     inv2, qmin, qmax = _twin_args(state, H)
-    assert np.array_equal(y, quant_scan_ref(u, Abar, Bbar, C, D, inv2, qmin, qmax, rounding, clip, quantize))
+    y_want, wmax = quant_scan_ref(u, Abar, Bbar, C, D, inv2, qmin, qmax, rounding, clip, quantize, return_wmax=True)
+    assert np.array_equal(y, y_want)
+    assert len(seen) == 1 and np.array_equal(seen[0], wmax)
     gy = rng.normal(size=y.shape)
     got = quant_scan_backward(gy, cache)
     want = quant_scan_backward_ref(u, Abar, Bbar, C, D, inv2, qmin, qmax, gy, rounding, clip, quantize,
@@ -259,14 +262,15 @@ def test_results_do_not_depend_on_the_thread_count():
     rng = np.random.default_rng(13)
     x = rng.normal(size=(40, 30, 33)).astype(np.float32)  # > CHUNK: several blocks
     u, Abar, Bbar, C, D = _layer(14, 3, 20, 4, 3, np.float32)
-    state = StateQuant(QuantSpec(255), 40.0)
+    seen = []
+    state = StateQuant(QuantSpec(255), 40.0, observer=seen.append)
 
     def run():
         spec = Spec(31, axis=-1)
         x_hat, st_ = spec.forward(x, scale_mode="absmean")
         _, dstep = ste_backward(x, x, st_, "clipped", want_step=True)
         y, cache = quant_scan(u, Abar, Bbar, C, D, state, 2.0)
-        return [x_hat, dstep, y, *quant_scan_backward(y, cache).values()]
+        return [x_hat, dstep, y, seen[-1], *quant_scan_backward(y, cache).values()]
 
     before = numba.get_num_threads()
     try:

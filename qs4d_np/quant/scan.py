@@ -4,7 +4,11 @@
 grid gives qmin/qmax, its rounding rule the mode) and a fixed ``inv`` (codes
 per unit, e.g. from calibration): a scalar (per tensor), (H,) (per channel,
 shared by the real and imaginary parts) or (H, 2) (per channel and part).
-``spec=None`` disables quantization (the state is only clipped).
+``spec=None`` disables quantization (the state is only clipped). An
+``observer`` (optional) is called once after each forward with the (H, 2)
+float64 max |w| per channel and part, w the clipped pre-quantization values
+(the values the state quantizer sees), from the forward's own states: a
+running range can follow the quantized scan without a second (float) pass.
 
     y, cache = quant_scan(u, Abar, Bbar, C, D, state, clip)
     grads    = quant_scan_backward(gy, cache)   # du, Abar, Bbar, C, D, step
@@ -19,6 +23,7 @@ like the ``inv`` given (zeros when quantization is off).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -30,11 +35,12 @@ from qs4d_np.quant.grids import ROUNDING
 
 @dataclass(frozen=True)
 class StateQuant:
-    """State quantizer of the recurrent scan: spec (None = off), inv, STE rule."""
+    """State quantizer of the recurrent scan: spec (None = off), inv, STE rule, observer (module docstring)."""
 
     spec: QuantSpec | None
     inv: float | np.ndarray = 1.0
     ste: str = "identity"
+    observer: Callable[[np.ndarray], None] | None = None
 
     def __post_init__(self) -> None:
         check_choice("ste", self.ste, STE_MODES)
@@ -117,7 +123,11 @@ def quant_scan(u: np.ndarray, Abar: np.ndarray, Bbar: np.ndarray, C: np.ndarray,
     """y (B, L, H) of the quantized-state scan; u float32/float64 sets the dtype."""
     cache = _checked(u, Abar, Bbar, C, D, state, clip)
     y = np.empty_like(cache.u)
-    kern.quant_scan_forward(*_kernel_args(cache), y)
+    B, _, H = cache.u.shape
+    wmax = np.empty((B * H if state.observer is not None else 0, 2))
+    kern.quant_scan_forward(*_kernel_args(cache), y, wmax)
+    if state.observer is not None:
+        state.observer(wmax.reshape(B, H, 2).max(axis=0))  # a max is exact: any order gives the same
     return y, cache
 
 

@@ -39,11 +39,18 @@ child           convolution mode (the reference)        recurrent mode (Zhao et 
 Per-channel scales run over H (axis 0 of the (H, ...) parameters, the last axis
 of activations, the 2H outputs of the mixing weight). The state's range comes
 from ``quant_x``'s scale_mode: ``absmax`` (max |x| of this batch's float states,
-like the reference's per-call scales), ``running`` (that absmax folded into
-running buffers in training / calibration, frozen in eval), ``fixed``
+like the reference's per-call scales), ``running`` (running buffers, an EMA
+updated in training / calibration as below, frozen in eval), ``fixed``
 (``fixed_range``) or ``learned`` (LSQ step, initialised to the float states'
 absmax / qpos). Gradients pass every quantizer by its STE and then the
 discretization, as in float.
+
+The state's ``running`` range: in recurrent training it is updated after each
+batch from the pre-quantization states the batch produced (max |w|, w the
+clipped value the quantizer sees, from the quantized scan itself), and the
+batch is quantized with the range from before it (one batch of lag); the first
+batch initialises it from the float states. ``qs4d_np.quant.calibrate`` folds
+in each batch's float states (max |x| of the float scan) instead.
 """
 from __future__ import annotations
 
@@ -291,10 +298,12 @@ class S4DQuant:
         """The recurrent state quantizer for a forward on u (batch, L, H) with the core's Abar, Bbar (H, M).
 
         The range comes from ``quant_x``'s scale_mode: ``absmax`` takes this u's float states;
-        ``running`` folds them into the buffers in training (or calibration); ``learned``
-        initialises its step from them once. ``u=None``: only a static range (fixed,
-        calibrated running, initialised learned) will do. Returns ``StateQuant(None)`` for
-        a float state.
+        ``running`` in training quantizes with the buffers from before this batch and returns
+        a ``StateQuant`` whose observer folds the scan's pre-quantization state maxima into
+        them after the forward (the first batch, and calibration, fold in this u's float
+        states first instead); ``learned`` initialises its step from the float states once.
+        ``u=None``: only a static range (fixed, calibrated running, initialised learned) will do.
+        Returns ``StateQuant(None)`` for a float state.
         """
         q = self.q["x"]
         if q is None:
@@ -307,13 +316,21 @@ class S4DQuant:
             raise ValueError("the state target's scale_mode='absmean' has no recurrent-mode meaning; "
                              "use absmax, running, fixed or learned")
 
-        def float_state_range() -> np.ndarray:
-            clip = np.inf if self.layer.state_clip is None else self.layer.state_clip
-            absmax = state_absmax(u, Abar, Bbar, StateQuant(None), clip)  # (H, 2)
-            if per_channel:  # Quantizer order: real parts' scales first
+        def scale_order(absmax: np.ndarray) -> np.ndarray:
+            """(H, 2) maxima -> the quantizer's scales (per channel: real parts' scales first)."""
+            if per_channel:
                 return absmax.T.reshape(-1) if per_part else absmax.max(axis=1)
             return absmax.max(axis=0) if per_part else absmax.max(keepdims=True).reshape(1)
 
+        def float_state_range() -> np.ndarray:
+            clip = np.inf if self.layer.state_clip is None else self.layer.state_clip
+            return scale_order(state_absmax(u, Abar, Bbar, StateQuant(None), clip))  # (H, 2) first
+
+        def fold(wmax: np.ndarray) -> None:
+            r = scale_order(wmax)
+            q.observe(-r, r)
+
+        observer = None
         if u is not None and mode == "absmax":  # this batch's float states, like the reference
             r = float_state_range()
             inv, _ = spec.scales(-r, r, np.dtype(np.float64))
@@ -321,12 +338,17 @@ class S4DQuant:
             if u is not None and mode == "learned" and not q.step_ready:
                 q.set_step(np.maximum(float_state_range(), spec.min_range) / spec.code_grid.qpos)
             if u is not None and q.updates_range(training):
-                r = float_state_range()
-                q.observe(-r, r)
+                if training and q.calibrated and not q.calibrating:
+                    # quantize with the range from before this batch; the scan folds in the
+                    # pre-quantization states it produces (one batch of lag, no float pass)
+                    observer = fold
+                else:  # the first batch and calibration: this batch's float states
+                    r = float_state_range()
+                    q.observe(-r, r)
             inv, _ = q.static_scales(np.dtype(np.float64))
         if per_part:  # (2H,) or (2,) -> (H, 2)
             inv = inv.reshape(2, -1).T if per_channel else np.tile(inv, (self.layer.d_model, 1))
-        return StateQuant(spec, inv if per_channel or per_part else float(inv[0]), q.ste)
+        return StateQuant(spec, inv if per_channel or per_part else float(inv[0]), q.ste, observer)
 
     def state_step_grad(self, dstep: np.ndarray, scan_cache: ScanCache) -> None:
         """Learned state step: dL/dstep (the scan's) into ``quant_x.grads['step']``, LSQ-scaled."""
