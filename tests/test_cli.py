@@ -192,3 +192,15 @@ def test_runtime_errors_exit_1_and_overwrite_nothing(data_dir, tmp_path, capsys)
                  "--data-dir", str(data_dir)]) == 1
     assert "is not an S4DModel file" in capsys.readouterr().err
 
+
+
+def test_quant_flags_make_the_config():
+    from qs4d_np.cli.common import quant_config
+    from qs4d_np.cli.main import build_parser
+
+    def config(*flags):
+        return quant_config(build_parser().parse_args(["train", "--out", "x", "--all_quant", "16", *flags]))
+
+    assert config().options_for("A")["abar_bound"] is True
+    assert config("--no_abar_bound").options_for("A")["abar_bound"] is False
+    assert config("--grid", "full", "--granularity", "channel").spec_for("C", axis=0).axis == 0

@@ -295,3 +295,18 @@ def test_interrupted_bundle_reexport_keeps_the_previous_bundle(tmp_path, monkeyp
     manifest = export_bundle(im, x, tmp_path / "vec")
     assert manifest["samples"] == x.shape[0] == json.loads((tmp_path / "vec/manifest.json").read_text())["samples"]
     assert compare_dumps(tmp_path / "vec", tmp_path / "vec").ok
+
+
+def test_float_model_export_keeps_abar_codes_in_the_unit_disk():
+    # a float model exported with A at 16 states: the export's own quantizer applies QuantConfig's
+    # abar_bound like a QAT layer's Abar quantizer (4-bit Cartesian rounding leaves the disk otherwise)
+    model = tiny_model(1, H=8, N=64)
+    x = pixels(3)
+
+    def moduli(**options):
+        im = from_model(model, x / 255.0, quant=QuantConfig(256, A=16, state=4096, **options))
+        core, s = im.layers[0].core, im.steps
+        return np.hypot(core.Abar_re * s["layers.0.Abar_re"], core.Abar_im * s["layers.0.Abar_im"])
+
+    assert moduli().max() <= 1.0
+    assert moduli(abar_bound=False).max() > 1.0

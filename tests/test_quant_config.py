@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from qs4d_np.io import atomic_write_json, load_json
+from qs4d_np.models.s4d_model import S4DModel
 from qs4d_np.quant.config import TARGETS, QuantConfig
 from qs4d_np.quant.quantizer import Quantizer
 
@@ -106,11 +107,12 @@ def test_abar_bound_option_defaults_round_trips_and_reaches_the_abar_quantizer(t
     for c in (cfg, off, QuantConfig(all=8, abar_bound=False)):
         atomic_write_json(tmp_path / "q.json", c.to_dict())
         assert QuantConfig.from_dict(load_json(tmp_path / "q.json")) == c
-    # a dict saved before the option existed loads with the default
+    # a dict saved before the option existed loads unbounded: the checkpoint computes what it computed
     old = cfg.to_dict()
     del old["options"]["abar_bound"]
     back = QuantConfig.from_dict(json.loads(json.dumps(old)))
-    assert back.options_for("A")["abar_bound"] is True and back == cfg
+    assert back.options_for("A")["abar_bound"] is False and back == QuantConfig(all=16, per_channel=True,
+                                                                                abar_bound=False)
     with pytest.raises(TypeError, match=r"options\['abar_bound'\] must be True or False, got 1"):
         QuantConfig(all=4, abar_bound=1)
     # the S4D wiring's call: the A target's quantizer of Abar with the unit-disk bound
@@ -119,3 +121,37 @@ def test_abar_bound_option_defaults_round_trips_and_reaches_the_abar_quantizer(t
     assert cfg.quantizer_for("A", 0, axis=0, n_scales=8).spec.max_modulus is None
     Abar = (0.99 * np.exp(1j * np.linspace(0.1, 1.5, 8))).astype(np.complex64).reshape(4, 2)
     assert (np.abs(q.forward(Abar).astype(np.complex128)) <= 1.0).all()
+
+
+def test_fixed_range_per_target():
+    cfg = QuantConfig(all=16, target_options={"state": {"scale_mode": "fixed", "fixed_range": 4.0},
+                                              "C": {"scale_mode": "fixed", "fixed_range": [1.0, 2.0]}})
+    assert cfg.quantizer_for("state").fixed_range == 4.0
+    assert cfg.quantizer_for("C", axis=0).fixed_range == [1.0, 2.0]  # one range per channel
+    assert cfg.quantizer_for("D").fixed_range is None and cfg.quantizer_for("D").scale_mode == "absmax"
+    assert QuantConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    with pytest.raises(ValueError, match=r"target 'D' has scale_mode='fixed' but no range; .*'fixed_range'"):
+        QuantConfig(all=16, scale_mode="fixed").quantizer_for("D")
+    with pytest.raises(ValueError, match=r"target_options\['act'\] gives a fixed_range, which only "
+                                         r"scale_mode='fixed' uses; the target's scale_mode is 'absmax'"):
+        QuantConfig(all=16, target_options={"act": {"fixed_range": 2.0}})
+    with pytest.raises(ValueError, match=r"target_options\['state'\]\['fixed_range'\] must be finite"):
+        QuantConfig(all=16, target_options={"state": {"scale_mode": "fixed", "fixed_range": float("nan")}})
+    with pytest.raises(ValueError, match="fixed_range is set per target: target_options="):
+        QuantConfig(all=16, fixed_range=1.0)
+
+
+def test_fixed_ranges_from_the_config_run_in_both_modes():
+    ranges = {"A": 3.0, "B": 0.2, "C": 2.0, "D": 2.0, "dt": 7.0, "linear": 1.0, "act": 3.0, "state": 2.0,
+              "coder": 1.5}
+    cfg = QuantConfig(all=16, scale_mode="fixed", target_options={t: {"fixed_range": r} for t, r in ranges.items()})
+    x = np.random.default_rng(0).standard_normal((3, 20, 1))
+    model = S4DModel(1, 3, d_model=4, d_state=4, n_layers=2, quant=cfg, seed=0, dtype=np.float64)
+    ssm = model.blocks[0].ssm
+    for mode in ("conv", "recurrent"):
+        logits = model.forward(x, training=True, mode=mode)
+        model.backward(np.ones_like(logits))
+        assert all(np.isfinite(g).all() for g in model.grads.values())
+    # the state's codes per unit come from its fixed range: inv = qpos / 2.0 (narrow grid, 16 states: qpos 7)
+    assert np.all(np.asarray(ssm.quantized_recurrent()["state"].inv) == 7 / 2.0)
+    assert ssm.q["act"].fixed_range == 3.0 and ssm.q["Abar"].fixed_range == 3.0

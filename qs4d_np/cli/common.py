@@ -135,6 +135,8 @@ def add_quant_flags(parser: argparse.ArgumentParser) -> None:
         group.add_argument(f"--{target}_quant", type=levels_type, default=None, metavar="N",
                            help="every target" if target == "all" else None)
     add_grid_flags(group)
+    group.add_argument("--no_abar_bound", action="store_true",
+                       help="let rounding put the quantized Abar outside the unit circle (default: kept inside)")
 
 
 def add_grid_flags(group: argparse._ActionsContainer) -> None:
@@ -151,7 +153,8 @@ def quant_config(args: argparse.Namespace) -> Any:
     if not levels:
         return None
     from qs4d_np.quant import QuantConfig
-    return QuantConfig(levels.pop("all", None), grid=args.grid, per_channel=args.granularity == "channel", **levels)
+    return QuantConfig(levels.pop("all", None), grid=args.grid, per_channel=args.granularity == "channel",
+                       abar_bound=not args.no_abar_bound, **levels)
 
 
 def task_name(dataset: str, grayscale: bool) -> str:

@@ -104,8 +104,10 @@ class _Quantizer:
         else:
             spec = self.quant.spec_for(target, layer, axis)
             w = np.asarray(w, dtype=np.complex128 if np.iscomplexobj(w) else np.float64)
+            # Abar's codes stay in the unit disk as in a QAT layer (QuantConfig's abar_bound)
+            bound = 1.0 if target == "A" and self.quant.options_for("A")["abar_bound"] else None
             qt = quantize(w, spec.levels, grid=spec.grid, symmetric=True, axis=spec.axis, rounding="half_even",
-                          power_of_two=spec.power_of_two, complex_mode="cartesian")
+                          power_of_two=spec.power_of_two, complex_mode="cartesian", max_modulus=bound)
         if np.any(qt.zero_point != 0):
             raise ValueError(f"target {target!r} has a nonzero zero point; the integer spec is symmetric")
         steps = 1.0 / np.asarray(qt.inv_scale, dtype=np.float64)

@@ -24,7 +24,12 @@ layer builds with ``quantizer_for("A", ..., max_modulus=1.0)`` when
 rounding of the real and imaginary parts can put |Abar_q| above 1, and the
 recurrence then grows like |Abar_q|**L. The continuous A of convolution mode
 (|A| up to ~100) never gets the bound; other targets ignore the option. A dict
-saved before the option existed loads with the default.
+saved before the option existed loads with ``abar_bound=False``, so a checkpoint
+keeps computing what it computed when it was trained and exported.
+
+``fixed_range`` (target_options only, with ``scale_mode="fixed"``): the range r > 0
+(symmetric; a float, or one per channel) or [lo, hi] (asymmetric) of that target,
+e.g. {"state": {"scale_mode": "fixed", "fixed_range": 4.0}}.
 ``spec_for`` / ``quantizer_for`` turn (target, layer) into a ``QuantSpec`` or a
 ``Quantizer`` (None for float). ``to_dict`` / ``from_dict`` round-trip through JSON.
 """
@@ -32,7 +37,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from qs4d_np.core.checks import check_bool, check_choice, check_int
+from qs4d_np.core.checks import check_bool, check_choice, check_float, check_int
 from qs4d_np.quant.fake import COMPLEX_MODES, STE_MODES, QuantSpec
 from qs4d_np.quant.grids import GRIDS, ROUNDING, check_levels
 from qs4d_np.quant.quantizer import QUANTIZER_SCALE_MODES, Quantizer
@@ -82,8 +87,21 @@ def _check_value(name: str, value: object, per_layer: bool = True) -> object:
     return check_levels(value, name)
 
 
-def _check_options(where: str, options: Mapping[str, Any]) -> dict[str, Any]:
+def _check_fixed_range(where: str, value: object) -> object:
+    """A JSON-able range: a finite number, or a list of them (per channel, or [lo, hi])."""
+    if isinstance(value, (list, tuple)):
+        if not value:
+            raise ValueError(f"{where} must be a number or a non-empty list of numbers, got {value!r}")
+        return [check_float(f"{where}[{i}]", v) for i, v in enumerate(value)]
+    return check_float(where, value)
+
+
+def _check_options(where: str, options: Mapping[str, Any], per_target: bool = False) -> dict[str, Any]:
+    options = dict(options)
     for key, value in options.items():
+        if key == "fixed_range" and per_target:
+            options[key] = _check_fixed_range(f"{where}[{key!r}]", value)
+            continue
         if key not in _OPTION_CHOICES:
             raise ValueError(f"unknown quantization option {key!r} in {where}; "
                              f"expected some of {sorted(_OPTION_CHOICES)}")
@@ -91,7 +109,7 @@ def _check_options(where: str, options: Mapping[str, Any]) -> dict[str, Any]:
             check_bool(f"{where}[{key!r}]", value)
         else:
             check_choice(f"{where}[{key!r}]", value, _OPTION_CHOICES[key])
-    return dict(options)
+    return options
 
 
 class QuantConfig:
@@ -101,6 +119,9 @@ class QuantConfig:
                  **kwargs: Any) -> None:
         levels = {t: kwargs.pop(t, None) for t in TARGETS}
         options = {k: kwargs.pop(k) for k in list(kwargs) if k in _OPTION_CHOICES}
+        if "fixed_range" in kwargs:
+            raise ValueError("fixed_range is set per target: target_options={target: {'scale_mode': 'fixed', "
+                             "'fixed_range': r}}")
         if kwargs:
             raise ValueError(f"unknown quantization target or option(s) {sorted(kwargs)}; targets are "
                              f"{list(TARGETS)} and 'all', options {sorted(_OPTION_CHOICES)}")
@@ -110,7 +131,12 @@ class QuantConfig:
         self.target_options: dict[str, dict[str, Any]] = {}
         for t, opts in (target_options or {}).items():
             check_choice("target_options key", t, TARGETS)
-            self.target_options[t] = _check_options(f"target_options[{t!r}]", opts)
+            self.target_options[t] = _check_options(f"target_options[{t!r}]", opts, per_target=True)
+        for t in TARGETS:
+            o = self.options_for(t)
+            if "fixed_range" in o and o["scale_mode"] != "fixed":
+                raise ValueError(f"target_options[{t!r}] gives a fixed_range, which only scale_mode='fixed' "
+                                 f"uses; the target's scale_mode is {o['scale_mode']!r}")
 
     # -- construction from the reference's command-line flags ---------------
     @classmethod
@@ -207,7 +233,12 @@ class QuantConfig:
         if spec is None:
             return None
         o = self.options_for(target)
-        kw = {"dtype": dtype} if dtype is not None else {}
+        kw: dict[str, Any] = {"dtype": dtype} if dtype is not None else {}
+        if o["scale_mode"] == "fixed":
+            if "fixed_range" not in o:
+                raise ValueError(f"target {target!r} has scale_mode='fixed' but no range; give it one with "
+                                 f"target_options={{{target!r}: {{'fixed_range': r}}}}")
+            kw["fixed_range"] = o["fixed_range"]
         return Quantizer(spec.levels, scale_mode=o["scale_mode"], ste=o["ste"], grid=spec.grid,
                          symmetric=spec.symmetric, axis=spec.axis, rounding=spec.rounding,
                          power_of_two=spec.power_of_two, complex_mode=spec.complex_mode,
@@ -229,7 +260,9 @@ class QuantConfig:
         expected = {"all", "levels", "options", "target_options"}
         if set(data) != expected:
             raise ValueError(f"QuantConfig dict must have keys {sorted(expected)}, got {sorted(data)}")
-        return cls(data["all"], target_options=data["target_options"], **data["levels"], **data["options"])
+        # saved before abar_bound existed: the Abar codes were unbounded, and stay so
+        options = {"abar_bound": False, **data["options"]}
+        return cls(data["all"], target_options=data["target_options"], **data["levels"], **options)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, QuantConfig) and self.to_dict() == other.to_dict()
