@@ -164,8 +164,14 @@ def quant_scan_ref(u, Abar, Bbar, C, D, inv, qmin, qmax, rounding="half_even", c
 
 
 def quant_scan_backward_ref(u, Abar, Bbar, C, D, inv, qmin, qmax, gy, rounding="half_even",
-                            clip=math.inf, quantize=True, clipped_ste=False):
-    """BPTT twin: dict of du, Abar, Bbar, C (complex), D, step (H, 2), all float64."""
+                            clip=math.inf, quantize=True, clipped_ste=False, magnitudes=False):
+    """BPTT twin: dict of du, Abar, Bbar, C (complex), D, step (H, 2), all float64.
+
+    ``magnitudes``: the same adjoint recursion and sums (states and factors from the real
+    forward) with every input, state and factor replaced by its absolute value and every
+    subtraction by an addition: per output, the sum of |terms| over the whole evaluation
+    tree, which bounds the rounding error of any evaluation in precision eps by
+    gamma_k * that sum (k = the rounding depth; Higham, Accuracy and Stability, sec. 3.1)."""
     B, L, H = np.shape(u)
     M = np.shape(Abar)[1]
     u, Ar, Ai, Br, Bi, Cr, Ci, D, inv = _unpack(u, Abar, Bbar, C, D, inv)
@@ -198,28 +204,31 @@ def quant_scan_backward_ref(u, Abar, Bbar, C, D, inv, qmin, qmax, gy, rounding="
                 xs.append((new_r, new_i))
                 fac.append(f_t)
             gx_r, gx_i = [0.0] * M, [0.0] * M
+            mag = abs if magnitudes else (lambda v: v)  # noqa: E731
+            neg = 1.0 if magnitudes else -1.0  # a - b as a + neg*b: the same float64 result
             for t in range(L - 1, -1, -1):
-                g, ut = gy[b][t][h], u[b][t][h]
+                g, ut = mag(gy[b][t][h]), mag(u[b][t][h])
                 dD[h] += g * ut
-                du_t = D[h] * g
+                du_t = mag(D[h]) * g
                 for n in range(M):
-                    xr, xi = xs[t + 1][0][n], xs[t + 1][1][n]
-                    ar = gx_r[n] + 2.0 * Cr[h][n] * g
-                    ai = gx_i[n] - 2.0 * Ci[h][n] * g
+                    ar_n, ai_n, br_n, bi_n = mag(Ar[h][n]), mag(Ai[h][n]), mag(Br[h][n]), mag(Bi[h][n])
+                    xr, xi = mag(xs[t + 1][0][n]), mag(xs[t + 1][1][n])
+                    ar = gx_r[n] + 2.0 * mag(Cr[h][n]) * g
+                    ai = gx_i[n] + neg * (2.0 * mag(Ci[h][n]) * g)
                     out["Cr"][h, n] += 2.0 * g * xr
-                    out["Ci"][h, n] -= 2.0 * g * xi
-                    mr, sr, mi, si = fac[t][n]
+                    out["Ci"][h, n] += neg * (2.0 * g * xi)
+                    mr, sr, mi, si = (mag(f) for f in fac[t][n])
                     dstep[h, 0] += ar * sr
                     dstep[h, 1] += ai * si
                     gvr, gvi = ar * mr, ai * mi
-                    pr, pi = xs[t][0][n], xs[t][1][n]
+                    pr, pi = mag(xs[t][0][n]), mag(xs[t][1][n])
                     out["Ar"][h, n] += gvr * pr + gvi * pi
-                    out["Ai"][h, n] += gvi * pr - gvr * pi
+                    out["Ai"][h, n] += gvi * pr + neg * (gvr * pi)
                     out["Br"][h, n] += gvr * ut
                     out["Bi"][h, n] += gvi * ut
-                    du_t += gvr * Br[h][n] + gvi * Bi[h][n]
-                    gx_r[n] = gvr * Ar[h][n] + gvi * Ai[h][n]
-                    gx_i[n] = gvi * Ar[h][n] - gvr * Ai[h][n]
+                    du_t += gvr * br_n + gvi * bi_n
+                    gx_r[n] = gvr * ar_n + gvi * ai_n
+                    gx_i[n] = gvi * ar_n + neg * (gvr * ai_n)
                 du[b, t, h] = du_t
     return {"u": du, "Abar": out["Ar"] + 1j * out["Ai"], "Bbar": out["Br"] + 1j * out["Bi"],
             "C": out["Cr"] + 1j * out["Ci"], "D": dD, "step": dstep}

@@ -281,3 +281,54 @@ def test_results_do_not_depend_on_the_thread_count():
     finally:
         numba.set_num_threads(before)
     assert all(np.array_equal(a, b) for a, b in zip(one, many))
+
+
+def _gamma(k, eps):
+    """Higham's gamma_k = k*eps / (1 - k*eps): the relative error bound of k roundings."""
+    return k * eps / (1 - k * eps)
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), B=st.integers(1, 3), L=st.integers(1, 12), H=st.integers(1, 2),
+       M=st.integers(1, 3), state_bits=st.integers(3, 8), clip_code=st.sampled_from([None, 40, 150]),
+       rounding=st.sampled_from(["half_even", "half_up", "half_away", "floor"]),
+       ste=st.sampled_from(["identity", "clipped"]))
+def test_float32_backward_within_its_rounding_bound_of_the_float64_twin(seed, B, L, H, M, state_bits, clip_code,
+                                                                       rounding, ste):
+    # Dyadic parameters, input and power-of-two state steps (as in _golden_case): the float32
+    # forward is exact, so its states, masks and step factors equal the float64 twin's and only
+    # the backward's float32 arithmetic differs. Every output is a sum of products over an
+    # evaluation tree of rounding depth <= k (per step the adjoint takes 5 roundings: c*g2 and
+    # its add, the STE factor, and the two-term complex update; then <= 2 for a term, L for a
+    # sequence's sum, L*M for the step's, M + 2 for du_t; 1 for the final cast), so
+    # |got - exact| <= gamma_k(2**-24) * sum|terms| with k = L*M + 6L + M + 4 (Higham, sec. 3.1);
+    # the float64 totals over B sequences and the twin itself add gamma_{k+B}(2**-53) * sum|terms|.
+    # sum|terms| is the twin's ``magnitudes`` run.
+    rng = np.random.default_rng(seed)
+    ka, kb, kc, kd, ku, kx = 3, 2, 5, 4, 2, int(rng.integers(2, 7))
+
+    def codes(lo, hi, k):
+        return (rng.integers(lo, hi + 1, (H, M)) + 1j * rng.integers(lo, hi + 1, (H, M))) * 2.0**-k
+
+    Abar, Bbar, C = codes(-5, 5, ka), codes(-7, 7, kb), codes(-31, 31, kc)  # |Abar| <= 5*sqrt(2)/8 < 1
+    D = rng.integers(-15, 16, H) * 2.0**-kd
+    u = (rng.integers(-12, 13, (B, L, H)) * 2.0**-ku).astype(np.float32)
+    clip = np.inf if clip_code is None else clip_code * 2.0 ** -(ka + kx)
+    state = StateQuant(QuantSpec(2**state_bits, rounding=rounding), np.full((H, 2), 2.0**kx), ste)
+    y, cache = quant_scan(u, Abar, Bbar, C, D, state, clip)
+    inv, qmin, qmax = _twin_args(state, H)
+    twin = dict(u=u.astype(np.float64), Abar=Abar, Bbar=Bbar, C=C, D=D, inv=inv, qmin=qmin, qmax=qmax,
+                rounding=rounding, clip=clip)
+    assert np.array_equal(y, quant_scan_ref(**twin).astype(np.float32))  # the forward is exact
+    gy = rng.normal(size=u.shape).astype(np.float32)
+    got = quant_scan_backward(gy, cache)
+    kw = dict(gy=gy.astype(np.float64), clipped_ste=ste == "clipped")
+    want = quant_scan_backward_ref(**twin, **kw)
+    mag = quant_scan_backward_ref(**twin, **kw, magnitudes=True)
+    k = L * M + 6 * L + M + 4
+    tol = _gamma(k, 2.0**-24) + _gamma(k + B, 2.0**-53)
+    assert got["u"].dtype == np.float32 and got["Abar"].dtype == np.complex64
+    for key in ("u", "Abar", "Bbar", "C", "D", "step"):
+        for part in (np.real, np.imag):
+            err = np.abs(part(got[key]).astype(np.float64) - part(want[key]))
+            assert np.all(err <= tol * part(mag[key])), key
