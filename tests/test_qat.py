@@ -165,12 +165,11 @@ def test_recurrent_mode_ste_gradients_match_fd(target):
 @pytest.mark.parametrize("scale_mode", ["absmax", "fixed"])
 def test_recurrent_state_quantization_gradients_match_fd_of_the_surrogate(monkeypatch, scale_mode):
     # clipped STE: the surrogate's saturation edges have zero slope, the clipped STE's rule
-    quant = QuantConfig(state=64, C=16, target_options={"state": {"ste": "clipped", "scale_mode": scale_mode}})
-    model = jittered(S4DModel(2, 3, quant=quant, state_clip=5.0, **{**TINY, "n_layers": 2}))
+    state = {"ste": "clipped", "scale_mode": scale_mode}
     if scale_mode == "fixed":
-        for _, m in model.modules():
-            if isinstance(m, S4D):
-                m.q["x"].fixed_range = 0.3  # small: some states saturate
+        state["fixed_range"] = 0.3  # small: some states saturate
+    quant = QuantConfig(state=64, C=16, target_options={"state": state})
+    model = jittered(S4DModel(2, 3, quant=quant, state_clip=5.0, **{**TINY, "n_layers": 2}))
     check_ste_grads(model, data(), "recurrent", monkeypatch)
 
 
@@ -568,3 +567,14 @@ def test_calibrate_keeps_the_float_state_range_and_training_then_observes_the_sc
     np.testing.assert_array_equal(q.buffers["running_hi"], hi)
     model.forward(xs[0], training=True, mode="recurrent")  # calibrated: the scan observes itself
     assert len(calls) == 2 and not np.array_equal(q.buffers["running_hi"], hi)
+
+
+def test_recurrent_mode_names_the_fix_for_an_asymmetric_state():
+    x = np.random.default_rng(0).standard_normal((2, 8, 2))
+    model = S4DModel(2, 3, quant=QuantConfig(16, symmetric=False), **TINY)
+    model.forward(x, training=True, mode="conv")  # conv mode's K and u may be asymmetric
+    with pytest.raises(ValueError, match=r"symmetric=False; set target_options=\{'state': \{'symmetric': True\}\}"):
+        model.forward(x, training=True, mode="recurrent")
+    fixed = S4DModel(2, 3, quant=QuantConfig(16, symmetric=False, target_options={"state": {"symmetric": True}}),
+                     **TINY)
+    assert np.isfinite(fixed.forward(x, training=True, mode="recurrent")).all()

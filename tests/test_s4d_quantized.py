@@ -24,16 +24,14 @@ def jitter(layer, seed=5):
 
 def calibrated(dtype=np.float64, abar="continuous", per_channel=False, state=64, clip=None, mixing=None,
                activation="gelu", rounding="half_even", act=None, H=3, N=6, target_options=RUNNING,
-               state_range=None, dyadic=False):
+               dyadic=False):
     """A quantized layer whose state / act ranges were calibrated by one training forward, and its input
-    (``state_range``: the fixed range of a ``fixed`` state quantizer; ``dyadic``: power-of-two scales
-    everywhere and an input of quarters, so that the state update is exact and rounding ties occur)."""
+    (``dyadic``: power-of-two scales everywhere and an input of quarters, so that the state update is
+    exact and rounding ties occur)."""
     cfg = QuantConfig(16, A=64, state=state, act=act, per_channel=per_channel, rounding=rounding,
                       power_of_two=dyadic, target_options=target_options)
     layer = jitter(S4D(H, N, quant=cfg, abar=abar, dtype=dtype, seed=1, state_clip=clip, mixing=mixing,
                        activation=activation, layer=0))
-    if state_range is not None:
-        layer.q["x"].fixed_range = state_range
     rng = np.random.default_rng(7)
     u = (rng.integers(-8, 9, (3, 25, H)) / 4 if dyadic else rng.standard_normal((3, 25, H))).astype(dtype)
     layer.forward(u, training=True, mode="recurrent")
@@ -254,9 +252,8 @@ def test_quantized_step_reproduces_the_recurrent_forward_bit_for_bit(dtype, per_
 @pytest.mark.parametrize("rounding", ["half_up", "half_away", "floor"])
 def test_quantized_step_other_rounding_rules(rounding):
     # exact dyadic arithmetic on a coarse state grid makes ties common, of either sign
-    opts = {**RUNNING, "state": {"scale_mode": "fixed"}}
-    layer, u = calibrated(np.float32, state=16, rounding=rounding, act="float", target_options=opts,
-                          state_range=2.0, dyadic=True)
+    opts = {**RUNNING, "state": {"scale_mode": "fixed", "fixed_range": 2.0}}
+    layer, u = calibrated(np.float32, state=16, rounding=rounding, act="float", target_options=opts, dyadic=True)
     assert np.array_equal(stream(layer, u)[0], layer.forward(u, mode="recurrent"))
 
 

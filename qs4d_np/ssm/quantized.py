@@ -315,6 +315,10 @@ class S4DQuant:
         if mode == "absmean":
             raise ValueError("the state target's scale_mode='absmean' has no recurrent-mode meaning; "
                              "use absmax, running, fixed or learned")
+        if not spec.symmetric:  # the state register is a signed code with zero point 0 (golden model, scan)
+            raise ValueError("recurrent mode quantizes the state symmetrically, but the state target has "
+                             "symmetric=False; set target_options={'state': {'symmetric': True}} (conv mode's "
+                             "K and u may stay asymmetric)")
 
         def scale_order(absmax: np.ndarray) -> np.ndarray:
             """(H, 2) maxima -> the quantizer's scales (per channel: real parts' scales first)."""
