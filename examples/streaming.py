@@ -90,7 +90,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     L = x.shape[1]
     shown = set(np.linspace(0, L - 1, args.prints).round().astype(int).tolist())
-    stream = model.stream()
+    try:
+        stream = model.stream()  # refuses data-dependent (absmax) ranges, naming the layer
+    except ValueError as exc:
+        print(f"streaming.py: error: {exc}", file=sys.stderr)
+        return 1
     state = stream.initial_state(len(x))
     worst, elapsed = 0.0, 0.0
     print(f"{'step':>5} {'seen':>5}  " + "  ".join(f"{'seq ' + str(i):>10}" for i in range(len(x))))

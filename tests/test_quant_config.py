@@ -137,6 +137,10 @@ def test_fixed_range_per_target():
         QuantConfig(all=16, target_options={"act": {"fixed_range": 2.0}})
     with pytest.raises(ValueError, match=r"target_options\['state'\]\['fixed_range'\] must be finite"):
         QuantConfig(all=16, target_options={"state": {"scale_mode": "fixed", "fixed_range": float("nan")}})
+    with pytest.raises(ValueError, match=r"target_options\['state'\]\['fixed_range'\] must be > 0 .*got -4.0"):
+        QuantConfig(16, target_options={"state": {"scale_mode": "fixed", "fixed_range": -4.0}})
+    with pytest.raises(ValueError, match=r"must be \[lo, hi\] with lo < hi \(symmetric=False\), got 2.0"):
+        QuantConfig(16, target_options={"act": {"scale_mode": "fixed", "symmetric": False, "fixed_range": 2.0}})
     with pytest.raises(ValueError, match="fixed_range is set per target: target_options="):
         QuantConfig(all=16, fixed_range=1.0)
 

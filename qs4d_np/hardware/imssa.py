@@ -42,7 +42,8 @@ arrays' DAC/ADC codes (``CrossbarConfig``) instead.
 Counts (per sample, first-round conversions; bound-management reruns are
 counted separately in ``bm_retries``): ADC conversions = L*(H + sum over layers
 of (sum_h n_h + 2H)) + d_out; arrays = the crossbar tiles of every programmed
-matrix (``mapping_counts`` gives both from the shapes alone).
+matrix (``mapping_counts`` gives both without running the model: from the shapes and
+the modes the quantized C keeps).
 """
 from __future__ import annotations
 
@@ -313,7 +314,8 @@ class AnalogModel:
 
 
 def mapping_counts(model: Any, config: CrossbarConfig, length: int) -> dict[str, int]:
-    """Arrays (tiles) and ADC conversions per sample of the mapping, from the shapes and C, D alone."""
+    """Arrays (tiles) and ADC conversions per sample of the mapping, from the shapes and the (quantized) C, D
+    the recurrent mode computes with (``S4D.effective_ssm``)."""
     length = check_int("length", length, min_value=1)
     H = model.encoder.d_out
     tiles = _tiles(model.d_input, H, config) + _tiles(H, model.d_output, config)

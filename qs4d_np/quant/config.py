@@ -28,7 +28,8 @@ saved before the option existed loads with ``abar_bound=False``, so a checkpoint
 keeps computing what it computed when it was trained and exported.
 
 ``fixed_range`` (target_options only, with ``scale_mode="fixed"``): the range r > 0
-(symmetric; a float, or one per channel) or [lo, hi] (asymmetric) of that target,
+(symmetric; a float, or one per scale: per channel, and for complex Cartesian targets
+per part, real parts first) or [lo, hi] (asymmetric, per tensor) of that target,
 e.g. {"state": {"scale_mode": "fixed", "fixed_range": 4.0}}.
 ``spec_for`` / ``quantizer_for`` turn (target, layer) into a ``QuantSpec`` or a
 ``Quantizer`` (None for float). ``to_dict`` / ``from_dict`` round-trip through JSON.
@@ -134,9 +135,17 @@ class QuantConfig:
             self.target_options[t] = _check_options(f"target_options[{t!r}]", opts, per_target=True)
         for t in TARGETS:
             o = self.options_for(t)
-            if "fixed_range" in o and o["scale_mode"] != "fixed":
+            if "fixed_range" not in o:
+                continue
+            if o["scale_mode"] != "fixed":
                 raise ValueError(f"target_options[{t!r}] gives a fixed_range, which only scale_mode='fixed' "
                                  f"uses; the target's scale_mode is {o['scale_mode']!r}")
+            r = o["fixed_range"]
+            if o["symmetric"] and min(r if isinstance(r, list) else [r]) <= 0:
+                raise ValueError(f"target_options[{t!r}]['fixed_range'] must be > 0 (a symmetric range r), got {r!r}")
+            if not o["symmetric"] and not (isinstance(r, list) and len(r) == 2 and r[0] < r[1]):
+                raise ValueError(f"target_options[{t!r}]['fixed_range'] must be [lo, hi] with lo < hi "
+                                 f"(symmetric=False), got {r!r}")
 
     # -- construction from the reference's command-line flags ---------------
     @classmethod
