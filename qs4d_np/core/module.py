@@ -15,6 +15,7 @@ Conventions shared by every op in the package:
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Any, Iterator
 
 import numpy as np
@@ -94,3 +95,15 @@ class Module:
                 "run forward(x, training=...) first"
             )
         return self._cache
+
+
+@contextmanager
+def kept_caches(module: Module) -> Iterator[None]:
+    """Run forwards inside (inspection, inference) without disturbing a pending backward: on exit
+    the forward cache of ``module`` and of every descendant is what it was on entry."""
+    saved = [(m, m._cache) for _, m in module.modules()]
+    try:
+        yield
+    finally:
+        for m, cache in saved:
+            m._cache = cache

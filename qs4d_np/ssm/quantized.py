@@ -61,6 +61,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 import numpy as np
 
 from qs4d_np.core.checks import check_sequence_input
+from qs4d_np.core.module import kept_caches
 from qs4d_np.quant.config import QuantConfig
 from qs4d_np.quant.discrete import polar_backward
 from qs4d_np.quant.grids import ROUNDING
@@ -196,13 +197,11 @@ class S4DQuant:
     def kept_caches(self) -> Iterator[None]:
         """Run inference inside without disturbing a pending backward: on exit every forward cache
         of the layer and its children (and the quantized mixing weight) is what it was."""
-        saved = [(m, m._cache) for _, m in self.layer.modules()]
         W_q = None if self.weight_quant is None else self.weight_quant._W_q
         try:
-            yield
+            with kept_caches(self.layer):
+                yield
         finally:
-            for m, cache in saved:
-                m._cache = cache
             if self.weight_quant is not None:
                 self.weight_quant._W_q = W_q
 
