@@ -1,5 +1,9 @@
 """S4D's quantization wiring (qs4d_np.ssm.quantized): checkpoint keys, effective parameters,
 quantized_recurrent(calib) and streaming a quantized layer bit for bit."""
+import copy
+import gc
+import weakref
+
 import numpy as np
 import pytest
 
@@ -314,3 +318,24 @@ def test_step_rounding_is_the_kernels_round_code(dtype):
         got = _round(v, mode)
         want = np.array([round_code(x, mode) for x in v], dtype=dtype)
         assert got.dtype == dtype and np.array_equal(got, want), rule
+
+
+def test_layers_and_models_are_freed_without_the_cycle_collector():
+    # the quantization helper refers back to its layer weakly: a dropped model (and its forward
+    # caches, e.g. in a PTQ sweep) is freed at once, not at the next cyclic collection
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        for quant in (None, QuantConfig(16)):
+            model = S4DModel(1, 3, d_model=4, d_state=4, n_layers=2, quant=quant, seed=0)
+            model.forward(np.zeros((2, 5, 1), np.float32), training=True)
+            ref = weakref.ref(model)
+            del model
+            assert ref() is None
+    finally:
+        if enabled:
+            gc.enable()
+    layer = S4D(4, 8, quant=QuantConfig(16), seed=0)
+    twin = copy.deepcopy(layer)  # the copy's helper works on the copy
+    assert twin.quantization.layer is twin and layer.quantization.layer is layer
+    assert twin.quantization.q["C"] is twin._children["quant_C"]

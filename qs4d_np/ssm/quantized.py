@@ -54,6 +54,8 @@ in each batch's float states (max |x| of the float scan) instead.
 """
 from __future__ import annotations
 
+import copy
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterator
@@ -122,12 +124,28 @@ class S4DQuant:
     """
 
     def __init__(self, layer: "S4D") -> None:
-        self.layer = layer
+        # A weak back-reference: the layer owns this helper, and a strong one would make every layer
+        # a reference cycle, freed (with its forward caches) only by the cyclic garbage collector.
+        self._layer = weakref.ref(layer)
         self.q: dict[str, Quantizer | None] = dict.fromkeys(KEYS)
         self.weight_quant: WeightQuant | None = None
         if layer.quant is not None:
             self._build(layer.quant)
             self.init_param_steps()
+
+    @property
+    def layer(self) -> "S4D":
+        return self._layer()
+
+    def __deepcopy__(self, memo: dict) -> "S4DQuant":
+        """A copy tied to the copy of its layer when the layer is being deep-copied (``memo``)."""
+        new = copy.copy(self)
+        memo[id(self)] = new
+        for key, value in self.__dict__.items():
+            if key != "_layer":
+                setattr(new, key, copy.deepcopy(value, memo))
+        new._layer = weakref.ref(memo.get(id(self.layer), self.layer))
+        return new
 
     # -- building -------------------------------------------------------------
     def _make(self, cfg: QuantConfig, key: str, target: str, axis: int, channels: int, is_complex: bool,
