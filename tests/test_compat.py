@@ -1,0 +1,63 @@
+"""Files written by earlier versions keep loading and computing what they computed.
+
+``tests/data/compat/`` holds models, a training run directory and their logits, gradients
+and golden-export hashes, all written by main at 7b47e21 (``tests/data/compat/make.py`` says
+how). A restructure that changes a checkpoint key, a parameter's meaning or the arithmetic of
+a forward, backward or integer export fails here.
+"""
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from qs4d_np.models.s4d_model import S4DModel
+from qs4d_np.train.checkpoint import load_checkpoint
+
+DATA = Path(__file__).parent / "data" / "compat"
+_spec = importlib.util.spec_from_file_location("compat_make", DATA / "make.py")
+make = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(make)
+EXPECTED = dict(np.load(DATA / "expected.npz", allow_pickle=False))
+MODELS = ("float_example", "qat_running", "qat_learned_discrete")
+
+
+def assert_pinned(name: str, got: dict[str, np.ndarray]) -> None:
+    # The pinned values came from the same arithmetic on the same kind of machine, so they agree
+    # to the last bit here; the bound leaves 16 ulp of max(1, |value|) for a BLAS that picks
+    # another kernel on another CPU. A quantized model that moves one code, a renamed parameter
+    # or a changed gradient is far outside it.
+    want = {k[len(name) + 1:]: v for k, v in EXPECTED.items() if k.startswith(name + "/")}
+    assert set(got) == set(want), sorted(set(got) ^ set(want))
+    for key, w in want.items():
+        g = got[key]
+        assert g.shape == w.shape and g.dtype == w.dtype, (key, g.shape, w.shape, g.dtype, w.dtype)
+        bound = 16 * np.finfo(w.real.dtype).eps * max(1.0, float(np.abs(w).max(initial=0.0)))
+        assert np.abs(g - w).max(initial=0.0) <= bound, (name, key, np.abs(g - w).max())
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_saved_models_load_and_compute_what_they_did(name):
+    x, labels, _ = make.inputs()
+    model = S4DModel.load(DATA / name)
+    assert_pinned(name, make.evaluate(model, x, labels))
+
+
+def test_training_run_directory_still_loads():
+    x, labels, _ = make.inputs()
+    model = S4DModel.load(DATA / "run_qat16" / "best_model")
+    assert_pinned("run_qat16", make.evaluate(model, x, labels))
+    # the trainer's own checkpoint (model arrays + optimizer state) holds the same model keys
+    arrays, meta = load_checkpoint(DATA / "run_qat16", "last")
+    assert meta["epoch"] == 1
+    model_keys = {k for k in arrays if not k.startswith("optim/")}
+    assert model_keys == set(S4DModel.load(DATA / "run_qat16" / "best_model").state_arrays())
+
+
+def test_golden_export_is_byte_identical(tmp_path):
+    want = json.loads((DATA / "golden_sha256.json").read_text())
+    got = make.golden_files(S4DModel.load(DATA / "qat_running"), tmp_path / "vec")
+    assert set(got) == set(want), sorted(set(got) ^ set(want))
+    changed = sorted(k for k in want if got[k] != want[k])
+    assert not changed, f"{len(changed)} exported file(s) changed, first {changed[:3]}"
