@@ -242,7 +242,7 @@ def test_qat_model_exports_through_its_own_quantizers():
     calibrate(model, [x / 255.0], mode="recurrent")
     im = from_model(model, x / 255.0)
     ssm = model.blocks[1].ssm
-    want = ssm.q["C"].quantize(ssm._params["C"])
+    want = ssm.q["C"].quantize(ssm.params["C"])
     assert np.array_equal(im.layers[1].core.C_re, want.q[0]) and np.array_equal(im.layers[1].core.C_im, want.q[1])
     assert np.allclose(im.steps["layers.1.act"], 1.0 / ssm.q["act"].quantize(np.zeros((1, 1, 4), np.float32)).inv_scale)
     logits = model.forward((x / 255.0).astype(np.float32), mode="recurrent")

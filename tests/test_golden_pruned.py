@@ -33,7 +33,7 @@ def export_pair(model, x):
 
 def hand_pruned(seed=0, residual=False):
     model = tiny_model(seed, H=4, N=8, residual=residual)
-    C = model.blocks[0].ssm._params["C"]
+    C = model.blocks[0].ssm.params["C"]
     for h, modes in enumerate(PRUNED):
         C[h, modes] = 0
     return model

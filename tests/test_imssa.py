@@ -101,9 +101,9 @@ def test_counts_equal_the_mapping_formula(tiles):
 def test_pruned_modes_drop_out_and_outputs_stay_exact():
     model = S4DModel(2, 3, dtype=np.float64, seed=3, **TINY)
     ssm = model.blocks[0].ssm
-    ssm._params["C"][0, :] = 0       # channel 0: no mode left ...
-    ssm._params["D"][0] = 0          # ... and no skip: the channel is not mapped
-    ssm._params["C"][1, 1:3] = 0     # channel 1: two of four modes pruned
+    ssm.params["C"][0, :] = 0       # channel 0: no mode left ...
+    ssm.params["D"][0] = 0          # ... and no skip: the channel is not mapped
+    ssm.params["C"][1, 1:3] = 0     # channel 1: two of four modes pruned
     cfg = CrossbarConfig.ideal(dtype="float64")
     x = _x()
     out = AnalogModel(model, cfg, seed=0).forward(x)

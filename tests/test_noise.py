@@ -68,16 +68,16 @@ def test_A_noise_relative_to_range_real_and_imaginary_separately():
     model = S4DModel(2, 3, d_model=32, d_state=64, n_layers=1, dropout=0.0, dtype=np.float64, seed=3)
     ssm = model.blocks[0].ssm
     # a spread of decay rates so that Re(A) has a range; small sigma so no clamp happens
-    ssm._params["log_A_real"][...] = np.log(np.linspace(0.5, 4.0, 32 * 32)).reshape(32, 32)
-    before_re = -np.exp(ssm._params["log_A_real"].copy())
-    before_im = ssm._params["A_imag"].copy()
-    before_C = ssm._params["C"].copy()
+    ssm.params["log_A_real"][...] = np.log(np.linspace(0.5, 4.0, 32 * 32)).reshape(32, 32)
+    before_re = -np.exp(ssm.params["log_A_real"].copy())
+    before_im = ssm.params["A_imag"].copy()
+    before_C = ssm.params["C"].copy()
     sigma = 0.01
     with perturbed(model, sigma, np.random.default_rng(2), targets=("A",), scale="range") as sites:
         assert [s.name for s in sites] == ["layers.0.ssm.Re(A)", "layers.0.ssm.A_imag"]
-        d_re = -np.exp(ssm._params["log_A_real"]) - before_re
-        d_im = ssm._params["A_imag"] - before_im
-        assert np.array_equal(ssm._params["C"], before_C)  # only the targets named
+        d_re = -np.exp(ssm.params["log_A_real"]) - before_re
+        d_im = ssm.params["A_imag"] - before_im
+        assert np.array_equal(ssm.params["C"], before_C)  # only the targets named
     n = d_re.size
     for delta, clean in ((d_re, before_re), (d_im, before_im)):
         expected = sigma * (clean.max() - clean.min())
@@ -88,7 +88,7 @@ def test_real_part_of_A_stays_negative():
     model = _model()
     with perturbed(model, 50.0, np.random.default_rng(0), targets=("A",)):
         for block in model.blocks:
-            assert np.all(np.isfinite(block.ssm._params["log_A_real"]))
+            assert np.all(np.isfinite(block.ssm.params["log_A_real"]))
             d = block.ssm.discrete()
             assert np.all(np.abs(d.Abar) < 1.0)  # every mode still decays
 

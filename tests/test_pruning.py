@@ -29,7 +29,7 @@ def test_mode_scores_rank_by_kernel_norm():
     # the score is the l2 norm of the mode's complex impulse response C*Bbar*Abar^l over l >= 0
     l = np.arange(20000)
     h, m = 3, 2
-    direct = np.sqrt(np.sum(np.abs(ssm._params["C"][h, m] * d.Bbar[h, m] * d.Abar[h, m] ** l) ** 2))
+    direct = np.sqrt(np.sum(np.abs(ssm.params["C"][h, m] * d.Bbar[h, m] * d.Abar[h, m] ** l) ** 2))
     np.testing.assert_allclose(scores[h, m], direct, rtol=1e-6)
 
 

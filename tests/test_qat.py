@@ -16,7 +16,7 @@ import itertools
 import numpy as np
 import pytest
 
-import qs4d_np.ssm.s4d as s4d_module
+import qs4d_np.ssm.core as core_module
 from qs4d_np.core.loss import SoftmaxCrossEntropy
 from qs4d_np.models.s4d_model import S4DModel
 from qs4d_np.quant import QuantConfig, Quantizer
@@ -54,7 +54,7 @@ def frozen_quantizers(model, monkeypatch=None, current_state_inv=False):
     for q in quantizers:
         q.forward = wrap(q)
     if monkeypatch is not None:
-        real_scan = s4d_module.quant_scan
+        real_scan = core_module.quant_scan
         recorded: list = []
         calls = itertools.count()
 
@@ -74,7 +74,7 @@ def frozen_quantizers(model, monkeypatch=None, current_state_inv=False):
         def n_layers():
             return sum(isinstance(m, S4D) and m.q["x"] is not None for _, m in model.modules())
 
-        monkeypatch.setattr(s4d_module, "quant_scan", scan)
+        monkeypatch.setattr(core_module, "quant_scan", scan)
     try:
         yield
     finally:
@@ -285,12 +285,12 @@ def test_frozen_abar_has_no_gradient_and_no_A_parameters():
     model = jittered(S4DModel(2, 3, quant=QuantConfig(A=8, C=8), abar="frozen", **TINY))
     ssm = model.blocks[0].ssm
     assert not {"log_dt", "log_A_real", "A_imag", "Abar_rho", "Abar_theta"} & set(ssm.params)
-    Abar0 = ssm.buffers["Abar"].copy()
+    Abar0 = ssm.core.buffers["Abar"].copy()
     for mode in ("conv", "recurrent"):
         model.forward(data(), training=True, mode=mode)
         model.backward(np.ones((2, 3)))
         assert set(model.grads) == set(model.params)
-    assert np.array_equal(ssm.buffers["Abar"], Abar0)
+    assert np.array_equal(ssm.core.buffers["Abar"], Abar0)
     # it runs at its quantized value
     q = ssm.q["Abar"]
     np.testing.assert_array_equal(q.forward(ssm.discrete().Abar), q.forward(Abar0.astype(np.complex128)))
@@ -364,13 +364,13 @@ def calibrated_layer(abar="continuous", per_channel=True, seed=4):
 def test_quantized_recurrent_exports_exactly_what_the_forward_uses(monkeypatch, abar, per_channel):
     layer, u = calibrated_layer(abar, per_channel)
     seen = {}
-    real = s4d_module.quant_scan
+    real = core_module.quant_scan
 
     def spy(u, Abar, Bbar, C, D, state, clip):
         seen.update(Abar=Abar, Bbar=Bbar, C=C, D=D, state=state, clip=clip)
         return real(u, Abar, Bbar, C, D, state, clip)
 
-    monkeypatch.setattr(s4d_module, "quant_scan", spy)
+    monkeypatch.setattr(core_module, "quant_scan", spy)
     y = layer.forward(u, mode="recurrent")
     ex = layer.quantized_recurrent()
     for key in ("Abar", "Bbar", "C", "D"):
@@ -505,13 +505,13 @@ def _scale_order(absmax, per_channel, complex_mode):
     (True, "cartesian", None), (False, "cartesian", 0.7), (True, "shared", 0.7), (False, "shared", None)])
 def test_running_state_range_follows_the_quantized_scan_with_one_batch_of_lag(monkeypatch, per_channel,
                                                                             complex_mode, clip):
-    import qs4d_np.ssm.quantized as quantized_module
+    import qs4d_np.quant.state as state_module
 
     layer = _running_state_layer(per_channel, complex_mode, clip)
     calls = []
-    real_absmax = quantized_module.state_absmax
-    monkeypatch.setattr(quantized_module, "state_absmax", lambda *a, **k: calls.append(1) or real_absmax(*a, **k))
-    q, qz = layer.q["x"], layer.quantization
+    real_absmax = state_module.state_absmax
+    monkeypatch.setattr(state_module, "state_absmax", lambda *a, **k: calls.append(1) or real_absmax(*a, **k))
+    q = layer.q["x"]
     e = layer.effective_ssm()  # only the state is quantized: Abar, Bbar, C, D are the float ones
     H, clip_v = 3, np.inf if clip is None else clip
     g = q.spec.code_grid
@@ -525,7 +525,7 @@ def test_running_state_range_follows_the_quantized_scan_with_one_batch_of_lag(mo
     assert np.array_equal(q.buffers["running_hi"], hi) and np.array_equal(q.buffers["running_lo"], -hi)
     for u in batches[1:]:
         # later batches: quantized with the buffers from before them, then the scan's own max |w| folded in
-        inv = qz.state_quant(None, e.Abar, e.Bbar).per_channel_inv(H, np.float64)
+        inv = q.scan_scales(None, e.Abar, e.Bbar, clip_v).per_channel_inv(H, np.float64)
         y_want, wmax = quant_scan_ref(u, e.Abar, e.Bbar, e.C, e.D, inv, g.qmin, g.qmax, clip=clip_v,
                                       return_wmax=True)
         y = layer.forward(u, training=True, mode="recurrent")
@@ -541,19 +541,19 @@ def test_running_state_range_follows_the_quantized_scan_with_one_batch_of_lag(mo
 
 
 def test_calibrate_keeps_the_float_state_range_and_training_then_observes_the_scan(monkeypatch):
-    import qs4d_np.ssm.quantized as quantized_module
+    import qs4d_np.quant.state as state_module
     from qs4d_np.quant.ptq import calibrate
 
     quant = QuantConfig(state=16, per_channel=True, target_options={"state": {"scale_mode": "running"}})
     model = jittered(S4DModel(2, 3, quant=quant, **{**TINY, "n_layers": 1}))
     ssm = model.blocks[0].ssm
     calls = []
-    real_absmax = quantized_module.state_absmax
-    monkeypatch.setattr(quantized_module, "state_absmax", lambda *a, **k: calls.append(1) or real_absmax(*a, **k))
+    real_absmax = state_module.state_absmax
+    monkeypatch.setattr(state_module, "state_absmax", lambda *a, **k: calls.append(1) or real_absmax(*a, **k))
     xs = [data(seed=s) for s in range(2)]
     inputs = []  # the SSM core's input, recorded for the twin
-    real_forward = ssm._core_forward
-    monkeypatch.setattr(ssm, "_core_forward", lambda u, *a: inputs.append(u.copy()) or real_forward(u, *a))
+    real_forward = ssm.core.forward
+    monkeypatch.setattr(ssm.core, "forward", lambda u, *a, **k: inputs.append(u.copy()) or real_forward(u, *a, **k))
     calibrate(model, xs, mode="recurrent")
     assert len(calls) == 2  # calibration: every batch's float states
     e = ssm.effective_ssm()

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import qs4d_np.core.mixing as mixing_module
-import qs4d_np.ssm.s4d as s4d_module
+import qs4d_np.ssm.core as core_module
 from qs4d_np import S4D, S4DModel
 from qs4d_np.quant.config import QuantConfig
 from qs4d_np.quant.quantizer import Quantizer
@@ -103,7 +103,7 @@ def test_quantizer_children_and_checkpoint_keys_are_unchanged(config, abar, tmp_
     assert (children, arrays) == EXPECTED_LAYOUT[(config, abar)]
     for i, block in enumerate(model.blocks):  # q maps every key to its child (or None)
         for key, q in block.ssm.q.items():
-            assert q is dict(block.ssm.children()).get(f"quant_{key}"), (i, key)
+            assert q is {**block.ssm.children(), **block.ssm.core.children()}.get(f"quant_{key}"), (i, key)
     model.save(tmp_path / "m")
     loaded = S4DModel.load(tmp_path / "m")
     for mode in ("conv", "recurrent"):
@@ -120,7 +120,7 @@ def test_effective_ssm_is_what_the_recurrent_forward_computes_with(abar):
         assert value.dtype == (np.float64 if key == "D" else np.complex128), key
         assert value.shape == ((3,) if key == "D" else (3, 3)), key
     # the core (no activation, mixing or act quantizer here) run on these values is the forward
-    state = layer.quantization.state_quant(None, eff.Abar, eff.Bbar)
+    state = layer.q["x"].scan_scales(None, eff.Abar, eff.Bbar, 4.0)
     y, _ = quant_scan(u, eff.Abar, eff.Bbar, eff.C, eff.D, state, 4.0)
     assert np.array_equal(y, layer.forward(u, mode="recurrent"))
     # the pre-quantization values are what the Abar / B quantizers turn into the quantized ones
@@ -134,8 +134,8 @@ def test_effective_ssm_is_what_the_recurrent_forward_computes_with(abar):
 def test_effective_ssm_in_conv_mode_and_of_a_float_layer(monkeypatch):
     layer = jitter(S4D(3, 6, quant=QuantConfig(A=8, C=8, D=8), dtype=np.float64, seed=2))
     seen = {}
-    real = s4d_module.ssm_kernel
-    monkeypatch.setattr(s4d_module, "ssm_kernel",
+    real = core_module.ssm_kernel
+    monkeypatch.setattr(core_module, "ssm_kernel",
                         lambda Ct, Abar, L: seen.update(Ct=Ct, Abar=Abar) or real(Ct, Abar, L))
     layer.forward(np.ones((1, 4, 3)), mode="conv")
     eff = layer.effective_ssm("conv")
@@ -306,23 +306,33 @@ def test_streaming_refuses_data_dependent_and_unset_ranges():
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_step_rounding_is_the_kernels_round_code(dtype):
+def test_frozen_quantizer_rounds_and_saturates_like_the_kernels_round_code(dtype):
+    # streaming's frozen quantizer runs the forward's own kernel: every rounding rule, ties of both
+    # signs, values next to a tie, -0.0, and saturation at both ends of the grid
     from qs4d_np.kernels.fake_quant import round_code
+    from qs4d_np.quant.fake import QuantSpec
+    from qs4d_np.quant.frozen import FrozenQuant
     from qs4d_np.quant.grids import ROUNDING
-    from qs4d_np.ssm.quantized import _round
     rng = np.random.default_rng(0)
     k = rng.integers(-50, 50, 40).astype(dtype)
-    v = np.concatenate([k, k + dtype(0.5), k - dtype(0.5), rng.uniform(-50, 50, 40).astype(dtype),
+    v = np.concatenate([k, k + dtype(0.5), k - dtype(0.5), rng.uniform(-80, 80, 40).astype(dtype),
                         np.nextafter(k + dtype(0.5), dtype(0)), [dtype(-0.0), dtype(0.5), dtype(-0.5)]]).astype(dtype)
+    inv = np.array([2.0, 0.5, 1.0, 4.0], dtype=dtype)  # per channel along the last axis
+    v = v[:v.size // 4 * 4].reshape(-1, 4) / inv
     for rule, mode in ROUNDING.items():
-        got = _round(v, mode)
-        want = np.array([round_code(x, mode) for x in v], dtype=dtype)
+        spec = QuantSpec(61, rounding=rule)  # codes -30..30: the wide values saturate
+        lo, hi = spec.code_grid.bounds(np.dtype(dtype))
+        frozen = FrozenQuant.of(spec, inv, None, "x", np.dtype(dtype), False)
+        got = frozen.apply(v.copy())
+        want = np.array([[min(max(round_code(x * s, mode), lo), hi) / s for x, s in zip(row, inv)] for row in v],
+                        dtype=dtype)
         assert got.dtype == dtype and np.array_equal(got, want), rule
+        assert (np.abs(got * inv) == 30).any()
 
 
 def test_layers_and_models_are_freed_without_the_cycle_collector():
-    # the quantization helper refers back to its layer weakly: a dropped model (and its forward
-    # caches, e.g. in a PTQ sweep) is freed at once, not at the next cyclic collection
+    # no part of a layer refers back to it: a dropped model (and its forward caches, e.g. in a PTQ
+    # sweep) is freed at once, not at the next cyclic collection
     enabled = gc.isenabled()
     gc.disable()
     try:
@@ -336,6 +346,6 @@ def test_layers_and_models_are_freed_without_the_cycle_collector():
         if enabled:
             gc.enable()
     layer = S4D(4, 8, quant=QuantConfig(16), seed=0)
-    twin = copy.deepcopy(layer)  # the copy's helper works on the copy
-    assert twin.quantization.layer is twin and layer.quantization.layer is layer
-    assert twin.quantization.q["C"] is twin._children["quant_C"]
+    twin = copy.deepcopy(layer)  # the copy's quantizers are the copy's own children
+    assert twin.q["C"] is twin.core.children()["quant_C"] and twin.q["C"] is not layer.q["C"]
+    assert twin.q["act"] is twin.children()["quant_act"]

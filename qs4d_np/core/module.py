@@ -11,6 +11,10 @@ Conventions shared by every op in the package:
   registers its children with ``add_child`` and its dicts then also hold the
   children's entries under dotted names (``layers.0.ssm.C``). The arrays are
   shared, not copied, so an optimizer updates parameters in place.
+* An op split into parts without changing its names registers a part with
+  ``add_child(name, part, inline=True)``: the part's entries (and its
+  children's) keep the parent's names, so checkpoint keys stay as they were
+  (the S4D layer's SSM core: ``layers.0.ssm.C``, not ``layers.0.ssm.core.C``).
 * A complex parameter's gradient is dL/dRe + i*dL/dIm (the PyTorch convention).
 """
 from __future__ import annotations
@@ -33,6 +37,7 @@ class Module:
         self._params: dict[str, np.ndarray] = {}
         self._grads: dict[str, np.ndarray] = {}
         self._children: dict[str, Module] = {}
+        self._inline: set[str] = set()
         self._cache: Any = None
 
     # -- the op interface -------------------------------------------------
@@ -46,11 +51,20 @@ class Module:
         return self.forward(x, training=training)
 
     # -- parameters, gradients, children ----------------------------------
-    def add_child(self, name: str, module: "Module") -> "Module":
+    def add_child(self, name: str, module: "Module", *, inline: bool = False) -> "Module":
+        """Register ``module`` as child ``name``; ``inline``: its entries keep this module's names."""
         if "." in name:
             raise ValueError(f"child name {name!r} must not contain '.'")
         self._children[name] = module
+        if inline:
+            self._inline.add(name)
         return module
+
+    def _child_prefix(self, name: str, prefix: str) -> str:
+        """The dotted name of child ``name`` below ``prefix`` (``prefix`` itself when inline)."""
+        if name in self._inline:
+            return prefix
+        return f"{prefix}.{name}" if prefix else name
 
     def children(self) -> dict[str, "Module"]:
         return dict(self._children)
@@ -59,23 +73,22 @@ class Module:
         """Yield (dotted name, module) for this module and every descendant."""
         yield prefix, self
         for name, child in self._children.items():
-            yield from child.modules(f"{prefix}.{name}" if prefix else name)
+            yield from child.modules(self._child_prefix(name, prefix))
+
+    def _flat(self, own: dict[str, np.ndarray], of_child: str) -> dict[str, np.ndarray]:
+        out = dict(own)
+        for name, child in self._children.items():
+            for key, value in getattr(child, of_child).items():
+                out[key if name in self._inline else f"{name}.{key}"] = value
+        return out
 
     @property
     def params(self) -> dict[str, np.ndarray]:
-        out = dict(self._params)
-        for name, child in self._children.items():
-            for key, value in child.params.items():
-                out[f"{name}.{key}"] = value
-        return out
+        return self._flat(self._params, "params")
 
     @property
     def grads(self) -> dict[str, np.ndarray]:
-        out = dict(self._grads)
-        for name, child in self._children.items():
-            for key, value in child.grads.items():
-                out[f"{name}.{key}"] = value
-        return out
+        return self._flat(self._grads, "grads")
 
     def zero_grads(self) -> None:
         """Set every gradient to zeros shaped like its parameter."""
@@ -87,6 +100,11 @@ class Module:
         return int(sum(v.size * (2 if np.iscomplexobj(v) else 1) for v in self.params.values()))
 
     # -- cache handling ---------------------------------------------------
+    def clear_caches(self) -> None:
+        """Drop the forward cache of this module and every descendant (a pending backward is lost)."""
+        for _, module in self.modules():
+            module._cache = None
+
     def _saved(self) -> Any:
         """Return the forward cache, or fail clearly when there is none."""
         if self._cache is None:

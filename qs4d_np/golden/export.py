@@ -127,10 +127,10 @@ class _Quantizer:
     def state_inv(self, layer: int, ssm, u_real: np.ndarray, Abar: np.ndarray, Bbar: np.ndarray) -> np.ndarray:
         """The state's codes per unit (H, 2): the model's state quantizer, or calibrated per part."""
         H = ssm.d_model
+        clip = np.inf if getattr(ssm, "state_clip", None) is None else ssm.state_clip
         if self.own and ssm.q.get("x") is not None:
-            state = ssm.quantization.state_quant(u_real.astype(ssm.dtype), Abar, Bbar)
+            state = ssm.q["x"].scan_scales(u_real.astype(ssm.dtype), Abar, Bbar, clip)
         else:
-            clip = np.inf if getattr(ssm, "state_clip", None) is None else ssm.state_clip
             absmax = state_absmax(u_real, Abar, Bbar, StateQuant(None), clip)
             state = StateQuant.calibrated(self.quant.spec_for("state", layer), absmax, "part")
         return state.per_channel_inv(H, np.dtype(np.float64))

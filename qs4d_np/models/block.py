@@ -1,7 +1,7 @@
 """One residual block of the S4D model: S4D layer -> channel dropout -> residual add -> norm."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -9,9 +9,28 @@ from qs4d_np.core.checks import check_choice
 from qs4d_np.core.dropout import Dropout
 from qs4d_np.core.module import Module
 from qs4d_np.core.norm import BatchNorm, LayerNorm
-from qs4d_np.ssm.s4d import S4D, ParamSnapshot, S4DStepper, check_step, snapshot
+from qs4d_np.core.snapshot import ParamSnapshot, snapshot
+from qs4d_np.ssm.s4d import S4D, S4DStepper
+from qs4d_np.ssm.stream import check_step
 
 NORMS = {"layer": LayerNorm, "batch": BatchNorm, None: None}
+
+
+def compose(x: np.ndarray, ssm: Callable[[np.ndarray], np.ndarray], norm: Callable[[np.ndarray], np.ndarray] | None,
+            dropout: Callable[[np.ndarray], np.ndarray] | None, *, prenorm: bool, residual: bool) -> np.ndarray:
+    """The block's topology, written once: its forward (whole sequences, (batch, length, H)) and its
+    frozen step ((batch, H)) both run it with their own ops (``S4DBlock`` docstring)."""
+    z = x
+    if prenorm and norm is not None:
+        z = norm(z)
+    z = ssm(z)
+    if dropout is not None:
+        z = dropout(z)
+    if residual:
+        z = z + x
+    if not prenorm and norm is not None:
+        z = norm(z)
+    return z
 
 
 class S4DBlock(Module):
@@ -39,16 +58,11 @@ class S4DBlock(Module):
         self.norm = None if norm is None else self.add_child("norm", NORMS[norm](d_model, dtype=dtype))
 
     def forward(self, x: np.ndarray, training: bool = False, mode: str = "conv") -> np.ndarray:
-        z = x
-        if self.prenorm and self.norm is not None:
-            z = self.norm.forward(z, training=training)
-        z = self.ssm._forward(z, training, mode)  # the model checked its input once
-        if self.dropout is not None:
-            z = self.dropout.forward(z, training=training)
-        if self.residual:
-            z = z + x
-        if not self.prenorm and self.norm is not None:
-            z = self.norm.forward(z, training=training)
+        norm = None if self.norm is None else (lambda z: self.norm.forward(z, training=training))
+        drop = None if self.dropout is None else (lambda z: self.dropout.forward(z, training=training))
+        # the model checked its input once
+        z = compose(x, lambda z: self.ssm.forward(z, training, mode, checked=True), norm, drop,
+                    prenorm=self.prenorm, residual=self.residual)
         self._cache = True
         return z
 
@@ -59,7 +73,7 @@ class S4DBlock(Module):
         g = grad
         if self.dropout is not None:
             g = self.dropout.backward(g)
-        g = self.ssm._backward(g)
+        g = self.ssm.backward(g, checked=True)
         if self.prenorm and self.norm is not None:
             g = self.norm.backward(g)
         if self.residual:
@@ -80,7 +94,7 @@ class S4DBlock(Module):
         complex -> (y_t (batch, d_model), new state). Derives the layer's constants anew on every
         call; to stream many steps build ``stepper()`` once."""
         x_t, state = check_step(x_t, state, self.ssm.d_model, self.ssm.d_state, self.ssm.dtype, "x_t")
-        y, x = BlockStepper(self, "step()", track=False)._step(x_t, state.transpose(2, 0, 1))
+        y, x = BlockStepper(self, "step()", track=False).step(x_t, state.transpose(2, 0, 1), checked=True)
         return y, np.ascontiguousarray(x.transpose(1, 2, 0))
 
 
@@ -106,19 +120,18 @@ class BlockStepper:
         """Whether the block's parameters and buffers are still those this stepper was built from."""
         return self._snapshot.is_current()
 
-    def step(self, x_t: np.ndarray, state: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """x_t (batch, d_model), state (d_state/2, batch, d_model) -> (y_t (batch, d_model), new state)."""
-        s = self.ssm
-        return self._step(*check_step(x_t, state, s.d_model, s.d_state, s.dtype, "x_t", mode_major=True))
+    def step(self, x_t: np.ndarray, state: np.ndarray, *, checked: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """x_t (batch, d_model), state (d_state/2, batch, d_model) -> (y_t (batch, d_model), new state).
+        ``checked``: the caller has checked both and cast them to the layer's dtypes."""
+        if not checked:
+            s = self.ssm
+            x_t, state = check_step(x_t, state, s.d_model, s.d_state, s.dtype, "x_t", mode_major=True)
+        new_state = []
 
-    def _step(self, x_t: np.ndarray, state: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """``step`` on checked input in the layer's dtype."""
-        z = x_t
-        if self.prenorm and self.norm is not None:
-            z = self.norm.forward(z)
-        z, state = self.ssm._step(z, state)
-        if self.residual:
-            z = z + x_t
-        if not self.prenorm and self.norm is not None:
-            z = self.norm.forward(z)
-        return z, state
+        def ssm(z: np.ndarray) -> np.ndarray:
+            y, x = self.ssm.step(z, state, checked=True)
+            new_state.append(x)
+            return y
+
+        norm = None if self.norm is None else self.norm.forward
+        return compose(x_t, ssm, norm, None, prenorm=self.prenorm, residual=self.residual), new_state[0]

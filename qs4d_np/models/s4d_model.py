@@ -10,14 +10,16 @@ import numpy as np
 
 from qs4d_np.core.checks import check_array, check_choice, check_int, check_sequence_input
 from qs4d_np.core.linear import Linear
-from qs4d_np.core.module import Module, kept_caches
+from qs4d_np.core.module import Module
 from qs4d_np.core.pooling import LastPool, MeanPool
 from qs4d_np.io import atomic_save_npz, atomic_write_json, load_json, load_npz
 from qs4d_np.models.block import BlockStepper, S4DBlock
 from qs4d_np.quant.config import QuantConfig
 from qs4d_np.quant.quantizer import Quantizer
 from qs4d_np.quant.weights import WeightQuant
-from qs4d_np.ssm.s4d import ABARS, MODES, ParamSnapshot, snapshot, zero_state
+from qs4d_np.core.snapshot import ParamSnapshot, snapshot
+from qs4d_np.ssm.s4d import ABARS, MODES
+from qs4d_np.ssm.stream import zero_state
 
 POOLS = {"mean": MeanPool, "last": LastPool}
 FORMAT_VERSION = 1
@@ -175,14 +177,12 @@ class S4DModel(Module):
         """
         return S4DModelStream(self, "S4DModel.step()", track=False).step(x_t, state)
 
-    def _frozen_coder(self, name: str) -> Linear:
-        """A copy of the encoder or decoder with the weight an evaluation forward uses (quantized
-        when ``coder`` is a target)."""
+    def frozen_coder(self, name: str) -> Linear:
+        """A copy of the encoder or decoder (``name``) with the weight an evaluation forward uses
+        (quantized when ``coder`` is a target); the model's caches are kept."""
         linear = snapshot(getattr(self, name))
         if name in self.coder_quant:
-            q = self.coder_quant[name].quantizer
-            with kept_caches(q):  # leave a pending backward's cache alone
-                linear._params["weight"] = q.forward(linear._params["weight"], training=False)
+            linear.params["weight"][...] = self.coder_quant[name].evaluate()  # the copy's own array
         return linear
 
     # -- optimizer groups -----------------------------------------------------
@@ -349,8 +349,8 @@ class S4DModelStream:
         self.dtype, self.pool = model.dtype, c["pool"]
         self.blocks = [BlockStepper(b, f"{where}, layer {i} (layers.{i}.ssm)", track=False)
                        for i, b in enumerate(model.blocks)]
-        self.encoder = model._frozen_coder("encoder")
-        self.decoder = model._frozen_coder("decoder")
+        self.encoder = model.frozen_coder("encoder")
+        self.decoder = model.frozen_coder("decoder")
         self._model = model
         self._snapshot = ParamSnapshot(model, track)
 
@@ -394,7 +394,7 @@ class S4DModelStream:
         h = self.encoder.forward(x_t)
         ssm = []
         for block, s in zip(self.blocks, state.ssm):
-            h, s = block._step(h, s)
+            h, s = block.step(h, s, checked=True)
             ssm.append(s)
         steps = state.steps + 1
         pool_sum = None

@@ -8,6 +8,8 @@ Modules (one job each):
 * ``fake``: the functional quantizer (``fake_quant``, ``quantize`` -> ``QuantTensor``
   with codes, inv_scale, zero_point), ``QuantSpec`` and ``ste_backward``;
 * ``quantizer``: the ``Quantizer`` op (absmax / absmean / fixed / running / learned ranges);
+* ``state``: ``StateQuantizer``, the recurrent state's quantizer (range, calibration, LSQ
+  step gradient, frozen form); ``frozen``: ``FrozenQuant``, a static-range quantizer for streaming;
 * ``config``: ``QuantConfig`` (levels and options per target and layer, JSON);
 * ``scan``: checked entry points of the quantized-state recurrent scan
   (``kernels.quant_scan``), ``StateQuant``;
@@ -37,11 +39,10 @@ and ``models.s4d_model.S4DModel``; the S4D docstring has the table of places):
 3. Recurrent mode (SPEC.md section 3): discretize (``continuous``), or take Abar as a
    parameter (``discrete``, kept inside the unit circle by the caller) or as a constant
    (``frozen``); quantize Abar, Bbar and C (complex_mode="cartesian") and D with their
-   quantizers, run ``scan.quant_scan(u, Abar_q, Bbar_q, C_q, D_q, StateQuant(spec, inv),
-   clip)``, and in the backward pass the returned gradients through each quantizer's
-   ``backward``. The state scale ``inv`` is fixed (calibrated, e.g. from a
-   ``Quantizer(scale_mode="running")`` fed the float states, or ``power_of_two=True`` for
-   the golden model) or learned (``grads['step']`` is dL/d(1/inv)).
+   quantizers, run ``scan.quant_scan(u, Abar_q, Bbar_q, C_q, D_q, state, clip)`` with
+   ``state = StateQuantizer.scan_scales(u, Abar_q, Bbar_q, clip, training)``, and in the
+   backward pass the returned gradients through each quantizer's ``backward`` (the state's
+   step gradient through ``StateQuantizer.step_grad``).
 4. The integer golden model reproduces the recurrent step from ``QuantTensor`` codes of
    Abar, Bbar, C, D and the state's ``inv`` (power of two): the exact per-step order is in
    ``kernels.quant_scan``'s docstring (multiply-add, clip, multiply by inv, round by the
@@ -53,9 +54,11 @@ from qs4d_np.quant.grids import GRIDS, ROUNDING, Grid, make_grid
 from qs4d_np.quant.ptq import calibrate, ptq, ptq_sweep, with_quant
 from qs4d_np.quant.quantizer import Quantizer
 from qs4d_np.quant.scan import StateQuant, quant_scan, quant_scan_backward
+from qs4d_np.quant.state import StateQuantizer
+from qs4d_np.quant.frozen import FrozenQuant
 
 __all__ = [
-    "GRIDS", "ROUNDING", "TARGETS", "Grid", "QuantConfig", "QuantSpec", "QuantTensor", "Quantizer",
-    "StateQuant", "calibrate", "fake_quant", "make_grid", "ptq", "ptq_sweep", "quant_scan", "quant_scan_backward",
+    "GRIDS", "ROUNDING", "TARGETS", "FrozenQuant", "Grid", "QuantConfig", "QuantSpec", "QuantTensor", "Quantizer",
+    "StateQuant", "StateQuantizer", "calibrate", "fake_quant", "make_grid", "ptq", "ptq_sweep", "quant_scan", "quant_scan_backward",
     "quantize", "ste_backward", "with_quant",
 ]

@@ -235,9 +235,9 @@ class QuantConfig:
 
     def quantizer_for(self, target: str, layer: int | None = None, *, axis: int | None = None,
                       n_scales: int = 1, halve: bool = False, dtype: type = None,
-                      **extra: Any) -> Quantizer | None:
-        """A ``Quantizer`` for (target, layer), or None when the target stays float (``halve``:
-        see ``spec_for``)."""
+                      cls: type[Quantizer] = Quantizer, **extra: Any) -> Quantizer | None:
+        """A ``Quantizer`` (or the subclass ``cls``, e.g. ``StateQuantizer``) for (target, layer), or
+        None when the target stays float (``halve``: see ``spec_for``)."""
         spec = self.spec_for(target, layer, axis, halve)
         if spec is None:
             return None
@@ -248,7 +248,7 @@ class QuantConfig:
                 raise ValueError(f"target {target!r} has scale_mode='fixed' but no range; give it one with "
                                  f"target_options={{{target!r}: {{'fixed_range': r}}}}")
             kw["fixed_range"] = o["fixed_range"]
-        return Quantizer(spec.levels, scale_mode=o["scale_mode"], ste=o["ste"], grid=spec.grid,
+        return cls(spec.levels, scale_mode=o["scale_mode"], ste=o["ste"], grid=spec.grid,
                          symmetric=spec.symmetric, axis=spec.axis, rounding=spec.rounding,
                          power_of_two=spec.power_of_two, complex_mode=spec.complex_mode,
                          n_scales=n_scales, name=f"{target}" if layer is None else f"{target}[{layer}]",

@@ -39,6 +39,7 @@ import numpy as np
 from qs4d_np.core.checks import check_choice, check_float, check_int
 from qs4d_np.core.module import Module
 from qs4d_np.quant.fake import STE_MODES, QuantSpec, QuantState, QuantTensor, ste_backward
+from qs4d_np.quant.frozen import FrozenQuant
 
 QUANTIZER_SCALE_MODES = ("absmax", "absmean", "fixed", "running", "learned")
 
@@ -202,6 +203,12 @@ class Quantizer(Module):
         else:
             lo, hi = self.spec.fixed_range(self.fixed_range, SimpleNamespace(channels=self.n_scales, G=1))
         return self.spec.scales(lo, hi, dtype)
+
+    def frozen(self, dtype: np.dtype) -> FrozenQuant:
+        """This quantizer with its static range frozen, for streaming values (..., channels) in
+        ``dtype`` (``quant.frozen``); raises like ``static_scales`` for a data-dependent, an
+        uncalibrated ``running`` or an unset ``learned`` range."""
+        return FrozenQuant.of(self.spec, *self.static_scales(dtype), self.name, np.dtype(dtype), True)
 
     def learned_inv(self, dtype: np.dtype) -> np.ndarray:
         """inv = 1/step (n_scales,) in ``dtype``, the step floored at min_range/qpos (learned mode)."""

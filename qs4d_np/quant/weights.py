@@ -21,7 +21,7 @@ from typing import Iterator
 
 import numpy as np
 
-from qs4d_np.core.module import Module
+from qs4d_np.core.module import Module, kept_caches
 from qs4d_np.quant.quantizer import Quantizer
 
 
@@ -59,3 +59,17 @@ class WeightQuant:
             yield
         grads = self.linear._grads
         grads["weight"] = self.quantizer.backward(grads["weight"]).astype(self._W_q.dtype, copy=False)
+
+    def evaluate(self) -> np.ndarray:
+        """The quantized weight an evaluation forward computes with (a new array); caches are kept."""
+        with kept_caches(self.quantizer):
+            return self.quantizer.forward(self.linear.params["weight"], training=False)
+
+    @contextmanager
+    def kept(self) -> Iterator[None]:
+        """Inside, forwards may run without disturbing a pending backward's quantized weight."""
+        W_q = self._W_q
+        try:
+            yield
+        finally:
+            self._W_q = W_q

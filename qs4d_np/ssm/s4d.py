@@ -1,96 +1,58 @@
-"""The S4D layer: diagonal SSM (convolution or recurrent mode) -> activation -> dropout -> mixing.
+"""The S4D layer: SSM core -> activation -> dropout -> mixing -> act quantizer.
 
-Block order as in the state-spaces S4D example: y = SSM(u) + D*u, then
-activation (GELU by default), channel dropout, pointwise H -> 2H + GLU. The
-residual connection and the norm belong to the model's block, not here.
+Block order as in the state-spaces S4D example: y = SSM(u) + D*u (``S4DCore``), then
+activation (GELU by default), channel dropout, pointwise H -> 2H + GLU, then the
+quantizer of the layer output (``act`` target). The residual connection and the
+norm belong to the model's block, not here.
 """
 from __future__ import annotations
 
-import copy
-import math
-from typing import Any
+from contextlib import contextmanager, nullcontext
+from typing import Any, Iterator
 
 import numpy as np
 
 from qs4d_np.core.activations import GELU, ReLU
-from qs4d_np.core.checks import (check_array, check_choice, check_float, check_grad_like, check_int,
-                                 check_sequence_input)
+from qs4d_np.core.checks import check_choice, check_float, check_grad_like, check_sequence_input
 from qs4d_np.core.dropout import Dropout
 from qs4d_np.core.mixing import PointwiseGLU
 from qs4d_np.core.module import Module, kept_caches
-from qs4d_np.kernels.scan import scan, scan_backward
+from qs4d_np.core.snapshot import ParamSnapshot, snapshot
 from qs4d_np.quant.config import QuantConfig
-from qs4d_np.quant.discrete import polar_abar, polar_params
+from qs4d_np.quant.frozen import FrozenQuant
 from qs4d_np.quant.quantizer import Quantizer
-from qs4d_np.quant.scan import quant_scan, quant_scan_backward
-from qs4d_np.ssm.discretize import DISCRETIZATIONS, DiscreteSSM, discretize
-from qs4d_np.ssm.fftconv import causal_conv, causal_conv_backward
-from qs4d_np.ssm.kernel import ssm_kernel, ssm_kernel_backward
-from qs4d_np.ssm.quantized import EffectiveSSM, S4DQuant
+from qs4d_np.quant.weights import WeightQuant
+from qs4d_np.ssm.core import ABARS, INITS, MODES, STATIC_SCALE_MODES, S4DCore, init_A
+from qs4d_np.ssm.discretize import DiscreteSSM
+from qs4d_np.ssm.params import SSMParams
+from qs4d_np.ssm.stream import check_step, zero_state
 
-INITS = ("lin", "inv", "real", "qs4d")
+__all__ = ["ABARS", "ACTIVATIONS", "INITS", "MIXINGS", "MODES", "EffectiveSSM", "S4D", "S4DStepper", "init_A"]
+
 ACTIVATIONS = {"gelu": GELU, "relu": ReLU, None: None}
 MIXINGS = ("glu", None)
-MODES = ("conv", "recurrent")
-ABARS = ("continuous", "discrete", "frozen")
-
-
-def init_A(init: str, H: int, d_state: int) -> tuple[np.ndarray, np.ndarray]:
-    """(log_A_real, A_imag), each (H, d_state/2) float64, for one of ``INITS``."""
-    n = np.arange(d_state // 2, dtype=np.float64)
-    log_A_real = np.full(n.shape, math.log(0.5))
-    if init == "lin":
-        A_imag = math.pi * n
-    elif init == "qs4d":
-        A_imag = math.pi * n / 4
-    elif init == "inv":
-        A_imag = d_state / math.pi * (d_state / (2 * n + 1) - 1)
-    else:  # "real": A = -(n + 1)
-        log_A_real = np.log(n + 1)
-        A_imag = np.zeros_like(n)
-    return np.tile(log_A_real, (H, 1)), np.tile(A_imag, (H, 1))
+# The parameters an evaluation forward computes with (``S4D.effective_ssm``); the former name.
+EffectiveSSM = SSMParams
 
 
 class S4D(Module):
     """S4D layer on (batch, length, d_model) inputs, optionally quantization-aware.
 
-    Parameters (H = d_model, M = d_state/2 complex modes), by ``abar``:
+    Children: ``core`` (``S4DCore``, registered inline: its parameters keep the layer's
+    names, ``C``, ``log_dt``, ``quant_C.step``, ...), ``activation``, ``dropout`` and ``mixing``
+    when enabled, and the quantizers of the mixing weight (``quant_linear``) and of the output
+    (``quant_act``). The core's docstring lists the SSM parameters per ``abar`` and where each
+    quantizer acts; ``q[key]`` maps every key (``A``, ``Abar``, ``B``, ``C``, ``D``, ``dt``, ``K``,
+    ``u``, ``x``, ``linear``, ``act``) to its quantizer or None.
 
-    * ``"continuous"`` (default): ``log_dt`` (H,), ``log_A_real`` (H, M), ``A_imag``
-      (H, M) and, with ``learn_B``, ``B`` (H, M) complex (initialised to ones);
-      Abar, Bbar come from the discretization ``disc``;
-    * ``"discrete"``: Abar learned directly as ``Abar_rho``, ``Abar_theta`` (H, M) with
-      Abar = exp(-softplus(rho) + i*theta), always inside the unit circle
-      (``qs4d_np.quant.discrete``), and ``Bbar`` (H, M) complex; both initialised
-      from the discretized initial A and dt;
-    * ``"frozen"``: Abar fixed at its initial discretized value (buffer ``Abar``, not a
-      parameter; with an ``A`` quantizer it is used at its quantized value), ``Bbar``
-      learned as for ``discrete``.
+    ``forward(u, training, mode)`` runs the SSM as an FFT convolution (``mode="conv"``) or as
+    the recurrence (``"recurrent"``); without quantization both give the same outputs and
+    parameter gradients up to rounding.
 
-    Always ``C`` (H, M) complex and ``D`` (H,). Children ``activation``,
-    ``dropout`` and ``mixing`` exist when enabled.
-
-    ``forward(u, training, mode)`` runs the SSM as an FFT convolution with the
-    kernel K (``mode="conv"``) or as the Numba recurrence (``"recurrent"``);
-    without quantization both give the same outputs and parameter gradients up
-    to rounding.
-
-    Quantization (``quant``, a ``QuantConfig``; ``layer`` picks per-layer levels):
-    ``qs4d_np.ssm.quantized`` (``S4DQuant``, the ``quantization`` attribute) builds a
-    ``Quantizer`` child per quantized target (``quant_A``, ``quant_Abar``, ``quant_B``,
-    ``quant_C``, ``quant_D``, ``quant_dt``, ``quant_K``, ``quant_u``, ``quant_x``,
-    ``quant_linear``, ``quant_act``; ``q[key]`` maps the keys to them or None) and
-    applies them; its docstring has the table of where each acts in either mode.
-    Recurrent mode with a ``state`` target or a ``state_clip`` runs
-    ``qs4d_np.quant.quant_scan``; ``state_clip`` bounds |Re x|, |Im x| at every step
-    before quantizing (None: no clip beyond the quantizer's saturation); without
-    either, recurrent mode runs the float scan with the quantized parameters.
-
-    Inspection and streaming: ``effective_ssm(mode)`` (the Abar, Bbar, C, D an
-    evaluation forward computes with), ``mixing_weight()``, ``act_quantizer``,
-    ``quantized_recurrent(calib)`` (codes and scales for the integer model) and
-    ``step(u_t, state)`` (one time step, float or quantized; derives the parameters per call) and
-    ``stepper()`` (the same with every per-stream constant frozen once: the fast path).
+    Inspection and streaming: ``effective_ssm(mode)``, ``mixing_weight()``, ``act_quantizer``,
+    ``quantized_recurrent(calib)`` (codes and scales for the integer model), ``step(u_t, state)``
+    (one time step, deriving the parameters per call) and ``stepper()`` (every per-stream
+    constant frozen once: the fast path).
     """
 
     def __init__(self, d_model: int, d_state: int = 64, *, init: str = "lin", disc: str = "zoh",
@@ -100,145 +62,92 @@ class S4D(Module):
                  quant: QuantConfig | None = None, layer: int | None = None, abar: str = "continuous",
                  state_clip: float | None = None) -> None:
         super().__init__()
-        H = check_int("d_model", d_model, min_value=1)
-        N = check_int("d_state", d_state, min_value=2)
-        if N % 2:
-            raise ValueError(f"d_state must be even (N/2 complex modes), got {N}")
-        check_choice("init", init, INITS)
-        check_choice("disc", disc, DISCRETIZATIONS)
         check_choice("activation", activation, tuple(ACTIVATIONS))
         check_choice("mixing", mixing, MIXINGS)
-        check_choice("abar", abar, ABARS)
-        dt_min = check_float("dt_min", dt_min, min_value=0.0, min_inclusive=False)
-        dt_max = check_float("dt_max", dt_max)
-        if dt_max <= dt_min:
-            raise ValueError(f"dt_max must be > dt_min, got dt_min={dt_min}, dt_max={dt_max}")
         dropout = check_float("dropout", dropout, min_value=0.0, max_value=1.0, max_inclusive=False)
-        if not isinstance(learn_B, (bool, np.bool_)):
-            raise TypeError(f"learn_B must be a bool, got {learn_B!r}")
-        if learn_B and abar != "continuous":
-            raise ValueError(f"learn_B applies to abar='continuous'; abar={abar!r} learns Bbar directly")
-        if quant is not None and not isinstance(quant, QuantConfig):
-            raise TypeError(f"quant must be a QuantConfig or None, got {type(quant).__name__}")
-        if layer is not None:
-            layer = check_int("layer", layer, min_value=0)
-        if state_clip is not None:
-            state_clip = check_float("state_clip", state_clip, min_value=0.0, min_inclusive=False)
-        self.dtype = np.dtype(dtype)
-        check_choice("dtype", self.dtype, (np.dtype(np.float32), np.dtype(np.float64)))
-        self.cdtype = np.result_type(self.dtype, np.complex64)
-        self.d_model, self.d_state, self.disc, self.init = H, N, disc, init
-        self.abar, self.quant, self.layer, self.state_clip = abar, quant, layer, state_clip
-        self.buffers: dict[str, np.ndarray] = {}
-        M = N // 2
-
         rng = np.random.default_rng(seed)
-        log_A_real, A_imag = init_A(init, H, N)
-        p = self._params
-        p["log_dt"] = rng.uniform(math.log(dt_min), math.log(dt_max), H).astype(self.dtype)
-        p["log_A_real"] = log_A_real.astype(self.dtype)
-        p["A_imag"] = A_imag.astype(self.dtype)
-        p["C"] = (math.sqrt(0.5) * (rng.standard_normal((H, M)) + 1j * rng.standard_normal((H, M)))).astype(self.cdtype)
-        p["D"] = rng.standard_normal(H).astype(self.dtype)
-        if learn_B:
-            p["B"] = np.ones((H, M), dtype=self.cdtype)
-        if abar != "continuous":
-            d = discretize(p["log_dt"], log_A_real, A_imag, None, disc)
-            for name in ("log_dt", "log_A_real", "A_imag"):
-                del p[name]
-            self.set_discrete(d.Abar, d.Bbar)
+        self.core = self.add_child("core", S4DCore(
+            d_model, d_state, init=init, disc=disc, dt_min=dt_min, dt_max=dt_max, learn_B=learn_B, dtype=dtype,
+            seed=rng, quant=quant, layer=layer, abar=abar, state_clip=state_clip), inline=True)
+        c = self.core  # the core's settings, read-only copies for the layer's users
+        self.d_model, self.d_state, self.dtype, self.cdtype = c.d_model, c.d_state, c.dtype, c.cdtype
+        self.disc, self.init, self.abar, self.quant, self.layer, self.state_clip = (
+            c.disc, c.init, c.abar, c.quant, c.layer, c.state_clip)
+        H = self.d_model
         dropout_rng, mixing_rng = rng.spawn(2)
-
         self.activation = None if activation is None else self.add_child("activation", ACTIVATIONS[activation]())
         self.dropout = self.add_child("dropout", Dropout(dropout, seed=dropout_rng)) if dropout > 0 else None
         self.mixing = (self.add_child("mixing", PointwiseGLU(H, dtype=self.dtype, seed=mixing_rng))
                        if mixing == "glu" else None)
-        self.quantization = S4DQuant(self)  # registers the quantizer children
+        self.weight_quant: WeightQuant | None = None
+        self._act: Quantizer | None = None
+        if quant is not None:
+            if self.mixing is not None:
+                q = self._quantizer(quant, "linear", axis=1, channels=2 * H)
+                if q is not None:
+                    self.weight_quant = WeightQuant(self.mixing.linear, self.add_child("quant_linear", q))
+            self._act = self._quantizer(quant, "act", axis=2, channels=H)
+            if self._act is not None:
+                self.add_child("quant_act", self._act)
+
+    def _quantizer(self, cfg: QuantConfig, target: str, axis: int, channels: int) -> Quantizer | None:
+        n = channels if cfg.options_for(target)["per_channel"] else 1
+        q = cfg.quantizer_for(target, self.layer, axis=axis, n_scales=n, dtype=self.dtype)
+        if q is not None:
+            q.name = f"{target}[{self.layer}]" if self.layer is not None else target
+        return q
 
     # -- quantization ---------------------------------------------------------
     @property
     def q(self) -> dict[str, Quantizer | None]:
-        """The quantizer of each key (``qs4d_np.ssm.quantized.KEYS``) or None where float."""
-        return self.quantization.q
+        """The quantizer of each key (the core's and ``linear``, ``act``) or None where float."""
+        linear = None if self.weight_quant is None else self.weight_quant.quantizer
+        return {**self.core.q, "linear": linear, "act": self._act}
 
     @property
     def act_quantizer(self) -> Quantizer | None:
         """The quantizer of the layer output (``act`` target; axis 2 of (batch, length, H)) or None."""
-        return self.quantization.q["act"]
+        return self._act
 
     def init_param_steps(self) -> None:
-        """(Re)initialise the learned steps of the parameter targets (A, Abar, B, C, D, dt) from the
-        current parameters (LSQ init). Runs at construction, so no uninitialised step is left for a target
-        the training mode never reaches; ``quant.with_quant`` runs it again after copying weights."""
-        self.quantization.init_param_steps()
+        """(Re)initialise the learned steps of the parameter targets from the current parameters
+        (``S4DCore.init_param_steps``)."""
+        self.core.init_param_steps()
 
-    # -- the SSM core -------------------------------------------------------
+    def data_range_quantizer(self) -> str | None:
+        """Names the first state / act quantizer whose range comes from the data it quantizes, if any."""
+        found = self.core.data_range_quantizer()
+        if found is None and self._act is not None and self._act.scale_mode not in STATIC_SCALE_MODES:
+            found = f"quantizer {self._act.name!r} (target 'act', scale_mode={self._act.scale_mode!r})"
+        return found
+
+    # -- the SSM core's parameters ------------------------------------------------------
     def set_discrete(self, Abar: np.ndarray, Bbar: np.ndarray) -> None:
         """Set Abar and Bbar (H, M) complex of a ``discrete`` or ``frozen`` layer (e.g. from a float model)."""
-        if self.abar == "continuous":
-            raise ValueError("set_discrete needs abar='discrete' or 'frozen'; a continuous layer learns A and dt")
-        shape = (self.d_model, self.d_state // 2)
-        Abar = check_array("Abar", Abar, shape=shape, allow_complex=True)
-        Bbar = check_array("Bbar", Bbar, shape=shape, allow_complex=True)
-        if self.abar == "discrete":
-            rho, theta = polar_params(Abar.astype(np.complex128))
-            self._params["Abar_rho"] = rho.astype(self.dtype)
-            self._params["Abar_theta"] = theta.astype(self.dtype)
-        else:
-            self.buffers["Abar"] = Abar.astype(self.cdtype)
-        self._params["Bbar"] = Bbar.astype(self.cdtype)
-
-    def _float_Abar(self) -> np.ndarray:
-        if self.abar == "discrete":
-            return polar_abar(self._params["Abar_rho"], self._params["Abar_theta"])
-        return self.buffers["Abar"].astype(np.complex128)
-
-    def _float_Bbar(self) -> np.ndarray:
-        if self.abar == "continuous":
-            return self.discrete().Bbar
-        return self._params["Bbar"].astype(np.complex128)
+        self.core.set_discrete(Abar, Bbar)
 
     def discrete(self) -> DiscreteSSM:
-        """The current float (Abar, Bbar) and intermediates, complex128 (no quantization).
-
-        For abar 'discrete' / 'frozen' only ``Abar``, ``Bbar`` (= ``Bbar0``) are set;
-        ``dt`` and ``A`` are None.
-        """
-        p = self._params
-        if self.abar != "continuous":
-            Bbar = self._float_Bbar()
-            return DiscreteSSM(self.abar, None, None, self._float_Abar(), Bbar, Bbar)  # type: ignore[arg-type]
-        return discretize(p["log_dt"], p["log_A_real"], p["A_imag"], p.get("B"), self.disc)
+        """The current float (Abar, Bbar) and intermediates (``S4DCore.discrete``)."""
+        return self.core.discrete()
 
     def kernel(self, L: int) -> np.ndarray:
         """The float convolution kernel K (H, L) in the layer's dtype."""
-        L = check_int("L", L, min_value=1)
-        d = self.discrete()
-        return ssm_kernel(self._params["C"] * d.Bbar, d.Abar, L).astype(self.dtype)
+        return self.core.kernel(L)
 
-    def effective_ssm(self, mode: str = "recurrent") -> EffectiveSSM:
-        """The SSM parameters an evaluation-mode ``forward(u, mode=mode)`` computes with.
-
-        ``Abar``, ``Bbar``, ``C`` (H, M) complex128 and ``D`` (H,) float64: the fake-quant values
-        where the config quantizes them in ``mode``, float otherwise; ``Abar_float``,
-        ``Bbar_float`` (H, M) complex128: the values before the Abar / Bbar quantizers. In
-        ``conv`` mode Abar comes from the quantized A (if any) and B, D are not quantized; the
-        kernel and input quantizers (K, u) act on data, not here. Forward caches are kept.
-        """
-        check_choice("mode", mode, MODES)
-        return self.quantization.effective(mode)
+    def effective_ssm(self, mode: str = "recurrent") -> SSMParams:
+        """The SSM parameters an evaluation-mode ``forward(u, mode=mode)`` computes with
+        (``S4DCore.effective``); forward caches are kept."""
+        return self.core.effective(mode)
 
     def mixing_weight(self) -> np.ndarray | None:
         """The mixing weight (H, 2H) an evaluation forward computes with (quantized when the ``linear``
         target is; a copy either way), in the layer's dtype; None without mixing. Caches are kept."""
         if self.mixing is None:
             return None
-        W = self.mixing.linear._params["weight"]
-        wq = self.quantization.weight_quant
-        if wq is None:
+        W = self.mixing.linear.params["weight"]
+        if self.weight_quant is None:
             return W.copy()
-        with self.quantization.kept_caches():
-            return wq.quantizer.forward(W, training=False)
+        return self.weight_quant.evaluate()
 
     def quantized_recurrent(self, calib: np.ndarray | None = None) -> dict[str, Any]:
         """The quantized tensors the evaluation-mode recurrent forward uses, for the integer golden model.
@@ -275,103 +184,85 @@ class S4D(Module):
         """
         if self.quant is None:
             raise ValueError("quantized_recurrent() needs a layer built with quant=QuantConfig(...)")
-        return self.quantization.export(calib)
-
-    def _core_forward(self, u: np.ndarray, training: bool, mode: str) -> np.ndarray:
-        qz = self.quantization
-        Abar, Bbar, C, D, ctx = qz.ssm_params(training, mode)
-        if mode == "conv":
-            Ct = C * Bbar
-            K = ssm_kernel(Ct, Abar, u.shape[1])
-            if self.q["K"] is not None:
-                K = self.q["K"].forward(K, training=training)
-            u = qz.apply("u", u, training)
-            K[:, 0] += D  # the skip D*u is the kernel's lag-0 tap
-            conv, u_f_conj, K_f = causal_conv(u, K)
-            y = np.ascontiguousarray(conv)
-            self._cache = (mode, ctx, u.shape, Abar, Bbar, C, Ct, u_f_conj, K_f)
-        elif not qz.runs_quant_scan:
-            y = scan(u, Abar, Bbar, C, D)
-            self._cache = (mode, ctx, u.shape, Abar, Bbar, C, D, u)
+        found = self.data_range_quantizer()
+        if calib is None and found is not None:
+            raise ValueError(f"quantized_recurrent(): {found} takes its range from each tensor it quantizes; "
+                             f"pass calib (batch, L, {self.d_model}) to resolve it on that input as the forward "
+                             f"would, or calibrate static ranges (scale_mode 'running' with "
+                             f"qs4d_np.quant.calibrate, 'fixed' or 'learned')")
+        if calib is not None:
+            calib = np.ascontiguousarray(check_sequence_input("calib", calib, self.d_model), dtype=self.dtype)
+        out = self.core.export(calib)
+        if self.mixing is not None:
+            linear = self.mixing.linear.params
+            out["linear"] = linear["weight"] if self.weight_quant is None else \
+                self.weight_quant.quantizer.quantize(linear["weight"])
+            out["linear_bias"] = linear["bias"]
+        act = self._act
+        if act is None:
+            out["act"] = None
         else:
-            state = qz.state_quant(u, Abar, Bbar, training)
-            clip = np.inf if self.state_clip is None else self.state_clip
-            y, scan_cache = quant_scan(u, Abar, Bbar, C, D, state, clip)
-            self._cache = (mode, ctx, u.shape, scan_cache)
-        return y
+            if act.scale_mode in STATIC_SCALE_MODES:
+                inv, zp = act.static_scales(self.dtype)
+            else:  # the range of the layer's output on calib, as the forward quantizes it
+                with self.kept_caches():
+                    t = act.quantize(self._post_ops_forward(self.core.forward(calib, False, "recurrent",
+                                                                              checked=True), False))
+                # (1, 1, n) -> (n,); the forward's inv is in the layer's dtype (the float64 copy is exact)
+                inv, zp = t.inv_scale.reshape(-1).astype(self.dtype), t.zero_point.reshape(-1)
+            out["act"] = {"inv_scale": inv, "zero_point": zp.astype(np.int64), "grid": act.spec.code_grid,
+                          "rounding": act.spec.rounding}
+        return out
 
-    def _core_backward(self, g: np.ndarray) -> np.ndarray:
-        mode, ctx, shape, *saved = self._saved()
-        qz = self.quantization
-        if mode == "conv":
-            Abar, Bbar, C, Ct, u_f_conj, K_f = saved
-            conv, dK = causal_conv_backward(g, u_f_conj, K_f)
-            du = qz.unapply("u", np.ascontiguousarray(conv))
-            g_D = dK[:, 0]
-            g_K = qz.unapply("K", dK)
-            g_Ct, g_Abar = ssm_kernel_backward(g_K.astype(np.float64), Ct, Abar)
-            g_C = np.conj(Bbar) * g_Ct
-            g_Bbar = np.conj(C) * g_Ct
-        elif len(saved) == 5:
-            Abar, Bbar, C, D, u = saved
-            du, g_Abar, g_Bbar, g_C = scan_backward(u, g, Abar, Bbar, C, D)
-            g_D = np.einsum("bth,bth->h", g, u)
-        else:
-            (scan_cache,) = saved
-            sg = quant_scan_backward(g, scan_cache)
-            du, g_Abar, g_Bbar, g_C, g_D = sg["u"], sg["Abar"], sg["Bbar"], sg["C"], sg["D"]
-            qz.state_step_grad(sg["step"], scan_cache)
-        grads = qz.ssm_params_backward(mode, ctx, g_Abar, g_Bbar, g_C, g_D)
-        self._grads = {name: grads[name].astype(value.dtype) for name, value in self._params.items()}
-        qz.zero_unused_steps(mode)
-        return du
+    @contextmanager
+    def kept_caches(self) -> Iterator[None]:
+        """Run inference inside without disturbing a pending backward: on exit every forward cache of
+        the layer, its children and the quantized mixing weight is what it was."""
+        with kept_caches(self), (nullcontext() if self.weight_quant is None else self.weight_quant.kept()):
+            yield
 
+    # -- forward / backward ----------------------------------------------------------
     def _post_ops(self) -> list[Module]:
         return [op for op in (self.activation, self.dropout, self.mixing) if op is not None]
 
-    def forward(self, u: np.ndarray, training: bool = False, mode: str = "conv") -> np.ndarray:
-        """u (batch, length, d_model) -> (batch, length, d_model); checks u (shape, finite values)."""
-        check_choice("mode", mode, MODES)
-        return self._forward(check_sequence_input("u", u, self.d_model), training, mode)
-
-    def _forward(self, u: np.ndarray, training: bool, mode: str) -> np.ndarray:
-        """``forward`` without the input checks (the model checks its own input once)."""
-        return self._post(self._core_forward(np.ascontiguousarray(u, dtype=self.dtype), training, mode), training)
-
-    def _post(self, y: np.ndarray, training: bool) -> np.ndarray:
-        """The core output y (batch, length, H) through activation, dropout, mixing and the act quantizer."""
-        return self.quantization.apply("act", self._post_ops_forward(y, training), training)
-
     def _post_ops_forward(self, y: np.ndarray, training: bool) -> np.ndarray:
-        wq = self.quantization.weight_quant
         for op in self._post_ops():
-            if op is self.mixing and wq is not None:
-                with wq.forward(training):
+            if op is self.mixing and self.weight_quant is not None:
+                with self.weight_quant.forward(training):
                     y = op.forward(y, training=training)
             else:
                 y = op.forward(y, training=training)
         return y
 
-    def _pre_act(self, u: np.ndarray, training: bool, mode: str) -> np.ndarray:
-        """The layer output on u (batch, length, H) before the act quantizer (its range source)."""
-        return self._post_ops_forward(self._core_forward(u, training, mode), training)
+    def forward(self, u: np.ndarray, training: bool = False, mode: str = "conv", *,
+                checked: bool = False) -> np.ndarray:
+        """u (batch, length, d_model) -> (batch, length, d_model); checks u (shape, finite values)
+        unless ``checked`` (the model checks its input once)."""
+        if not checked:
+            check_choice("mode", mode, MODES)
+            u = check_sequence_input("u", u, self.d_model)
+        u = np.ascontiguousarray(u, dtype=self.dtype)
+        y = self._post_ops_forward(self.core.forward(u, training, mode, checked=True), training)
+        if self._act is not None:
+            y = self._act.forward(y, training=training)
+        self._cache = y.shape
+        return y
 
-    def backward(self, grad: np.ndarray) -> np.ndarray:
-        """dL/dy (batch, length, d_model) -> dL/du; fills ``grads`` for the mode that ran forward."""
-        shape = self._saved()[2]
-        return self._backward(check_grad_like("grad", grad, shape))
-
-    def _backward(self, grad: np.ndarray) -> np.ndarray:
-        """``backward`` without the gradient checks."""
-        g = self.quantization.unapply("act", grad.astype(self.dtype, copy=False))
-        wq = self.quantization.weight_quant
+    def backward(self, grad: np.ndarray, *, checked: bool = False) -> np.ndarray:
+        """dL/dy (batch, length, d_model) -> dL/du; fills ``grads`` for the mode that ran forward.
+        Checks grad against the forward's output unless ``checked``."""
+        shape = self._saved()
+        g = grad if checked else check_grad_like("grad", grad, shape)
+        g = g.astype(self.dtype, copy=False)
+        if self._act is not None:
+            g = self._act.backward(g)
         for op in reversed(self._post_ops()):
-            if op is self.mixing and wq is not None:
-                with wq.backward():
+            if op is self.mixing and self.weight_quant is not None:
+                with self.weight_quant.backward():
                     g = op.backward(g)
             else:
                 g = op.backward(g)
-        return self._core_backward(np.asarray(g, dtype=self.dtype))
+        return self.core.backward(np.asarray(g, dtype=self.dtype), checked=True)
 
     # -- streaming ----------------------------------------------------------
     def initial_state(self, batch: int) -> np.ndarray:
@@ -392,76 +283,17 @@ class S4D(Module):
 
         A quantized layer steps ``forward(u, mode="recurrent")`` in evaluation: the quantized
         Abar, Bbar, C, D, the state clip, the state quantizer, the mixing with its quantized
-        weight and the act quantizer, in the recurrent kernel's arithmetic
-        (``S4DQuant.frozen_core``); the state returned is the quantized state. The state and act
-        ranges must be static (``fixed``, calibrated ``running``, initialised ``learned``): an
-        ``absmax`` range comes from the whole sequence and is refused. The conv-mode-only
-        quantizers (K, u) take no part.
+        weight and the act quantizer, in the recurrent kernel's arithmetic (``S4DCore.frozen``);
+        the state returned is the quantized state. The state and act ranges must be static
+        (``fixed``, calibrated ``running``, initialised ``learned``): an ``absmax`` range comes
+        from the whole sequence and is refused. The conv-mode-only quantizers (K, u) take no part.
 
         Each call derives the (quantized) parameters anew (a ``stepper()`` per call); to stream
         many steps, build ``stepper()`` once and step it.
         """
         u_t, state = check_step(u_t, state, self.d_model, self.d_state, self.dtype)
-        y, x = S4DStepper(self, "step()", track=False)._step(u_t, state.transpose(2, 0, 1))
+        y, x = S4DStepper(self, "step()", track=False).step(u_t, state.transpose(2, 0, 1), checked=True)
         return y, np.ascontiguousarray(x.transpose(1, 2, 0))
-
-
-def zero_state(batch: int, d_model: int, d_state: int, dtype: np.dtype, mode_major: bool = False) -> np.ndarray:
-    """The zero SSM state (batch, d_model, d_state/2) in ``dtype``'s complex dtype; ``mode_major``:
-    (d_state/2, batch, d_model), the layout of ``S4DStepper``."""
-    batch = check_int("batch", batch, min_value=1)
-    shape = (d_state // 2, batch, d_model) if mode_major else (batch, d_model, d_state // 2)
-    return np.zeros(shape, dtype=np.result_type(dtype, np.complex64))
-
-
-def check_step(u_t: object, state: object, d_model: int, d_state: int, dtype: np.dtype,
-               name: str = "u_t", mode_major: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Check one step's input ``name`` (batch, d_model) (finite) and state (batch, d_model,
-    d_state/2), or (d_state/2, batch, d_model) when ``mode_major`` (complex or real, finite);
-    return them in ``dtype`` and its complex dtype."""
-    u_t = check_array(name, u_t, ndim=2)
-    if u_t.shape[1] != d_model:
-        raise ValueError(f"{name} must have shape (batch, {d_model}), got {u_t.shape}")
-    B, M = u_t.shape[0], d_state // 2
-    state = check_array("state", state, shape=(M, B, d_model) if mode_major else (B, d_model, M),
-                        allow_complex=True)
-    cdtype = np.result_type(dtype, np.complex64)
-    return u_t.astype(dtype, copy=False), state.astype(cdtype, copy=False)
-
-
-def snapshot(op: Module) -> Module:
-    """A deep copy of ``op`` and its children without their forward caches: its parameters and
-    buffers as they are now, for a stream to run evaluation forwards on (never a backward)."""
-    with kept_caches(op):
-        for _, m in op.modules():
-            m._cache = None  # a pending training cache can be large; the copy needs none
-        return copy.deepcopy(op)
-
-
-def _arrays(module: Module) -> dict[str, np.ndarray]:
-    """Every parameter and buffer of ``module`` and its descendants (shared arrays)."""
-    return {f"{prefix}:{kind}:{key}": value for prefix, m in module.modules()
-            for kind, arrays in (("param", m._params), ("buffer", getattr(m, "buffers", {})))
-            for key, value in arrays.items()}
-
-
-class ParamSnapshot:
-    """Copies of a module's parameters and buffers (quantizer ranges included) taken when a stream
-    is built; ``is_current()`` tells whether the module still holds exactly those values.
-    ``track=False`` copies nothing (a stepper inside a stream, or built for a single step)."""
-
-    def __init__(self, module: Module, track: bool = True) -> None:
-        self.module = module
-        self.arrays = {key: value.copy() for key, value in _arrays(module).items()} if track else None
-
-    def is_current(self) -> bool:
-        if self.arrays is None:
-            raise RuntimeError(f"this {type(self.module).__name__} stepper was built without a snapshot (it is "
-                               "part of a stream, or was built for one step): ask the stream's is_current()")
-        now = _arrays(self.module)
-        return now.keys() == self.arrays.keys() and all(
-            now[key].shape == value.shape and np.array_equal(now[key], value)
-            for key, value in self.arrays.items())
 
 
 class S4DStepper:
@@ -473,19 +305,27 @@ class S4DStepper:
     scales. ``step(u_t, state)`` then does the arithmetic only, with ``S4D.step``'s contract and
     results, except that its state is **mode-major**, (d_state/2, batch, d_model) complex, so
     that every elementwise pass and each mode's read-out add run over contiguous memory
-    (``x.transpose(1, 2, 0)`` is ``S4D.step``'s state). It is a snapshot: parameters, buffers or quantizer ranges changed in
-    the layer afterwards do not reach it (``is_current()`` says whether they changed; build a new
-    stepper). ``where`` names the caller in the error for a data-dependent (absmax) range;
-    ``track=False`` skips the snapshot behind ``is_current`` (inside a stream, one-step use).
+    (``x.transpose(1, 2, 0)`` is ``S4D.step``'s state). It is a snapshot: parameters, buffers or
+    quantizer ranges changed in the layer afterwards do not reach it (``is_current()`` says
+    whether they changed; build a new stepper). ``where`` names the caller in the error for a
+    data-dependent (absmax) range; ``track=False`` skips the snapshot behind ``is_current``
+    (inside a stream, one-step use).
     """
 
     def __init__(self, layer: S4D, where: str = "S4DStepper", track: bool = True) -> None:
         self.d_model, self.d_state, self.dtype = layer.d_model, layer.d_state, layer.dtype
-        self.core = layer.quantization.frozen_core(where)
-        self.act = layer.quantization.frozen_act()
-        self._post: list[Module] = [snapshot(op) for op in (layer.activation, layer.mixing) if op is not None]
+        found = layer.data_range_quantizer()
+        if found is not None:
+            raise ValueError(f"{where}: {found} takes its range from the whole sequence it quantizes, which a "
+                             f"stream does not have; calibrate static ranges (scale_mode 'running' with "
+                             f"qs4d_np.quant.calibrate) or use 'fixed' or 'learned'")
+        self.core = layer.core.frozen()
+        act = layer.act_quantizer
+        self.act: FrozenQuant | None = None if act is None else act.frozen(self.dtype)
+        self.post: list[Module] = [snapshot(op) for op in (layer.activation, layer.mixing) if op is not None]
         if layer.mixing is not None:
-            self._post[-1].linear._params["weight"] = layer.mixing_weight()  # quantized when 'linear' is
+            # the copy's own weight array, overwritten in place with the weight the forward uses
+            self.post[-1].linear.params["weight"][...] = layer.mixing_weight()
         self._snapshot = ParamSnapshot(layer, track)
 
     def initial_state(self, batch: int) -> np.ndarray:
@@ -496,14 +336,13 @@ class S4DStepper:
         """Whether the layer's parameters and buffers are still those this stepper was built from."""
         return self._snapshot.is_current()
 
-    def step(self, u_t: np.ndarray, state: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """u_t (batch, d_model), state (d_state/2, batch, d_model) -> (y_t (batch, d_model), new state)."""
-        return self._step(*check_step(u_t, state, self.d_model, self.d_state, self.dtype, mode_major=True))
-
-    def _step(self, u_t: np.ndarray, state: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """``step`` on checked input in the layer's dtype and complex dtype (the model checks its input once)."""
+    def step(self, u_t: np.ndarray, state: np.ndarray, *, checked: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """u_t (batch, d_model), state (d_state/2, batch, d_model) -> (y_t (batch, d_model), new state).
+        ``checked``: the caller has checked both and cast them to the layer's dtype and complex dtype."""
+        if not checked:
+            u_t, state = check_step(u_t, state, self.d_model, self.d_state, self.dtype, mode_major=True)
         y, x = self.core.step(u_t, state)
-        for op in self._post:
+        for op in self.post:
             y = op.forward(y)
         if self.act is not None:
             y = self.act.apply(y)
