@@ -397,13 +397,13 @@ def test_recurrent_quantized_layer_matches_its_reference_twin_exactly(abar):
     d = layer.discrete()  # float Abar, Bbar (the dt quantizer only moves the continuous ones)
     p = layer.params
     if abar == "continuous":
-        log_dt_q = fake_quant_ref(p["log_dt"], 32, axis=0)[0]
+        log_dt_q = fake_quant_ref(p["log_dt"], 32, axis=None)[0]  # dt, D: per tensor even per channel
         from qs4d_np.ssm.discretize import discretize
         d = discretize(log_dt_q, p["log_A_real"], p["A_imag"], None, "zoh")
     Abar = fake_quant_ref(d.Abar, 64, axis=0)[0]
     Bbar = fake_quant_ref(d.Bbar, 16, axis=0)[0]
     C = fake_quant_ref(p["C"], 16, axis=0, complex_mode="shared")[0]
-    D = fake_quant_ref(p["D"], 16, axis=0)[0]
+    D = fake_quant_ref(p["D"], 16, axis=None)[0]
     for name, ref in (("Abar", Abar), ("Bbar", Bbar), ("C", C), ("D", D)):
         assert np.array_equal(ex[name].dequantize(), ref), name
     st = ex["state"]

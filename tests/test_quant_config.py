@@ -6,8 +6,9 @@ import pytest
 
 from qs4d_np.io import atomic_write_json, load_json
 from qs4d_np.models.s4d_model import S4DModel
-from qs4d_np.quant.config import TARGETS, QuantConfig
+from qs4d_np.quant.config import TARGETS, QuantConfig, TargetOptions
 from qs4d_np.quant.quantizer import Quantizer
+from qs4d_np.ssm.s4d import S4D
 
 
 def test_specific_target_overrides_all():
@@ -159,3 +160,35 @@ def test_fixed_ranges_from_the_config_run_in_both_modes():
     # the state's codes per unit come from its fixed range: inv = qpos / 2.0 (narrow grid, 16 states: qpos 7)
     assert np.all(np.asarray(ssm.quantized_recurrent()["state"].inv) == 7 / 2.0)
     assert ssm.q["act"].fixed_range == 3.0 and ssm.q["Abar"].fixed_range == 3.0
+
+
+def test_per_channel_scalars_get_one_scale_per_tensor_unless_asked():
+    # dt and D hold one value per channel: per-channel scales would store each value losslessly
+    cfg = QuantConfig(16, per_channel=True)
+    assert not cfg.target("D").per_channel and not cfg.target("dt").per_channel and cfg.target("C").per_channel
+    assert cfg.spec_for("D", axis=0).axis is None and cfg.spec_for("C", axis=0).axis == 0
+    assert cfg.bits_for("D") == 4
+    layer = S4D(3, 4, quant=cfg, seed=0)
+    assert layer.q["D"].n_scales == 1 and layer.q["C"].n_scales == 3
+    # opted in, or loaded from a dict saved before the option: one scale per value, counted as float
+    for old in (QuantConfig(16, per_channel=True, per_channel_scalars=True),
+                QuantConfig.from_dict({**cfg.to_dict(), "options": {
+                    k: v for k, v in cfg.to_dict()["options"].items() if k != "per_channel_scalars"}})):
+        assert old.target("D").per_channel and old.spec_for("D", axis=0).axis == 0
+        assert old.bits_for("D") is None and old.bits_for("C") == 4
+        assert S4D(3, 4, quant=old, seed=0).q["D"].n_scales == 3
+
+
+def test_target_options_are_typed_validated_once_and_frozen():
+    import dataclasses
+    cfg = QuantConfig(16, target_options={"C": {"rounding": "floor"}})
+    o = cfg.target("C")
+    assert (o.rounding, o.complex_mode, cfg.target("A").complex_mode) == ("floor", "shared", "cartesian")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        o.rounding = "half_up"
+    assert cfg.options_for("C") == {k: v for k, v in dataclasses.asdict(o).items()
+                                    if k not in ("target", "fixed_range")}
+    with pytest.raises(TypeError, match=r"target_options\['A'\]\['abar_bound'\] must be True or False"):
+        TargetOptions("A", **{**cfg.options_for("A"), "abar_bound": 1})
+    with pytest.raises(ValueError, match="target must be one of"):
+        cfg.target("E")

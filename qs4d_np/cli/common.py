@@ -36,6 +36,9 @@ from qs4d_np.data.idx import IDXFormatError
 from qs4d_np.data.tasks import TASKS, Task, load_task
 from qs4d_np.io import load_json
 from qs4d_np.models.s4d_model import PRESETS, S4DModel
+from qs4d_np.quant.config import DEFAULT_OPTIONS, GRANULARITIES
+from qs4d_np.quant.grids import GRIDS
+from qs4d_np.ssm.s4d import ABARS, MODES
 from qs4d_np.train.checkpoint import CheckpointError
 from qs4d_np.train.trainer import TrainingDiverged
 
@@ -140,9 +143,9 @@ def add_quant_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def add_grid_flags(group: argparse._ActionsContainer) -> None:
-    group.add_argument("--grid", choices=("narrow", "qs4d", "full"), default="narrow",
+    group.add_argument("--grid", choices=GRIDS, default=DEFAULT_OPTIONS["grid"],
                        help="integer grid (narrow: symmetric, 2**b states fit b bits; qs4d: the reference's)")
-    group.add_argument("--granularity", choices=("tensor", "channel"), default="tensor",
+    group.add_argument("--granularity", choices=GRANULARITIES, default=GRANULARITIES[0],
                        help="one scale per tensor or per channel")
 
 
@@ -255,7 +258,7 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--d_model_m", type=positive_int, default=None, metavar="H", help="channels")
     group.add_argument("--d_state", type=positive_int, default=None, metavar="N", help="state size (reals)")
     group.add_argument("--dropout", type=non_negative_float, default=None)
-    group.add_argument("--mode", choices=("conv", "recurrent"), default="conv",
+    group.add_argument("--mode", choices=MODES, default="conv",
                        help="S4D evaluation path in training")
-    group.add_argument("--abar", choices=("continuous", "discrete", "frozen"), default=None,
+    group.add_argument("--abar", choices=ABARS, default=None,
                        help="Abar parameterization of recurrent QAT (default: the model's)")

@@ -20,6 +20,7 @@ import numpy as np
 from qs4d_np.cli.common import (add_data_flags, check_model_fits, command, data_settings, load_data, load_model,
                                 non_negative_int, positive_int, run_info)
 from qs4d_np.data.loader import BatchIterator
+from qs4d_np.ssm.s4d import MODES
 from qs4d_np.io import atomic_write_json
 from qs4d_np.train.checkpoint import to_jsonable
 from qs4d_np.train.trainer import evaluate_model
@@ -31,7 +32,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--checkpoint", required=True, metavar="CKPT", help="run directory or saved model")
     add_data_flags(parser, train=False)
     parser.add_argument("--split", choices=("test", "val"), default="test")
-    parser.add_argument("--mode", choices=("conv", "recurrent"), default=None,
+    parser.add_argument("--mode", choices=MODES, default=None,
                         help="S4D evaluation path (default: the model's)")
     parser.add_argument("--batch_size", type=positive_int, default=64,
                         help="evaluation batch (quantized activations are scaled per batch)")

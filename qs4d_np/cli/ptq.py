@@ -25,6 +25,7 @@ from typing import Any
 from qs4d_np.cli.common import (add_data_flags, add_grid_flags, check_model_fits, command, data_settings, load_data, load_model,
                                 positive_int, run_info)
 from qs4d_np.data.loader import BatchIterator
+from qs4d_np.ssm.s4d import MODES
 from qs4d_np.data.sequence import SequenceDataset
 from qs4d_np.io import atomic_write_json, atomic_write_text
 from qs4d_np.train.trainer import evaluate_model
@@ -42,7 +43,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_grid_flags(parser)
     parser.add_argument("--calib-batches", type=positive_int, default=4, metavar="N",
                         help="training batches that calibrate the static ranges")
-    parser.add_argument("--mode", choices=("conv", "recurrent"), default="conv")
+    parser.add_argument("--mode", choices=MODES, default="conv")
     parser.add_argument("--batch_size", type=positive_int, default=64)
     add_data_flags(parser, train=False)
     parser.add_argument("--out", required=True, metavar="DIR")

@@ -105,7 +105,7 @@ class _Quantizer:
             spec = self.quant.spec_for(target, layer, axis)
             w = np.asarray(w, dtype=np.complex128 if np.iscomplexobj(w) else np.float64)
             # Abar's codes stay in the unit disk as in a QAT layer (QuantConfig's abar_bound)
-            bound = 1.0 if target == "A" and self.quant.options_for("A")["abar_bound"] else None
+            bound = 1.0 if target == "A" and self.quant.target("A").abar_bound else None
             qt = quantize(w, spec.levels, grid=spec.grid, symmetric=True, axis=spec.axis, rounding="half_even",
                           power_of_two=spec.power_of_two, complex_mode="cartesian", max_modulus=bound)
         if np.any(qt.zero_point != 0):

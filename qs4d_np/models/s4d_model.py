@@ -106,7 +106,7 @@ class S4DModel(Module):
         self.coder_quant: dict[str, WeightQuant] = {}
         if quant is not None:
             for name, linear in (("encoder", self.encoder), ("decoder", self.decoder)):
-                per_channel = quant.options_for("coder")["per_channel"]
+                per_channel = quant.target("coder").per_channel
                 q = quant.quantizer_for("coder", axis=1, n_scales=linear.d_out if per_channel else 1, dtype=dtype)
                 if q is not None:
                     q.name = f"coder.{name}"

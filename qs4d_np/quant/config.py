@@ -27,6 +27,15 @@ recurrence then grows like |Abar_q|**L. The continuous A of convolution mode
 saved before the option existed loads with ``abar_bound=False``, so a checkpoint
 keeps computing what it computed when it was trained and exported.
 
+Per channel on a per-channel scalar (``dt``, ``D``: one value per channel) would give every
+value its own scale, i.e. store it losslessly next to a float scale: ``per_channel`` means
+one scale per tensor for them. ``per_channel_scalars=True`` restores the per-value scales;
+a dict saved before the option existed loads with it on, so an old checkpoint computes
+what it computed (``bits_for`` then reports such a target as float: what is stored).
+
+Each target's options are resolved and validated once, when the config is built, into a
+frozen ``TargetOptions`` (``target(t)``); ``options_for(t)`` is its dict view.
+
 ``fixed_range`` (target_options only, with ``scale_mode="fixed"``): the range r > 0
 (symmetric; a float, or one per scale: per channel, and for complex Cartesian targets
 per part, real parts first) or [lo, hi] (asymmetric, per tensor) of that target,
@@ -36,6 +45,7 @@ e.g. {"state": {"scale_mode": "fixed", "fixed_range": 4.0}}.
 """
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
 from typing import Any, Mapping
 
 from qs4d_np.core.checks import check_bool, check_choice, check_float, check_int
@@ -57,12 +67,59 @@ _OPTION_CHOICES: dict[str, tuple] = {
     "scale_mode": QUANTIZER_SCALE_MODES,
     "ste": STE_MODES,
     "abar_bound": (True, False),
+    "per_channel_scalars": (True, False),
 }
 DEFAULT_OPTIONS: dict[str, Any] = {
     "grid": "narrow", "symmetric": True, "per_channel": False, "rounding": "half_even",
     "power_of_two": False, "complex_mode": None, "scale_mode": "absmax", "ste": "identity",
-    "abar_bound": True,
+    "abar_bound": True, "per_channel_scalars": False,
 }
+# Targets holding one value per channel: per channel they would get one scale per value.
+SCALAR_TARGETS = ("dt", "D")
+# The CLI's --granularity values: one scale per tensor, or per channel.
+GRANULARITIES = ("tensor", "channel")
+
+
+@dataclass(frozen=True)
+class TargetOptions:
+    """The resolved, validated options of one target (``QuantConfig.target``; module docstring).
+
+    ``complex_mode`` is resolved ("shared" for C, "cartesian" for the other complex
+    targets); ``per_channel`` is what the quantizer does (False for ``dt`` / ``D`` unless
+    ``per_channel_scalars``); ``fixed_range`` is None unless ``scale_mode="fixed"`` gave one.
+    """
+
+    target: str
+    grid: str
+    symmetric: bool
+    per_channel: bool
+    rounding: str
+    power_of_two: bool
+    complex_mode: str
+    scale_mode: str
+    ste: str
+    abar_bound: bool
+    per_channel_scalars: bool
+    fixed_range: float | list[float] | None = None
+
+    def __post_init__(self) -> None:
+        where = f"target_options[{self.target!r}]"
+        for key, choices in _OPTION_CHOICES.items():
+            value = getattr(self, key)
+            if choices == (True, False):
+                check_bool(f"{where}[{key!r}]", value)
+            else:
+                check_choice(f"{where}[{key!r}]", value, choices)
+        r = self.fixed_range
+        if r is None:
+            return
+        if self.scale_mode != "fixed":
+            raise ValueError(f"{where} gives a fixed_range, which only scale_mode='fixed' uses; the target's "
+                             f"scale_mode is {self.scale_mode!r}")
+        if self.symmetric and min(r if isinstance(r, list) else [r]) <= 0:
+            raise ValueError(f"{where}['fixed_range'] must be > 0 (a symmetric range r), got {r!r}")
+        if not self.symmetric and not (isinstance(r, list) and len(r) == 2 and r[0] < r[1]):
+            raise ValueError(f"{where}['fixed_range'] must be [lo, hi] with lo < hi (symmetric=False), got {r!r}")
 
 Levels = Any  # None | int | "float" | list[...] | dict[int, ...]
 
@@ -133,19 +190,15 @@ class QuantConfig:
         for t, opts in (target_options or {}).items():
             check_choice("target_options key", t, TARGETS)
             self.target_options[t] = _check_options(f"target_options[{t!r}]", opts, per_target=True)
-        for t in TARGETS:
-            o = self.options_for(t)
-            if "fixed_range" not in o:
-                continue
-            if o["scale_mode"] != "fixed":
-                raise ValueError(f"target_options[{t!r}] gives a fixed_range, which only scale_mode='fixed' "
-                                 f"uses; the target's scale_mode is {o['scale_mode']!r}")
-            r = o["fixed_range"]
-            if o["symmetric"] and min(r if isinstance(r, list) else [r]) <= 0:
-                raise ValueError(f"target_options[{t!r}]['fixed_range'] must be > 0 (a symmetric range r), got {r!r}")
-            if not o["symmetric"] and not (isinstance(r, list) and len(r) == 2 and r[0] < r[1]):
-                raise ValueError(f"target_options[{t!r}]['fixed_range'] must be [lo, hi] with lo < hi "
-                                 f"(symmetric=False), got {r!r}")
+        self._targets = {t: self._resolve(t) for t in TARGETS}
+
+    def _resolve(self, target: str) -> TargetOptions:
+        o = {**self.options, **self.target_options.get(target, {})}
+        if o["complex_mode"] is None:
+            o["complex_mode"] = "shared" if target == "C" else "cartesian"
+        if target in SCALAR_TARGETS and not o["per_channel_scalars"]:
+            o["per_channel"] = False
+        return TargetOptions(target, **o)
 
     # -- construction from the reference's command-line flags ---------------
     @classmethod
@@ -198,12 +251,17 @@ class QuantConfig:
             value = self._pick(self.all, layer, "all")
         return None if value in (None, FLOAT) else int(value)  # type: ignore[arg-type]
 
-    def options_for(self, target: str) -> dict[str, Any]:
-        """The options of ``target`` with ``complex_mode`` resolved (see the module docstring)."""
+    def target(self, target: str) -> TargetOptions:
+        """The resolved options of ``target`` (``TargetOptions``)."""
         check_choice("target", target, TARGETS)
-        o = {**self.options, **self.target_options.get(target, {})}
-        if o["complex_mode"] is None:
-            o["complex_mode"] = "shared" if target == "C" else "cartesian"
+        return self._targets[target]
+
+    def options_for(self, target: str) -> dict[str, Any]:
+        """``target(target)`` as a dict (its fields but ``target``; ``fixed_range`` only when set)."""
+        o = asdict(self.target(target))
+        del o["target"]
+        if o["fixed_range"] is None:
+            del o["fixed_range"]
         return o
 
     def spec_for(self, target: str, layer: int | None = None, axis: int | None = None,
@@ -218,20 +276,21 @@ class QuantConfig:
         levels = self.levels_for(target, layer)
         if levels is None:
             return None
+        o = self.target(target)
         if halve:
-            o = self.options_for(target)
-            smallest = 3 if (o["grid"] == "narrow" and o["symmetric"]) else 2
+            smallest = 3 if (o.grid == "narrow" and o.symmetric) else 2
             levels = max(levels // 2, smallest)
-        o = self.options_for(target)
-        return QuantSpec(levels, grid=o["grid"], symmetric=o["symmetric"],
-                         axis=axis if o["per_channel"] else None, rounding=o["rounding"],
-                         power_of_two=o["power_of_two"], complex_mode=o["complex_mode"])
+        return QuantSpec(levels, grid=o.grid, symmetric=o.symmetric, axis=axis if o.per_channel else None,
+                         rounding=o.rounding, power_of_two=o.power_of_two, complex_mode=o.complex_mode)
 
     def bits_for(self, target: str, layer: int | None = None) -> int | None:
-        """Word width the target's codes really need on its grid (None = float), e.g. for
-        the hardware cost metrics: n = 2**b states need b bits on 'narrow'/'full', b+1 on 'qs4d'."""
+        """Word width a stored value of the target needs (None = float), e.g. for the hardware cost
+        metrics: n = 2**b states need b bits on 'narrow'/'full', b+1 on 'qs4d'. A per-channel scalar
+        with one scale per value (``per_channel_scalars``) counts as float: its scales hold it."""
         spec = self.spec_for(target, layer)
-        return None if spec is None else spec.bits
+        if spec is None or (target in SCALAR_TARGETS and self.target(target).per_channel):
+            return None
+        return spec.bits
 
     def quantizer_for(self, target: str, layer: int | None = None, *, axis: int | None = None,
                       n_scales: int = 1, halve: bool = False, dtype: type = None,
@@ -241,18 +300,17 @@ class QuantConfig:
         spec = self.spec_for(target, layer, axis, halve)
         if spec is None:
             return None
-        o = self.options_for(target)
+        o = self.target(target)
         kw: dict[str, Any] = {"dtype": dtype} if dtype is not None else {}
-        if o["scale_mode"] == "fixed":
-            if "fixed_range" not in o:
+        if o.scale_mode == "fixed":
+            if o.fixed_range is None:
                 raise ValueError(f"target {target!r} has scale_mode='fixed' but no range; give it one with "
                                  f"target_options={{{target!r}: {{'fixed_range': r}}}}")
-            kw["fixed_range"] = o["fixed_range"]
-        return cls(spec.levels, scale_mode=o["scale_mode"], ste=o["ste"], grid=spec.grid,
-                         symmetric=spec.symmetric, axis=spec.axis, rounding=spec.rounding,
-                         power_of_two=spec.power_of_two, complex_mode=spec.complex_mode,
-                         n_scales=n_scales, name=f"{target}" if layer is None else f"{target}[{layer}]",
-                         **kw, **extra)
+            kw["fixed_range"] = o.fixed_range
+        return cls(spec.levels, scale_mode=o.scale_mode, ste=o.ste, grid=spec.grid, symmetric=spec.symmetric,
+                   axis=spec.axis, rounding=spec.rounding, power_of_two=spec.power_of_two,
+                   complex_mode=spec.complex_mode, n_scales=n_scales,
+                   name=f"{target}" if layer is None else f"{target}[{layer}]", **kw, **extra)
 
     @property
     def is_float(self) -> bool:
@@ -269,8 +327,9 @@ class QuantConfig:
         expected = {"all", "levels", "options", "target_options"}
         if set(data) != expected:
             raise ValueError(f"QuantConfig dict must have keys {sorted(expected)}, got {sorted(data)}")
-        # saved before abar_bound existed: the Abar codes were unbounded, and stay so
-        options = {"abar_bound": False, **data["options"]}
+        # saved before abar_bound existed: the Abar codes were unbounded, and stay so; saved before
+        # per_channel_scalars existed: per channel gave dt and D one scale per value, and still does
+        options = {"abar_bound": False, "per_channel_scalars": True, **data["options"]}
         return cls(data["all"], target_options=data["target_options"], **data["levels"], **options)
 
     def __eq__(self, other: object) -> bool:

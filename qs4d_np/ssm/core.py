@@ -184,9 +184,9 @@ class S4DCore(Module):
         H = self.d_model
 
         def make(key: str, target: str, axis: int, is_complex: bool, halve: bool = False, **extra: Any) -> None:
-            o = cfg.options_for(target)
-            n = H if o["per_channel"] else 1
-            if is_complex and o["complex_mode"] == "cartesian":
+            o = cfg.target(target)
+            n = H if o.per_channel else 1
+            if is_complex and o.complex_mode == "cartesian":
                 n *= 2
             q = cfg.quantizer_for(target, self.layer, axis=axis, n_scales=n, halve=halve, dtype=self.dtype, **extra)
             if q is not None:
@@ -198,7 +198,7 @@ class S4DCore(Module):
         # Abar in recurrent mode (and always for discrete / frozen). Cartesian rounding can push a
         # point with |Abar| < 1 outside the unit circle, and the recurrence then grows like
         # |Abar_q|**L; ``abar_bound`` keeps the codes in the disk (QuantSpec.max_modulus).
-        make("Abar", "A", 0, True, **({"max_modulus": 1.0} if cfg.options_for("A")["abar_bound"] else {}))
+        make("Abar", "A", 0, True, **({"max_modulus": 1.0} if cfg.target("A").abar_bound else {}))
         make("B", "B", 0, True)
         make("C", "C", 0, True)
         make("D", "D", 0, False)
