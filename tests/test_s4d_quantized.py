@@ -223,6 +223,11 @@ def test_quantized_recurrent_static_ranges_ignore_calib():
     assert ex["act"]["inv_scale"].dtype == np.float32
     for key in ("Abar", "Bbar", "C", "D"):
         assert np.array_equal(ex[key].q, with_calib[key].q), key
+    # a typed record; keys read the same fields (the former dict's interface)
+    assert ex.state is ex["state"] and ex.act.inv_scale is ex["act"]["inv_scale"] and ex.clip == np.inf
+    assert set(ex.keys()) == {"Abar", "Bbar", "C", "D", "state", "clip", "linear", "linear_bias", "act"}
+    with pytest.raises(KeyError):
+        ex["bogus"]
 
 
 # -- streaming ---------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ norm belong to the model's block, not here.
 from __future__ import annotations
 
 from contextlib import contextmanager, nullcontext
-from typing import Any, Iterator
+from typing import Iterator
 
 import numpy as np
 
@@ -24,6 +24,7 @@ from qs4d_np.quant.quantizer import Quantizer
 from qs4d_np.quant.weights import WeightQuant
 from qs4d_np.ssm.core import ABARS, INITS, MODES, STATIC_SCALE_MODES, S4DCore, init_A
 from qs4d_np.ssm.discretize import DiscreteSSM
+from qs4d_np.ssm.export import ActScales, RecurrentExport
 from qs4d_np.ssm.params import SSMParams
 from qs4d_np.ssm.stream import check_step, zero_state
 
@@ -149,8 +150,9 @@ class S4D(Module):
             return W.copy()
         return self.weight_quant.evaluate()
 
-    def quantized_recurrent(self, calib: np.ndarray | None = None) -> dict[str, Any]:
-        """The quantized tensors the evaluation-mode recurrent forward uses, for the integer golden model.
+    def quantized_recurrent(self, calib: np.ndarray | None = None) -> RecurrentExport:
+        """The quantized tensors the evaluation-mode recurrent forward uses, for the integer golden model
+        (a ``RecurrentExport``; ``ex.Abar`` or ``ex["Abar"]``).
 
         H = d_model, M = d_state/2. Every ``QuantTensor`` t holds int64 codes ``t.q`` and
         float64 ``t.inv_scale`` (codes per unit) and int64 ``t.zero_point``, broadcastable
@@ -170,9 +172,9 @@ class S4D(Module):
           (``kernels.quant_scan``'s docstring has the exact order);
         * ``clip``: the state bound (inf = none); y_t = 2*Re(sum_n C x_t) + D*u_t;
         * ``linear``: the mixing weight (H, 2H) codes (or float), ``linear_bias`` (2H,) float;
-        * ``act``: the output quantizer's scales {"inv_scale" (in the layer's dtype, as the
-          forward quantizes with it), "zero_point" (int64; per tensor: (1,), per channel:
-          (H,)), "grid", "rounding"} or None. The layer's input is the previous layer's (or
+        * ``act``: the output quantizer's scales (``ActScales``: inv_scale in the layer's dtype,
+          as the forward quantizes with it, zero_point int64, per tensor (1,) or per channel
+          (H,), grid, rounding) or None. The layer's input is the previous layer's (or
           the encoder's) output; recurrent mode does not quantize it again here.
 
         Data-dependent (``absmax``) state / act ranges change with every batch: ``calib``
@@ -192,16 +194,15 @@ class S4D(Module):
                              f"qs4d_np.quant.calibrate, 'fixed' or 'learned')")
         if calib is not None:
             calib = np.ascontiguousarray(check_sequence_input("calib", calib, self.d_model), dtype=self.dtype)
-        out = self.core.export(calib)
+        core = self.core.export(calib)
+        linear = bias = None
         if self.mixing is not None:
-            linear = self.mixing.linear.params
-            out["linear"] = linear["weight"] if self.weight_quant is None else \
-                self.weight_quant.quantizer.quantize(linear["weight"])
-            out["linear_bias"] = linear["bias"]
-        act = self._act
-        if act is None:
-            out["act"] = None
-        else:
+            weights = self.mixing.linear.params
+            linear = weights["weight"] if self.weight_quant is None else \
+                self.weight_quant.quantizer.quantize(weights["weight"])
+            bias = weights["bias"]
+        act, scales = self._act, None
+        if act is not None:
             if act.scale_mode in STATIC_SCALE_MODES:
                 inv, zp = act.static_scales(self.dtype)
             else:  # the range of the layer's output on calib, as the forward quantizes it
@@ -210,9 +211,8 @@ class S4D(Module):
                                                                               checked=True), False))
                 # (1, 1, n) -> (n,); the forward's inv is in the layer's dtype (the float64 copy is exact)
                 inv, zp = t.inv_scale.reshape(-1).astype(self.dtype), t.zero_point.reshape(-1)
-            out["act"] = {"inv_scale": inv, "zero_point": zp.astype(np.int64), "grid": act.spec.code_grid,
-                          "rounding": act.spec.rounding}
-        return out
+            scales = ActScales(inv, zp.astype(np.int64), act.spec.code_grid, act.spec.rounding)
+        return RecurrentExport(**core, linear=linear, linear_bias=bias, act=scales)
 
     @contextmanager
     def kept_caches(self) -> Iterator[None]:
