@@ -41,6 +41,18 @@ def test_dotted_params_share_arrays():
     assert [name for name, _ in m.modules()] == ["", "a", "b"]
 
 
+def test_inline_children_keep_the_parents_names():
+    # an op split into parts (the S4D layer and its core) keeps its checkpoint keys
+    outer = Module()
+    inner = outer.add_child("core", Pair(), inline=True)
+    outer.add_child("c", Scale())
+    assert list(outer.params) == ["a.w", "b.w", "c.w"] and outer.params["a.w"] is inner.a.params["w"]
+    assert [name for name, _ in outer.modules()] == ["", "", "a", "b", "c"]
+    outer.zero_grads()
+    assert list(outer.grads) == ["a.w", "b.w", "c.w"]
+    assert outer.children()["core"] is inner  # still a child by its name
+
+
 def test_backward_before_forward_is_clear():
     with pytest.raises(RuntimeError, match="before forward"):
         Scale().backward(np.ones(1))
