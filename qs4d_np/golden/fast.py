@@ -12,20 +12,14 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from qs4d_np.golden.fixedpoint import rne_shift
 from qs4d_np.golden.model import ROUNDED, IntegerModel, ModelTrace
 
 
 @njit(cache=True, inline="always")
 def _rne_sat(acc, shift, lo, hi):
-    """(sat(RNE(acc / 2**shift)), 1 if clamped): the rule of ``fixedpoint.round_shift`` + ``saturate``.
-
-    Branch-free (the loops over modes vectorize); for shift 0 the remainder is 0 and
-    half is 2**62, so nothing rounds up.
-    """
-    q = acc >> shift
-    rem = acc - (q << shift)
-    half = np.int64(1) << max(shift - 1, 0) if shift > 0 else np.int64(1) << 62
-    q += np.int64((rem > half) | ((rem == half) & ((q & 1) == 1)))
+    """(sat(RNE(acc / 2**shift)), 1 if clamped): ``fixedpoint.rne_shift`` then ``saturate``."""
+    q = rne_shift(acc, shift)
     clamped = min(max(q, lo), hi)
     return clamped, np.int64(clamped != q)
 

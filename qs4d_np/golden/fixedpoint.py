@@ -2,7 +2,8 @@
 
 Everything here is integer-only: int64 NumPy arrays in, int64 arrays out. The
 one rounding rule is round-half-to-even (RNE) applied once, by an arithmetic
-right shift of an exact integer sum; saturation clamps (never wraps) to a
+right shift of an exact integer sum (``rne_shift``, the only implementation:
+NumPy callers and the Numba kernel of ``golden.fast`` both run it); saturation clamps (never wraps) to a
 tensor's grid and reports which words were clamped.
 """
 from __future__ import annotations
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
+from numba import njit, vectorize
 
 from qs4d_np.core.checks import check_int
 from qs4d_np.quant.grids import Grid, make_grid
@@ -104,21 +106,30 @@ class IntFormat:
         return check_in_range(name, q, self.qmin, self.qmax)
 
 
-def round_shift(acc: np.ndarray, shift: np.ndarray | int) -> np.ndarray:
-    """``acc / 2**shift`` rounded half to even, for int64 ``acc`` and shifts in [0, 62].
+@njit(cache=True, inline="always")
+def rne_shift(acc, shift):
+    """``acc / 2**shift`` rounded half to even, for one int64 ``acc`` and a shift in [0, 62]: the
+    golden model's one rounding rule (``round_shift`` on arrays, ``golden.fast`` in its kernel).
 
-    The quotient is the arithmetic right shift (floor); the remainder decides
-    the increment: above half rounds up, exactly half rounds to the even
-    neighbour. No addend is formed, so no value beyond |acc| is ever computed.
+    The quotient is the arithmetic right shift (floor); the remainder decides the increment:
+    above half rounds up, exactly half rounds to the even neighbour. No addend is formed, so
+    no value beyond |acc| is ever computed. Branch-free (selects and bitwise logic), so loops
+    calling it vectorize; for shift 0 the remainder is 0 and half is 2**62: nothing rounds up.
     """
-    acc = np.asarray(acc, dtype=np.int64)
-    shift = np.asarray(shift, dtype=np.int64)
-    one = np.int64(1)
     q = acc >> shift
     rem = acc - (q << shift)
-    half = np.where(shift > 0, one << np.maximum(shift - one, 0), one << 62)
-    up = (rem > half) | ((rem == half) & ((q & one) == one))
-    return q + up.astype(np.int64)
+    half = np.int64(1) << max(shift - 1, 0) if shift > 0 else np.int64(1) << 62
+    return q + np.int64((rem > half) | ((rem == half) & ((q & 1) == 1)))
+
+
+@vectorize(["int64(int64, int64)"], cache=True)
+def _round_shift(acc, shift):
+    return rne_shift(acc, shift)
+
+
+def round_shift(acc: np.ndarray, shift: np.ndarray | int) -> np.ndarray:
+    """``rne_shift`` elementwise on int64 arrays (broadcast), shifts in [0, 62]."""
+    return _round_shift(np.asarray(acc, dtype=np.int64), np.asarray(shift, dtype=np.int64))
 
 
 def saturate(v: np.ndarray, fmt: IntFormat) -> tuple[np.ndarray, np.ndarray]:
