@@ -170,6 +170,20 @@ def tensor_stats(x, G, P, C, Q, want_sum):
 
 
 @njit(cache=True, inline="always")
+def lsq_step_term(c, v, saturated):
+    """d x_hat / d step of one element in units of the step (LSQ, Esser et al. 2020): ``c - v``
+    where the code did not saturate (``c`` the code minus the zero point, ``v`` = x/step), the
+    saturated code ``c`` where it did. The learned step's gradient sums grad * this term and
+    scales the sum by ``lsq_grad_scale``; ``ste_backward`` and ``kernels.quant_scan`` both use it."""
+    return c if saturated else c - v
+
+
+def lsq_grad_scale(count: float, qpos: float) -> float:
+    """LSQ's gradient scale 1/sqrt(count * qpos), ``count`` the values each step quantizes."""
+    return 1.0 / np.sqrt(count * qpos)
+
+
+@njit(cache=True, inline="always")
 def _quantize_run(x, out, codes, want_codes, i, end, inv, zp, ch0, chstep, qmin, qmax, mode):
     """Fake-quantize x[i:end]; element j uses channel ch0 + (j - i) * chstep (chstep 0: one
     channel, 1: consecutive channels, the last-axis case). Returns the non-finite count."""
@@ -237,12 +251,9 @@ def _ste_run(x, grad, dx, i, end, inv, zp, ch0, chstep, qmin, qmax, mode, want_s
             c = qmax - z
         else:
             c = r
-        if r + z < qmin or r + z > qmax:
-            dx[j] = 0.0
-            d = c
-        else:
-            dx[j] = grad[j]
-            d = c - v
+        saturated = r + z < qmin or r + z > qmax
+        dx[j] = 0.0 if saturated else grad[j]
+        d = lsq_step_term(c, v, saturated)
         if want_step:  # in float64: the product of two float32 values is then exact
             gd = np.float64(grad[j]) * np.float64(d)
             if chstep == 0:

@@ -46,7 +46,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from qs4d_np.kernels.fake_quant import round_code
+from qs4d_np.kernels.fake_quant import lsq_step_term, round_code
 
 
 @njit(cache=True, inline="always")
@@ -152,7 +152,7 @@ def _ste_factors(v, w, inv, qmin, qmax, clip, quantize, clipped_ste, mode):
     high = r > qmax
     if clipped_ste and (low or high):
         mask = 0.0
-    return mask, (qmin if low else (qmax if high else r - s))
+    return mask, lsq_step_term(qmin if low else (qmax if high else r), s, low or high)
 
 
 @njit(cache=True, inline="always")

@@ -38,6 +38,7 @@ import numpy as np
 
 from qs4d_np.core.checks import check_choice, check_float, check_int
 from qs4d_np.core.module import Module
+from qs4d_np.kernels.fake_quant import lsq_grad_scale
 from qs4d_np.quant.fake import STE_MODES, QuantSpec, QuantState, QuantTensor, ste_backward
 from qs4d_np.quant.frozen import FrozenQuant
 
@@ -233,7 +234,7 @@ class Quantizer(Module):
         if learned:
             g = 1.0
             if self.lsq_grad_scale:
-                g = 1.0 / np.sqrt(state.layout.per_channel_count * self.spec.code_grid.qpos)
+                g = lsq_grad_scale(state.layout.per_channel_count, self.spec.code_grid.qpos)
             self._grads["step"] = (dstep * g).astype(self.dtype)
         return dx
 

@@ -32,6 +32,7 @@ from typing import Callable
 
 import numpy as np
 
+from qs4d_np.kernels.fake_quant import lsq_grad_scale
 from qs4d_np.quant.frozen import FrozenQuant
 from qs4d_np.quant.quantizer import Quantizer
 from qs4d_np.quant.scan import StateQuant, state_absmax
@@ -113,7 +114,7 @@ class StateQuantizer(Quantizer):
             flat = dstep.T.reshape(-1) if self.per_channel else dstep.sum(axis=0)
         else:
             flat = dstep.reshape(-1)
-        g = 1.0 / np.sqrt(entries / self.n_scales * self.spec.code_grid.qpos) if self.lsq_grad_scale else 1.0
+        g = lsq_grad_scale(entries / self.n_scales, self.spec.code_grid.qpos) if self.lsq_grad_scale else 1.0
         self._grads["step"] = (flat * g).astype(self.dtype)
 
     def frozen_parts(self, H: int, dtype: np.dtype) -> tuple[FrozenQuant, FrozenQuant]:
