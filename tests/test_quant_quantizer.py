@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 
+from qs4d_np.quant.fake import QuantSpec
 from qs4d_np.quant.quantizer import Quantizer
 from reference.gradcheck import grad_error, numerical_grad
 from reference.quant import round_ref
@@ -183,3 +184,15 @@ def test_load_buffers_rejects_bad_ranges():
     one = Quantizer(15, scale_mode="running", name="act")
     with pytest.raises(ValueError, match=r"expected \(1,\)"):
         one.load_buffers(good)  # two scales' ranges for a one-scale quantizer
+
+
+def test_quantizer_takes_a_spec_as_built():
+    from qs4d_np.quant.config import QuantConfig
+    spec = QuantSpec(16, rounding="floor", axis=0)
+    q = Quantizer(spec, scale_mode="running", n_scales=3)
+    assert q.spec is spec  # no round trip through keyword options
+    with pytest.raises(TypeError, match="either a QuantSpec or levels with spec options"):
+        Quantizer(spec, grid="qs4d")
+    cfg = QuantConfig(16, per_channel=True)
+    built = cfg.quantizer_for("A", 0, axis=0, n_scales=8, max_modulus=1.0)
+    assert built.spec == QuantSpec(16, axis=0, complex_mode="cartesian", max_modulus=1.0)

@@ -45,6 +45,7 @@ e.g. {"state": {"scale_mode": "fixed", "fixed_range": 4.0}}.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass
 from typing import Any, Mapping
 
@@ -307,9 +308,10 @@ class QuantConfig:
                 raise ValueError(f"target {target!r} has scale_mode='fixed' but no range; give it one with "
                                  f"target_options={{{target!r}: {{'fixed_range': r}}}}")
             kw["fixed_range"] = o.fixed_range
-        return cls(spec.levels, scale_mode=o.scale_mode, ste=o.ste, grid=spec.grid, symmetric=spec.symmetric,
-                   axis=spec.axis, rounding=spec.rounding, power_of_two=spec.power_of_two,
-                   complex_mode=spec.complex_mode, n_scales=n_scales,
+        spec_fields = {k: extra.pop(k) for k in list(extra) if k in QuantSpec.__dataclass_fields__}
+        if spec_fields:  # spec options beyond the config's (the Abar quantizer's max_modulus)
+            spec = dataclasses.replace(spec, **spec_fields)
+        return cls(spec, scale_mode=o.scale_mode, ste=o.ste, n_scales=n_scales,
                    name=f"{target}" if layer is None else f"{target}[{layer}]", **kw, **extra)
 
     @property

@@ -50,11 +50,12 @@ class Quantizer(Module):
 
     ``forward(x, training)`` returns x_hat (x's shape and dtype); ``backward``
     returns dL/dx and, for ``learned``, sets ``grads['step']`` (n_scales,).
-    Spec options (grid, symmetric, axis, rounding, power_of_two, complex_mode,
-    min_range, max_modulus) are those of ``QuantSpec``.
+    ``levels`` is a number of states with spec options (grid, symmetric, axis, rounding,
+    power_of_two, complex_mode, min_range, max_modulus: those of ``QuantSpec``), or a
+    ``QuantSpec`` itself.
     """
 
-    def __init__(self, levels: int, *, scale_mode: str = "absmax", ste: str = "identity",
+    def __init__(self, levels: int | QuantSpec, *, scale_mode: str = "absmax", ste: str = "identity",
                  fixed_range: object = None, momentum: float = 0.1, init_range: float | None = None,
                  lsq_grad_scale: bool = True, n_scales: int = 1, dtype: type = np.float32,
                  name: str = "x", **spec_options: object) -> None:
@@ -65,7 +66,13 @@ class Quantizer(Module):
         unknown = set(spec_options) - (set(QuantSpec.__dataclass_fields__) - {"levels"})
         if unknown:
             raise TypeError(f"unknown Quantizer option(s) {sorted(unknown)}")
-        self.spec = QuantSpec(levels, **spec_options)  # type: ignore[arg-type]
+        if isinstance(levels, QuantSpec):  # a spec built elsewhere (QuantConfig.quantizer_for), used as is
+            if spec_options:
+                raise TypeError(f"give either a QuantSpec or levels with spec options, got both "
+                                f"({sorted(spec_options)})")
+            self.spec = levels
+        else:
+            self.spec = QuantSpec(levels, **spec_options)  # type: ignore[arg-type]
         self.scale_mode = scale_mode
         self.ste = ste
         self.name = name
