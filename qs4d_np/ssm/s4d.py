@@ -18,7 +18,6 @@ from qs4d_np.core.checks import (check_array, check_choice, check_float, check_g
 from qs4d_np.core.dropout import Dropout
 from qs4d_np.core.mixing import PointwiseGLU
 from qs4d_np.core.module import Module, kept_caches
-from qs4d_np.kernels.scan import scan, scan_backward
 from qs4d_np.quant.config import QuantConfig
 from qs4d_np.quant.discrete import polar_abar, polar_params
 from qs4d_np.quant.quantizer import Quantizer
@@ -27,6 +26,7 @@ from qs4d_np.ssm.discretize import DISCRETIZATIONS, DiscreteSSM, discretize
 from qs4d_np.ssm.fftconv import causal_conv, causal_conv_backward
 from qs4d_np.ssm.kernel import ssm_kernel, ssm_kernel_backward
 from qs4d_np.ssm.quantized import EffectiveSSM, S4DQuant
+from qs4d_np.ssm.scan import scan, scan_backward
 
 INITS = ("lin", "inv", "real", "qs4d")
 ACTIVATIONS = {"gelu": GELU, "relu": ReLU, None: None}
