@@ -10,7 +10,7 @@ import numpy as np
 
 from qs4d_np.core.checks import check_array, check_choice, check_int, check_sequence_input
 from qs4d_np.core.linear import Linear
-from qs4d_np.core.module import Module, kept_caches
+from qs4d_np.core.module import Module
 from qs4d_np.core.pooling import LastPool, MeanPool
 from qs4d_np.io import atomic_save_npz, atomic_write_json, load_json, load_npz
 from qs4d_np.models.block import BlockStepper, S4DBlock
@@ -181,7 +181,7 @@ class S4DModel(Module):
         linear = snapshot(getattr(self, name))
         if name in self.coder_quant:
             q = self.coder_quant[name].quantizer
-            with kept_caches(q):  # leave a pending backward's cache alone
+            with q.kept_caches():  # leave a pending backward's cache alone
                 linear._params["weight"] = q.forward(linear._params["weight"], training=False)
         return linear
 

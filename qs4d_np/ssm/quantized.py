@@ -63,7 +63,6 @@ from typing import TYPE_CHECKING, Any, Iterator
 import numpy as np
 
 from qs4d_np.core.checks import check_sequence_input
-from qs4d_np.core.module import kept_caches
 from qs4d_np.quant.config import QuantConfig
 from qs4d_np.quant.discrete import polar_backward
 from qs4d_np.quant.grids import ROUNDING
@@ -217,7 +216,7 @@ class S4DQuant:
         of the layer and its children (and the quantized mixing weight) is what it was."""
         W_q = None if self.weight_quant is None else self.weight_quant._W_q
         try:
-            with kept_caches(self.layer):
+            with self.layer.kept_caches():
                 yield
         finally:
             if self.weight_quant is not None:

@@ -17,7 +17,7 @@ from qs4d_np.core.checks import (check_array, check_choice, check_float, check_g
                                  check_sequence_input)
 from qs4d_np.core.dropout import Dropout
 from qs4d_np.core.mixing import PointwiseGLU
-from qs4d_np.core.module import Module, kept_caches
+from qs4d_np.core.module import Module
 from qs4d_np.quant.config import QuantConfig
 from qs4d_np.quant.discrete import polar_abar, polar_params
 from qs4d_np.quant.quantizer import Quantizer
@@ -432,7 +432,7 @@ def check_step(u_t: object, state: object, d_model: int, d_state: int, dtype: np
 def snapshot(op: Module) -> Module:
     """A deep copy of ``op`` and its children without their forward caches: its parameters and
     buffers as they are now, for a stream to run evaluation forwards on (never a backward)."""
-    with kept_caches(op):
+    with op.kept_caches():
         for _, m in op.modules():
             m._cache = None  # a pending training cache can be large; the copy needs none
         return copy.deepcopy(op)
