@@ -70,5 +70,5 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    """The deprecated PTQ aliases (``DEPRECATED_PTQ``), imported from ``qs4d_np.train.ptq`` on first use."""
+    """The deprecated PTQ aliases (``DEPRECATED_PTQ``), looked up in ``qs4d_np.train.ptq`` at each use."""
     return moved_attribute(__name__, name, DEPRECATED_PTQ)

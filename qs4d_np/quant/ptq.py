@@ -6,9 +6,9 @@ PTQ rebuilds and runs whole models, so it lives above ``models`` (in
     from qs4d_np.quant.ptq import calibrate                     # this module
     from qs4d_np.quant import calibrate, ptq, ptq_sweep, with_quant   # the package
 
-Each name is looked up in ``qs4d_np.train.ptq`` on first access (PEP 562
-module ``__getattr__``, so importing ``quant`` never imports the models) and
-issues a ``DeprecationWarning`` naming the new path.
+Each use of an old name looks it up in ``qs4d_np.train.ptq`` (a PEP 562 module
+``__getattr__``, which imports it then: importing ``quant`` never imports
+``train``) and issues a ``DeprecationWarning`` naming the new path.
 """
 from __future__ import annotations
 

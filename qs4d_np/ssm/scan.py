@@ -16,6 +16,7 @@ import numpy as np
 from qs4d_np.core.checks import check_array
 from qs4d_np.kernels import scan as kern
 
+
 def _parts(u: np.ndarray, Abar: np.ndarray, Bbar: np.ndarray, C: np.ndarray, D: np.ndarray) -> tuple:
     """Check the arguments; the parameters' real and imaginary parts, contiguous in u's dtype.
 
@@ -57,6 +58,6 @@ def scan_backward(u: np.ndarray, dy: np.ndarray, Abar: np.ndarray, Bbar: np.ndar
     if dy.shape != u.shape:
         raise ValueError(f"dy must have u's shape {u.shape}, got {dy.shape}")
     du, *parts = kern.scan_backward(np.ascontiguousarray(u), np.ascontiguousarray(dy, dtype=u.dtype),
-                                *params, numba.get_num_threads())
+                                    *params, numba.get_num_threads())
     sums = [p.sum(axis=0, dtype=np.float64) for p in parts]
     return du, sums[0] + 1j * sums[1], sums[2] + 1j * sums[3], sums[4] + 1j * sums[5]
