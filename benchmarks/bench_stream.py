@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from qs4d_np.models.s4d_model import S4DModel
     from qs4d_np.quant import QuantConfig
-    from qs4d_np.quant.ptq import calibrate
+    from qs4d_np.train.ptq import calibrate
 
     rng = np.random.default_rng(0)
     running = {"act": {"scale_mode": "running"}, "state": {"scale_mode": "running"}}

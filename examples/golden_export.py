@@ -35,7 +35,7 @@ from qs4d_np.golden.bundle import dataset_codes, export_bundle  # noqa: E402
 from qs4d_np.golden.export import from_model  # noqa: E402
 from qs4d_np.models.s4d_model import S4DModel  # noqa: E402
 from qs4d_np.quant.config import QuantConfig  # noqa: E402
-from qs4d_np.quant.ptq import calibrate  # noqa: E402
+from qs4d_np.train.ptq import calibrate  # noqa: E402
 from qs4d_np.train.trainer import TrainConfig, Trainer  # noqa: E402
 from validation.sim import missing_tools, run_testbench  # noqa: E402
 

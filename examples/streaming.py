@@ -26,7 +26,7 @@ import numpy as np
 from qs4d_np.cli.common import load_model
 from qs4d_np.models.s4d_model import S4DModel
 from qs4d_np.quant import QuantConfig
-from qs4d_np.quant.ptq import ptq
+from qs4d_np.train.ptq import ptq
 
 RUNNING = {"act": {"scale_mode": "running"}, "state": {"scale_mode": "running"}}
 # Streamed logits against the prefix forward, relative to max(1, |logits|). Float: a few ulp

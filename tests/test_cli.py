@@ -80,7 +80,7 @@ def test_train_eval_plot(data_dir, tmp_path, capsys, monkeypatch):
     assert csv_lines[0] == "target,bits,levels,grid,granularity,accuracy" and len(csv_lines) == 5
     assert csv_lines[1] == f"all,2,4,narrow,tensor,{table['ptq'][0]['accuracy']}"
     # one scale per channel reaches the sweep
-    ptq_module = importlib.import_module("qs4d_np.quant.ptq")  # the package's name ``ptq`` is the function
+    ptq_module = importlib.import_module("qs4d_np.train.ptq")
     real_sweep, seen = ptq_module.ptq_sweep, []
 
     def recording_sweep(*args, **kwargs):

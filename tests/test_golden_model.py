@@ -233,7 +233,7 @@ def test_fast_path_checks_its_input():
 
 
 def test_qat_model_exports_through_its_own_quantizers():
-    from qs4d_np.quant.ptq import calibrate
+    from qs4d_np.train.ptq import calibrate
     quant = QuantConfig(256, state=4096, target_options={"act": {"scale_mode": "running"},
                                                          "state": {"scale_mode": "running"}})
     model = S4DModel.from_preset("qs4d", 1, 3, d_model=4, d_state=4, n_layers=2, dropout=0.0, seed=3,
@@ -257,7 +257,7 @@ def test_export_codes_and_steps_equal_the_public_quantized_recurrent(abar):
     # export.py reads the layer through its quantizers (it also supports absmax state / act
     # ranges calibrated on x_calib, which quantized_recurrent() resolves only given calib); with
     # static ranges both must give the same integers and steps, bit for bit
-    from qs4d_np.quant.ptq import calibrate
+    from qs4d_np.train.ptq import calibrate
     quant = QuantConfig(256, state=4096, target_options={"act": {"scale_mode": "running"},
                                                          "state": {"scale_mode": "running"}})
     model = S4DModel.from_preset("qs4d", 1, 3, d_model=4, d_state=4, n_layers=2, dropout=0.0, seed=3,

@@ -53,6 +53,25 @@ def test_inline_children_keep_the_parents_names():
     assert outer.children()["core"] is inner  # still a child by its name
 
 
+def test_zero_grads_set_grad_and_kept_caches_reach_every_descendant():
+    m = Pair()
+    m.zero_grads()
+    assert {k: v.tolist() for k, v in m.grads.items()} == {"a.w": [0.0], "b.w": [0.0]}
+    m.a.set_grad("w", np.array([3.0]))  # a gradient computed outside the op's backward
+    assert m.grads["a.w"].tolist() == [3.0]
+    with pytest.raises(ValueError, match=r"name must be one of \['w'\], got 'v'"):
+        m.a.set_grad("v", np.array([3.0]))
+    with pytest.raises(ValueError, match=r"grad must have shape \(1,\), got \(2,\)"):
+        m.a.set_grad("w", np.zeros(2))
+    m.a.forward(np.array([1.0]))
+    with m.kept_caches():
+        m.a.forward(np.array([7.0]))
+        m.b.forward(np.array([8.0]))
+    assert m.a.backward(np.ones(1)).tolist() == [2.0] and m.grads["a.w"].tolist() == [1.0]  # the first x
+    with pytest.raises(RuntimeError, match="before forward"):  # b had no cache before the block
+        m.b.backward(np.ones(1))
+
+
 def test_backward_before_forward_is_clear():
     with pytest.raises(RuntimeError, match="before forward"):
         Scale().backward(np.ones(1))

@@ -64,6 +64,26 @@ def test_linear_init_like_pytorch_and_seeded():
     assert not np.array_equal(w, Linear(100, 50, seed=4).params["weight"])
 
 
+def test_linear_weight_bias_and_a_swapped_weight():
+    rng = np.random.default_rng(4)
+    lin = Linear(4, 3, dtype=np.float64, seed=1)
+    assert lin.weight is lin.params["weight"] and lin.bias is lin.params["bias"]
+    assert Linear(4, 3, bias=False).bias is None
+    W, W2 = lin.weight, rng.standard_normal((4, 3))
+    x, g = rng.standard_normal((2, 5, 4)), rng.standard_normal((2, 5, 3))
+    with lin.swapped_weight(W2):
+        assert lin.weight is W2
+        np.testing.assert_allclose(lin.forward(x), x @ W2 + lin.bias, rtol=1e-13)
+        np.testing.assert_allclose(lin.backward(g), g @ W2.T, rtol=1e-13)
+    assert lin.weight is W and lin.params["weight"] is W  # the parameter is back, unchanged
+    np.testing.assert_allclose(lin.grads["weight"], np.einsum("bli,blo->io", x, g), rtol=1e-12)  # dL/dW2
+    with pytest.raises(ValueError, match="boom"), lin.swapped_weight(W2):
+        raise ValueError("boom")
+    assert lin.weight is W  # restored after an error too
+    with pytest.raises(ValueError, match=r"W must have shape \(4, 3\), got \(3, 4\)"), lin.swapped_weight(W2.T):
+        pass
+
+
 def test_linear_bad_input():
     lin = Linear(4, 3)
     with pytest.raises(ValueError, match=r"x must have shape \(\.\.\., 4\), got \(2, 5\)"):
@@ -196,12 +216,18 @@ def test_batchnorm_training_grads_and_running_stats():
     check_op_grads(bn, x, training=True)
 
 
-def test_batchnorm_eval_uses_running_stats():
-    rng = np.random.default_rng(7)
-    bn = BatchNorm(3, dtype=np.float64)
+def trained_batchnorm(rng, dtype):
+    """A BatchNorm(3) with random affine parameters and running statistics, as after training."""
+    bn = BatchNorm(3, dtype=dtype)
     randomize_affine(bn, rng)
     bn.buffers["running_mean"][...] = rng.standard_normal(3)
     bn.buffers["running_var"][...] = rng.random(3) + 0.5
+    return bn
+
+
+def test_batchnorm_eval_uses_running_stats():
+    rng = np.random.default_rng(7)
+    bn = trained_batchnorm(rng, np.float64)
     x = rng.standard_normal((2, 4, 3))
     before = {k: v.copy() for k, v in bn.buffers.items()}
     want = ref.batchnorm_eval(x, bn.params["weight"], bn.params["bias"],
@@ -210,6 +236,19 @@ def test_batchnorm_eval_uses_running_stats():
     for k in before:
         np.testing.assert_array_equal(bn.buffers[k], before[k])
     check_op_grads(bn, x, training=False)
+
+
+def test_batchnorm_folds_and_layernorm_exposes_its_parameters():
+    rng = np.random.default_rng(8)
+    bn = trained_batchnorm(rng, np.float32)
+    scale, shift = bn.folded()
+    assert scale.dtype == shift.dtype == np.float64 and scale.shape == shift.shape == (3,)
+    x = rng.standard_normal((2, 4, 3)).astype(np.float32)
+    np.testing.assert_allclose(bn.forward(x), scale * x + shift, rtol=1e-6, atol=1e-6)  # float32 rounding
+    assert bn.weight is bn.params["weight"] and bn.bias is bn.params["bias"]
+    ln = LayerNorm(3, eps=1e-3)
+    assert ln.weight is ln.params["weight"] and ln.bias is ln.params["bias"] and ln.eps == 1e-3
+    assert not hasattr(ln, "folded")  # its statistics are per position: no per-channel fold
 
 
 def test_norm_bad_input():

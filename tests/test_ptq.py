@@ -1,9 +1,15 @@
 """Post-training quantization: with_quant, calibrate, ptq, ptq_sweep."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 from qs4d_np.models.s4d_model import S4DModel
-from qs4d_np.quant import QuantConfig, Quantizer, calibrate, ptq, ptq_sweep, with_quant
+from qs4d_np.quant import QuantConfig, Quantizer
+from qs4d_np.train.ptq import calibrate, ptq, ptq_sweep, with_quant
 
 TINY = dict(d_model=4, d_state=4, n_layers=2, dropout=0.1, norm="batch", dtype=np.float64, seed=2)
 
@@ -125,3 +131,32 @@ def test_ptq_sweep_bad_input():
         ptq_sweep(model, ["all"], [4], batches(1), ev, per_channel=1)
     with pytest.raises(TypeError, match="quant must be a QuantConfig"):
         with_quant(model, {"all": 4})
+
+
+@pytest.mark.parametrize("name", ["calibrate", "ptq", "ptq_sweep", "with_quant"])
+def test_the_old_quant_paths_are_deprecated_aliases(name):
+    """``from qs4d_np.quant import NAME`` and ``from qs4d_np.quant.ptq import NAME`` still give the PTQ
+    functions, now in qs4d_np.train.ptq, with a DeprecationWarning naming that path."""
+    import qs4d_np.quant
+    import qs4d_np.train.ptq as new_home
+
+    old_module = sys.modules["qs4d_np.quant.ptq"]
+    for old, where in ((qs4d_np.quant, "qs4d_np.quant"), (old_module, "qs4d_np.quant.ptq")):
+        with pytest.warns(DeprecationWarning, match=rf"{where}\.{name} is deprecated: import {name} from "
+                                                    r"qs4d_np\.train\.ptq"):
+            assert getattr(old, name) is getattr(new_home, name)
+    with pytest.warns(DeprecationWarning, match="qs4d_np.quant.ptq.sweep_config is deprecated"):
+        from qs4d_np.quant.ptq import sweep_config
+    assert sweep_config is new_home.sweep_config
+    with pytest.raises(AttributeError, match="module 'qs4d_np.quant' has no attribute 'ptq_grid'"):
+        qs4d_np.quant.ptq_grid
+
+
+def test_importing_quant_does_not_import_ptq():
+    """The aliases resolve lazily: importing quant (as the models do) loads neither train nor train.ptq."""
+    code = ("import sys, qs4d_np.quant, qs4d_np.quant.ptq; "
+            "print(sorted(m for m in sys.modules if m.startswith('qs4d_np.train')))")
+    root = str(Path(__file__).resolve().parents[1])  # this checkout, not an installed copy
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    assert out.stdout.strip() == "[]"

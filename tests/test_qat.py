@@ -542,7 +542,7 @@ def test_running_state_range_follows_the_quantized_scan_with_one_batch_of_lag(mo
 
 def test_calibrate_keeps_the_float_state_range_and_training_then_observes_the_scan(monkeypatch):
     import qs4d_np.quant.state as state_module
-    from qs4d_np.quant.ptq import calibrate
+    from qs4d_np.train.ptq import calibrate
 
     quant = QuantConfig(state=16, per_channel=True, target_options={"state": {"scale_mode": "running"}})
     model = jittered(S4DModel(2, 3, quant=quant, **{**TINY, "n_layers": 1}))

@@ -5,7 +5,7 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from qs4d_np.kernels.scan import scan, scan_backward
+from qs4d_np.ssm.scan import scan, scan_backward
 from qs4d_np.ssm.discretize import discretize
 from qs4d_np.ssm.s4d import INITS, init_A
 from reference.ssm import scan_backward_naive, scan_naive

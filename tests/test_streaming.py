@@ -8,7 +8,7 @@ from qs4d_np import S4D, S4DModel
 from qs4d_np.models.block import S4DBlock
 from qs4d_np.models.s4d_model import StreamState
 from qs4d_np.quant import QuantConfig
-from qs4d_np.quant.ptq import calibrate
+from qs4d_np.train.ptq import calibrate
 
 RUNNING = {"act": {"scale_mode": "running"}, "state": {"scale_mode": "running"}}
 # The block structures of both presets, and prenorm.

@@ -59,7 +59,7 @@ def sweep(model: Any, task: Any, targets: list[str], bits: list[int], *, grid: s
           granularity: str = "tensor", mode: str = "conv", batch_size: int = 64,
           calib_batches: int = 4) -> dict[str, Any]:
     """Float accuracy and the PTQ rows of ``model`` on ``task.test`` (what ``ptq.json`` holds)."""
-    from qs4d_np.quant.ptq import ptq_sweep
+    from qs4d_np.train.ptq import ptq_sweep
 
     def accuracy(candidate: Any) -> float:
         return evaluate_model(candidate, BatchIterator(task.test, batch_size), mode=mode)["acc"]

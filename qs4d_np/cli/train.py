@@ -69,7 +69,7 @@ def _initial_model(args: argparse.Namespace, task, quant) -> S4DModel:
     source.config["mode"] = args.mode
     if quant is None and args.abar is None:
         return source  # float fine-tuning (or a QAT model trained on at its own widths)
-    from qs4d_np.quant.ptq import with_quant
+    from qs4d_np.train.ptq import with_quant
     return with_quant(source, quant if quant is not None else source.quant, abar=args.abar)
 
 

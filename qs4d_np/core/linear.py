@@ -1,6 +1,9 @@
 """Affine map over the last axis: y = x @ weight + bias (BLAS on a 2-D view, rows split over threads)."""
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Iterator
+
 import numpy as np
 
 from qs4d_np.core.checks import check_array, check_int
@@ -21,7 +24,9 @@ class Linear(Module):
 
     Params: ``weight`` (d_in, d_out), ``bias`` (d_out,) (absent when bias=False),
     both initialised uniform in +-1/sqrt(d_in) as in PyTorch's nn.Linear.
-    x (..., d_in) -> y (..., d_out).
+    x (..., d_in) -> y (..., d_out). The ``weight`` and ``bias`` properties read
+    the arrays the forward computes with; ``swapped_weight`` runs a forward and
+    backward with another weight (a fake-quantized one, ``quant.weights``).
     """
 
     def __init__(self, d_in: int, d_out: int, *, bias: bool = True,
@@ -37,6 +42,35 @@ class Linear(Module):
         self._params["weight"] = rng.uniform(-bound, bound, (self.d_in, self.d_out)).astype(self.dtype)
         if bias:
             self._params["bias"] = rng.uniform(-bound, bound, self.d_out).astype(self.dtype)
+
+    @property
+    def weight(self) -> np.ndarray:
+        """The (d_in, d_out) weight the forward multiplies by: the ``weight`` parameter, or inside
+        ``swapped_weight`` the array swapped in. The array itself, not a copy: treat it as read-only
+        (an optimizer updates the parameter in place through ``params``)."""
+        return self._params["weight"]
+
+    @property
+    def bias(self) -> np.ndarray | None:
+        """The (d_out,) bias the forward adds (the ``bias`` parameter, not a copy), None when built
+        with ``bias=False``."""
+        return self._params.get("bias")
+
+    @contextmanager
+    def swapped_weight(self, W: np.ndarray) -> Iterator[None]:
+        """Inside, the forward and backward compute with ``W`` (d_in, d_out) in place of the weight
+        parameter, which is not modified and is the weight again on exit (also after an error).
+
+        A backward run inside writes dL/dW to ``grads["weight"]``; a caller that maps it back to
+        the parameter (a straight-through estimator) stores the result with ``set_grad``.
+        """
+        W = check_array("W", W, shape=(self.d_in, self.d_out), finite=False)
+        saved = self._params["weight"]
+        self._params["weight"] = W
+        try:
+            yield
+        finally:
+            self._params["weight"] = saved
 
     def rows(self, x: np.ndarray) -> np.ndarray:
         """Check x (..., d_in) and return it as a C-contiguous (rows, d_in) array of ``dtype``."""

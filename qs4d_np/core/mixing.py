@@ -18,7 +18,9 @@ class PointwiseGLU(Module):
     (H, 2H), ``linear.bias`` (2H,)); the product x @ W runs in BLAS
     (``kernels.matmul``) and one
     Numba pass adds the bias and applies the gate, so the biased
-    pre-activation is never stored.
+    pre-activation is never stored. The backward stores the child's gradients
+    with ``linear.set_grad``; a weight swapped into the child
+    (``Linear.swapped_weight``) is the one both passes use.
     """
 
     def __init__(self, d_model: int, *, dtype: type = np.float32,
@@ -30,10 +32,10 @@ class PointwiseGLU(Module):
 
     def forward(self, x: np.ndarray, training: bool = False) -> np.ndarray:
         x2 = self.linear.rows(x)
-        z = matmul(x2, self.linear._params["weight"])
+        z = matmul(x2, self.linear.weight)
         out = np.empty((x2.shape[0], self.d_model), dtype=self.dtype)
         gate = np.empty_like(out)
-        glu_forward(z, self.linear._params["bias"], out, gate)
+        glu_forward(z, self.linear.bias, out, gate)
         self._cache = (x2, z, gate, x.shape)
         return out.reshape(x.shape)
 
@@ -41,7 +43,7 @@ class PointwiseGLU(Module):
         x2, z, gate, shape = self._saved()
         g2 = matching_grad(grad, shape, self.dtype).reshape(-1, self.d_model)
         dz = np.empty_like(z)
-        dbias = glu_backward(z, self.linear._params["bias"], gate, g2, dz)
-        self.linear._grads["weight"] = matmul_tn(x2, dz)
-        self.linear._grads["bias"] = dbias.astype(self.dtype)
-        return matmul(dz, self.linear._params["weight"].T).reshape(shape)
+        dbias = glu_backward(z, self.linear.bias, gate, g2, dz)
+        self.linear.set_grad("weight", matmul_tn(x2, dz))
+        self.linear.set_grad("bias", dbias.astype(self.dtype))
+        return matmul(dz, self.linear.weight.T).reshape(shape)

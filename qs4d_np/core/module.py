@@ -19,10 +19,12 @@ Conventions shared by every op in the package:
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Any, Iterator
 
 import numpy as np
+
+from qs4d_np.core.checks import check_array, check_choice
 
 
 class Module:
@@ -91,9 +93,22 @@ class Module:
         return self._flat(self._grads, "grads")
 
     def zero_grads(self) -> None:
-        """Set every gradient to zeros shaped like its parameter."""
-        for _, module in self.modules():
-            module._grads = {k: np.zeros_like(v) for k, v in module._params.items()}
+        """Set every gradient (this op's and every descendant's) to zeros shaped like its parameter."""
+        self._grads = {k: np.zeros_like(v) for k, v in self._params.items()}
+        for child in self._children.values():
+            child.zero_grads()
+
+    def set_grad(self, name: str, grad: np.ndarray) -> None:
+        """Store ``grad`` as dL/d(this op's own parameter ``name``), replacing the gradient there.
+
+        For a gradient computed outside this op's ``backward``: a parent's fused backward
+        (``PointwiseGLU`` computes its Linear's) or a straight-through chain from a swapped-in
+        weight back to the parameter (``quant.weights.WeightQuant``). ``grad`` has the
+        parameter's shape and is stored as given (not copied or cast).
+        """
+        check_choice("name", name, self._params)
+        grad = check_array("grad", grad, shape=self._params[name].shape, finite=False, allow_complex=True)
+        self._grads[name] = grad
 
     def num_params(self) -> int:
         """Number of real scalars (a complex entry counts twice)."""
@@ -102,8 +117,9 @@ class Module:
     # -- cache handling ---------------------------------------------------
     def clear_caches(self) -> None:
         """Drop the forward cache of this module and every descendant (a pending backward is lost)."""
-        for _, module in self.modules():
-            module._cache = None
+        self._cache = None
+        for child in self._children.values():
+            child.clear_caches()
 
     def _saved(self) -> Any:
         """Return the forward cache, or fail clearly when there is none."""
@@ -114,14 +130,15 @@ class Module:
             )
         return self._cache
 
-
-@contextmanager
-def kept_caches(module: Module) -> Iterator[None]:
-    """Run forwards inside (inspection, inference) without disturbing a pending backward: on exit
-    the forward cache of ``module`` and of every descendant is what it was on entry."""
-    saved = [(m, m._cache) for _, m in module.modules()]
-    try:
-        yield
-    finally:
-        for m, cache in saved:
-            m._cache = cache
+    @contextmanager
+    def kept_caches(self) -> Iterator[None]:
+        """Run forwards inside (inspection, inference) without disturbing a pending backward: on exit
+        the forward cache of this op and of every descendant is what it was on entry."""
+        saved = self._cache
+        try:
+            with ExitStack() as children:
+                for child in self._children.values():
+                    children.enter_context(child.kept_caches())
+                yield
+        finally:
+            self._cache = saved

@@ -12,7 +12,8 @@ from qs4d_np.kernels.norm import (batchnorm_backward, column_affine, column_mome
 
 
 class _ChannelNorm(Module):
-    """Shared constructor and input handling: params ``weight`` (ones) and ``bias`` (zeros), shape (d,)."""
+    """Shared constructor and input handling: params ``weight`` (ones) and ``bias`` (zeros), shape (d,),
+    read through the ``weight`` and ``bias`` properties; ``eps`` is a plain attribute."""
 
     def __init__(self, d: int, *, eps: float = 1e-5, dtype: type = np.float32) -> None:
         super().__init__()
@@ -23,6 +24,17 @@ class _ChannelNorm(Module):
             raise TypeError(f"dtype must be float32 or float64, got {self.dtype}")
         self._params["weight"] = np.ones(self.d, dtype=self.dtype)
         self._params["bias"] = np.zeros(self.d, dtype=self.dtype)
+
+    @property
+    def weight(self) -> np.ndarray:
+        """The (d,) gain the forward multiplies by (the ``weight`` parameter, not a copy: treat it as
+        read-only)."""
+        return self._params["weight"]
+
+    @property
+    def bias(self) -> np.ndarray:
+        """The (d,) offset the forward adds (the ``bias`` parameter, not a copy: treat it as read-only)."""
+        return self._params["bias"]
 
     def _rows(self, x: np.ndarray) -> np.ndarray:
         x = check_array("x", x, finite=False)
@@ -37,7 +49,10 @@ class _ChannelNorm(Module):
 class LayerNorm(_ChannelNorm):
     """y = (x - mean) / sqrt(var + eps) * weight + bias over the last axis; x (..., d).
 
-    mean and (biased) var are per position; training and eval behave alike.
+    mean and (biased) var are per position; training and eval behave alike. So it
+    has no evaluation-mode fold into a per-channel affine map (``BatchNorm.folded``):
+    its statistics come from each position's own values (which is why the integer
+    golden model refuses it). ``weight``, ``bias`` and ``eps`` are readable.
     """
 
     def forward(self, x: np.ndarray, training: bool = False) -> np.ndarray:
@@ -66,7 +81,8 @@ class BatchNorm(_ChannelNorm):
     running estimates like PyTorch: running = (1 - momentum) * running +
     momentum * batch value, using the unbiased variance for ``running_var``.
     Eval: normalise with the running estimates. ``running_mean`` (zeros) and
-    ``running_var`` (ones) are buffers in ``.buffers``, not parameters.
+    ``running_var`` (ones) are buffers in ``.buffers``, not parameters. In eval the
+    op is a per-channel affine map, ``folded()``.
     """
 
     def __init__(self, d: int, *, eps: float = 1e-5, momentum: float = 0.1,
@@ -77,6 +93,18 @@ class BatchNorm(_ChannelNorm):
             "running_mean": np.zeros(self.d, dtype=self.dtype),
             "running_var": np.ones(self.d, dtype=self.dtype),
         }
+
+    def folded(self) -> tuple[np.ndarray, np.ndarray]:
+        """The evaluation-mode map as per-channel (scale, shift), (d,) float64 each: y = scale*x + shift.
+
+        From the running statistics: scale = weight / sqrt(running_var + eps) and
+        shift = bias - scale * running_mean, computed in float64 from the stored values. An
+        evaluation forward applies the same map in the op's dtype (equal up to rounding).
+        """
+        var = self.buffers["running_var"].astype(np.float64)
+        scale = self.weight.astype(np.float64) / np.sqrt(var + self.eps)
+        shift = self.bias.astype(np.float64) - scale * self.buffers["running_mean"].astype(np.float64)
+        return scale, shift
 
     def forward(self, x: np.ndarray, training: bool = False) -> np.ndarray:
         x2 = self._rows(x)

@@ -10,13 +10,13 @@ import copy
 
 import numpy as np
 
-from qs4d_np.core.module import Module, kept_caches
+from qs4d_np.core.module import Module
 
 
 def snapshot(op: Module) -> Module:
     """A deep copy of ``op`` and its children without their forward caches: its parameters and
     buffers as they are now, for a stream to run evaluation forwards on (never a backward)."""
-    with kept_caches(op):
+    with op.kept_caches():
         op.clear_caches()  # a pending training cache can be large; the copy needs none
         return copy.deepcopy(op)
 

@@ -21,6 +21,7 @@ from typing import Mapping
 import numpy as np
 
 from qs4d_np.core.checks import check_array, check_bool, check_float, check_int
+from qs4d_np.core.linear import Linear
 from qs4d_np.golden.fixedpoint import IntFormat
 from qs4d_np.golden.layer import SSMCore, SSMCoreFormats
 from qs4d_np.golden.model import IntegerModel, IntLayer, IntLinear, ModeMap, Requant
@@ -178,14 +179,14 @@ def _clipped_grid(fmt: IntFormat, clip: float | None, inv: np.ndarray, layer: in
     return IntFormat(fmt.width, int(lo.flat[0]), int(hi.flat[0]))
 
 
-def _coder(name: str, params: dict, qz: _Quantizer, a: np.ndarray, in_fmt: IntFormat, s_a: float,
+def _coder(name: str, linear: Linear, qz: _Quantizer, a: np.ndarray, in_fmt: IntFormat, s_a: float,
            out_fmt: IntFormat, headroom: float, model_q=None) -> tuple[IntLinear, float, float, np.ndarray]:
     """Encoder or decoder (``coder`` weights): the IntLinear, its eps, the calibrated output step, s_W."""
     wq = getattr(model_q, "quantizer", None)
-    Wq, sW, w_fmt = qz.weight("coder", 0, params["weight"], axis=1, model_q=wq)
-    real = (a * s_a) @ (Wq * sW) + params["bias"]
+    Wq, sW, w_fmt = qz.weight("coder", 0, linear.weight, axis=1, model_q=wq)
+    real = (a * s_a) @ (Wq * sW) + linear.bias
     s_out = _calib_step(np.abs(real).max(), out_fmt, headroom)
-    lin, eps = _linear(name, Wq, params["bias"], sW, w_fmt, in_fmt, s_a, s_out, out_fmt)
+    lin, eps = _linear(name, Wq, linear.bias, sW, w_fmt, in_fmt, s_a, s_out, out_fmt)
     return lin, eps, s_out, sW[0]
 
 
@@ -249,7 +250,7 @@ def from_model(model, x_calib: np.ndarray, *, quant: QuantConfig | None = None, 
     x_int = codes(x_calib.astype(np.float64) / in_step, in_fmt)
     u_fmt = full(W["u"])
     encoder, eps["layers.0.u"], s_u, steps["encoder.W"] = _coder(
-        "encoder", model.encoder._params, qz, x_int, in_fmt, in_step, u_fmt, headroom,
+        "encoder", model.encoder, qz, x_int, in_fmt, in_step, u_fmt, headroom,
         getattr(model, "coder_quant", {}).get("encoder"))
     u, _ = encoder(x_int)
 
@@ -269,7 +270,7 @@ def from_model(model, x_calib: np.ndarray, *, quant: QuantConfig | None = None, 
     eps["avg"] = float(e.max())
     avg, _ = pool([pooled])
     decoder, eps["logits"], s_logit, steps["decoder.W"] = _coder(
-        "decoder", model.decoder._params, qz, avg, avg_fmt, s_avg, full(W["logits"]), headroom,
+        "decoder", model.decoder, qz, avg, avg_fmt, s_avg, full(W["logits"]), headroom,
         getattr(model, "coder_quant", {}).get("decoder"))
     steps.update({"avg": np.float64(s_avg), "logits": np.float64(s_logit)})
     return IntegerModel(in_fmt, encoder, layers, pool, decoder, L, steps, eps)
@@ -390,9 +391,7 @@ def _export_layer(i, block, qz: _Quantizer, u: np.ndarray, u_fmt: IntFormat, s_u
     out, out_fmt, s_out = act, act_fmt, float(s_act[0])
     if not post_free:
         if norm is not None:
-            var = norm.buffers["running_var"].astype(np.float64)
-            k = norm._params["weight"].astype(np.float64) / np.sqrt(var + norm.eps)
-            c = norm._params["bias"].astype(np.float64) - k * norm.buffers["running_mean"].astype(np.float64)
+            k, c = norm.folded()
         else:
             k, c = np.ones(H), np.zeros(H)
         if np.any(k == 0):

@@ -86,7 +86,7 @@ def model_datapath(model: Any, bits: BitWidths | Sequence[BitWidths], *, dense: 
     if len(per_layer) != n_layers or not all(isinstance(b, BitWidths) for b in per_layer):
         raise ValueError(f"bits must be a BitWidths or a list of {n_layers} (one per layer), got {bits!r}")
     first, last = per_layer[0], per_layer[-1]
-    ops = [_linear_op("encoder", model.encoder._params["weight"], first, first.coder, dense)]
+    ops = [_linear_op("encoder", model.encoder.weight, first, first.coder, dense)]
     for i, (block, r) in enumerate(zip(model.blocks, per_layer)):
         ssm = block.ssm
         eff = ssm.effective_ssm("recurrent")  # a QAT C quantized to 0 maps no mode (the golden export drops it too)
@@ -111,8 +111,8 @@ def model_datapath(model: Any, bits: BitWidths | Sequence[BitWidths], *, dense: 
             ops.append(MatVecOp(f"layers.{i}.D(alone)", rows=1, cols=1, copies=alone, weight_bits=r.D,
                                 input_bits=r.act, output_bits=r.act))
         if ssm.mixing is not None:
-            ops.append(_linear_op(f"layers.{i}.mixing", ssm.mixing.linear._params["weight"], r, r.lin, dense))
-    ops.append(_linear_op("decoder", model.decoder._params["weight"], last, last.coder, dense))
+            ops.append(_linear_op(f"layers.{i}.mixing", ssm.mixing.linear.weight, r, r.lin, dense))
+    ops.append(_linear_op("decoder", model.decoder.weight, last, last.coder, dense))
     return ops
 
 

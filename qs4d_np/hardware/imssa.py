@@ -204,7 +204,7 @@ class AnalogModel:
         return CrossbarArray(W, self.config, self._rng.spawn(1)[0])
 
     def _program_linear(self, linear: Linear, weight_quant: Any = None) -> CrossbarArray:
-        W = linear._params["weight"]
+        W = linear.weight
         if weight_quant is not None:  # a QAT model: program the weight it computes with
             W = weight_quant.quantizer.forward(W, training=False)
         return self._program(W.T.astype(np.float64))
@@ -253,8 +253,8 @@ class AnalogModel:
     def _linear(self, array: CrossbarArray, linear: Linear, x: np.ndarray) -> np.ndarray:
         """x (..., d_in) -> analog x @ weight + digital bias."""
         y = self._mvm(array, x.reshape(-1, x.shape[-1])).astype(self.dtype)
-        if "bias" in linear._params:
-            y += linear._params["bias"]
+        if linear.bias is not None:
+            y += linear.bias
         return y.reshape(*x.shape[:-1], -1)
 
     def _recurrence(self, i: int, u: np.ndarray) -> np.ndarray:
@@ -288,7 +288,7 @@ class AnalogModel:
             linear = ssm.mixing.linear
             z = self._mvm(self.mixing[i], y.reshape(-1, y.shape[-1])).astype(self.dtype)
             out = np.empty((z.shape[0], ssm.d_model), dtype=self.dtype)
-            glu_forward(z, linear._params["bias"], out, np.empty_like(out))
+            glu_forward(z, linear.bias, out, np.empty_like(out))
             y = out.reshape(y.shape)
         if ssm.act_quantizer is not None:  # QAT: the digital activation quantizer
             y = ssm.act_quantizer.forward(y, training=False)

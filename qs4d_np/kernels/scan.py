@@ -25,17 +25,20 @@ conj(Abar) and the input conj(C)*2*dy_t, so both use ``_advance``. Sums over
 modes and accumulations into arrays sit in separate loops: with both in one
 loop (whose sum needs reassociation) the backward measured ~2x slower.
 
+These are the raw kernels: the arguments are not checked, and ``n_threads``
+(usually ``numba.get_num_threads()``) sets how many workers share the
+sequences. ``qs4d_np.ssm.scan`` holds the checked entry points (``scan``,
+``scan_backward``): they check the arrays and pass each complex parameter as
+its real and imaginary parts.
+
 ``fastmath={"reassoc"}`` lets LLVM reorder floating-point sums, which it needs
 to vectorise the sums over modes (y_t and du_t); it changes results by
 rounding only. A bit-exact kernel (e.g. a golden model) must not use it.
 """
 from __future__ import annotations
 
-import numba
 import numpy as np
 from numba import njit, prange
-
-from qs4d_np.core.checks import check_array
 
 _FLAGS = dict(parallel=True, cache=True, fastmath={"reassoc"})
 
@@ -50,7 +53,7 @@ def _advance(x_re, x_im, a_r, a_i, b_r, b_i, u_t):
 
 
 @njit(**_FLAGS)
-def _scan_forward(u, A_re, A_im, B_re, B_im, C_re, C_im, D, n_threads):
+def scan_forward(u, A_re, A_im, B_re, B_im, C_re, C_im, D, n_threads):
     """y (batch, L, H) from u (batch, L, H) and the (H, M) real/imag parameter parts."""
     batch, L, H = u.shape
     M = A_re.shape[1]
@@ -77,7 +80,7 @@ def _scan_forward(u, A_re, A_im, B_re, B_im, C_re, C_im, D, n_threads):
 
 
 @njit(**_FLAGS)
-def _scan_backward(u, dy, A_re, A_im, B_re, B_im, C_re, C_im, D, n_threads):
+def scan_backward(u, dy, A_re, A_im, B_re, B_im, C_re, C_im, D, n_threads):
     """du (batch, L, H) and per-sequence g_Abar, g_Bbar, g_C (batch, H, M) as real/imag pairs."""
     batch, L, H = u.shape
     M = A_re.shape[1]
@@ -132,49 +135,3 @@ def _scan_backward(u, dy, A_re, A_im, B_re, B_im, C_re, C_im, D, n_threads):
                     gb_r[n] += u_t * lam_re[n]
                     gb_i[n] += u_t * lam_im[n]
     return du, gA_re, gA_im, gB_re, gB_im, gC_re, gC_im
-
-
-def _parts(u: np.ndarray, Abar: np.ndarray, Bbar: np.ndarray, C: np.ndarray, D: np.ndarray) -> tuple:
-    """Check the arguments; the parameters' real and imaginary parts, contiguous in u's dtype.
-
-    The (H, M) parameters and D are checked for finite values (cheap); u is
-    not: a pass over a (batch, L, H) activation costs as much as a scan step's
-    memory traffic, and the public entry (``S4D.forward``) checks it once.
-    """
-    u = check_array("u", u, finite=False)
-    if u.ndim != 3 or u.dtype not in (np.float32, np.float64):
-        raise ValueError(f"u must be a float32/float64 array (batch, length, H), got {u.dtype} {u.shape}")
-    H = u.shape[2]
-    Abar = check_array("Abar", Abar, shape=(H, None), allow_complex=True)
-    Bbar = check_array("Bbar", Bbar, shape=Abar.shape, allow_complex=True)
-    C = check_array("C", C, shape=Abar.shape, allow_complex=True)
-    D = check_array("D", D, shape=(H,))
-    parts = [np.ascontiguousarray(p, dtype=u.dtype) for z in (Abar, Bbar, C) for p in (z.real, z.imag)]
-    return (*parts, np.ascontiguousarray(D, dtype=u.dtype))
-
-
-def scan(u: np.ndarray, Abar: np.ndarray, Bbar: np.ndarray, C: np.ndarray, D: np.ndarray) -> np.ndarray:
-    """Run the recurrence: u (batch, L, H) float -> y (batch, L, H) in u's dtype.
-
-    Abar, Bbar, C are (H, M) complex, D is (H,) real, all finite; they are cast
-    to u's precision. u's values are not checked for NaN/inf (see ``_parts``).
-    """
-    return _scan_forward(np.ascontiguousarray(u), *_parts(u, Abar, Bbar, C, D), numba.get_num_threads())
-
-
-def scan_backward(u: np.ndarray, dy: np.ndarray, Abar: np.ndarray, Bbar: np.ndarray,
-                  C: np.ndarray, D: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Gradients of the scan from dy = dL/dy (batch, L, H).
-
-    Returns du (batch, L, H) in u's dtype and g_Abar, g_Bbar, g_C (H, M)
-    complex128, summed over the batch (dL/dD = sum(dy*u) is left to the caller).
-    Like u, dy is checked for shape only (``S4D.backward`` checks its values).
-    """
-    params = _parts(u, Abar, Bbar, C, D)
-    dy = check_array("dy", dy, finite=False)
-    if dy.shape != u.shape:
-        raise ValueError(f"dy must have u's shape {u.shape}, got {dy.shape}")
-    du, *parts = _scan_backward(np.ascontiguousarray(u), np.ascontiguousarray(dy, dtype=u.dtype),
-                                *params, numba.get_num_threads())
-    sums = [p.sum(axis=0, dtype=np.float64) for p in parts]
-    return du, sums[0] + 1j * sums[1], sums[2] + 1j * sums[3], sums[4] + 1j * sums[5]

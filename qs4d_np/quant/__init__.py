@@ -15,7 +15,8 @@ Modules (one job each):
   (``kernels.quant_scan``), ``StateQuant``;
 * ``discrete``: discretization from a quantized A, the polar ``discrete`` Abar;
 * ``weights``: ``WeightQuant``, a quantized weight swapped into Linear / PointwiseGLU;
-* ``ptq``: ``with_quant``, ``calibrate``, ``ptq``, ``ptq_sweep`` (imports the models lazily).
+* ``ptq``: deprecated aliases only: PTQ (``with_quant``, ``calibrate``, ``ptq``, ``ptq_sweep``)
+  builds whole models and lives in ``qs4d_np.train.ptq``.
 
 How the pieces plug into the S4D layer and model (implemented in ``ssm.s4d.S4D``
 and ``models.s4d_model.S4DModel``; the S4D docstring has the table of places):
@@ -48,17 +49,29 @@ and ``models.s4d_model.S4DModel``; the S4D docstring has the table of places):
    ``kernels.quant_scan``'s docstring (multiply-add, clip, multiply by inv, round by the
    named rule, saturate to [qmin, qmax], divide by inv).
 """
+from typing import Any
+
 from qs4d_np.quant.config import TARGETS, QuantConfig
 from qs4d_np.quant.fake import QuantSpec, QuantTensor, fake_quant, quantize, ste_backward
 from qs4d_np.quant.grids import GRIDS, ROUNDING, Grid, make_grid
-from qs4d_np.quant.ptq import calibrate, ptq, ptq_sweep, with_quant
+from qs4d_np.quant.ptq import moved_attribute
 from qs4d_np.quant.quantizer import Quantizer
 from qs4d_np.quant.scan import StateQuant, quant_scan, quant_scan_backward
 from qs4d_np.quant.state import StateQuantizer
 from qs4d_np.quant.frozen import FrozenQuant
+
+# Importing the submodule bound ``ptq`` to it here; unbound, ``qs4d_np.quant.ptq`` resolves through
+# ``__getattr__`` to the ``ptq`` function, as it did before PTQ moved to ``qs4d_np.train.ptq``.
+del ptq
+DEPRECATED_PTQ = ("calibrate", "ptq", "ptq_sweep", "with_quant")
 
 __all__ = [
     "GRIDS", "ROUNDING", "TARGETS", "FrozenQuant", "Grid", "QuantConfig", "QuantSpec", "QuantTensor", "Quantizer",
     "StateQuant", "StateQuantizer", "calibrate", "fake_quant", "make_grid", "ptq", "ptq_sweep", "quant_scan", "quant_scan_backward",
     "quantize", "ste_backward", "with_quant",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """The deprecated PTQ aliases (``DEPRECATED_PTQ``), looked up in ``qs4d_np.train.ptq`` at each use."""
+    return moved_attribute(__name__, name, DEPRECATED_PTQ)

@@ -85,7 +85,7 @@ class Quantizer(Module):
         if scale_mode != "fixed" and fixed_range is not None:
             raise ValueError(f"fixed_range is only used with scale_mode='fixed', got scale_mode={scale_mode!r}")
         self.buffers: dict[str, np.ndarray] = {}
-        # Set by ``qs4d_np.quant.calibrate``: running ranges update in evaluation forwards too.
+        # Set by ``qs4d_np.train.ptq.calibrate``: running ranges update in evaluation forwards too.
         self.calibrating = False
         if scale_mode == "learned":
             if not self.spec.symmetric or self.spec.power_of_two:
@@ -206,7 +206,8 @@ class Quantizer(Module):
         if mode == "running":
             if not self.calibrated:
                 raise RuntimeError(f"Quantizer {self.name!r} (scale_mode='running') has no calibrated range; "
-                                   "run forward(x, training=True) on some batches first (or qs4d_np.quant.calibrate)")
+                                   "run forward(x, training=True) on some batches first "
+                                   "(or qs4d_np.train.ptq.calibrate)")
             lo, hi = self.buffers["running_lo"], self.buffers["running_hi"]
         else:
             lo, hi = self.spec.fixed_range(self.fixed_range, SimpleNamespace(channels=self.n_scales, G=1))

@@ -1,11 +1,11 @@
 """Fake-quantized weights for ops that read their own ``weight`` parameter (Linear, PointwiseGLU).
 
 ``WeightQuant(linear, quantizer)`` runs the op's forward and backward with the
-quantized weight W_q swapped in for the parameter W (the op reads
-``linear._params["weight"]``; its bias stays float, as the reference). After
-the backward it replaces the op's dL/dW_q by the quantizer's straight-through
-dL/dW. The parameter array itself is never modified, so an optimizer holding
-it keeps working.
+quantized weight W_q swapped in for the parameter W (``Linear.swapped_weight``;
+the bias stays float, as the reference). After the backward it replaces the
+op's dL/dW_q by the quantizer's straight-through dL/dW (``Linear.set_grad``).
+The parameter array itself is never modified, so an optimizer holding it keeps
+working.
 
     wq = WeightQuant(mixing.linear, quantizer)
     with wq.forward(training):
@@ -21,33 +21,23 @@ from typing import Iterator
 
 import numpy as np
 
-from qs4d_np.core.module import Module, kept_caches
+from qs4d_np.core.linear import Linear
 from qs4d_np.quant.quantizer import Quantizer
 
 
 class WeightQuant:
     """Swap a fake-quantized weight into ``linear`` around its forward and backward."""
 
-    def __init__(self, linear: Module, quantizer: Quantizer) -> None:
+    def __init__(self, linear: Linear, quantizer: Quantizer) -> None:
         self.linear = linear
         self.quantizer = quantizer
         self._W_q: np.ndarray | None = None
 
     @contextmanager
-    def _swapped(self, W_q: np.ndarray) -> Iterator[None]:
-        params = self.linear._params
-        W = params["weight"]
-        params["weight"] = W_q
-        try:
-            yield
-        finally:
-            params["weight"] = W
-
-    @contextmanager
     def forward(self, training: bool) -> Iterator[None]:
         """Quantize the weight and run the enclosed forward with it."""
-        self._W_q = self.quantizer.forward(self.linear._params["weight"], training=training)
-        with self._swapped(self._W_q):
+        self._W_q = self.quantizer.forward(self.linear.weight, training=training)
+        with self.linear.swapped_weight(self._W_q):
             yield
 
     @contextmanager
@@ -55,15 +45,15 @@ class WeightQuant:
         """Run the enclosed backward with the forward's W_q, then chain dL/dW_q through the STE."""
         if self._W_q is None:
             raise RuntimeError("WeightQuant.backward() called before forward()")
-        with self._swapped(self._W_q):
+        with self.linear.swapped_weight(self._W_q):
             yield
-        grads = self.linear._grads
-        grads["weight"] = self.quantizer.backward(grads["weight"]).astype(self._W_q.dtype, copy=False)
+        dW = self.quantizer.backward(self.linear.grads["weight"])
+        self.linear.set_grad("weight", dW.astype(self._W_q.dtype, copy=False))
 
     def evaluate(self) -> np.ndarray:
         """The quantized weight an evaluation forward computes with (a new array); caches are kept."""
-        with kept_caches(self.quantizer):
-            return self.quantizer.forward(self.linear.params["weight"], training=False)
+        with self.quantizer.kept_caches():
+            return self.quantizer.forward(self.linear.weight, training=False)
 
     @contextmanager
     def kept(self) -> Iterator[None]:

@@ -47,8 +47,8 @@ import numpy as np
 
 from qs4d_np.core.checks import (check_array, check_choice, check_float, check_grad_like, check_int,
                                  check_sequence_input)
-from qs4d_np.core.module import Module, kept_caches
-from qs4d_np.kernels.scan import scan, scan_backward
+from qs4d_np.core.module import Module
+from qs4d_np.ssm.scan import scan, scan_backward
 from qs4d_np.quant.config import QuantConfig
 from qs4d_np.quant.discrete import polar_params
 from qs4d_np.quant.quantizer import Quantizer
@@ -224,7 +224,7 @@ class S4DCore(Module):
             q = self.q[key]
             if q is not None and q.scale_mode == "learned":
                 q.reset_step()  # so the forward initialises it from the current value
-                with kept_caches(q):
+                with q.kept_caches():
                     q.forward(value)
 
     def data_range_quantizer(self) -> str | None:
@@ -273,7 +273,7 @@ class S4DCore(Module):
         from the quantized A (if any) and B, D are not quantized; the kernel and input quantizers
         (K, u) act on data, not here."""
         check_choice("mode", mode, MODES)
-        with kept_caches(self):
+        with self.kept_caches():
             run, _ = self._run_params(False, mode)
         c128 = np.complex128
         return SSMParams(run.Abar.astype(c128), run.Bbar.astype(c128), run.C.astype(c128),

@@ -16,7 +16,7 @@ from qs4d_np.core.activations import GELU, ReLU
 from qs4d_np.core.checks import check_choice, check_float, check_grad_like, check_sequence_input
 from qs4d_np.core.dropout import Dropout
 from qs4d_np.core.mixing import PointwiseGLU
-from qs4d_np.core.module import Module, kept_caches
+from qs4d_np.core.module import Module
 from qs4d_np.core.snapshot import ParamSnapshot, snapshot
 from qs4d_np.quant.config import QuantConfig
 from qs4d_np.quant.frozen import FrozenQuant
@@ -218,7 +218,7 @@ class S4D(Module):
     def kept_caches(self) -> Iterator[None]:
         """Run inference inside without disturbing a pending backward: on exit every forward cache of
         the layer, its children and the quantized mixing weight is what it was."""
-        with kept_caches(self), (nullcontext() if self.weight_quant is None else self.weight_quant.kept()):
+        with super().kept_caches(), (nullcontext() if self.weight_quant is None else self.weight_quant.kept()):
             yield
 
     # -- forward / backward ----------------------------------------------------------

@@ -30,7 +30,7 @@ from qs4d_np.golden.bundle import export_bundle
 from qs4d_np.golden.export import from_model
 from qs4d_np.models.s4d_model import S4DModel
 from qs4d_np.quant import QuantConfig
-from qs4d_np.quant.ptq import calibrate
+from qs4d_np.train.ptq import calibrate  # qs4d_np.quant.ptq at 7b47e21
 
 HERE = Path(__file__).resolve().parent
 RUNNING = {"act": {"scale_mode": "running"}, "state": {"scale_mode": "running"}}
