@@ -298,7 +298,7 @@ def test_quantized_step_with_mixing():
 def test_streaming_refuses_data_dependent_and_unset_ranges():
     layer, u = calibrated(np.float32, act=16, target_options={"state": {"scale_mode": "running"}})  # act absmax
     with pytest.raises(ValueError, match=r"step\(\): quantizer 'act\[0\]' \(target 'act', scale_mode='absmax'\) "
-                                         r"takes its range from the whole sequence.*qs4d_np.quant.calibrate"):
+                                         r"takes its range from the whole sequence.*qs4d_np.train.ptq.calibrate"):
         layer.step(u[:, 0], layer.initial_state(3))
     fresh = S4D(3, 4, quant=QuantConfig(8, target_options=RUNNING), layer=0)
     with pytest.raises(RuntimeError, match=r"Quantizer 'x\[0\]' \(scale_mode='running'\) has no calibrated range"):

@@ -191,7 +191,7 @@ class S4D(Module):
             raise ValueError(f"quantized_recurrent(): {found} takes its range from each tensor it quantizes; "
                              f"pass calib (batch, L, {self.d_model}) to resolve it on that input as the forward "
                              f"would, or calibrate static ranges (scale_mode 'running' with "
-                             f"qs4d_np.quant.calibrate, 'fixed' or 'learned')")
+                             f"qs4d_np.train.ptq.calibrate, 'fixed' or 'learned')")
         if calib is not None:
             calib = np.ascontiguousarray(check_sequence_input("calib", calib, self.d_model), dtype=self.dtype)
         core = self.core.export(calib)
@@ -318,7 +318,7 @@ class S4DStepper:
         if found is not None:
             raise ValueError(f"{where}: {found} takes its range from the whole sequence it quantizes, which a "
                              f"stream does not have; calibrate static ranges (scale_mode 'running' with "
-                             f"qs4d_np.quant.calibrate) or use 'fixed' or 'learned'")
+                             f"qs4d_np.train.ptq.calibrate) or use 'fixed' or 'learned'")
         self.core = layer.core.frozen()
         act = layer.act_quantizer
         self.act: FrozenQuant | None = None if act is None else act.frozen(self.dtype)
