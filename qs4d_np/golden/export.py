@@ -27,6 +27,7 @@ from qs4d_np.golden.layer import SSMCore, SSMCoreFormats
 from qs4d_np.golden.model import IntegerModel, IntLayer, IntLinear, ModeMap, Requant
 from qs4d_np.golden.multiplier import shared_shift_multipliers, ssm_core_multipliers
 from qs4d_np.golden.twin import codes, sigmoid
+from qs4d_np.models.s4d_model import S4DModel
 from qs4d_np.quant.config import QuantConfig
 from qs4d_np.quant.fake import quantize
 from qs4d_np.quant.scan import StateQuant, quant_scan, state_absmax
@@ -43,7 +44,7 @@ MODE_STEPS = ("Abar_re", "Abar_im", "Bbar_re", "Bbar_im")
 GATE_RANGE = 16.0
 
 
-def _check_supported(model) -> None:
+def _check_supported(model: S4DModel) -> None:
     cfg = model.config
     problems = []
     if cfg.get("norm") not in (None, "batch"):
@@ -205,7 +206,7 @@ def _multi_eps(ratios: list, mults: list, shift, bounds: list) -> np.ndarray:
     return sum(b * np.abs(r - m / 2.0 ** shift) for r, m, b in zip(ratios, mults, bounds))
 
 
-def from_model(model, x_calib: np.ndarray, *, quant: QuantConfig | None = None, in_step: float = 1 / 255,
+def from_model(model: S4DModel, x_calib: np.ndarray, *, quant: QuantConfig | None = None, in_step: float = 1 / 255,
                widths: Mapping[str, int] | None = None, headroom: float = 1.25,
                sig_bits: int = SIG_BITS, drop_pruned: bool = True) -> IntegerModel:
     """The integer model of ``model`` (an S4DModel), calibrated on float inputs ``x_calib`` (B, L, d_in).

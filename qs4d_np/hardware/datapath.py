@@ -34,20 +34,22 @@ import numpy as np
 from qs4d_np.hardware.imssa import active_modes
 from qs4d_np.hardware.metrics import (FLOAT_BITS, BitWidths, MatVecOp, SSMShape, count_datapath,
                                       summary)
+from qs4d_np.models.s4d_model import S4DModel
+from qs4d_np.quant.config import QuantConfig
 
 # BitWidths field -> QuantConfig target
 QUANT_TARGETS = {"A": "A", "C": "C", "dt": "dt", "state": "state", "act": "act", "lin": "linear",
                  "coder": "coder", "D": "D"}
 
 
-def model_shape(model: Any) -> SSMShape:
+def model_shape(model: S4DModel) -> SSMShape:
     """The formulas' SSMShape of an S4DModel (N = d_state, counted as reals)."""
     cfg = model.config
     return SSMShape(N=int(cfg["d_state"]), H=int(cfg["d_model"]), layers=int(cfg["n_layers"]),
                     d_in=int(model.d_input), d_out=int(model.d_output))
 
 
-def bit_widths(quant: Any | None, layer: int | None = None, *, learn_B: bool = False) -> BitWidths:
+def bit_widths(quant: QuantConfig | None, layer: int | None = None, *, learn_B: bool = False) -> BitWidths:
     """BitWidths of a QuantConfig (``bits_for`` per target; float targets get 32), or float32 for None.
 
     B gets bits only for a model that learns B (``learn_B``); S4D's fixed B has r_B = 0.
@@ -76,7 +78,7 @@ def _linear_op(name: str, weight: np.ndarray, r: BitWidths, weight_bits: int, de
                     output_bits=r.act, active_rows=rows, active_cols=cols)
 
 
-def model_datapath(model: Any, bits: BitWidths | Sequence[BitWidths], *, dense: bool = False) -> list[MatVecOp]:
+def model_datapath(model: S4DModel, bits: BitWidths | Sequence[BitWidths], *, dense: bool = False) -> list[MatVecOp]:
     """The ops of one time step (module docstring); ``bits``: one BitWidths or one per layer.
 
     ``dense=True`` ignores pruning (every mode, channel, row and column counted): the unpruned model.
@@ -116,7 +118,7 @@ def model_datapath(model: Any, bits: BitWidths | Sequence[BitWidths], *, dense: 
     return ops
 
 
-def metrics_table(model: Any, bits: BitWidths | Sequence[BitWidths], *, compat: str = "corrected",
+def metrics_table(model: S4DModel, bits: BitWidths | Sequence[BitWidths], *, compat: str = "corrected",
                   baseline: BitWidths | None = None) -> dict[str, Any]:
     """Formula figures (QS4D, ``compat``) and datapath counts of ``model``, each with the float32 baseline
     and the reduction. The datapath baseline is the unpruned (dense) model at ``baseline`` widths, so

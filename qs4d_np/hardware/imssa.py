@@ -59,10 +59,13 @@ from qs4d_np.core.linear import Linear
 from qs4d_np.hardware.config import CrossbarConfig
 from qs4d_np.hardware.crossbar import CrossbarArray
 from qs4d_np.kernels.elementwise import glu_forward
+from qs4d_np.models.s4d_model import S4DModel
+from qs4d_np.quant.weights import WeightQuant
+from qs4d_np.ssm.s4d import S4D
 
 
 # -- the per-channel matrix --------------------------------------------------
-def ssm_matrices(ssm: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def ssm_matrices(ssm: S4D) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(Abar, Bbar, C) (H, M) complex128 and D (H,) float64 of an S4D layer as its recurrent mode uses them:
     the float values, or for a QAT layer the quantized ones (``S4D.effective_ssm``)."""
     eff = ssm.effective_ssm("recurrent")
@@ -175,7 +178,7 @@ class AnalogModel:
     naming the layer and the step instead of returning NaN.
     """
 
-    def __init__(self, model: Any, config: CrossbarConfig, *, seed: int | np.random.Generator = 0,
+    def __init__(self, model: S4DModel, config: CrossbarConfig, *, seed: int | np.random.Generator = 0,
                  state_bound: float | None = None) -> None:
         if not isinstance(config, CrossbarConfig):
             raise TypeError(f"config must be a CrossbarConfig, got {type(config).__name__}")
@@ -203,13 +206,13 @@ class AnalogModel:
     def _program(self, W: np.ndarray) -> CrossbarArray:
         return CrossbarArray(W, self.config, self._rng.spawn(1)[0])
 
-    def _program_linear(self, linear: Linear, weight_quant: Any = None) -> CrossbarArray:
+    def _program_linear(self, linear: Linear, weight_quant: WeightQuant | None = None) -> CrossbarArray:
         W = linear.weight
         if weight_quant is not None:  # a QAT model: program the weight it computes with
             W = weight_quant.quantizer.forward(W, training=False)
         return self._program(W.T.astype(np.float64))
 
-    def _program_ssm(self, ssm: Any) -> _SSMArrays:
+    def _program_ssm(self, ssm: S4D) -> _SSMArrays:
         Abar, Bbar, C, D = ssm_matrices(ssm)
         modes = active_modes(C)
         sizes = [2 * len(m) + 1 if (len(m) or D[h] != 0) else 0 for h, m in enumerate(modes)]
@@ -313,7 +316,7 @@ class AnalogModel:
         return self._linear(self.decoder, self.model.decoder, pooled)
 
 
-def mapping_counts(model: Any, config: CrossbarConfig, length: int) -> dict[str, int]:
+def mapping_counts(model: S4DModel, config: CrossbarConfig, length: int) -> dict[str, int]:
     """Arrays (tiles) and ADC conversions per sample of the mapping, from the shapes and the (quantized) C, D
     the recurrent mode computes with (``S4D.effective_ssm``)."""
     length = check_int("length", length, min_value=1)
@@ -334,7 +337,7 @@ def mapping_counts(model: Any, config: CrossbarConfig, length: int) -> dict[str,
     return {"arrays": tiles, "adc_conversions_per_sample": conversions}
 
 
-def evaluate_analog(model: Any, x: np.ndarray, y: np.ndarray, config: CrossbarConfig, *, batch_size: int = 64,
+def evaluate_analog(model: S4DModel, x: np.ndarray, y: np.ndarray, config: CrossbarConfig, *, batch_size: int = 64,
                     seed: int = 0, state_bound: float | None = None) -> dict[str, Any]:
     """Accuracy of ``model`` run on crossbars (``AnalogModel``) over x (n, length, d_input), labels y (n,).
 

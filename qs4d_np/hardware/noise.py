@@ -31,11 +31,12 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
 from qs4d_np.core.checks import check_choice, check_float
+from qs4d_np.models.s4d_model import S4DModel
 
 NOISE_TARGETS = ("A", "C", "D", "linear", "coder")
 SCALES = ("absmax", "range")
@@ -83,7 +84,7 @@ def _sites_of(name: str, array: np.ndarray) -> list[NoiseSite]:
     return [NoiseSite(name, lambda: array.astype(np.float64), _write(array), array)]
 
 
-def noise_sites(model: Any, targets: Sequence[str] = NOISE_TARGETS) -> list[NoiseSite]:
+def noise_sites(model: S4DModel, targets: Sequence[str] = NOISE_TARGETS) -> list[NoiseSite]:
     """The tensors of ``model`` (anything with a ``.params`` dict) that ``targets`` name, in ``.params`` order."""
     targets = tuple(targets)
     if not targets:
@@ -108,7 +109,7 @@ def _scale(values: np.ndarray, scale: str) -> float:
 
 
 @contextmanager
-def perturbed(model: Any, sigma: float, rng: np.random.Generator, *, targets: Sequence[str] = NOISE_TARGETS,
+def perturbed(model: S4DModel, sigma: float, rng: np.random.Generator, *, targets: Sequence[str] = NOISE_TARGETS,
               scale: str = "absmax") -> Iterator[list[NoiseSite]]:
     """Add N(0, (sigma * scale(w))^2) to every tensor of ``targets`` for the duration of the block.
 
@@ -137,7 +138,7 @@ def perturbed(model: Any, sigma: float, rng: np.random.Generator, *, targets: Se
             owner[...] = original
 
 
-def weight_noise(model: Any, sigma: float, rng: np.random.Generator):
+def weight_noise(model: S4DModel, sigma: float, rng: np.random.Generator):
     """Noise-aware training: every analog weight (all ``NOISE_TARGETS``) with std sigma * max|w|.
 
     Use around one forward + backward: ``with weight_noise(model, 0.05, rng):``

@@ -43,6 +43,8 @@ import numpy as np
 
 from qs4d_np.core.checks import check_array, check_choice, check_float, check_int, check_sequence_input
 from qs4d_np.core.loss import SoftmaxCrossEntropy
+from qs4d_np.models.s4d_model import S4DModel
+from qs4d_np.ssm.s4d import S4D
 
 GRANULARITIES = ("mode", "channel", "weight")
 
@@ -65,7 +67,7 @@ class PruneMasks:
         """Pruned units over all units."""
         return sum(self.pruned.values()) / max(sum(self.total.values()), 1)
 
-    def apply(self, model: Any) -> None:
+    def apply(self, model: S4DModel) -> None:
         """Zero the pruned entries of ``model``'s parameters in place."""
         params = model.params
         for name, keep in self.masks.items():
@@ -83,7 +85,7 @@ class PruneMasks:
 class MaskedModel:
     """Wraps a model so pruned parts stay zero during training; everything else is the model's."""
 
-    def __init__(self, model: Any, masks: PruneMasks) -> None:
+    def __init__(self, model: S4DModel, masks: PruneMasks) -> None:
         if not isinstance(masks, PruneMasks):
             raise TypeError(f"masks must be PruneMasks, got {type(masks).__name__}")
         self.model = model
@@ -113,21 +115,21 @@ class _Group:
     zero: Callable[[dict[str, np.ndarray], np.ndarray], None]  # (masks, unit indices) -> None
 
 
-def mode_scores(ssm: Any) -> np.ndarray:
+def mode_scores(ssm: S4D) -> np.ndarray:
     """(H, M) score |C*Bbar| / sqrt(1 - |Abar|^2) of every mode of an S4D layer (module docstring)."""
     d = ssm.discrete()
     C = ssm.params["C"].astype(np.complex128)
     return np.abs(C * d.Bbar) / np.sqrt(np.maximum(1.0 - np.abs(d.Abar) ** 2, 1e-12))
 
 
-def _ssm_layers(model: Any) -> list[tuple[str, Any]]:
+def _ssm_layers(model: S4DModel) -> list[tuple[str, S4D]]:
     blocks = getattr(model, "blocks", None)
     if blocks is None:
         raise TypeError(f"model must be an S4DModel (with .blocks), got {type(model).__name__}")
     return [(f"layers.{i}", block.ssm) for i, block in enumerate(blocks)]
 
 
-def _groups(model: Any, granularity: str) -> list[_Group]:
+def _groups(model: S4DModel, granularity: str) -> list[_Group]:
     groups = []
     if granularity == "weight":
         for name, value in model.params.items():
@@ -157,7 +159,7 @@ def _groups(model: Any, granularity: str) -> list[_Group]:
     return groups
 
 
-def _empty_masks(model: Any, granularity: str) -> PruneMasks:
+def _empty_masks(model: S4DModel, granularity: str) -> PruneMasks:
     layers = _ssm_layers(model)
     params = model.params
     if granularity == "weight":
@@ -180,7 +182,7 @@ def _order(group: _Group) -> np.ndarray:
 
 
 # -- magnitude ----------------------------------------------------------------
-def prune_magnitude(model: Any, sparsity: float, granularity: str = "mode") -> PruneMasks:
+def prune_magnitude(model: S4DModel, sparsity: float, granularity: str = "mode") -> PruneMasks:
     """Masks removing floor(sparsity * units) lowest-scoring units of every layer (tensor for "weight").
 
     The model is not changed; call ``masks.apply(model)``.
@@ -198,7 +200,7 @@ def prune_magnitude(model: Any, sparsity: float, granularity: str = "mode") -> P
 
 
 # -- greedy -------------------------------------------------------------------
-def _loss_and_accuracy(model: Any, x: np.ndarray, y: np.ndarray, batch_size: int) -> tuple[float, float]:
+def _loss_and_accuracy(model: S4DModel, x: np.ndarray, y: np.ndarray, batch_size: int) -> tuple[float, float]:
     loss_fn = SoftmaxCrossEntropy()
     loss, correct = 0.0, 0
     for lo in range(0, x.shape[0], batch_size):
@@ -209,7 +211,7 @@ def _loss_and_accuracy(model: Any, x: np.ndarray, y: np.ndarray, batch_size: int
     return loss / x.shape[0], correct / x.shape[0]
 
 
-def prune_greedy(model: Any, x_val: np.ndarray, y_val: np.ndarray, *, tolerance: float = 0.01,
+def prune_greedy(model: S4DModel, x_val: np.ndarray, y_val: np.ndarray, *, tolerance: float = 0.01,
                  granularity: str = "mode", chunk: float = 1 / 16, batch_size: int = 256,
                  max_sparsity: float = 1.0) -> tuple[PruneMasks, dict[str, Any]]:
     """Greedy per-layer pruning under an accuracy budget (see the module docstring).
@@ -270,7 +272,7 @@ def prune_greedy(model: Any, x_val: np.ndarray, y_val: np.ndarray, *, tolerance:
     return masks, record
 
 
-def _restore(model: Any, original: dict[str, np.ndarray]) -> None:
+def _restore(model: S4DModel, original: dict[str, np.ndarray]) -> None:
     params = model.params
     for name, value in original.items():
         params[name][...] = value

@@ -24,7 +24,7 @@ the same noise draws.
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -32,11 +32,12 @@ from qs4d_np.core.checks import check_array, check_choice, check_float, check_in
 from qs4d_np.hardware.config import CrossbarConfig
 from qs4d_np.hardware.imssa import evaluate_analog
 from qs4d_np.hardware.noise import NOISE_TARGETS, perturbed
+from qs4d_np.models.s4d_model import S4DModel
 
 KINDS = ("A", "weights", "read")
 
 
-def _labels(model: Any, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _labels(model: S4DModel, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     x = check_sequence_input("x", x, model.d_input)
     y = check_array("y", y, ndim=1)
     if y.shape[0] != x.shape[0]:
@@ -44,7 +45,7 @@ def _labels(model: Any, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.nd
     return x, y
 
 
-def accuracy_under_noise(model: Any, x: np.ndarray, y: np.ndarray, kind: str, sigma: float,
+def accuracy_under_noise(model: S4DModel, x: np.ndarray, y: np.ndarray, kind: str, sigma: float,
                          rng: np.random.Generator, *, batch_size: int = 256,
                          base_config: CrossbarConfig | None = None, state_bound: float | None = 1e4) -> float:
     """Accuracy of ``model`` on (x, y) with noise of ``kind`` at level ``sigma`` (module docstring)."""
@@ -67,7 +68,7 @@ def accuracy_under_noise(model: Any, x: np.ndarray, y: np.ndarray, kind: str, si
     return correct / x.shape[0]
 
 
-def noise_sweep(models: Mapping[str, Any], x: np.ndarray, y: np.ndarray, kind: str, sigmas: Sequence[float], *,
+def noise_sweep(models: Mapping[str, S4DModel], x: np.ndarray, y: np.ndarray, kind: str, sigmas: Sequence[float], *,
                 seeds: int = 5, seed: int = 0, batch_size: int = 256,
                 base_config: CrossbarConfig | None = None, state_bound: float | None = 1e4
                 ) -> dict[str, dict[str, list]]:
