@@ -38,8 +38,10 @@ TARGET_PEAK_GB = 3.0
 def op_label(name: str, module: Any) -> str:
     """Group modules for the breakdown: the S4D core, each op class, the block's own work."""
     kind = type(module).__name__
-    if kind == "S4D":
+    if kind == "S4DCore":
         return "S4D core (kernel/FFT or scan, D skip)"
+    if kind == "S4D":
+        return "S4D layer (its own glue)"
     if kind == "S4DBlock":
         return "block (residual add)"
     if kind == "Dropout":
@@ -49,9 +51,8 @@ def op_label(name: str, module: Any) -> str:
     return kind
 
 
-# Methods timed per module: the op interface and, where a class has them, the
-# unchecked variants that a parent calls directly (S4D._forward from the block).
-PHASES = {"forward": "forward", "backward": "backward", "_forward": "forward", "_backward": "backward"}
+# Methods timed per module: the op interface (a parent calls a child's forward(..., checked=True)).
+PHASES = {"forward": "forward", "backward": "backward"}
 
 
 def instrument(model: Any) -> tuple[dict[str, np.ndarray], Callable[[], None]]:
