@@ -93,10 +93,7 @@ class S4D(Module):
 
     def _quantizer(self, cfg: QuantConfig, target: str, axis: int, channels: int) -> Quantizer | None:
         n = channels if cfg.target(target).per_channel else 1
-        q = cfg.quantizer_for(target, self.layer, axis=axis, n_scales=n, dtype=self.dtype)
-        if q is not None:
-            q.name = f"{target}[{self.layer}]" if self.layer is not None else target
-        return q
+        return cfg.quantizer_for(target, self.layer, axis=axis, n_scales=n, dtype=self.dtype)
 
     # -- quantization ---------------------------------------------------------
     @property
