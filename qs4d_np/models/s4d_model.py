@@ -8,12 +8,13 @@ from typing import Any
 
 import numpy as np
 
-from qs4d_np.core.checks import check_array, check_choice, check_int, check_sequence_input
+from qs4d_np.core.checks import check_array, check_bool, check_choice, check_int, check_sequence_input
 from qs4d_np.core.linear import Linear
 from qs4d_np.core.module import Module, kept_caches
 from qs4d_np.core.pooling import LastPool, MeanPool
 from qs4d_np.io import atomic_save_npz, atomic_write_json, load_json, load_npz
 from qs4d_np.models.block import BlockStepper, S4DBlock
+from qs4d_np.models.stream_pack import PackedStream
 from qs4d_np.quant.config import QuantConfig
 from qs4d_np.quant.quantizer import Quantizer
 from qs4d_np.quant.weights import WeightQuant
@@ -161,10 +162,11 @@ class S4DModel(Module):
         pool_sum = np.zeros(ssm[0].shape[1:]) if c["pool"] == "mean" else None
         return StreamState(ssm, pool_sum, 0)
 
-    def stream(self) -> "S4DModelStream":
+    def stream(self, fused: bool = True) -> "S4DModelStream":
         """This model in evaluation, frozen for streaming (``S4DModelStream``): every per-stream
-        constant is derived once here; then ``stream.step(x_t, state)`` costs the arithmetic only."""
-        return S4DModelStream(self, "S4DModel.stream()")
+        constant is derived once here; then ``stream.step(x_t, state)`` costs the arithmetic only
+        (one fused kernel call per step; ``fused=False``: the per-op Python path)."""
+        return S4DModelStream(self, "S4DModel.stream()", fused=fused)
 
     def step(self, x_t: np.ndarray, state: "StreamState") -> tuple[np.ndarray, "StreamState"]:
         """One time step in evaluation: x_t (batch, d_input), ``state`` from ``initial_state(batch)``
@@ -318,6 +320,15 @@ class StreamState:
             raise TypeError(f"StreamState.ssm must be a non-empty tuple of arrays (one per block), got {self.ssm!r}")
         check_int("StreamState.steps", self.steps, min_value=0)
 
+    @classmethod
+    def _of(cls, ssm: tuple[np.ndarray, ...], pool_sum: np.ndarray | None, steps: int) -> "StreamState":
+        """A state from a stream's own step, whose fields are valid by construction: the checks of
+        ``__post_init__`` skipped (they cost about as much as a fused step's other bookkeeping)."""
+        state = object.__new__(cls)
+        for name, value in (("ssm", ssm), ("pool_sum", pool_sum), ("steps", steps)):
+            object.__setattr__(state, name, value)
+        return state
+
     @property
     def batch(self) -> int:
         return self.ssm[0].shape[1]
@@ -329,11 +340,19 @@ class S4DModelStream:
 
     Built once: copies of the encoder and decoder with their (quantized) weights, one
     ``BlockStepper`` per block (each layer's quantized SSM parameters, state quantizer, mixing
-    weight and act scales derived once) and the pooling. ``step(x_t, state)`` runs encoder ->
-    blocks -> pooling -> decoder on x_t (batch, d_input) and returns (logits (batch, d_output),
-    new ``StreamState``); the logits after step t are those of ``forward(x[:, :t+1],
-    mode="recurrent")`` in evaluation to rounding (the products run on batch rows instead of
-    batch*length rows; where the arithmetic is the same, bit for bit).
+    weight and act scales derived once) and the pooling, and (``fused``, the default) those
+    packed for the fused kernel (``models.stream_pack.PackedStream``, ``kernels.stream``).
+    ``step(x_t, state)`` runs encoder -> blocks -> pooling -> decoder on x_t (batch, d_input)
+    and returns (logits (batch, d_output), new ``StreamState``); ``run(x, state)`` does that for
+    every step of x (batch, T, d_input) in one kernel call. The logits after step t are those of
+    ``forward(x[:, :t+1], mode="recurrent")`` in evaluation to rounding: bit for bit where the
+    arithmetic is the same. It is for the quantized SSM core (the scan kernel's order), GELU,
+    the act quantizer, residual, the norms (LayerNorm by the forward's own kernel), pooling,
+    the encoder at d_input = 1 (one product) and the decoder (the same BLAS product on the same
+    (batch, H) rows); the mixing product's sums are ordered differently from BLAS's and the
+    forward's float scan reassociates its sums, a few ulp each (a quantized act absorbs the
+    mixing's except at a rounding edge). ``fused=False`` steps the per-op Python path instead
+    (the mixing in BLAS on batch rows; same guarantees); ``run`` then loops ``step``.
 
     A snapshot: parameters, buffers (BatchNorm statistics) or quantizer ranges changed in the
     model after ``stream()`` do not reach it; ``is_current()`` says whether the model still holds
@@ -343,7 +362,8 @@ class S4DModelStream:
     ``track=False`` skips the snapshot behind ``is_current`` (``S4DModel.step``'s one-step use).
     """
 
-    def __init__(self, model: S4DModel, where: str = "S4DModelStream", track: bool = True) -> None:
+    def __init__(self, model: S4DModel, where: str = "S4DModelStream", track: bool = True,
+                 fused: bool = True) -> None:
         c = model.config
         self.d_input, self.d_model, self.d_state = model.d_input, c["d_model"], c["d_state"]
         self.dtype, self.pool = model.dtype, c["pool"]
@@ -351,8 +371,15 @@ class S4DModelStream:
                        for i, b in enumerate(model.blocks)]
         self.encoder = model._frozen_coder("encoder")
         self.decoder = model._frozen_coder("decoder")
+        self.packed = PackedStream(self) if check_bool("fused", fused) else None
+        self._cdtype = np.result_type(self.dtype, np.complex64)
         self._model = model
         self._snapshot = ParamSnapshot(model, track)
+
+    @property
+    def fused(self) -> bool:
+        """Whether ``step`` and ``run`` run the fused kernel (else the per-op Python path)."""
+        return self.packed is not None
 
     def initial_state(self, batch: int) -> StreamState:
         """The state before the first step (``S4DModel.initial_state``)."""
@@ -362,17 +389,35 @@ class S4DModelStream:
         """Whether the model's parameters and buffers are still those this stream was built from."""
         return self._snapshot.is_current()
 
+    def _state_fits(self, state: object, batch: int) -> bool:
+        """The cheap test every fused step runs: True when ``state`` passes ``_check_state`` and its
+        SSM states are C-contiguous (what the kernel takes); False sends it the long way."""
+        if type(state) is not StreamState or len(state.ssm) != len(self.blocks):
+            return False
+        pool = state.pool_sum
+        if self.pool == "mean":
+            if type(pool) is not np.ndarray or pool.shape != (batch, self.d_model) or pool.dtype != np.float64:
+                return False
+        elif pool is not None:
+            return False
+        shape, cdtype = (self.d_state // 2, batch, self.d_model), self._cdtype
+        for s in state.ssm:
+            if s.shape != shape or s.dtype != cdtype or not s.flags.c_contiguous:
+                return False
+        return True
+
     def _check_state(self, state: object, batch: int) -> StreamState:
+        if self._state_fits(state, batch):
+            return state
         if not isinstance(state, StreamState):
             raise TypeError(f"state must be a StreamState (from initial_state(batch) or the previous step), "
                             f"got {type(state).__name__}")
         if len(state.ssm) != len(self.blocks):
             raise ValueError(f"state.ssm must hold {len(self.blocks)} arrays (one per block), got {len(state.ssm)}")
         shape = (self.d_state // 2, batch, self.d_model)
-        cdtype = self.blocks[0].initial_state(1).dtype
         for i, s in enumerate(state.ssm):
-            if s.shape != shape or s.dtype != cdtype:
-                raise ValueError(f"state.ssm[{i}] must have shape {shape} and dtype {cdtype} (x_t has batch "
+            if s.shape != shape or s.dtype != self._cdtype:
+                raise ValueError(f"state.ssm[{i}] must have shape {shape} and dtype {self._cdtype} (x_t has batch "
                                  f"{batch}), got shape {s.shape} and dtype {s.dtype}")
         if self.pool == "mean":
             if not (isinstance(state.pool_sum, np.ndarray) and state.pool_sum.shape == shape[1:]
@@ -385,12 +430,38 @@ class S4DModelStream:
             raise ValueError("state.pool_sum must be None for last pooling (the state of a mean-pooling model?)")
         return state
 
-    def step(self, x_t: np.ndarray, state: StreamState) -> tuple[np.ndarray, StreamState]:
-        """x_t (batch, d_input) -> (logits (batch, d_output) after this step, new state)."""
+    def _check_x_t(self, x_t: object) -> np.ndarray:
+        """x_t (batch, d_input) checked (finite values, shape) and C-contiguous in the dtype."""
         x_t = check_array("x_t", x_t, ndim=2, min_size=1)
         if x_t.shape[1] != self.d_input:
             raise ValueError(f"x_t must have shape (batch, {self.d_input}), got {x_t.shape}")
+        return np.ascontiguousarray(x_t, dtype=self.dtype)
+
+    def step(self, x_t: np.ndarray, state: StreamState) -> tuple[np.ndarray, StreamState]:
+        """x_t (batch, d_input) -> (logits (batch, d_output) after this step, new state)."""
+        packed = self.packed
+        if packed is None:
+            x_t = self._check_x_t(x_t)
+            return self._python_step(x_t, self._check_state(state, x_t.shape[0]))
+        # The common case in a few attribute tests; the fused kernel checks x_t's values (d_input 1).
+        fast = (type(x_t) is np.ndarray and x_t.dtype == self.dtype and x_t.ndim == 2 and x_t.shape[1] == self.d_input
+                and x_t.shape[0] >= 1 and x_t.flags.c_contiguous and packed.encode)
+        if not fast:
+            x_t = self._check_x_t(x_t)
+        ssm = state.ssm if self._state_fits(state, x_t.shape[0]) else self._kernel_states(state, x_t, fast)
+        logits, ssm, pool_sum = packed.run(x_t[None], ssm, state.pool_sum, state.steps, "x_t")
+        return logits[0], StreamState._of(ssm, pool_sum, state.steps + 1)
+
+    def _kernel_states(self, state: object, x_t: np.ndarray, x_unchecked: bool) -> tuple[np.ndarray, ...]:
+        """The long way of a fused step's checks: the errors in the checked path's order (x_t's
+        first), then the SSM states C-contiguous."""
+        if x_unchecked:
+            self._check_x_t(x_t)
         state = self._check_state(state, x_t.shape[0])
+        return tuple(np.ascontiguousarray(s) for s in state.ssm)
+
+    def _python_step(self, x_t: np.ndarray, state: StreamState) -> tuple[np.ndarray, StreamState]:
+        """``step`` on checked input by the per-op path: the frozen ops one after another."""
         h = self.encoder.forward(x_t)
         ssm = []
         for block, s in zip(self.blocks, state.ssm):
@@ -402,3 +473,20 @@ class S4DModelStream:
             pool_sum = state.pool_sum + h
             h = (pool_sum / steps).astype(self.dtype)
         return self.decoder.forward(h), StreamState(tuple(ssm), pool_sum, steps)
+
+    def run(self, x: np.ndarray, state: StreamState | None = None) -> tuple[np.ndarray, StreamState]:
+        """Every step of x (batch, T, d_input) from ``state`` (default ``initial_state(batch)``) ->
+        (logits (batch, T, d_output) after each step, the state after the last): ``step`` T times,
+        bit for bit, in one kernel call."""
+        x = check_sequence_input("x", x, self.d_input)
+        state = self.initial_state(x.shape[0]) if state is None else self._check_state(state, x.shape[0])
+        if self.packed is None:
+            logits = []
+            for t in range(x.shape[1]):
+                out, state = self.step(x[:, t], state)
+                logits.append(out)
+            return np.stack(logits, axis=1), state
+        steps = np.ascontiguousarray(x.transpose(1, 0, 2), dtype=self.dtype)  # (T, batch, d_input)
+        ssm = tuple(np.ascontiguousarray(s) for s in state.ssm)
+        logits, ssm, pool_sum = self.packed.run(steps, ssm, state.pool_sum, state.steps, "x")
+        return logits.transpose(1, 0, 2), StreamState._of(ssm, pool_sum, state.steps + x.shape[1])

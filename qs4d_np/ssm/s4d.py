@@ -488,6 +488,12 @@ class S4DStepper:
             self._post[-1].linear._params["weight"] = layer.mixing_weight()  # quantized when 'linear' is
         self._snapshot = ParamSnapshot(layer, track)
 
+    @property
+    def post_ops(self) -> tuple[Module, ...]:
+        """The frozen copies the step applies after the core, in order: the activation and the
+        mixing (its weight quantized where the layer quantizes it), those the layer has."""
+        return tuple(self._post)
+
     def initial_state(self, batch: int) -> np.ndarray:
         """Zero state (d_state/2, batch, d_model) complex (mode-major)."""
         return zero_state(batch, self.d_model, self.d_state, self.dtype, mode_major=True)
