@@ -90,7 +90,7 @@ _FLAGS = dict(cache=True, error_model="numpy")  # no ZeroDivisionError check per
 
 @njit(inline="always", **_FLAGS)
 def _core_body(src, dst, p, u, v, s, y, acc, kind, mode):
-    """One layer's SSM core on the batch: src, dst (M, B, H) complex (may be the same array),
+    """One layer's SSM core on the batch: src, dst (M, B, H) complex (distinct arrays),
     p (6, M, H) planes, u (B, H) the layer input, v (VEC_ROWS, H), s (SCAL_COLS,); y (B, H) <-
     the core output (D*u included). acc (B, H) scratch: float64 for the quantized-scan path,
     the dtype for a float state (``CoreStep``'s complex path sums in the dtype). ``kind``,
@@ -268,7 +268,12 @@ def stream_steps(x, enc, ssm, vec, scal, eps, lflags, opts, W, wb, states_in, po
     rstd = np.empty(B)
     act, mixing, norm = opts[ACTIVATION], opts[MIXING], opts[NORM]
     prenorm, residual = opts[PRENORM], opts[RESIDUAL]
+    # Steps alternate between states_out and a second buffer, the last one writing states_out: an
+    # update in place would fail the vectorized loops' no-overlap check (measured ~1.5x slower)
+    other = np.empty_like(states_out) if T > 1 else states_out
     for t in range(T):
+        last = (T - 1 - t) % 2 == 0
+        new, old = (states_out, other) if last else (other, states_out)
         if opts[ENCODE]:
             for b in range(B):
                 xt = x[t, b, 0]
@@ -284,9 +289,8 @@ def stream_steps(x, enc, ssm, vec, scal, eps, lflags, opts, W, wb, states_in, po
             if prenorm and norm != NORM_NONE:
                 _norm(h, un, norm, v[NORM_W], v[NORM_B], eps[l], mean, rstd)
                 u = un
-            src = states_in[l] if t == 0 else states_out[l]
-            _core(src, states_out[l], ssm[l], u, v, scal[l], lflags[l, STATE_KIND], lflags[l, STATE_ROUNDING],
-                  y, acc)
+            src = states_in[l] if t == 0 else old[l]
+            _core(src, new[l], ssm[l], u, v, scal[l], lflags[l, STATE_KIND], lflags[l, STATE_ROUNDING], y, acc)
             if act == ACT_GELU:
                 _gelu(y)
             elif act == ACT_RELU:
