@@ -1,6 +1,9 @@
 """The fused streaming kernel (kernels.stream) against its loop twin (reference/stream.py) over random
 small shapes and options; the fused stream against the per-op Python path, its own step loop and the
 packing's pieces."""
+import ast
+import inspect
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -263,3 +266,11 @@ def test_batchnorm_eval_affine_is_its_evaluation_forward():
     scale, shift = bn.eval_affine()
     assert scale.dtype == shift.dtype == np.float32
     assert np.array_equal(bn.forward(x), x * scale + shift)
+
+
+def test_kernel_module_imports_nothing_above_the_kernels():
+    tree = ast.parse(inspect.getsource(k))
+    names = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    names |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    assert {n for n in names if n.startswith("qs4d_np")} <= {"qs4d_np.kernels.elementwise", "qs4d_np.kernels.fake_quant",
+                                                             "qs4d_np.kernels.norm"}

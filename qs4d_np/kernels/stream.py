@@ -8,14 +8,16 @@ B = batch, H = d_model, M = d_state/2, all float arrays in the layer dtype unles
 
 * ``x`` (T, B, 1) the raw input when ``opts[ENCODE]`` (the encoder is then ``enc`` (2, H):
   weight row, bias), else (T, B, H) the encoder's output, computed by the caller;
-* ``ssm`` (L, 6, M, H): the real and imaginary planes of Abar, Bbar, C, mode-major;
+* ``ssm`` (L, M, 6, H): per mode the real and imaginary rows of Abar, Bbar, C (one
+  contiguous 6-row block per mode: one memory stream);
 * ``vec`` (L, VEC_ROWS, H): per channel D, the state's codes per unit (real, imaginary
   part), the act quantizer's codes per unit and zero point, the norm's weight and bias
   (BatchNorm: its evaluation scale and shift, ``BatchNorm.eval_affine``);
 * ``scal`` (L, SCAL_COLS): the state clip (inf: none) and the state's and act's code bounds;
 * ``eps`` (L,) float64: LayerNorm's eps; ``lflags`` (L, LFLAG_COLS) int64: the state kind
-  (``STATE_FLOAT``, ``STATE_CLIP``, ``STATE_QUANT``), its rounding rule, whether the act
-  quantizer is on and its rounding rule (``quant.grids.ROUNDING`` codes);
+  (``STATE_FLOAT``: no state target, no clip; ``STATE_CLIP``: a clip only; ``STATE_QUANT``),
+  its rounding rule, whether the act quantizer is on and its rounding rule
+  (``quant.grids.ROUNDING`` codes);
 * ``opts`` (OPT_COUNT,) int64: ENCODE, ACTIVATION (``ACT_*``), MIXING (0/1), NORM (``NORM_*``),
   PRENORM, RESIDUAL, POOL (``POOL_*``), the same for every layer;
 * ``W`` (L, H, 2H), ``wb`` (L, 2H): the mixing weight (quantized where the model quantizes
@@ -28,21 +30,24 @@ B = batch, H = d_model, M = d_state/2, all float arrays in the layer dtype unles
 
 Returns (status, count): (0, 0) on success; (-1, 0) when ``x`` holds a NaN or inf (encoder
 input, checked only when ``opts[ENCODE]``); (l + 1, n) when the act quantizer of layer l met
-n non-finite values (the Python path raises for both; outputs are then unspecified).
+n non-finite values in the batch (the Python path raises for both; outputs are then
+unspecified).
 
 The arithmetic is the evaluation forward's, operation by operation, in the layer dtype:
 
 * encoder: x*w, then + bias (BLAS's one-term product; with d_input > 1 the BLAS sum's
   rounding depends on its kernel, so the caller runs that product with NumPy);
-* the SSM core as ``kernels.quant_scan`` orders it (``CoreStep``): v = (ar*xr - ai*xi) +
-  br*u, vi = (ar*xi + ai*xr) + bi*u; clip to [-clip, clip] and quantize
-  clamp(round(w*inv), qmin, qmax)/inv by the rounding rule (``STATE_CLIP`` skips the
-  quantizer, ``STATE_FLOAT`` both); read-out terms cr*xr - ci*xi in the dtype added into a
-  float64 accumulator in mode order 0..M-1, y = 2*acc + D*u rounded once to the dtype;
+* the SSM core in ``CoreStep``'s order (the scan kernel's): v = (ar*xr - ai*xi) + br*u,
+  vi = (ar*xi + ai*xr) + bi*u; with a state target or a clip (``kernels.quant_scan``'s
+  path) clip to [-clip, clip] and quantize clamp(round(w*inv), qmin, qmax)/inv by the
+  rounding rule (``STATE_CLIP`` skips the quantizer), read-out terms cr*xr - ci*xi in the
+  dtype added into a float64 accumulator in mode order 0..M-1, y = 2*acc + D*u rounded once
+  to the dtype: bit for bit the forward's; a float state (the forward's reassociated float
+  scan, ``CoreStep``'s complex path) sums the read-out in the dtype, in mode order;
 * GELU (``elementwise.normal_cdf``, the exact-erf form of the forward's kernel, its float32
   approximation in float32), ReLU; the mixing product summed over the H inputs in order
-  (BLAS orders and fuses its sums differently: a few ulp, absorbed by a quantized act or
-  within the float stream's tolerance), bias + GLU as ``elementwise.glu_forward``;
+  k = 0..H-1 (BLAS orders and fuses its sums differently: a few ulp, absorbed by a quantized
+  act or within the float stream's tolerance), bias + GLU as ``elementwise.glu_forward``;
 * the act quantizer as ``kernels.fake_quant``: clamp(round(v*inv) + zp, qmin, qmax), then
   (q - zp)/inv; residual z + x; LayerNorm by ``norm.layernorm_forward`` itself (its sums are
   reassociated, so only the same compiled kernel gives the same bits), BatchNorm as
@@ -50,9 +55,11 @@ The arithmetic is the evaluation forward's, operation by operation, in the layer
 * mean pooling: the float64 sum + the step's output, divided by the step count, rounded.
 
 No fastmath (the quantized path is bit-exact) and no parallel loops: at batch 1 to 16 a
-step is ~10-100 us of work, less than waking a thread pool costs. Every elementwise loop
-runs over the fast channel axis with its flags dispatched outside (``_core_dispatch``) so
-that LLVM vectorizes it. The float64 loop twin is ``reference/stream.py``.
+step is ~30-1000 us of work on one core, and a parallel region per layer costs thread
+wake-ups on a machine whose other core is usually busy. Each hot loop is its own compiled
+function with its flags as literals (``_core_body``'s copies), runs over the fast channel
+axis and vectorizes; the helpers are not inlined into ``stream_steps`` (inlined, the core's
+loops measured several times slower). The float64 loop twin is ``reference/stream.py``.
 """
 from __future__ import annotations
 
@@ -91,7 +98,7 @@ _FLAGS = dict(cache=True, error_model="numpy")  # no ZeroDivisionError check per
 @njit(inline="always", **_FLAGS)
 def _core_body(src, dst, p, u, v, s, y, acc, kind, mode):
     """One layer's SSM core on the batch: src, dst (M, B, H) complex (distinct arrays),
-    p (6, M, H) planes, u (B, H) the layer input, v (VEC_ROWS, H), s (SCAL_COLS,); y (B, H) <-
+    p (M, 6, H) planes, u (B, H) the layer input, v (VEC_ROWS, H), s (SCAL_COLS,); y (B, H) <-
     the core output (D*u included). acc (B, H) scratch: float64 for the quantized-scan path,
     the dtype for a float state (``CoreStep``'s complex path sums in the dtype). ``kind``,
     ``mode``: literals (one compiled copy each, below)."""

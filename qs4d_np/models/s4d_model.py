@@ -59,7 +59,8 @@ class S4DModel(Module):
     (shape, finiteness); inner ops only check shapes.
 
     Streaming (one input sample per time step, a prediction after every step):
-    ``stream()`` freezes the model in evaluation (``S4DModelStream``, the fast path);
+    ``stream()`` freezes the model in evaluation (``S4DModelStream``, the fast path: one
+    fused kernel call per ``step``, or per ``run`` of many steps);
     ``step(x_t, state)`` with ``initial_state(batch)`` is the one-call form. The logits
     after step t are ``forward(x[:, :t+1], mode="recurrent")``'s to rounding.
     """
