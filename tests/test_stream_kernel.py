@@ -76,7 +76,7 @@ def _outputs(args):
             np.full((T, B, H), np.nan, x.dtype))
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(seed=st.integers(0, 2**31 - 1), B=st.integers(1, 3), T=st.integers(1, 4), L=st.integers(1, 2),
        M=st.integers(1, 4), H=st.integers(1, 6), dtype=st.sampled_from([np.float64, np.float32]),
        encode=st.booleans(), act=st.sampled_from([k.ACT_NONE, k.ACT_GELU, k.ACT_RELU]), mixing=st.booleans(),

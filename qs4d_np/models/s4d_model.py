@@ -346,14 +346,16 @@ class S4DModelStream:
     ``step(x_t, state)`` runs encoder -> blocks -> pooling -> decoder on x_t (batch, d_input)
     and returns (logits (batch, d_output), new ``StreamState``); ``run(x, state)`` does that for
     every step of x (batch, T, d_input) in one kernel call. The logits after step t are those of
-    ``forward(x[:, :t+1], mode="recurrent")`` in evaluation to rounding: bit for bit where the
-    arithmetic is the same. It is for the quantized SSM core (the scan kernel's order), GELU,
-    the act quantizer, residual, the norms (LayerNorm by the forward's own kernel), pooling,
-    the encoder at d_input = 1 (one product) and the decoder (the same BLAS product on the same
-    (batch, H) rows); the mixing product's sums are ordered differently from BLAS's and the
-    forward's float scan reassociates its sums, a few ulp each (a quantized act absorbs the
-    mixing's except at a rounding edge). ``fused=False`` steps the per-op Python path instead
-    (the mixing in BLAS on batch rows; same guarantees); ``run`` then loops ``step``.
+    ``forward(x[:, :t+1], mode="recurrent")`` in evaluation to rounding, and bit for bit where
+    the arithmetic is the same: the quantized or clipped SSM core (the scan kernel's order),
+    GELU, the act quantizer, residual, the norms (LayerNorm by the forward's own kernel),
+    pooling, the encoder at d_input = 1 (one product; BLAS's own otherwise) and the decoder (the
+    same BLAS product on the same (batch, H) rows). Not so: the mixing product, summed in input
+    order where BLAS fuses and reorders (a few ulp, which a quantized act absorbs except at a
+    rounding edge), and a float state, which the forward's scan sums reassociated. Hence a QAT
+    model in float64 streams its forward's logits exactly. ``fused=False`` steps the per-op
+    Python path instead (the mixing in BLAS on batch rows; the same guarantees), and ``run``
+    then loops ``step``.
 
     A snapshot: parameters, buffers (BatchNorm statistics) or quantizer ranges changed in the
     model after ``stream()`` do not reach it; ``is_current()`` says whether the model still holds

@@ -4,8 +4,9 @@
 ``S4DStepper``'s ``CoreStep`` and act ``StaticQuant``, the activation and mixing copies, the
 norm; the encoder and decoder copies with their evaluation weights) and lays them out as
 ``kernels.stream.stream_steps`` takes them, once. ``run`` then costs one kernel call for any
-number of steps, plus the BLAS products whose rounding belongs to BLAS: the decoder of every
-step, and the encoder when d_input > 1 (one-term products, d_input = 1, run in the kernel).
+number of steps, plus the BLAS products whose rounding belongs to BLAS, run with NumPy as the
+forward runs them: the decoder of every step, and the encoder when d_input > 1 (at d_input = 1
+each output is one product, which the kernel computes exactly as BLAS does).
 """
 from __future__ import annotations
 
@@ -86,7 +87,7 @@ class PackedStream:
                 vec[i, k.ACT_INV], vec[i, k.ACT_ZP] = act.inv, act.zp  # a per-tensor scale repeats
                 scal[i, [k.ACT_QMIN, k.ACT_QMAX]] = act.qmin, act.qmax
             if mixing is not None:
-                linear = {type(op): op for op in block.ssm.post_ops}[PointwiseGLU].linear
+                linear = block.ssm.post_ops[-1].linear  # the mixing comes last
                 W[i], wb[i] = linear.params["weight"], linear.params["bias"]
         enc = stream.encoder.params
         self._enc_w, self._enc_b = enc["weight"].copy(), enc["bias"].copy()
