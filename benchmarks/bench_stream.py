@@ -6,11 +6,17 @@ running state / act ranges calibrated in recurrent mode. Paths:
 
 * ``model.step`` (per call): ``S4DModel.step(x_t, state)``, which derives every
   layer's (quantized) parameters, state quantizer and act scales anew on each call;
-* ``stream.step``: ``stream = model.stream()`` built once (its build time is printed
-  too), then only the step's arithmetic;
-* ``forward / L``: one whole-sequence recurrent forward of ``--length`` steps divided
-  by the length, for scale (a forward cannot give a prediction per step without
-  re-running the prefix).
+* ``stream.step, per-op``: ``model.stream(fused=False)`` built once, then each step runs
+  the frozen ops one after another (NumPy, BLAS, one small kernel each);
+* ``stream.step, fused``: ``model.stream()``, one fused Numba call per step
+  (``kernels.stream``) plus the decoder's BLAS product;
+* ``stream.run, fused``: ``stream.run(x)`` over ``--steps`` steps in one call, per step;
+* ``torch step loop``: the same architecture in ``torch.nn`` with the same (quantized)
+  weights and scales copied in, stepped one sample at a time under ``torch.no_grad()`` on
+  ``torch.set_num_threads(1)`` (the fused step runs on one thread too); skipped with a
+  line when torch is not importable;
+* ``stream() build`` and ``forward / L`` (one whole-sequence recurrent forward of
+  ``--length`` steps divided by the length), for scale.
 
 The cases are interleaved per round so a change of load on the shared machine hits
 them alike; each prints the median over ``--repeats`` rounds of the mean step time
@@ -27,6 +33,78 @@ import time
 from typing import Any, Callable
 
 import numpy as np
+
+
+def torch_peer(stream: Any) -> Callable | None:
+    """A ``torch.nn`` twin of the frozen stream (the s4d-example structure: GELU, GLU mixing,
+    LayerNorm postnorm, residual, mean pooling; quantized state and act where the stream has
+    them, ties to even), its weights copied from the stream's frozen pieces. Returns
+    ``step(x_t, state) -> (logits, state)`` on NumPy x_t (batch, d_input) with its own state
+    (None before the first step), or None without torch."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    torch.set_num_threads(1)
+    t = lambda a: torch.from_numpy(np.array(a, dtype=np.float32))  # a writable copy  # noqa: E731
+
+    def linear(params: dict) -> torch.nn.Linear:
+        W = params["weight"]
+        lin = torch.nn.Linear(*W.shape)
+        lin.weight.data, lin.bias.data = t(W.T), t(params["bias"])
+        return lin
+
+    class Layer(torch.nn.Module):
+        def __init__(self, block: Any) -> None:
+            super().__init__()
+            core, self.act = block.ssm.core, block.ssm.act
+            # (M, 1, H): mode-major like the stream's state (M, batch, H)
+            self.planes = [t(part.T[:, None]) for z in (core.Abar, core.Bbar, core.C) for part in (z.real, z.imag)]
+            self.D = t(core.D)
+            self.clip = None if core.clip is None else float(core.clip)
+            self.state_q = None if core.state is None else [(t(q.inv), float(q.qmin), float(q.qmax))
+                                                            for q in core.state]
+            self.mixing = linear(block.ssm.post_ops[-1].linear.params)
+            norm = block.norm
+            self.norm = torch.nn.LayerNorm(norm.d, eps=norm.eps)
+            self.norm.weight.data, self.norm.bias.data = t(norm.params["weight"]), t(norm.params["bias"])
+
+        def forward(self, h: torch.Tensor, xr: torch.Tensor, xi: torch.Tensor) -> tuple:
+            ar, ai, br, bi, cr, ci = self.planes
+            vr = (ar * xr - ai * xi) + br * h
+            vi = (ar * xi + ai * xr) + bi * h
+            if self.clip is not None:
+                vr, vi = vr.clamp(-self.clip, self.clip), vi.clamp(-self.clip, self.clip)
+            if self.state_q is not None:
+                (inv_r, lo, hi), (inv_i, _, _) = self.state_q
+                vr = torch.round(vr * inv_r).clamp(lo, hi) / inv_r
+                vi = torch.round(vi * inv_i).clamp(lo, hi) / inv_i
+            y = 2 * (cr * vr - ci * vi).sum(0) + self.D * h
+            y = torch.nn.functional.glu(self.mixing(torch.nn.functional.gelu(y)), dim=-1)
+            if self.act is not None:
+                inv, zp = t(self.act.inv), t(self.act.zp)
+                y = ((torch.round(y * inv) + zp).clamp(float(self.act.qmin), float(self.act.qmax)) - zp) / inv
+            return self.norm(y + h), vr, vi
+
+    encoder, decoder = linear(stream.encoder.params), linear(stream.decoder.params)
+    layers = [Layer(b) for b in stream.blocks]
+    M, H = stream.d_state // 2, stream.d_model
+
+    @torch.no_grad()
+    def step(x_t: np.ndarray, state: Any) -> tuple:
+        if state is None:
+            zeros = torch.zeros(M, x_t.shape[0], H)
+            state = ([(zeros, zeros)] * len(layers), torch.zeros(x_t.shape[0], H, dtype=torch.float64), 0)
+        planes, pool_sum, steps = state
+        h = encoder(torch.from_numpy(x_t))
+        new = []
+        for layer, (xr, xi) in zip(layers, planes):
+            h, xr, xi = layer(h, xr, xi)
+            new.append((xr, xi))
+        pool_sum = pool_sum + h
+        return decoder((pool_sum / (steps + 1)).float()), (new, pool_sum, steps + 1)
+
+    return step
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -51,10 +129,14 @@ def main(argv: list[str] | None = None) -> None:
                                quant=QuantConfig(2 ** args.bits, target_options=running))
     calibrate(qat, [rng.standard_normal((8, args.length, 1)).astype(np.float32)], mode="recurrent")
     models = {"float": S4DModel.from_preset("s4d-example", 1, 10, seed=0), f"QAT {args.bits} bits": qat}
+    peers = {m: torch_peer(model.stream()) for m, model in models.items()}
+    if any(p is None for p in peers.values()):
+        print("torch is not importable: the torch step loop is skipped (pip install torch to compare)\n")
 
     for batch in args.batch:
         x = rng.standard_normal((batch, args.length, 1)).astype(np.float32)
         x_t = x[:, 0]
+        chunk = np.ascontiguousarray(x[:, :args.steps])
 
         def stepping(step: Callable, state: Any) -> float:
             """Mean time of ``--steps`` calls of step(x_t, state) -> (logits, state)."""
@@ -62,6 +144,11 @@ def main(argv: list[str] | None = None) -> None:
             for _ in range(args.steps):
                 _, state = step(x_t, state)
             return (time.perf_counter() - t0) / args.steps
+
+        def running_chunk(stream: Any) -> float:
+            t0 = time.perf_counter()
+            stream.run(chunk)
+            return (time.perf_counter() - t0) / chunk.shape[1]
 
         def build(model: S4DModel) -> float:
             t0 = time.perf_counter()
@@ -73,23 +160,43 @@ def main(argv: list[str] | None = None) -> None:
             model.forward(x, mode="recurrent")
             return (time.perf_counter() - t0) / args.length
 
-        paths = {"model.step (per call)": lambda m: stepping(m.step, m.initial_state(batch)),
-                 "stream.step": lambda m: stepping(m.stream().step, m.initial_state(batch)),
-                 "stream() build": build,
-                 f"forward / L (L = {args.length})": forward}
+        streams = {m: (model.stream(), model.stream(fused=False)) for m, model in models.items()}
+        paths: dict[str, Callable[[str, S4DModel], float]] = {
+            "model.step (per call)": lambda m, model: stepping(model.step, model.initial_state(batch)),
+            "stream.step, per-op": lambda m, model: stepping(streams[m][1].step, model.initial_state(batch)),
+            "stream.step, fused": lambda m, model: stepping(streams[m][0].step, model.initial_state(batch)),
+            "stream.run, fused": lambda m, model: running_chunk(streams[m][0]),
+            "stream() build": lambda m, model: build(model),
+            f"forward / L (L = {args.length})": lambda m, model: forward(model),
+        }
+        if all(p is not None for p in peers.values()):
+            paths["torch step loop (no_grad)"] = lambda m, model: stepping(peers[m], None)
+            for m, model in models.items():  # the peer computes what the stream computes
+                want, _ = streams[m][0].run(x[:, :5])
+                state, got = None, []
+                for t in range(5):
+                    logits, state = peers[m](np.ascontiguousarray(x[:, t]), state)
+                    got.append(logits.numpy())
+                print(f"torch peer vs stream ({m}, batch {batch}): max |logits diff| over 5 steps "
+                      f"{np.abs(np.stack(got, axis=1) - want).max():.1e}")
         times: dict[tuple[str, str], list[float]] = {(m, p): [] for m in models for p in paths}
         loads = []
         for round_ in range(args.repeats + 1):  # round 0 warms up (Numba compilation, BLAS pool)
             for m, model in models.items():
                 for p, fn in paths.items():
-                    t = fn(model)
+                    t = fn(m, model)
                     if round_:
                         times[m, p].append(t)
             loads.append(os.getloadavg()[0])
         print(f"== streaming s4d-example 4 x 128, N = 64, batch {batch}, float32: median of {args.repeats} "
               f"interleaved rounds (1-min load {min(loads):.2f}..{max(loads):.2f}) ==")
         for (m, p), ts in times.items():
-            print(f"{m:12s} {p:28s} {1e3 * np.median(ts):9.3f} ms{'' if 'build' in p else ' per step'}")
+            per = "" if "build" in p else f" per step = {1e6 * np.median(ts) / batch:8.1f} us per sample"
+            print(f"{m:12s} {p:28s} {1e3 * np.median(ts):9.3f} ms{per}")
+        if "torch step loop (no_grad)" in paths:
+            for m in models:
+                ratio = np.median(times[m, "torch step loop (no_grad)"]) / np.median(times[m, "stream.step, fused"])
+                print(f"{m:12s} torch step loop / fused stream.step: {ratio:.1f}x")
         print()
 
 

@@ -1,4 +1,4 @@
-"""S4D's quantization wiring (qs4d_np.ssm.quantized): checkpoint keys, effective parameters,
+"""S4D's quantization wiring (qs4d_np.ssm.core, ssm.params, quant.state): checkpoint keys, effective parameters,
 quantized_recurrent(calib) and streaming a quantized layer bit for bit."""
 import copy
 import gc

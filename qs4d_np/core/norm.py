@@ -109,7 +109,6 @@ class BatchNorm(_ChannelNorm):
     def forward(self, x: np.ndarray, training: bool = False) -> np.ndarray:
         x2 = self._rows(x)
         rows = x2.shape[0]
-        weight, bias = self._params["weight"], self._params["bias"]
         if training:
             if rows < 2:
                 raise ValueError(f"BatchNorm in training needs more than 1 value per channel, got x of shape {x.shape}")
@@ -120,12 +119,24 @@ class BatchNorm(_ChannelNorm):
         else:
             mean = self.buffers["running_mean"].astype(np.float64)
             var = self.buffers["running_var"].astype(np.float64)
-        rstd = 1.0 / np.sqrt(var + self.eps)
-        scale = weight * rstd
+        rstd, scale, shift = self._affine(mean, var)
         out = np.empty_like(x2)
-        column_affine(x2, scale.astype(self.dtype), (bias - mean * scale).astype(self.dtype), out)
+        column_affine(x2, scale, shift, out)
         self._cache = (x2, mean, rstd, training, x.shape)
         return out.reshape(x.shape)
+
+    def _affine(self, mean: np.ndarray, var: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(rstd float64, scale, shift in ``dtype``), each (d,): the forward's y = x*scale + shift."""
+        rstd = 1.0 / np.sqrt(var + self.eps)
+        scale = self._params["weight"] * rstd
+        return rstd, scale.astype(self.dtype), (self._params["bias"] - mean * scale).astype(self.dtype)
+
+    def eval_affine(self) -> tuple[np.ndarray, np.ndarray]:
+        """(scale, shift), each (d,) in ``dtype``: evaluation maps x to x*scale + shift with exactly
+        these values (from the running statistics), e.g. for a fused streaming kernel."""
+        _, scale, shift = self._affine(self.buffers["running_mean"].astype(np.float64),
+                                       self.buffers["running_var"].astype(np.float64))
+        return scale, shift
 
     def backward(self, grad: np.ndarray) -> np.ndarray:
         x2, mean, rstd, training, shape = self._saved()

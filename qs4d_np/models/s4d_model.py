@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -12,12 +11,13 @@ from qs4d_np.core.checks import check_array, check_choice, check_int, check_sequ
 from qs4d_np.core.linear import Linear
 from qs4d_np.core.module import Module
 from qs4d_np.core.pooling import LastPool, MeanPool
+from qs4d_np.core.snapshot import snapshot
 from qs4d_np.io import atomic_save_npz, atomic_write_json, load_json, load_npz
-from qs4d_np.models.block import BlockStepper, S4DBlock
+from qs4d_np.models.block import S4DBlock
+from qs4d_np.models.stream import S4DModelStream, StreamState
 from qs4d_np.quant.config import QuantConfig
 from qs4d_np.quant.quantizer import Quantizer
 from qs4d_np.quant.weights import WeightQuant
-from qs4d_np.core.snapshot import ParamSnapshot, snapshot
 from qs4d_np.ssm.s4d import ABARS, MODES
 from qs4d_np.ssm.stream import zero_state
 
@@ -60,7 +60,8 @@ class S4DModel(Module):
     (shape, finiteness); inner ops only check shapes.
 
     Streaming (one input sample per time step, a prediction after every step):
-    ``stream()`` freezes the model in evaluation (``S4DModelStream``, the fast path);
+    ``stream()`` freezes the model in evaluation (``S4DModelStream``, the fast path: one
+    fused kernel call per ``step``, or per ``run`` of many steps);
     ``step(x_t, state)`` with ``initial_state(batch)`` is the one-call form. The logits
     after step t are ``forward(x[:, :t+1], mode="recurrent")``'s to rounding.
     """
@@ -163,10 +164,11 @@ class S4DModel(Module):
         pool_sum = np.zeros(ssm[0].shape[1:]) if c["pool"] == "mean" else None
         return StreamState(ssm, pool_sum, 0)
 
-    def stream(self) -> "S4DModelStream":
+    def stream(self, fused: bool = True) -> "S4DModelStream":
         """This model in evaluation, frozen for streaming (``S4DModelStream``): every per-stream
-        constant is derived once here; then ``stream.step(x_t, state)`` costs the arithmetic only."""
-        return S4DModelStream(self, "S4DModel.stream()")
+        constant is derived once here; then ``stream.step(x_t, state)`` costs the arithmetic only
+        (one fused kernel call per step; ``fused=False``: the per-op Python path)."""
+        return S4DModelStream(self, "S4DModel.stream()", fused=fused)
 
     def step(self, x_t: np.ndarray, state: "StreamState") -> tuple[np.ndarray, "StreamState"]:
         """One time step in evaluation: x_t (batch, d_input), ``state`` from ``initial_state(batch)``
@@ -292,113 +294,3 @@ class S4DModel(Module):
             if np.iscomplexobj(value) and not np.iscomplexobj(target):
                 raise ValueError(f"{source}: array {key!r} is complex, expected real {target.dtype}")
             target[...] = value
-
-
-@dataclass(frozen=True)
-class StreamState:
-    """What a streamed ``S4DModel`` carries from one time step to the next.
-
-    * ``ssm``: one (d_state/2, batch, d_model) complex array per block, its layer's SSM state
-      (the quantized state where the state is quantized), mode-major as ``S4DStepper``'s
-      (``ssm[i].transpose(1, 2, 0)`` is ``S4D.step``'s (batch, d_model, d_state/2));
-    * ``pool_sum``: mean pooling: (batch, d_model) float64, the sum over the steps so far of the
-      last block's outputs; None for last pooling (the prediction needs only the current step);
-    * ``steps``: the number of steps taken (the mean's divisor).
-
-    Steps return a new state and never modify the one passed in, so a state can be kept to
-    branch from. ``S4DModelStream.step`` checks it against the model and x_t's batch.
-    """
-
-    ssm: tuple[np.ndarray, ...]
-    pool_sum: np.ndarray | None
-    steps: int
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.ssm, tuple) or not self.ssm or not all(isinstance(s, np.ndarray) for s in self.ssm):
-            raise TypeError(f"StreamState.ssm must be a non-empty tuple of arrays (one per block), got {self.ssm!r}")
-        check_int("StreamState.steps", self.steps, min_value=0)
-
-    @property
-    def batch(self) -> int:
-        return self.ssm[0].shape[1]
-
-
-class S4DModelStream:
-    """An ``S4DModel`` in evaluation, frozen for streaming one input sample per time step
-    (``S4DModel.stream()``).
-
-    Built once: copies of the encoder and decoder with their (quantized) weights, one
-    ``BlockStepper`` per block (each layer's quantized SSM parameters, state quantizer, mixing
-    weight and act scales derived once) and the pooling. ``step(x_t, state)`` runs encoder ->
-    blocks -> pooling -> decoder on x_t (batch, d_input) and returns (logits (batch, d_output),
-    new ``StreamState``); the logits after step t are those of ``forward(x[:, :t+1],
-    mode="recurrent")`` in evaluation to rounding (the products run on batch rows instead of
-    batch*length rows; where the arithmetic is the same, bit for bit).
-
-    A snapshot: parameters, buffers (BatchNorm statistics) or quantizer ranges changed in the
-    model after ``stream()`` do not reach it; ``is_current()`` says whether the model still holds
-    what the stream was built from; build a new stream after a change. State and act ranges must
-    be static (``fixed``, calibrated ``running``, initialised ``learned``): a data-dependent
-    (``absmax``) range is refused with an error naming the layer and the quantizer.
-    ``track=False`` skips the snapshot behind ``is_current`` (``S4DModel.step``'s one-step use).
-    """
-
-    def __init__(self, model: S4DModel, where: str = "S4DModelStream", track: bool = True) -> None:
-        c = model.config
-        self.d_input, self.d_model, self.d_state = model.d_input, c["d_model"], c["d_state"]
-        self.dtype, self.pool = model.dtype, c["pool"]
-        self.blocks = [BlockStepper(b, f"{where}, layer {i} (layers.{i}.ssm)", track=False)
-                       for i, b in enumerate(model.blocks)]
-        self.encoder = model.frozen_coder("encoder")
-        self.decoder = model.frozen_coder("decoder")
-        self._model = model
-        self._snapshot = ParamSnapshot(model, track)
-
-    def initial_state(self, batch: int) -> StreamState:
-        """The state before the first step (``S4DModel.initial_state``)."""
-        return self._model.initial_state(batch)
-
-    def is_current(self) -> bool:
-        """Whether the model's parameters and buffers are still those this stream was built from."""
-        return self._snapshot.is_current()
-
-    def _check_state(self, state: object, batch: int) -> StreamState:
-        if not isinstance(state, StreamState):
-            raise TypeError(f"state must be a StreamState (from initial_state(batch) or the previous step), "
-                            f"got {type(state).__name__}")
-        if len(state.ssm) != len(self.blocks):
-            raise ValueError(f"state.ssm must hold {len(self.blocks)} arrays (one per block), got {len(state.ssm)}")
-        shape = (self.d_state // 2, batch, self.d_model)
-        cdtype = self.blocks[0].initial_state(1).dtype
-        for i, s in enumerate(state.ssm):
-            if s.shape != shape or s.dtype != cdtype:
-                raise ValueError(f"state.ssm[{i}] must have shape {shape} and dtype {cdtype} (x_t has batch "
-                                 f"{batch}), got shape {s.shape} and dtype {s.dtype}")
-        if self.pool == "mean":
-            if not (isinstance(state.pool_sum, np.ndarray) and state.pool_sum.shape == shape[1:]
-                    and state.pool_sum.dtype == np.float64):
-                got = (f"shape {state.pool_sum.shape} and dtype {state.pool_sum.dtype}"
-                       if isinstance(state.pool_sum, np.ndarray) else repr(state.pool_sum))
-                raise ValueError(f"state.pool_sum must be a float64 array of shape {shape[1:]} for mean pooling, "
-                                 f"got {got}")
-        elif state.pool_sum is not None:
-            raise ValueError("state.pool_sum must be None for last pooling (the state of a mean-pooling model?)")
-        return state
-
-    def step(self, x_t: np.ndarray, state: StreamState) -> tuple[np.ndarray, StreamState]:
-        """x_t (batch, d_input) -> (logits (batch, d_output) after this step, new state)."""
-        x_t = check_array("x_t", x_t, ndim=2, min_size=1)
-        if x_t.shape[1] != self.d_input:
-            raise ValueError(f"x_t must have shape (batch, {self.d_input}), got {x_t.shape}")
-        state = self._check_state(state, x_t.shape[0])
-        h = self.encoder.forward(x_t)
-        ssm = []
-        for block, s in zip(self.blocks, state.ssm):
-            h, s = block.step(h, s, checked=True)
-            ssm.append(s)
-        steps = state.steps + 1
-        pool_sum = None
-        if self.pool == "mean":
-            pool_sum = state.pool_sum + h
-            h = (pool_sum / steps).astype(self.dtype)
-        return self.decoder.forward(h), StreamState(tuple(ssm), pool_sum, steps)

@@ -319,11 +319,17 @@ class S4DStepper:
         self.core = layer.core.frozen()
         act = layer.act_quantizer
         self.act: FrozenQuant | None = None if act is None else act.frozen(self.dtype)
-        self.post: list[Module] = [snapshot(op) for op in (layer.activation, layer.mixing) if op is not None]
+        self._post: list[Module] = [snapshot(op) for op in (layer.activation, layer.mixing) if op is not None]
         if layer.mixing is not None:
             # the copy's own weight array, overwritten in place with the weight the forward uses
-            self.post[-1].linear.params["weight"][...] = layer.mixing_weight()
+            self._post[-1].linear.params["weight"][...] = layer.mixing_weight()
         self._snapshot = ParamSnapshot(layer, track)
+
+    @property
+    def post_ops(self) -> tuple[Module, ...]:
+        """The frozen copies the step applies after the core, in order: the activation and the
+        mixing (its weight quantized where the layer quantizes it), those the layer has."""
+        return tuple(self._post)
 
     def initial_state(self, batch: int) -> np.ndarray:
         """Zero state (d_state/2, batch, d_model) complex (mode-major)."""
@@ -339,7 +345,7 @@ class S4DStepper:
         if not checked:
             u_t, state = check_step(u_t, state, self.d_model, self.d_state, self.dtype, mode_major=True)
         y, x = self.core.step(u_t, state)
-        for op in self.post:
+        for op in self._post:
             y = op.forward(y)
         if self.act is not None:
             y = self.act.apply(y)
