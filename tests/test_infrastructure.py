@@ -134,3 +134,15 @@ def test_atomic_files_get_the_umask_mode(tmp_path):
     finally:
         os.umask(old)
     assert (tmp_path / "m.json").stat().st_mode & 0o777 == 0o644
+
+
+def test_no_merge_conflict_markers_left_in_the_tree():
+    from pathlib import Path
+    root = Path(__file__).resolve().parent.parent
+    files = [p for d in ("qs4d_np", "reference", "tests", "examples", "benchmarks", "docs", "validation")
+             for p in (root / d).rglob("*") if p.suffix in (".py", ".md", ".v", ".cfg", ".toml")]
+    files += [root / "README.md", root / "setup.cfg", root / "Makefile"]
+    marked = [f"{p.relative_to(root)}:{i + 1}" for p in files
+              for i, line in enumerate(p.read_text(errors="replace").splitlines())
+              if line.startswith(("<<<<<<< ", ">>>>>>> "))]
+    assert not marked, marked
