@@ -61,3 +61,18 @@ def test_golden_export_is_byte_identical(tmp_path):
     assert set(got) == set(want), sorted(set(got) ^ set(want))
     changed = sorted(k for k in want if got[k] != want[k])
     assert not changed, f"{len(changed)} exported file(s) changed, first {changed[:3]}"
+
+
+def test_training_run_saved_before_the_change_resumes(tmp_path):
+    # the run identity compares the saved quantization config as from_dict reads it (options added
+    # since take what the run computed with) and parameter groups by name, not by order
+    import shutil
+    from qs4d_np.cli.main import main
+    run = tmp_path / "run"
+    shutil.copytree(DATA / "run_qat16", run)
+    before = json.loads((run / "results.json").read_text())
+    code = main(["train", "--limit-train", "60", "--limit-test", "20", "--epochs", "1", "--d_model_m", "4",
+                 "--d_state", "4", "--n_layers_m", "1", "--all_quant", "16", "--mode", "recurrent", "--seed", "0",
+                 "--out", str(run), "--resume", "--quiet"])
+    assert code == 0
+    assert json.loads((run / "results.json").read_text())["test_acc"] == before["test_acc"]

@@ -51,6 +51,13 @@ def test_inline_children_keep_the_parents_names():
     outer.zero_grads()
     assert list(outer.grads) == ["a.w", "b.w", "c.w"]
     assert outer.children()["core"] is inner  # still a child by its name
+    clash = Module()
+    clash.add_child("one", Scale(), inline=True)
+    clash.add_child("two", Scale(), inline=True)  # both would be "w": refused, not shadowed
+    with pytest.raises(ValueError, match="two entries named 'w'"):
+        clash.params
+    clash.add_child("two", Scale())  # re-added as an ordinary child: its names get the prefix again
+    assert list(clash.params) == ["w", "two.w"]
 
 
 def test_zero_grads_set_grad_and_kept_caches_reach_every_descendant():

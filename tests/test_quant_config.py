@@ -192,3 +192,16 @@ def test_target_options_are_typed_validated_once_and_frozen():
         TargetOptions("A", **{**cfg.options_for("A"), "abar_bound": 1})
     with pytest.raises(ValueError, match="target must be one of"):
         cfg.target("E")
+
+
+def test_dicts_saved_before_per_channel_scalars_keep_what_they_computed():
+    for per_channel in (False, True):
+        old = QuantConfig(16, per_channel=per_channel).to_dict()
+        del old["options"]["per_channel_scalars"]
+        back = QuantConfig.from_dict(old)
+        # per channel, dt and D had a scale per value; per tensor the option changes nothing: default
+        assert back.options_for("D")["per_channel_scalars"] is per_channel
+        assert back == QuantConfig(16, per_channel=per_channel, per_channel_scalars=per_channel)
+    old = QuantConfig(16, target_options={"D": {"per_channel": True}}).to_dict()
+    del old["options"]["per_channel_scalars"]
+    assert QuantConfig.from_dict(old).target("D").per_channel  # a per-target per_channel counts too

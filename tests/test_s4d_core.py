@@ -74,3 +74,29 @@ def test_core_checks_its_input_and_gradient():
     c.forward(u)
     with pytest.raises(ValueError, match="grad must have the forward output's shape"):
         c.backward(g[:, :3])
+
+
+@pytest.mark.parametrize("abar", ["continuous", "discrete"])
+def test_learned_steps_a_mode_does_not_run_get_zero_gradients(abar):
+    # every learned step needs a gradient entry for the optimizer; those of quantizers the mode did
+    # not run (conv: state, Bbar, D, a continuous core's Abar; recurrent: K, u, A) are zero
+    c, (u, g) = core(abar=abar, quant=QuantConfig(16, scale_mode="learned")), u_and_g()
+    ran = {"conv": {"A", "C", "dt", "K", "u"} | ({"Abar"} if abar != "continuous" else set()),
+           "recurrent": {"Abar", "B", "C", "D", "dt", "x"}}
+    for mode in ("conv", "recurrent"):
+        c.forward(u, training=True, mode=mode)
+        c.backward(g)
+        assert set(c.grads) == set(c.params)
+        for key, q in c.q.items():
+            if q is not None:
+                assert np.any(q.grads["step"] != 0) == (key in ran[mode]), (mode, key)
+
+
+def test_state_quantizer_freezes_per_part_only():
+    c = core(quant=QuantConfig(state=256, target_options={"state": {"scale_mode": "fixed", "fixed_range": 2.0}}))
+    re, im = c.state_quantizer.frozen_parts(H, np.dtype(np.float64))
+    assert re.inv.shape == im.inv.shape == (H,) and not re.check_finite
+    with pytest.raises(TypeError, match="use frozen_parts"):
+        c.state_quantizer.frozen(np.float64)
+    with pytest.raises(ValueError, match="needs a C-contiguous array"):
+        re.apply(np.zeros((H, 4)).T)

@@ -140,6 +140,9 @@ def add_quant_flags(parser: argparse.ArgumentParser) -> None:
     add_grid_flags(group)
     group.add_argument("--no_abar_bound", action="store_true",
                        help="let rounding put the quantized Abar outside the unit circle (default: kept inside)")
+    group.add_argument("--per_channel_scalars", action="store_true",
+                       help="with --granularity channel: one scale per value for dt and D (default: one per "
+                            "tensor; a scale per value stores them at full precision)")
 
 
 def add_grid_flags(group: argparse._ActionsContainer) -> None:
@@ -157,7 +160,7 @@ def quant_config(args: argparse.Namespace) -> Any:
         return None
     from qs4d_np.quant import QuantConfig
     return QuantConfig(levels.pop("all", None), grid=args.grid, per_channel=args.granularity == "channel",
-                       abar_bound=not args.no_abar_bound, **levels)
+                       abar_bound=not args.no_abar_bound, per_channel_scalars=args.per_channel_scalars, **levels)
 
 
 def task_name(dataset: str, grayscale: bool) -> str:

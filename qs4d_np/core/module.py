@@ -60,6 +60,8 @@ class Module:
         self._children[name] = module
         if inline:
             self._inline.add(name)
+        else:
+            self._inline.discard(name)
         return module
 
     def _child_prefix(self, name: str, prefix: str) -> str:
@@ -81,7 +83,10 @@ class Module:
         out = dict(own)
         for name, child in self._children.items():
             for key, value in getattr(child, of_child).items():
-                out[key if name in self._inline else f"{name}.{key}"] = value
+                full = key if name in self._inline else f"{name}.{key}"
+                if full in out:  # an inline child's entry would hide the parent's, or another's
+                    raise ValueError(f"{type(self).__name__}: two entries named {full!r} (inline child {name!r})")
+                out[full] = value
         return out
 
     @property

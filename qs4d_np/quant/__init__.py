@@ -19,9 +19,10 @@ Modules (one job each):
   builds whole models and lives in ``qs4d_np.train.ptq``.
 
 How the pieces plug into the S4D layer and model (implemented in ``ssm.s4d.S4D``
-and ``models.s4d_model.S4DModel``; the S4D docstring has the table of places):
+and ``models.s4d_model.S4DModel``; ``ssm.core``'s docstring has the table of places):
 
-1. ``S4DModel(..., quant=QuantConfig(...))`` passes the config down; layer i asks
+1. ``S4DModel(..., quant=QuantConfig(...))`` passes the config down; in layer i the core (A ... state)
+   and the layer (linear, act) ask
    ``cfg.quantizer_for(target, layer=i, axis=..., n_scales=...)`` for each target and
    gets a ``Quantizer`` or None (float). Quantizers become children
    (``add_child("quant_A", q)``) so learned steps appear in ``.params`` and their

@@ -331,7 +331,10 @@ class QuantConfig:
             raise ValueError(f"QuantConfig dict must have keys {sorted(expected)}, got {sorted(data)}")
         # saved before abar_bound existed: the Abar codes were unbounded, and stay so; saved before
         # per_channel_scalars existed: per channel gave dt and D one scale per value, and still does
-        options = {"abar_bound": False, "per_channel_scalars": True, **data["options"]}
+        # (where neither was per channel the option changes nothing, and takes its default)
+        saved = data["options"]
+        per_channel = [{**saved, **data["target_options"].get(t, {})}.get("per_channel", False) for t in SCALAR_TARGETS]
+        options = {"abar_bound": False, "per_channel_scalars": any(per_channel), **saved}
         return cls(data["all"], target_options=data["target_options"], **data["levels"], **options)
 
     def __eq__(self, other: object) -> bool:

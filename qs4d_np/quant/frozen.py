@@ -10,7 +10,7 @@ kernel the forward runs (``kernels.fake_quant.fake_quant_forward``, rounding by
 ``kernels.quant_scan`` (adding and subtracting 0 changes no value), so the same
 form serves the recurrent state and the layer outputs.
 
-``Quantizer.frozen`` and ``StateQuantizer.frozen`` build them.
+``Quantizer.frozen`` and ``StateQuantizer.frozen_parts`` build them.
 """
 from __future__ import annotations
 
@@ -56,6 +56,8 @@ class FrozenQuant:
 
     def apply(self, v: np.ndarray) -> np.ndarray:
         """Fake-quantize v (..., H), C-contiguous in the scales' dtype, in place; returns v."""
+        if not v.flags.c_contiguous:  # reshape would copy, and the in-place result would be lost
+            raise ValueError(f"{self.name}: FrozenQuant.apply needs a C-contiguous array, got strides {v.strides}")
         flat = v.reshape(-1)  # a view: v is contiguous
         C = self.inv.size
         if C != 1 and v.shape[-1] != C:

@@ -20,7 +20,7 @@ it at each step. This module owns everything else about it:
   ``calibrate`` (``calibrating``), fold in the batch's float states instead;
 * the straight-through backward: the scan returns dL/dstep; ``step_grad`` turns it
   into the learned step's gradient with the LSQ scale 1/sqrt(count*qpos);
-* the frozen form for streaming (``frozen``): one ``FrozenQuant`` per part.
+* the frozen form for streaming (``frozen_parts``): one ``FrozenQuant`` per part.
 
 Scales run per tensor, per channel (``axis`` 0 of the (H, M) state) and, with
 ``complex_mode="cartesian"``, separately for the real and imaginary parts
@@ -117,10 +117,14 @@ class StateQuantizer(Quantizer):
         g = lsq_grad_scale(entries / self.n_scales, self.spec.code_grid.qpos) if self.lsq_grad_scale else 1.0
         self._grads["step"] = (flat * g).astype(self.dtype)
 
+    def frozen(self, dtype: np.dtype) -> FrozenQuant:
+        """Not for the state: it is frozen per part (``frozen_parts``)."""
+        raise TypeError(f"{self.name}: the state quantizer freezes into one quantizer per part; "
+                        "use frozen_parts(H, dtype)")
+
     def frozen_parts(self, H: int, dtype: np.dtype) -> tuple[FrozenQuant, FrozenQuant]:
         """The static range frozen for streaming: (real part, imaginary part), each with (H,) codes per
         unit in ``dtype`` and no finiteness check (the scan saturates). Raises for a data-dependent range."""
-        self._check_recurrent()
         inv = self.scan_scales(None, np.zeros((H, 1)), np.zeros((H, 1)), np.inf).per_channel_inv(H, dtype)
         return tuple(FrozenQuant.of(self.spec, inv[:, i], None, f"{self.name} ({part})", dtype, False)
                      for i, part in enumerate(("real part", "imaginary part")))

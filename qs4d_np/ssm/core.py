@@ -350,10 +350,15 @@ class S4DCore(Module):
         return du
 
     def _zero_unused_steps(self, mode: str) -> None:
-        """Zero gradients for the learned steps of the other mode's data quantizers: they did not act
-        on this output, but the optimizer needs an entry for every parameter, and a stale one must
-        not be reapplied."""
-        for key in ("x",) if mode == "conv" else ("K", "u"):
+        """Zero gradients for the learned steps of the quantizers this mode does not run (conv: the
+        state, Bbar, D and, for a continuous core, Abar; recurrent: K, u and A): they did not act on
+        this output, but the optimizer needs an entry for every parameter, and a stale one must not
+        be reapplied."""
+        if mode == "conv":
+            unused = ("x", "B", "D", "Abar") if self.abar == "continuous" else ("x", "B", "D")
+        else:
+            unused = ("K", "u", "A")
+        for key in unused:
             q = self.q[key]
             if q is not None and q.scale_mode == "learned":
                 q.zero_grads()

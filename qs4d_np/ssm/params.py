@@ -55,7 +55,8 @@ class SSMParams:
 class ParamsSaved:
     """What ``ssm_params_backward`` needs from ``ssm_params``: the mode, the discretization
     (continuous; None otherwise), whether A itself was quantized before discretizing, and the
-    float Abar of a ``discrete`` parameterization (the polar backward)."""
+    float Abar before its quantizer (kept in every case; the polar backward of a ``discrete``
+    parameterization reads it)."""
 
     mode: str
     d: DiscreteSSM | None

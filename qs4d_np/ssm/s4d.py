@@ -36,6 +36,11 @@ MIXINGS = ("glu", None)
 EffectiveSSM = SSMParams
 
 
+def _core_setting(name: str) -> property:
+    """A read-only view of the core's setting ``name`` (one source of truth: the core uses it)."""
+    return property(lambda self: getattr(self.core, name), doc=f"The core's ``{name}`` (read-only).")
+
+
 class S4D(Module):
     """S4D layer on (batch, length, d_model) inputs, optionally quantization-aware.
 
@@ -70,10 +75,6 @@ class S4D(Module):
         self.core = self.add_child("core", S4DCore(
             d_model, d_state, init=init, disc=disc, dt_min=dt_min, dt_max=dt_max, learn_B=learn_B, dtype=dtype,
             seed=rng, quant=quant, layer=layer, abar=abar, state_clip=state_clip), inline=True)
-        c = self.core  # the core's settings, read-only copies for the layer's users
-        self.d_model, self.d_state, self.dtype, self.cdtype = c.d_model, c.d_state, c.dtype, c.cdtype
-        self.disc, self.init, self.abar, self.quant, self.layer, self.state_clip = (
-            c.disc, c.init, c.abar, c.quant, c.layer, c.state_clip)
         H = self.d_model
         dropout_rng, mixing_rng = rng.spawn(2)
         self.activation = None if activation is None else self.add_child("activation", ACTIVATIONS[activation]())
@@ -90,6 +91,10 @@ class S4D(Module):
             self._act = self._quantizer(quant, "act", axis=2, channels=H)
             if self._act is not None:
                 self.add_child("quant_act", self._act)
+
+    d_model, d_state, dtype, cdtype = (_core_setting(n) for n in ("d_model", "d_state", "dtype", "cdtype"))
+    disc, init, abar, quant, layer, state_clip = (
+        _core_setting(n) for n in ("disc", "init", "abar", "quant", "layer", "state_clip"))
 
     def _quantizer(self, cfg: QuantConfig, target: str, axis: int, channels: int) -> Quantizer | None:
         n = channels if cfg.target(target).per_channel else 1

@@ -34,6 +34,7 @@ from qs4d_np.core.checks import check_float, check_int
 from qs4d_np.core.loss import SoftmaxCrossEntropy
 from qs4d_np.data.loader import BatchIterator, BatchSource
 from qs4d_np.io import atomic_write_json, atomic_write_text
+from qs4d_np.quant.config import QuantConfig
 from qs4d_np.train.checkpoint import (CheckpointError, checkpoint_exists, config_differences, load_checkpoint,
                                       model_buffers, model_generators, save_checkpoint, to_jsonable)
 from qs4d_np.train.optim import AdamW, GroupRule, clip_grad_norm, global_grad_norm
@@ -200,7 +201,7 @@ class Trainer:
         if not checkpoint_exists(self.out_dir, "last"):
             raise CheckpointError(f"cannot resume: no checkpoint 'last.json' in {self.out_dir}")
         arrays, meta = load_checkpoint(self.out_dir, "last")
-        diffs = config_differences(meta["identity"], self._identity())
+        diffs = config_differences(_comparable(meta["identity"]), _comparable(self._identity()))
         if diffs:
             raise CheckpointError(f"cannot resume from {self.out_dir / 'last.json'}: the run differs from the "
                                   "checkpoint (nothing was written):\n  " + "\n  ".join(diffs))
@@ -315,6 +316,20 @@ class Trainer:
             self.model.save(self.out_dir / "best_model")  # the model's own format, for PTQ and evaluation
         atomic_write_json(self.out_dir / "results.json", results)
         return results
+
+
+def _comparable(identity: dict[str, Any]) -> dict[str, Any]:
+    """A run identity in the form two of them are compared in: a saved quantization config as
+    ``QuantConfig.from_dict`` reads it (options added since default to what the run computed with)
+    and each parameter group's names in sorted order (the optimizer state is keyed by name)."""
+    out = dict(identity)
+    model_config = out.get("model_config")
+    if isinstance(model_config, dict) and isinstance(model_config.get("quant"), dict):
+        out["model_config"] = {**model_config, "quant": QuantConfig.from_dict(model_config["quant"]).to_dict()}
+    if isinstance(out.get("param_groups"), list):
+        out["param_groups"] = [{**g, "names": sorted(g["names"])} if isinstance(g, dict) and "names" in g else g
+                               for g in out["param_groups"]]
+    return out
 
 
 def evaluate_model(model: Any, batches: BatchIterator, *, mode: str | None = None, desc: str = "eval",
