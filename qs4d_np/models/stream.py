@@ -16,6 +16,7 @@ from qs4d_np.models.stream_pack import PackedStream
 if TYPE_CHECKING:
     from qs4d_np.models.s4d_model import S4DModel
 
+
 @dataclass(frozen=True)
 class StreamState:
     """What a streamed ``S4DModel`` carries from one time step to the next.

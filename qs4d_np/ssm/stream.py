@@ -33,7 +33,6 @@ def check_step(u_t: object, state: object, d_model: int, d_state: int, dtype: np
     return u_t.astype(dtype, copy=False), state.astype(cdtype, copy=False)
 
 
-
 @dataclass(frozen=True)
 class CoreStep:
     """One layer's evaluation-mode recurrent SSM core, frozen for streaming (``S4DCore.frozen``).
