@@ -4,26 +4,41 @@ Examples::
 
     qs4d eval --checkpoint runs/float                       # test set of the run's dataset
     qs4d eval --checkpoint runs/qat4 --mode recurrent
-    qs4d eval --checkpoint runs/qat4 --analog crossbar.json --out analog.json
+    qs4d eval --checkpoint runs/qat4 --analog realistic --calib-batches 4 --out analog.json
+    qs4d eval --checkpoint runs/qat4 --analog crossbar.json --analog-seeds 5
 
-Prints one JSON object: ``accuracy``, ``loss``, ``samples`` (digital), or the
-dict of ``qs4d_np.hardware.imssa.evaluate_analog`` (``--analog``).
+Prints one JSON object: ``accuracy``, ``loss``, ``samples`` (digital), or with ``--analog``
+(a ``CrossbarConfig`` JSON file or a preset: ``ideal``, ``converters`` (the default
+converters, no noise) or ``realistic``) the dict of ``qs4d_np.hardware.evaluate_analog``:
+``accuracy``, ``digital_accuracy``, ``agreement`` (analog and digital recurrent predictions
+equal), ``overflowed``, ``arrays``, ``adc_conversions``, ``adc_clipped``, ... The converter
+ranges are calibrated on the first ``--calib-batches`` training batches (0: the config's
+common ranges). With ``--analog-seeds K`` > 1, seeds seed .. seed+K-1 each program and read
+the arrays anew; the object then holds their mean and std and the per-seed results.
 """
 from __future__ import annotations
 
 import argparse
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from qs4d_np.cli.common import (add_data_flags, check_model_fits, command, data_settings, load_data, load_model,
-                                non_negative_int, positive_int, run_info)
+from qs4d_np.cli.common import (CommandError, add_data_flags, check_model_fits, command, data_settings, load_data,
+                                load_model, non_negative_int, positive_float, positive_int, run_info)
 from qs4d_np.data.loader import BatchIterator
-from qs4d_np.ssm.s4d import MODES
+from qs4d_np.data.tasks import Task
+from qs4d_np.hardware.config import CrossbarConfig
+from qs4d_np.hardware.convert import evaluate_analog
 from qs4d_np.io import atomic_write_json
+from qs4d_np.models.s4d_model import S4DModel
+from qs4d_np.ssm.s4d import MODES
 from qs4d_np.train.checkpoint import to_jsonable
 from qs4d_np.train.trainer import evaluate_model
+
+# --analog presets
+ANALOG_PRESETS = {"ideal": CrossbarConfig.ideal, "converters": CrossbarConfig, "realistic": CrossbarConfig.realistic}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -36,19 +51,60 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="S4D evaluation path (default: the model's)")
     parser.add_argument("--batch_size", type=positive_int, default=64,
                         help="evaluation batch (quantized activations are scaled per batch)")
-    parser.add_argument("--analog", default=None, metavar="CONFIG.json",
-                        help="simulate the model on crossbars described by this CrossbarConfig file")
+    parser.add_argument("--analog", default=None, metavar="CONFIG",
+                        help="simulate the model on crossbars: a CrossbarConfig JSON file or a preset "
+                             f"({', '.join(ANALOG_PRESETS)})")
+    parser.add_argument("--calib-batches", type=non_negative_int, default=4, metavar="N",
+                        help="with --analog: calibrate the converter ranges on N training batches (0: none)")
+    parser.add_argument("--state-bound", type=positive_float, default=None, metavar="B",
+                        help="with --analog: the state registers' bound (default: 16x the calibrated range)")
+    parser.add_argument("--analog-seeds", type=positive_int, default=1, metavar="K",
+                        help="with --analog: K programmings (seeds seed .. seed+K-1), mean and std")
     parser.add_argument("--seed", type=non_negative_int, default=0, help="seed of the analog simulation's noise")
     parser.add_argument("--out", default=None, metavar="FILE.json", help="also write the result here")
     parser.set_defaults(func=run)
+
+
+def analog_config(name: str) -> CrossbarConfig:
+    """``--analog``: a preset name or a CrossbarConfig JSON file (errors name the file and the key)."""
+    if name in ANALOG_PRESETS:
+        return ANALOG_PRESETS[name]()
+    if not Path(name).is_file():
+        raise CommandError(f"--analog {name}: no such file, and not a preset ({', '.join(ANALOG_PRESETS)})")
+    try:
+        return CrossbarConfig.load(name)
+    except (TypeError, ValueError) as exc:
+        raise CommandError(f"--analog {name}: {exc}") from None
+
+
+def _analog(args: argparse.Namespace, model: S4DModel, task: Task, dataset: Any) -> dict[str, Any]:
+    config = analog_config(args.analog)
+    calib = None
+    if args.calib_batches:
+        n = min(len(task.train), args.calib_batches * args.batch_size)
+        calib, _ = task.train.batch(np.arange(n))
+    x, y = dataset.batch(np.arange(len(dataset)))
+    runs = [to_jsonable(evaluate_analog(model, x, y, config, batch_size=args.batch_size, seed=args.seed + k,
+                                        state_bound=args.state_bound, calib=calib))
+            for k in range(args.analog_seeds)]
+    result = dict(runs[0])
+    if len(runs) > 1:
+        for key in ("accuracy", "agreement", "overflowed"):
+            values = np.array([r[key] for r in runs], dtype=np.float64)
+            result[key] = float(values.mean())
+            result[f"{key}_std"] = float(values.std())
+        result["seeds"] = [args.seed + k for k in range(len(runs))]
+        result["runs"] = runs
+    result.update(crossbar=config.to_dict(), calib_samples=0 if calib is None else int(calib.shape[0]))
+    return result
 
 
 @command("eval")
 def run(args: argparse.Namespace) -> int:
     model = load_model(args.checkpoint)
     settings = data_settings(args, run_info(args.checkpoint).get("data"))
-    if args.analog is not None and not Path(args.analog).is_file():
-        raise FileNotFoundError(f"--analog {args.analog}: no such file")
+    if args.analog is not None:
+        analog_config(args.analog)  # a bad config fails before the data loads
     task = load_data(settings)
     check_model_fits(model, task, f"--checkpoint {args.checkpoint}")
     dataset = task.test if args.split == "test" else task.val
@@ -57,13 +113,9 @@ def run(args: argparse.Namespace) -> int:
         result = {"accuracy": scores["acc"], "loss": scores["loss"], "samples": scores["count"],
                   "nonfinite_logits": scores["nonfinite"]}
     else:
-        from qs4d_np.hardware.config import CrossbarConfig
-        from qs4d_np.hardware.imssa import evaluate_analog
-        x, y = dataset.batch(np.arange(len(dataset)))
-        result = to_jsonable(evaluate_analog(model, x, y, CrossbarConfig.load(args.analog), batch_size=args.batch_size,
-                                      seed=args.seed))
+        result = _analog(args, model, task, dataset)
     result.update(checkpoint=str(args.checkpoint), task=settings["task"], split=args.split,
-                  mode=args.mode or model.mode)
+                  mode=("analog recurrent" if args.analog is not None else args.mode or model.mode))
     print(json.dumps(result, sort_keys=True))
     if args.out is not None:
         atomic_write_json(args.out, result)

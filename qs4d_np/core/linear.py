@@ -79,9 +79,15 @@ class Linear(Module):
             raise ValueError(f"x must have shape (..., {self.d_in}), got {x.shape}")
         return np.ascontiguousarray(x, dtype=self.dtype).reshape(-1, self.d_in)
 
+    def product(self, x2: np.ndarray, n_seq: int | None = None) -> np.ndarray:
+        """x2 (rows, d_in) -> x2 @ weight (rows, d_out), without the bias. ``n_seq``: the rows are that
+        many sequences of equal length, in order (None: one row each); an analog subclass
+        calibrates its converters per sequence."""
+        return matmul(x2, self.weight)
+
     def forward(self, x: np.ndarray, training: bool = False) -> np.ndarray:
         x2 = self.rows(x)
-        y = matmul(x2, self._params["weight"])
+        y = self.product(x2, x.shape[0] if x.ndim > 1 else None)
         if "bias" in self._params:
             y += self._params["bias"]
         self._cache = (x2, x.shape)

@@ -15,8 +15,8 @@ class PointwiseGLU(Module):
     """y = GLU(x @ W + b) over the last axis: x (..., H) -> y (..., H).
 
     Child ``linear`` = Linear(H, 2H) holds the parameters (``linear.weight``
-    (H, 2H), ``linear.bias`` (2H,)); the product x @ W runs in BLAS
-    (``kernels.matmul``) and one
+    (H, 2H), ``linear.bias`` (2H,)); the product x @ W is the child's
+    (``Linear.product``: BLAS, or the arrays of an analog Linear) and one
     Numba pass adds the bias and applies the gate, so the biased
     pre-activation is never stored. The backward stores the child's gradients
     with ``linear.set_grad``; a weight swapped into the child
@@ -32,7 +32,7 @@ class PointwiseGLU(Module):
 
     def forward(self, x: np.ndarray, training: bool = False) -> np.ndarray:
         x2 = self.linear.rows(x)
-        z = matmul(x2, self.linear.weight)
+        z = self.linear.product(x2, x.shape[0] if x.ndim > 1 else None)
         out = np.empty((x2.shape[0], self.d_model), dtype=self.dtype)
         gate = np.empty_like(out)
         glu_forward(z, self.linear.bias, out, gate)

@@ -64,6 +64,17 @@ class Module:
             self._inline.discard(name)
         return module
 
+    def replace_child(self, name: str, module: "Module") -> "Module":
+        """Put ``module`` in place of child ``name`` (module substitution: ``hardware.to_analog``), keeping
+        its registration (inline or not) and the attribute of the same name that held the old child."""
+        if name not in self._children:
+            raise KeyError(f"{type(self).__name__} has no child {name!r}; children: {sorted(self._children)}")
+        old = self._children[name]
+        self._children[name] = module
+        if getattr(self, name, None) is old:
+            setattr(self, name, module)
+        return module
+
     def _child_prefix(self, name: str, prefix: str) -> str:
         """The dotted name of child ``name`` below ``prefix`` (``prefix`` itself when inline)."""
         if name in self._inline:

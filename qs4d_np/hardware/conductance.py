@@ -29,6 +29,14 @@ the weights; to first order in rho each conductance is scaled by
 
 with j, j' rows, i, i' physical columns and n rows. The error is O(rho^2);
 ``reference.crossbar.ir_drop_exact`` solves the full network to check it.
+
+Drift (PCM, SPEC.md section 4; drawn once, after programming noise, when
+``t_inference`` > 0): each device's conductance becomes g * ((t + t0)/t0)^-nu
+with t0 = 20 s and its own exponent nu = |N(mu(g), s(g))|, then accumulated 1/f
+read noise g += |g| * q(g) * sqrt(ln((t + t_read)/(2 t_read))) * N(0, 1), clamped
+at 0 (g: the programmed value in units of g_max). Global drift compensation
+scales an array's outputs by one factor: its mean |output| for an all-ones
+read-out input right after programming over the same at t.
 """
 from __future__ import annotations
 
@@ -41,6 +49,9 @@ from qs4d_np.hardware.config import CrossbarConfig
 
 # beyond this attenuation the first-order IR-drop model is no longer trustworthy
 MAX_IR_ATTENUATION = 0.5
+# PCM drift (aihwkit's PCMLikeNoiseModel, SPEC.md section 4)
+DRIFT_T0 = 20.0
+READ_T = 250e-9
 
 
 @dataclass(frozen=True)
@@ -131,3 +142,38 @@ def apply_ir_drop(g_pos: np.ndarray, g_neg: np.ndarray, g_unit: float,
     """Effective (g+, g-) of one tile (out, in, level units) after first-order IR drop."""
     factor = ir_drop_attenuation(pair_layout(g_pos * g_unit, g_neg * g_unit), rho)
     return g_pos * factor[:, 0::2].T, g_neg * factor[:, 1::2].T
+
+
+def drift_exponents(g: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Per-device drift exponents nu = |N(mu(g), s(g))| for programmed conductances g (units of g_max)."""
+    with np.errstate(divide="ignore"):
+        log_g = np.log(np.maximum(g, 0.0))  # g = 0: mu and s take their clamped end values
+    mu = np.clip(-0.0155 * log_g + 0.0244, 0.049, 0.1)
+    s = np.clip(-0.0125 * log_g - 0.0059, 0.008, 0.045)
+    return np.abs(mu + s * rng.standard_normal(g.shape))
+
+
+def drift_conductances(g_pos: np.ndarray, g_neg: np.ndarray, g_unit: float, config: CrossbarConfig,
+                       rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """(g+, g-) in level units ``t_inference`` seconds after programming (module docstring); the
+    arrays themselves, and nothing drawn, when t_inference is 0. Draws, in order, the exponents
+    of g+ then g-, then the read noise of g+ then g-."""
+    t = config.t_inference
+    if t == 0.0:
+        return g_pos, g_neg
+    programmed = [g * g_unit for g in (g_pos, g_neg)]
+    nu = [drift_exponents(g, rng) for g in programmed]
+    decayed = [g * ((t + DRIFT_T0) / DRIFT_T0) ** -n for g, n in zip(programmed, nu)]
+    spread = np.sqrt(np.log((t + READ_T) / (2 * READ_T)))
+    out = []
+    for g0, g in zip(programmed, decayed):
+        q = np.minimum(0.0088 / np.maximum(np.abs(g0) ** 0.65, 1e-3), 0.2)
+        out.append(np.maximum(g + np.abs(g) * q * spread * rng.standard_normal(g.shape), 0.0) / g_unit)
+    return out[0], out[1]
+
+
+def drift_compensation(before: np.ndarray, after: np.ndarray) -> float:
+    """Global drift compensation: mean |output| of the read-out input before drift over after (1 when
+    either is 0: nothing to compare)."""
+    a, b = float(np.mean(np.abs(before))), float(np.mean(np.abs(after)))
+    return a / b if a > 0 and b > 0 else 1.0

@@ -14,6 +14,23 @@ ignored):
 * ``CrossbarConfig.ideal()``: no converters, no noise, no clipping: the
   crossbar computes the float matmul (up to rounding).
 
+Converter ranges. Without calibration every array shares the DAC range
+``inp_bound`` and the ADC range ``out_bound``, and absmax noise management
+rescales each input vector. With calibration (``qs4d_np.hardware.to_analog(...,
+calib=batches)``) each array gets digital input scales and ADC ranges from data:
+per input (column) and per output, or pooled per array and part
+(``calib_granularity``), by the rule ``calib_rule`` (``CALIB_RULES``) times
+``calib_margin``; see ``qs4d_np.hardware.calibration``. ``weight_scaling``
+"output" maps every output's weights to the full conductance range, with a
+digital scale per output (aihwkit's channel-wise remapping); "tensor" uses one
+absmax per matrix.
+
+Drift (PCM, SPEC.md section 4): ``t_inference`` seconds after programming
+(0 = off, exactly: nothing is drawn), each device's conductance decays as
+((t + t0)/t0)^-nu with its own drift exponent nu, plus accumulated 1/f read
+noise; ``drift_compensation`` rescales each array's outputs by one global
+factor measured on a fixed read-out input (``qs4d_np.hardware.conductance``).
+
 Units. Inputs are normalized to the DAC range, weights to conductance / g_max
 (so |w| <= 1), and outputs ``y_norm = sum_j x_j * w_ij`` live in those units;
 ``out_bound``, ``out_noise`` and ``w_noise`` are in them (aihwkit's convention).
@@ -36,6 +53,10 @@ NOISE_MANAGEMENT = ("absmax", "none")
 W_NOISE_TYPES = ("additive", "proportional")
 PROG_NOISE_TYPES = ("pcm", "gaussian")
 DTYPES = ("float32", "float64")
+WEIGHT_SCALINGS = ("tensor", "output")
+CALIB_RULES = ("max", "percentile")
+CALIB_GRANULARITIES = ("column", "array")
+STATE_GRIDS = ("calibrated", "model")
 # PCM programming noise sigma(g) = g_max/25 * (c0 + c1*(g/g_max) + c2*(g/g_max)^2)
 PCM_COEFFS = (0.26348, 1.9650, -1.1731)
 
@@ -64,6 +85,10 @@ class CrossbarConfig:
     larger matrix is split when ``tiling`` is True and refused otherwise.
     ``dtype``: the float type of the analog product (float32 is exact for
     integer codes and levels as long as every partial sum stays below 2^24).
+    ``weight_scaling``, ``calib_*``, ``t_inference``, ``drift_compensation``: see the
+    module docstring. ``bits_from_model``: the SSM arrays of a layer whose state is
+    quantized take the state's width for their DAC and ADC (the other arrays keep
+    ``dac_bits`` / ``adc_bits``).
     """
 
     dac_bits: int | None = 7
@@ -86,6 +111,15 @@ class CrossbarConfig:
     tile_cols: int = 256
     tiling: bool = True
     dtype: str = "float32"
+    weight_scaling: str = "tensor"
+    calib_rule: str = "max"
+    calib_percentile: float = 99.9
+    calib_granularity: str = "column"
+    calib_margin: float = 1.0
+    bits_from_model: bool = False
+    state_grid: str = "calibrated"
+    t_inference: float = 0.0
+    drift_compensation: bool = True
 
     # -- presets -----------------------------------------------------------
     @classmethod
@@ -122,7 +156,19 @@ class CrossbarConfig:
         check_choice("CrossbarConfig.w_noise_type", self.w_noise_type, W_NOISE_TYPES)
         check_choice("CrossbarConfig.prog_noise_type", self.prog_noise_type, PROG_NOISE_TYPES)
         check_choice("CrossbarConfig.dtype", self.dtype, DTYPES)
-        for name in ("bound_management", "tiling"):
+        check_choice("CrossbarConfig.weight_scaling", self.weight_scaling, WEIGHT_SCALINGS)
+        check_choice("CrossbarConfig.calib_rule", self.calib_rule, CALIB_RULES)
+        check_choice("CrossbarConfig.calib_granularity", self.calib_granularity, CALIB_GRANULARITIES)
+        check_choice("CrossbarConfig.state_grid", self.state_grid, STATE_GRIDS)
+        if self.state_grid == "model" and self.noise_management != "none":
+            raise ValueError("CrossbarConfig.state_grid='model' needs noise_management='none': absmax noise "
+                             "management rescales every input vector, which moves the state's grid")
+        self._set("calib_percentile", check_float("CrossbarConfig.calib_percentile", self.calib_percentile,
+                                                  min_value=0.0, max_value=100.0, min_inclusive=False))
+        self._set("calib_margin", check_float("CrossbarConfig.calib_margin", self.calib_margin,
+                                              min_value=0.0, min_inclusive=False))
+        self._set("t_inference", check_float("CrossbarConfig.t_inference", self.t_inference, min_value=0.0))
+        for name in ("bound_management", "tiling", "bits_from_model", "drift_compensation"):
             if not isinstance(getattr(self, name), bool):
                 value = getattr(self, name)
                 raise TypeError(f"CrossbarConfig.{name} must be a bool, got {value!r} ({type(value).__name__})")
@@ -168,6 +214,11 @@ class CrossbarConfig:
     @property
     def has_read_noise(self) -> bool:
         return self.out_noise > 0.0 or self.w_noise > 0.0
+
+    def with_bits(self, dac_bits: int | None, adc_bits: int | None) -> "CrossbarConfig":
+        """This config with other converter widths (``bits_from_model``); the ranges stay."""
+        return dataclasses.replace(self, dac_bits=dac_bits, adc_bits=adc_bits)
+
 
     # -- JSON ------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -48,7 +48,8 @@ from numba import njit, prange
 
 from qs4d_np.core.checks import check_array
 from qs4d_np.hardware.config import CrossbarConfig
-from qs4d_np.hardware.conductance import Conductances, apply_ir_drop, program_conductances
+from qs4d_np.hardware.conductance import (Conductances, apply_ir_drop, drift_compensation, drift_conductances,
+                                          program_conductances)
 from qs4d_np.hardware.rng import derive_key, fill_row_normals, row_key
 
 # noise_type codes passed to the kernels
@@ -93,15 +94,17 @@ def _encode_rows(lo, hi, x, rows, row_scale, nm_target, factor, step, qmax, boun
 
 @njit(cache=True)
 def _read_out_rows(lo, hi, acc, pacc, codes, r0, r1, rows, noise_type, sig_out2, w_noise2, k_acc, k_noise,
-                   qmax, bound, key, accept_clipped, out_scale, y, c0, clipped):
+                   qmax, bound, key, accept_clipped, out_scale, gain, factor, y, c0, clipped):
     """Read noise + ADC of rows lo:hi of one tile and one round; accumulates accepted rows into y.
 
     acc (len(rows), cols): analog sums in level units. pacc: sum_j |Gdiff_ij|
     codes_j^2 ("proportional" noise only). k_acc: level units -> ADC steps;
     k_noise: normalized std -> ADC steps, both already including the DAC
     step. qmax > 0: ADC codes up to qmax; otherwise clamp at +-bound if
-    bound > 0. clipped[b] receives the number of clipped outputs of row b.
-    One branch-free pass per step, so that each loop vectorizes.
+    bound > 0. ``gain`` / ``factor`` (all outputs): each output's ADC gain (common range over
+    its calibrated range) and digital output scale, indexed from c0. clipped[b] receives the
+    number of clipped outputs of row b. One branch-free pass per step, so that each loop
+    vectorizes.
     """
     n_out = acc.shape[1]
     rounding = qmax > 0
@@ -112,12 +115,12 @@ def _read_out_rows(lo, hi, acc, pacc, codes, r0, r1, rows, noise_type, sig_out2,
     for b in range(lo, hi):
         r = rows[b]
         for i in range(n_out):
-            v[i] = np.float64(acc[b, i]) * k_acc
+            v[i] = np.float64(acc[b, i]) * k_acc * gain[c0 + i]
         if noise_type >= 0:
             fill_row_normals(row_key(key, r), z, hashes)
             if noise_type == _NOISE_PROPORTIONAL:
                 for i in range(n_out):
-                    v[i] += np.sqrt(sig_out2 + w_noise2 * np.float64(pacc[b, i])) * k_noise * z[i]
+                    v[i] += np.sqrt(sig_out2 + w_noise2 * np.float64(pacc[b, i])) * k_noise * gain[c0 + i] * z[i]
             else:
                 q_add = 0.0
                 if noise_type == _NOISE_ADDITIVE:
@@ -125,7 +128,7 @@ def _read_out_rows(lo, hi, acc, pacc, codes, r0, r1, rows, noise_type, sig_out2,
                         q_add += np.float64(codes[b, j]) * np.float64(codes[b, j])
                 std = np.sqrt(sig_out2 + w_noise2 * q_add) * k_noise
                 for i in range(n_out):
-                    v[i] += std * z[i]
+                    v[i] += std * gain[c0 + i] * z[i]
         if rounding:
             for i in range(n_out):
                 v[i] = np.rint(v[i])
@@ -139,7 +142,7 @@ def _read_out_rows(lo, hi, acc, pacc, codes, r0, r1, rows, noise_type, sig_out2,
         if count == 0 or accept_clipped:
             s = out_scale[r]
             for i in range(n_out):
-                y[r, c0 + i] += v[i] * s
+                y[r, c0 + i] += v[i] * s * factor[c0 + i] / gain[c0 + i]
 
 
 @njit(cache=True, parallel=True)
@@ -182,11 +185,31 @@ class MVMStats:
     bm_retries: int = 0        # (vector, tile) pairs redone by bound management
 
 
+def _positive(name: str, value: np.ndarray | None, n: int) -> np.ndarray | None:
+    """A per-line range (n,) of positive finite values, or None."""
+    if value is None:
+        return None
+    value = check_array(name, value, shape=(n,)).astype(np.float64)
+    if not np.all(value > 0):
+        raise ValueError(f"{name} must hold ranges > 0, got minimum {value.min()}")
+    return value
+
+
 class CrossbarArray:
-    """A programmed crossbar holding W (out, in); see the module docstring for the pipeline."""
+    """A programmed crossbar holding W (out, in); see the module docstring for the pipeline.
+
+    Calibrated converters (``qs4d_np.hardware.calibration``): ``in_range`` (in,) divides
+    each input digitally before noise management and the DAC (the array holds W * in_range,
+    so the product is unchanged); ``out_range`` (out,) is each output's ADC range in
+    normalized units (the ADC step scales with it; the common ``out_bound`` otherwise).
+    ``CrossbarConfig.weight_scaling`` "output" maps each output's weights to the full
+    conductance range with a digital scale per output. Drift and its compensation follow
+    ``CrossbarConfig.t_inference`` (``qs4d_np.hardware.conductance``).
+    """
 
     def __init__(self, W: np.ndarray, config: CrossbarConfig | None = None,
-                 seed: int | np.random.Generator | None = None) -> None:
+                 seed: int | np.random.Generator | None = None, *, in_range: np.ndarray | None = None,
+                 out_range: np.ndarray | None = None) -> None:
         self.config = config if config is not None else CrossbarConfig()
         if not isinstance(self.config, CrossbarConfig):
             raise TypeError(f"config must be a CrossbarConfig, got {type(self.config).__name__}")
@@ -197,7 +220,20 @@ class CrossbarArray:
             raise ValueError(
                 f"W of shape {W.shape} (out, in) does not fit one {cfg.tile_rows} x {cfg.tile_cols} array "
                 "(CrossbarConfig.tile_rows inputs x tile_cols outputs) and CrossbarConfig.tiling is False")
+        self.in_range = _positive("in_range", in_range, self.in_features)
+        out_range = _positive("out_range", out_range, self.out_features)
+        if out_range is not None and cfg.out_bound is None:
+            raise ValueError("out_range needs a converter range to scale: CrossbarConfig.out_bound is None")
         self._rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+        W = W.astype(np.float64)
+        if self.in_range is not None:
+            W = W * self.in_range[None, :]
+        self.out_factor = np.ones(self.out_features)
+        if cfg.weight_scaling == "output":
+            rows = np.abs(W).max(axis=1)
+            self.out_factor = np.where(rows > 0, rows, 1.0)
+            W = W / self.out_factor[:, None]
+        self.out_gain = np.ones(self.out_features) if out_range is None else cfg.out_bound / out_range
         self.conductances: Conductances = program_conductances(W, cfg, self._rng)
         self.dtype = np.dtype(cfg.dtype)
         self.g_unit = self.conductances.g_unit
@@ -207,13 +243,18 @@ class CrossbarArray:
     def _build_tiles(self) -> list[Tile]:
         cfg = self.config
         cond = self.conductances
+        g_pos_all, g_neg_all = drift_conductances(cond.g_pos, cond.g_neg, cond.g_unit, cfg, self._rng)
+        if g_pos_all is not cond.g_pos and cfg.drift_compensation:
+            # one global factor: mean |output| of an all-ones read-out input before over after drift
+            self.out_factor = self.out_factor * drift_compensation((cond.g_pos - cond.g_neg).sum(axis=1),
+                                                                   (g_pos_all - g_neg_all).sum(axis=1))
         tiles = []
         for r0 in range(0, self.in_features, cfg.tile_rows):
             r1 = min(r0 + cfg.tile_rows, self.in_features)
             for c0 in range(0, self.out_features, cfg.tile_cols):
                 c1 = min(c0 + cfg.tile_cols, self.out_features)
-                g_pos = cond.g_pos[c0:c1, r0:r1]
-                g_neg = cond.g_neg[c0:c1, r0:r1]
+                g_pos = g_pos_all[c0:c1, r0:r1]
+                g_neg = g_neg_all[c0:c1, r0:r1]
                 if cfg.ir_drop > 0.0:
                     g_pos, g_neg = apply_ir_drop(g_pos, g_neg, self.g_unit, cfg.ir_drop)
                 G = np.ascontiguousarray((g_pos - g_neg).T, dtype=self.dtype)
@@ -223,11 +264,13 @@ class CrossbarArray:
 
     @property
     def weights(self) -> np.ndarray:
-        """The effective weight matrix (out, in) the tiles realise (programming noise and IR drop included)."""
+        """The effective weight matrix (out, in) the tiles realise (programming noise, drift and its
+        compensation, IR drop and the digital input and output scales included)."""
         W = np.empty((self.out_features, self.in_features))
         for t in self.tiles:
             W[t.c0:t.c1, t.r0:t.r1] = t.G.T.astype(np.float64) * self.g_unit * self.conductances.w_absmax
-        return W
+        W *= self.out_factor[:, None]
+        return W if self.in_range is None else W / self.in_range[None, :]
 
     def conductances_uS(self) -> tuple[np.ndarray, np.ndarray]:
         """Programmed (G+, G-) in microsiemens, shaped (out, in), before IR drop."""
@@ -239,6 +282,8 @@ class CrossbarArray:
         x = check_array("x", x, ndim=2)
         if x.shape[1] != self.in_features or x.shape[0] < 1:
             raise ValueError(f"x must have shape (batch >= 1, {self.in_features}), got {x.shape}")
+        if self.in_range is not None:
+            x = x / self.in_range
         cfg = self.config
         batch = x.shape[0]
         qmax_in = float(cfg.inp_qmax)
@@ -285,7 +330,8 @@ class CrossbarArray:
                 last = k == max_round
                 _run_rows(_read_out_rows, _read_out_parallel, rows.size, acc.size, acc, pacc, codes, tile.r0,
                           tile.r1, rows, noise_type, cfg.out_noise ** 2, w_noise2, k_acc, k_noise, qmax_out,
-                          out_bound, key, last, out_scale * 2.0 ** k, y, tile.c0, clipped)
+                          out_bound, key, last, out_scale * 2.0 ** k, self.out_gain, self.out_factor, y,
+                          tile.c0, clipped)
                 if last:
                     stats.clipped_outputs += int(clipped.sum())
                     break

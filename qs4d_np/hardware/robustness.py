@@ -30,7 +30,7 @@ import numpy as np
 
 from qs4d_np.core.checks import check_array, check_choice, check_float, check_int, check_sequence_input
 from qs4d_np.hardware.config import CrossbarConfig
-from qs4d_np.hardware.imssa import evaluate_analog
+from qs4d_np.hardware.convert import evaluate_analog
 from qs4d_np.hardware.noise import NOISE_TARGETS, perturbed
 from qs4d_np.models.s4d_model import S4DModel
 

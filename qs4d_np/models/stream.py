@@ -76,7 +76,8 @@ class S4DModelStream:
     rounding edge), and a float state, which the forward's scan sums reassociated. Hence a QAT
     model in float64 streams its forward's logits exactly. ``fused=False`` steps the per-op
     Python path instead (the mixing in BLAS on batch rows; the same guarantees), and ``run``
-    then loops ``step``.
+    then loops ``step``; so does a model with parts the kernel does not know (an analog model
+    from ``hardware.to_analog``), whatever ``fused`` says.
 
     A snapshot: parameters, buffers (BatchNorm statistics) or quantizer ranges changed in the
     model after ``stream()`` do not reach it; ``is_current()`` says whether the model still holds
@@ -95,7 +96,7 @@ class S4DModelStream:
                        for i, b in enumerate(model.blocks)]
         self.encoder = model.frozen_coder("encoder")
         self.decoder = model.frozen_coder("decoder")
-        self.packed = PackedStream(self) if check_bool("fused", fused) else None
+        self.packed = PackedStream(self) if check_bool("fused", fused) and PackedStream.accepts(self) else None
         self._cdtype = np.result_type(self.dtype, np.complex64)
         self._model = model
         self._snapshot = ParamSnapshot(model, track)

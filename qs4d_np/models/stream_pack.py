@@ -16,9 +16,11 @@ import numpy as np
 
 from qs4d_np.core.activations import GELU, ReLU
 from qs4d_np.core.checks import check_array
+from qs4d_np.core.linear import Linear
 from qs4d_np.core.mixing import PointwiseGLU
 from qs4d_np.core.norm import BatchNorm, LayerNorm
 from qs4d_np.kernels import stream as k
+from qs4d_np.ssm.stream import CoreStep
 
 if TYPE_CHECKING:
     from qs4d_np.models.stream import S4DModelStream
@@ -39,6 +41,15 @@ def _norm_rows(norm: LayerNorm | BatchNorm | None, H: int, dtype: np.dtype) -> t
 
 class PackedStream:
     """The kernel's arrays of one frozen stream (shapes in ``kernels.stream``), all copies."""
+
+    @staticmethod
+    def accepts(stream: "S4DModelStream") -> bool:
+        """Whether the kernel knows every part of ``stream``: digital cores (``CoreStep``) and plain
+        ``Linear`` products (an analog model's parts run their own arithmetic, on the per-op path)."""
+        linears = [stream.encoder, stream.decoder] + [op.linear for block in stream.blocks
+                                                      for op in block.ssm.post_ops if isinstance(op, PointwiseGLU)]
+        return (all(isinstance(block.ssm.core, CoreStep) for block in stream.blocks)
+                and all(type(linear) is Linear for linear in linears))
 
     def __init__(self, stream: "S4DModelStream") -> None:
         dtype, H, M = stream.dtype, stream.d_model, stream.d_state // 2

@@ -1,0 +1,250 @@
+"""The IMSSA recurrence of one S4D layer on its crossbar arrays, all time steps in one Numba kernel.
+
+Layout (``qs4d_np.hardware.imssa.IMSSALayout``): the layer's mapped channels c = 0..C-1, each
+with its mapped modes e = mode_ptr[c] .. mode_ptr[c+1]-1; the arrays a = 0..A-1 hold the
+channels arr_ptr[a] .. arr_ptr[a+1]-1. Mode e owns two state lines p = 0 (real), 1
+(imaginary), channel c one input / output line (u_t in, y_t out). The programmed cells, in
+level units (g+ - g-, so g / g_max = level * g_unit):
+
+* ``Ga`` (4, E): the 2x2 Abar block, rows (re, im) x columns (re, im): rr, ri, ir, ii;
+* ``Gb`` (2, E): the Bbar column (the channel's input line into the mode's re, im rows);
+* ``Gc`` (2, E): the output row over the mode's re, im columns;
+* ``Gd`` (C,): the output row's cell on the input line.
+
+Per sample b, step t and array a (``reference.analog`` is the same, step by step, as
+dense matrices):
+
+1. inputs z: the state lines (x_{t-1}) and the input lines (u_t); digital input scales
+   ``r_s`` (2, E), ``r_u`` (C,) (calibrated DAC ranges; 1 without calibration);
+   noise management: sc = max_j |z_j * (1 / r_j)| / nm_target over the array (1 for a
+   zero vector or nm_target == 0);
+2. DAC, round k of bound management (0 first): code_j = z_j * (1 / (r_j * inp_step)) *
+   (2^-k / sc), rounded half to even and clamped to +-qmax_in when qmax_in > 0, else
+   clamped to +-clamp_in when clamp_in > 0 (reciprocals, as a digital periphery
+   multiplies by stored scales);
+3. analog sums acc_i = sum over row i's cells of G_ij * code_j, in float64 in the cell
+   order above (Abar re, Abar im, Bbar; the output row mode by mode, then Gd);
+4. v_i = acc_i * k_acc in normalized output units (k_acc = inp_step * g_unit); read noise
+   v_i += sqrt(out_noise^2 + w_noise^2 * q_i) * n_i, n_i the counter-based normal of
+   (key, counter, i) with counter = ((t * B + b) * A + a) * (max_round + 1) + k and i the
+   row's index in the array (channel by channel: re_0, im_0, re_1, ..., output), q_i =
+   sum over row i's cells of xn_j^2 (``noise_type`` 1) or |G_ij| * g_unit * xn_j^2 (2),
+   xn_j = code_j * inp_step;
+5. ADC: w_i = v_i * (1 / step_i) (``step_s`` (2, E), ``step_y`` (C,): the calibrated or
+   common ADC steps); rint and clamp to +-qmax_out when qmax_out > 0, else clamp to +-lim_i
+   (``lim_s``, ``lim_y``; 0 = none); an output is clipped when the clamp changed it;
+6. bound management: when an output of the array clipped and k < max_round, redo the
+   array with k + 1 (fresh noise); the last round is accepted as it is;
+7. digital: out_i = w_i * (step_i * f_i) * (sc * 2^k) with the digital output scales
+   ``f_s``, ``f_y`` (weight scale times drift compensation); the state lines become
+   x_t, the output lines y_t.
+8. state register: |x| > state_bound (or a non-finite x) marks the sample overflowed at
+   that step; its prediction is lost, so its remaining steps are not computed (their
+   outputs stay 0 and its final state is the saturated one: +-state_bound, NaN -> 0, or 0
+   where state_bound is inf).
+
+Calibration: ``rec_in`` (B, 2E + C) and ``rec_out`` (B, 2E + C), when not empty, receive
+per sample the largest |z_j| over the steps (inputs, before any scaling; state lines 2e + p,
+input lines 2E + c) and the largest |v_i| (outputs in normalized units before the ADC).
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from qs4d_np.hardware.rng import fill_row_normals, row_key
+
+NOISE_NONE, NOISE_OUT_ONLY, NOISE_ADDITIVE, NOISE_PROPORTIONAL = -1, 0, 1, 2
+
+
+@njit(cache=True, inline="always")
+def _record_max(rec, E, e0, e1, c0, c1, state, lines):
+    """rec (2E + C,) <- the larger of itself and |value| on one array's state lines (2, E) and lines (C,)."""
+    for p in range(2):
+        for e in range(e0, e1):
+            rec[2 * e + p] = max(rec[2 * e + p], abs(state[p, e]))
+    for c in range(c0, c1):
+        rec[2 * E + c] = max(rec[2 * E + c], abs(lines[c]))
+
+
+@njit(cache=True, parallel=True)
+def imssa_scan(u, x0, channel, mode_ptr, arr_ptr, Ga, Gb, Gc, Gd, r_s, r_u, f_s, f_y, step_s, step_y, lim_s,
+               lim_y, nm_target, inp_step, qmax_in, clamp_in, g_unit, qmax_out, noise_type, out_noise, w_noise,
+               max_round, key, state_bound, rec_in, rec_out):
+    """Run the layer's arrays over u (B, L, H) from the state x0 (B, 2, E) (module docstring).
+
+    Per-mode arrays come component-major, each component contiguous over the modes: ``Ga``
+    (4, E), ``Gb``, ``Gc``, ``r_s``, ``f_s``, ``step_s``, ``lim_s`` (2, E), states (B, 2, E).
+    Returns y (B, L, H) float64 (zeros on unmapped channels), the final state (B, 2, E), per
+    sample the clipped outputs accepted, the bound-management reruns of an array, and the
+    first overflowing step (-1: none).
+    """
+    B, L, H = u.shape
+    n_arr = arr_ptr.shape[0] - 1
+    E = Ga.shape[1]
+    rounds = max_round + 1
+    recording = rec_in.shape[0] > 0
+    k_acc = inp_step * g_unit
+    out_noise2 = out_noise * out_noise
+    w_noise2 = w_noise * w_noise
+    # the periphery's stored scales
+    inv_r_s, inv_r_u = 1.0 / r_s, 1.0 / r_u
+    dac_s, dac_u = 1.0 / (r_s * inp_step), 1.0 / (r_u * inp_step)
+    inv_step_s, inv_step_y = 1.0 / step_s, 1.0 / step_y
+    out_s, out_y = step_s * f_s, step_y * f_y
+    y = np.zeros((B, L, H))
+    x_out = np.empty((B, 2, E))
+    clipped = np.zeros(B, dtype=np.int64)
+    retries = np.zeros(B, dtype=np.int64)
+    overflow = np.full(B, -1, dtype=np.int64)
+    max_rows = 0
+    for a in range(n_arr):
+        c0, c1 = arr_ptr[a], arr_ptr[a + 1]
+        max_rows = max(max_rows, 2 * (mode_ptr[c1] - mode_ptr[c0]) + (c1 - c0))
+    for b in prange(B):
+        x = x0[b].copy()
+        x_new = np.empty((2, E))
+        cs = np.empty((2, E))
+        vs = np.empty((2, E))
+        ws = np.empty((2, E))
+        n_ch = channel.shape[0]
+        zu = np.empty(n_ch)
+        cu = np.empty(n_ch)
+        vy = np.empty(n_ch)
+        wy = np.empty(n_ch)
+        normals = np.zeros(max_rows)
+        hashes = np.empty(max_rows, dtype=np.uint64)
+        for t in range(L):
+            if overflow[b] >= 0:
+                break
+            for c in range(n_ch):
+                zu[c] = u[b, t, channel[c]]
+            for a in range(n_arr):
+                c0, c1 = arr_ptr[a], arr_ptr[a + 1]
+                e0, e1 = mode_ptr[c0], mode_ptr[c1]
+                # 1. inputs and noise management
+                sc = 1.0
+                if nm_target > 0.0:
+                    m = 0.0
+                    for p in range(2):
+                        for e in range(e0, e1):
+                            m = max(m, abs(x[p, e] * inv_r_s[p, e]))
+                    for c in range(c0, c1):
+                        m = max(m, abs(zu[c] * inv_r_u[c]))
+                    if m > 0.0:
+                        sc = m / nm_target
+                if recording:
+                    _record_max(rec_in[b], E, e0, e1, c0, c1, x, zu)
+                for k in range(rounds):
+                    g = 2.0 ** -k / sc
+                    # 2. DAC
+                    for p in range(2):
+                        for e in range(e0, e1):
+                            cs[p, e] = x[p, e] * dac_s[p, e] * g
+                    for c in range(c0, c1):
+                        cu[c] = zu[c] * dac_u[c] * g
+                    if qmax_in > 0.0:
+                        for p in range(2):
+                            for e in range(e0, e1):
+                                cs[p, e] = min(max(np.rint(cs[p, e]), -qmax_in), qmax_in)
+                        for c in range(c0, c1):
+                            cu[c] = min(max(np.rint(cu[c]), -qmax_in), qmax_in)
+                    elif clamp_in > 0.0:
+                        for p in range(2):
+                            for e in range(e0, e1):
+                                cs[p, e] = min(max(cs[p, e], -clamp_in), clamp_in)
+                        for c in range(c0, c1):
+                            cu[c] = min(max(cu[c], -clamp_in), clamp_in)
+                    # 3.-4. analog sums, normalized outputs
+                    for c in range(c0, c1):
+                        uc = cu[c]
+                        m0, m1 = mode_ptr[c], mode_ptr[c + 1]
+                        for e in range(m0, m1):
+                            vs[0, e] = (Ga[0, e] * cs[0, e] + Ga[1, e] * cs[1, e] + Gb[0, e] * uc) * k_acc
+                            vs[1, e] = (Ga[2, e] * cs[0, e] + Ga[3, e] * cs[1, e] + Gb[1, e] * uc) * k_acc
+                        acc_y = 0.0
+                        for e in range(m0, m1):
+                            acc_y += Gc[0, e] * cs[0, e]
+                            acc_y += Gc[1, e] * cs[1, e]
+                        acc_y += Gd[c] * uc
+                        vy[c] = acc_y * k_acc
+                    if noise_type >= 0:
+                        counter = ((t * B + b) * n_arr + a) * rounds + k
+                        n_rows = 2 * (e1 - e0) + (c1 - c0)
+                        fill_row_normals(row_key(key, counter), normals[:n_rows], hashes)
+                        i = 0
+                        for c in range(c0, c1):
+                            xu = cu[c] * inp_step
+                            q_y = 0.0
+                            for e in range(mode_ptr[c], mode_ptr[c + 1]):
+                                xr, xi = cs[0, e] * inp_step, cs[1, e] * inp_step
+                                for p in range(2):
+                                    q = 0.0
+                                    if noise_type == NOISE_ADDITIVE:
+                                        q = xr * xr + xi * xi + xu * xu
+                                    elif noise_type == NOISE_PROPORTIONAL:
+                                        q = (abs(Ga[2 * p, e]) * xr * xr + abs(Ga[2 * p + 1, e]) * xi * xi
+                                             + abs(Gb[p, e]) * xu * xu) * g_unit
+                                    vs[p, e] += np.sqrt(out_noise2 + w_noise2 * q) * normals[i]
+                                    i += 1
+                                if noise_type == NOISE_ADDITIVE:
+                                    q_y += xr * xr + xi * xi
+                                elif noise_type == NOISE_PROPORTIONAL:
+                                    q_y += (abs(Gc[0, e]) * xr * xr + abs(Gc[1, e]) * xi * xi) * g_unit
+                            if noise_type == NOISE_ADDITIVE:
+                                q_y += xu * xu
+                            elif noise_type == NOISE_PROPORTIONAL:
+                                q_y += abs(Gd[c]) * xu * xu * g_unit
+                            vy[c] += np.sqrt(out_noise2 + w_noise2 * q_y) * normals[i]
+                            i += 1
+                    # 5. ADC
+                    n_clip = 0
+                    for p in range(2):
+                        for e in range(e0, e1):
+                            w = vs[p, e] * inv_step_s[p, e]
+                            if qmax_out > 0.0:
+                                r = np.rint(w)
+                                w = min(max(r, -qmax_out), qmax_out)
+                                n_clip += w != r
+                            elif lim_s[p, e] > 0.0:
+                                r = w
+                                w = min(max(r, -lim_s[p, e]), lim_s[p, e])
+                                n_clip += w != r
+                            ws[p, e] = w
+                    for c in range(c0, c1):
+                        w = vy[c] * inv_step_y[c]
+                        if qmax_out > 0.0:
+                            r = np.rint(w)
+                            w = min(max(r, -qmax_out), qmax_out)
+                            n_clip += w != r
+                        elif lim_y[c] > 0.0:
+                            r = w
+                            w = min(max(r, -lim_y[c]), lim_y[c])
+                            n_clip += w != r
+                        wy[c] = w
+                    # 6. bound management
+                    if n_clip > 0 and k < max_round:
+                        retries[b] += 1
+                        continue
+                    clipped[b] += n_clip
+                    if recording:
+                        _record_max(rec_out[b], E, e0, e1, c0, c1, vs, vy)
+                    # 7. digital rescale
+                    scale = sc * 2.0 ** k
+                    for p in range(2):
+                        for e in range(e0, e1):
+                            x_new[p, e] = ws[p, e] * out_s[p, e] * scale
+                    for c in range(c0, c1):
+                        y[b, t, channel[c]] = wy[c] * out_y[c] * scale
+                    break
+            # 8. the state register
+            for p in range(2):
+                for e in range(E):
+                    v = x_new[p, e]
+                    if not (abs(v) <= state_bound and np.isfinite(v)):
+                        if overflow[b] < 0:
+                            overflow[b] = t
+                        v = 0.0 if (v != v or state_bound == np.inf) else np.copysign(state_bound, v)
+                    x[p, e] = v
+        x_out[b] = x
+    return y, x_out, clipped, retries, overflow
