@@ -1,15 +1,17 @@
-"""Whole-model analog inference (IMSSA mapping on simulated crossbars) in samples/s.
+"""Whole-model analog inference (``hardware.to_analog``, IMSSA arrays) in samples/s, next to the digital
+recurrent forward of the same model in the same run.
 
-Runs ``AnalogModel.forward`` on sMNIST-length inputs (L = 784, the offline
-test digits) for a small model and the 4 x 128 (N = 64) QS4D model, under
-three crossbar configurations (ideal; the default converters without noise;
-``CrossbarConfig.realistic()``), next to the float model's own recurrent
-forward. Prints the median of ``--repeats`` runs and the machine load. The
-state is clipped at 1e4 (``state_bound``): the realistic noise lets slowly
-decaying modes grow (see ``AnalogModel``), and clipping costs next to nothing.
+For each model (the demo size, qs4d preset 4 x 64 with N = 64, and 4 x 128 with N = 64, or a
+saved model with ``--checkpoint``) and each crossbar configuration (``ideal``; ``converters``:
+the default 7-bit DAC / 9-bit ADC without noise; ``realistic``: ``CrossbarConfig.realistic()``),
+all calibrated on ``--calib`` training digits, it times ``forward`` on ``--batch`` offline
+sMNIST test digits (L = 784) and prints the median of ``--repeats`` runs, the slowdown against
+the digital recurrent forward, and how many samples overflowed (an overflowing sample stops
+early, which makes a run faster: read samples/s together with it). Programming and
+calibration are not timed. Prints the machine load before and after.
 
-    .venv/bin/python benchmarks/bench_analog.py [--batch 64] [--repeats 3] [--large-batch 16]
-        [--large-repeats 1] [--length 784] [--threads 1] [--skip-large]
+    .venv/bin/python benchmarks/bench_analog.py [--batch 32] [--repeats 3] [--threads 2]
+        [--checkpoint RUN_DIR] [--skip-large] [--length 784]
 """
 from __future__ import annotations
 
@@ -22,8 +24,8 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from qs4d_np.data.tasks import load_task
-from qs4d_np.hardware.config import CrossbarConfig
-from qs4d_np.hardware.imssa import AnalogModel
+from qs4d_np.hardware import CrossbarConfig, analog_parts, to_analog
+from qs4d_np.hardware.imssa import AnalogSSMCore
 from qs4d_np.models.s4d_model import S4DModel
 
 CONFIGS = {"ideal": CrossbarConfig.ideal(), "converters": CrossbarConfig(), "realistic": CrossbarConfig.realistic()}
@@ -38,27 +40,30 @@ def median_seconds(fn, repeats: int) -> float:
     return float(np.median(times))
 
 
-def bench(name: str, model: S4DModel, x: np.ndarray, repeats: int) -> None:
+def bench(name: str, model: S4DModel, x: np.ndarray, calib: np.ndarray, repeats: int) -> None:
     batch = x.shape[0]
-    model.forward(x[:, :4], mode="recurrent")  # compile
-    t = median_seconds(lambda: model.forward(x, mode="recurrent"), repeats)
-    print(f"{name:>14} | {'float recurrent':>15} | {batch / t:9.2f} samples/s | {t:8.2f} s/batch")
+    model.forward(x[:2, :4], mode="recurrent")  # compile
+    digital = median_seconds(lambda: model.forward(x, mode="recurrent"), repeats)
+    print(f"{name:>14} | {'digital recurrent':>17} | {batch / digital:8.2f} samples/s |")
     for cfg_name, cfg in CONFIGS.items():
-        analog = AnalogModel(model, cfg, seed=0, state_bound=1e4)
-        analog.forward(x[:, :4])  # compile the kernels outside the timing
+        analog = to_analog(model, cfg, seed=0, calib=calib)
+        analog.forward(x[:2, :4])  # compile the kernels outside the timing
         t = median_seconds(lambda: analog.forward(x), repeats)
-        print(f"{name:>14} | {cfg_name:>15} | {batch / t:9.2f} samples/s | {t:8.2f} s/batch | "
-              f"{analog.n_tiles} arrays")
+        overflowed = np.zeros(batch, dtype=bool)
+        for core in (p for p in analog_parts(analog) if isinstance(p, AnalogSSMCore)):
+            overflowed |= core.last_overflow >= 0
+        print(f"{name:>14} | {cfg_name:>17} | {batch / t:8.2f} samples/s | {t / digital:6.1f}x digital | "
+              f"{int(overflowed.sum())}/{batch} overflowed")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=64, help="batch of the small model")
+    parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--large-batch", type=int, default=16, help="batch of the 4 x 128 model")
-    parser.add_argument("--large-repeats", type=int, default=1)
+    parser.add_argument("--calib", type=int, default=64, help="training digits to calibrate on")
     parser.add_argument("--length", type=int, default=784)
-    parser.add_argument("--skip-large", action="store_true")
+    parser.add_argument("--checkpoint", default=None, help="also time this saved model (run directory)")
+    parser.add_argument("--skip-large", action="store_true", help="skip the 4 x 128 model")
     parser.add_argument("--threads", type=int, default=None, help="BLAS and Numba threads (default: all)")
     args = parser.parse_args()
     if args.threads is None:
@@ -71,15 +76,17 @@ def main() -> None:
 
 def run(args: argparse.Namespace) -> None:
     task = load_task("smnist")
-    n = max(args.batch, args.large_batch)
-    x, _ = task.test.batch(np.arange(n))
-    x = x[:, :args.length]
-    print(f"load average before: {os.getloadavg()}; L = {x.shape[1]}; threads: {args.threads or 'all'}")
-    small = S4DModel.from_preset("qs4d", 1, 10, d_model=32, d_state=16, n_layers=2, seed=0)
-    bench("2 x 32, N=16", small, x[:args.batch], args.repeats)
+    x, _ = task.test.batch(np.arange(args.batch))
+    calib, _ = task.train.batch(np.arange(args.calib))
+    x, calib = x[:, :args.length], calib[:, :args.length]
+    print(f"load average before: {os.getloadavg()}; L = {x.shape[1]}; batch {args.batch}; "
+          f"threads: {args.threads or numba.get_num_threads()}")
+    if args.checkpoint is not None:
+        from qs4d_np.cli.common import load_model
+        bench("checkpoint", load_model(args.checkpoint), x, calib, args.repeats)
+    bench("4 x 64, N=64", S4DModel.from_preset("qs4d", 1, 10, d_model=64, seed=0), x, calib, args.repeats)
     if not args.skip_large:
-        large = S4DModel.from_preset("qs4d", 1, 10, seed=0)
-        bench("4 x 128, N=64", large, x[:args.large_batch], args.large_repeats)
+        bench("4 x 128, N=64", S4DModel.from_preset("qs4d", 1, 10, seed=0), x, calib, args.repeats)
     print(f"load average after: {os.getloadavg()}")
 
 

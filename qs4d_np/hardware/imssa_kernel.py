@@ -45,7 +45,8 @@ dense matrices):
 
 Calibration: ``rec_in`` (B, 2E + C) and ``rec_out`` (B, 2E + C), when not empty, receive
 per sample the largest |z_j| over the steps (inputs, before any scaling; state lines 2e + p,
-input lines 2E + c) and the largest |v_i| (outputs in normalized units before the ADC).
+input lines 2E + c) and the largest |v_i| (outputs in normalized units before the ADC) of every
+round (calibration runs exact arrays, without bound management, so every round is accepted).
 """
 from __future__ import annotations
 
@@ -55,6 +56,30 @@ from numba import njit, prange
 from qs4d_np.hardware.rng import fill_row_normals, row_key
 
 NOISE_NONE, NOISE_OUT_ONLY, NOISE_ADDITIVE, NOISE_PROPORTIONAL = -1, 0, 1, 2
+
+
+@njit(cache=True, inline="always")
+def _dac(v, qmax, clamp):
+    """One DAC code of a scaled input (step 2 of the module docstring)."""
+    if qmax > 0.0:
+        return min(max(np.rint(v), -qmax), qmax)
+    if clamp > 0.0:
+        return min(max(v, -clamp), clamp)
+    return v
+
+
+@njit(cache=True, inline="always")
+def _adc(v, inv_step, qmax, lim):
+    """(ADC output in steps, clipped) of one normalized output (step 5)."""
+    w = v * inv_step
+    if qmax > 0.0:
+        r = np.rint(w)
+        c = min(max(r, -qmax), qmax)
+        return c, c != r
+    if lim > 0.0:
+        c = min(max(w, -lim), lim)
+        return c, c != w
+    return w, False
 
 
 @njit(cache=True, inline="always")
@@ -104,14 +129,9 @@ def imssa_scan(u, x0, channel, mode_ptr, arr_ptr, Ga, Gb, Gc, Gd, r_s, r_u, f_s,
     for b in prange(B):
         x = x0[b].copy()
         x_new = np.empty((2, E))
-        cs = np.empty((2, E))
-        vs = np.empty((2, E))
-        ws = np.empty((2, E))
         n_ch = channel.shape[0]
         zu = np.empty(n_ch)
-        cu = np.empty(n_ch)
-        vy = np.empty(n_ch)
-        wy = np.empty(n_ch)
+        y_new = np.empty(n_ch)
         normals = np.zeros(max_rows)
         hashes = np.empty(max_rows, dtype=np.uint64)
         for t in range(L):
@@ -137,105 +157,71 @@ def imssa_scan(u, x0, channel, mode_ptr, arr_ptr, Ga, Gb, Gc, Gd, r_s, r_u, f_s,
                     _record_max(rec_in[b], E, e0, e1, c0, c1, x, zu)
                 for k in range(rounds):
                     g = 2.0 ** -k / sc
-                    # 2. DAC
-                    for p in range(2):
-                        for e in range(e0, e1):
-                            cs[p, e] = x[p, e] * dac_s[p, e] * g
-                    for c in range(c0, c1):
-                        cu[c] = zu[c] * dac_u[c] * g
-                    if qmax_in > 0.0:
-                        for p in range(2):
-                            for e in range(e0, e1):
-                                cs[p, e] = min(max(np.rint(cs[p, e]), -qmax_in), qmax_in)
-                        for c in range(c0, c1):
-                            cu[c] = min(max(np.rint(cu[c]), -qmax_in), qmax_in)
-                    elif clamp_in > 0.0:
-                        for p in range(2):
-                            for e in range(e0, e1):
-                                cs[p, e] = min(max(cs[p, e], -clamp_in), clamp_in)
-                        for c in range(c0, c1):
-                            cu[c] = min(max(cu[c], -clamp_in), clamp_in)
-                    # 3.-4. analog sums, normalized outputs
-                    for c in range(c0, c1):
-                        uc = cu[c]
-                        m0, m1 = mode_ptr[c], mode_ptr[c + 1]
-                        for e in range(m0, m1):
-                            vs[0, e] = (Ga[0, e] * cs[0, e] + Ga[1, e] * cs[1, e] + Gb[0, e] * uc) * k_acc
-                            vs[1, e] = (Ga[2, e] * cs[0, e] + Ga[3, e] * cs[1, e] + Gb[1, e] * uc) * k_acc
-                        acc_y = 0.0
-                        for e in range(m0, m1):
-                            acc_y += Gc[0, e] * cs[0, e]
-                            acc_y += Gc[1, e] * cs[1, e]
-                        acc_y += Gd[c] * uc
-                        vy[c] = acc_y * k_acc
+                    scale = sc * 2.0 ** k
                     if noise_type >= 0:
                         counter = ((t * B + b) * n_arr + a) * rounds + k
                         n_rows = 2 * (e1 - e0) + (c1 - c0)
                         fill_row_normals(row_key(key, counter), normals[:n_rows], hashes)
-                        i = 0
-                        for c in range(c0, c1):
-                            xu = cu[c] * inp_step
-                            q_y = 0.0
-                            for e in range(mode_ptr[c], mode_ptr[c + 1]):
-                                xr, xi = cs[0, e] * inp_step, cs[1, e] * inp_step
-                                for p in range(2):
-                                    q = 0.0
-                                    if noise_type == NOISE_ADDITIVE:
-                                        q = xr * xr + xi * xi + xu * xu
-                                    elif noise_type == NOISE_PROPORTIONAL:
-                                        q = (abs(Ga[2 * p, e]) * xr * xr + abs(Ga[2 * p + 1, e]) * xi * xi
-                                             + abs(Gb[p, e]) * xu * xu) * g_unit
-                                    vs[p, e] += np.sqrt(out_noise2 + w_noise2 * q) * normals[i]
-                                    i += 1
+                    # one pass per mode: 2. DAC, 3.-4. sums and read noise, 5. ADC, 7. the rescaled
+                    # outputs (kept only if the round is accepted)
+                    n_clip = 0
+                    i = 0
+                    for c in range(c0, c1):
+                        uc = _dac(zu[c] * dac_u[c] * g, qmax_in, clamp_in)
+                        xu = uc * inp_step
+                        acc_y = 0.0
+                        q_y = 0.0
+                        for e in range(mode_ptr[c], mode_ptr[c + 1]):
+                            cr = _dac(x[0, e] * dac_s[0, e] * g, qmax_in, clamp_in)
+                            ci = _dac(x[1, e] * dac_s[1, e] * g, qmax_in, clamp_in)
+                            vr = (Ga[0, e] * cr + Ga[1, e] * ci + Gb[0, e] * uc) * k_acc
+                            vi = (Ga[2, e] * cr + Ga[3, e] * ci + Gb[1, e] * uc) * k_acc
+                            acc_y += Gc[0, e] * cr
+                            acc_y += Gc[1, e] * ci
+                            if noise_type >= 0:
+                                xr, xi = cr * inp_step, ci * inp_step
+                                q_r = q_i = 0.0
                                 if noise_type == NOISE_ADDITIVE:
+                                    q_r = q_i = xr * xr + xi * xi + xu * xu
                                     q_y += xr * xr + xi * xi
                                 elif noise_type == NOISE_PROPORTIONAL:
+                                    q_r = (abs(Ga[0, e]) * xr * xr + abs(Ga[1, e]) * xi * xi
+                                           + abs(Gb[0, e]) * xu * xu) * g_unit
+                                    q_i = (abs(Ga[2, e]) * xr * xr + abs(Ga[3, e]) * xi * xi
+                                           + abs(Gb[1, e]) * xu * xu) * g_unit
                                     q_y += (abs(Gc[0, e]) * xr * xr + abs(Gc[1, e]) * xi * xi) * g_unit
+                                vr += np.sqrt(out_noise2 + w_noise2 * q_r) * normals[i]
+                                vi += np.sqrt(out_noise2 + w_noise2 * q_i) * normals[i + 1]
+                            i += 2
+                            if recording:
+                                rec_out[b, 2 * e] = max(rec_out[b, 2 * e], abs(vr))
+                                rec_out[b, 2 * e + 1] = max(rec_out[b, 2 * e + 1], abs(vi))
+                            wr, hit_r = _adc(vr, inv_step_s[0, e], qmax_out, lim_s[0, e])
+                            wi, hit_i = _adc(vi, inv_step_s[1, e], qmax_out, lim_s[1, e])
+                            n_clip += hit_r + hit_i
+                            x_new[0, e] = wr * out_s[0, e] * scale
+                            x_new[1, e] = wi * out_s[1, e] * scale
+                        acc_y += Gd[c] * uc
+                        vy = acc_y * k_acc
+                        if noise_type >= 0:
                             if noise_type == NOISE_ADDITIVE:
                                 q_y += xu * xu
                             elif noise_type == NOISE_PROPORTIONAL:
                                 q_y += abs(Gd[c]) * xu * xu * g_unit
-                            vy[c] += np.sqrt(out_noise2 + w_noise2 * q_y) * normals[i]
-                            i += 1
-                    # 5. ADC
-                    n_clip = 0
-                    for p in range(2):
-                        for e in range(e0, e1):
-                            w = vs[p, e] * inv_step_s[p, e]
-                            if qmax_out > 0.0:
-                                r = np.rint(w)
-                                w = min(max(r, -qmax_out), qmax_out)
-                                n_clip += w != r
-                            elif lim_s[p, e] > 0.0:
-                                r = w
-                                w = min(max(r, -lim_s[p, e]), lim_s[p, e])
-                                n_clip += w != r
-                            ws[p, e] = w
-                    for c in range(c0, c1):
-                        w = vy[c] * inv_step_y[c]
-                        if qmax_out > 0.0:
-                            r = np.rint(w)
-                            w = min(max(r, -qmax_out), qmax_out)
-                            n_clip += w != r
-                        elif lim_y[c] > 0.0:
-                            r = w
-                            w = min(max(r, -lim_y[c]), lim_y[c])
-                            n_clip += w != r
-                        wy[c] = w
+                            vy += np.sqrt(out_noise2 + w_noise2 * q_y) * normals[i]
+                        i += 1
+                        if recording:
+                            rec_out[b, 2 * E + c] = max(rec_out[b, 2 * E + c], abs(vy))
+                        wy, hit = _adc(vy, inv_step_y[c], qmax_out, lim_y[c])
+                        n_clip += hit
+                        y_new[c] = wy * out_y[c] * scale
                     # 6. bound management
                     if n_clip > 0 and k < max_round:
                         retries[b] += 1
                         continue
                     clipped[b] += n_clip
-                    if recording:
-                        _record_max(rec_out[b], E, e0, e1, c0, c1, vs, vy)
-                    # 7. digital rescale
-                    scale = sc * 2.0 ** k
-                    for p in range(2):
-                        for e in range(e0, e1):
-                            x_new[p, e] = ws[p, e] * out_s[p, e] * scale
                     for c in range(c0, c1):
-                        y[b, t, channel[c]] = wy[c] * out_y[c] * scale
+                        y[b, t, channel[c]] = y_new[c]
                     break
             # 8. the state register
             for p in range(2):
