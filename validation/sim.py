@@ -2,10 +2,16 @@
 
     python validation/sim.py VECTOR_DIR            # iverilog + vvp on tb_s4d_ssm_core.v
     python validation/sim.py VECTOR_DIR --cocotb   # the cocotb test, golden model in Python
+    python validation/sim.py BUNDLE --layer I [--timeout S] [--work DIR]
 
-The vector directory comes from ``qs4d_np.golden.write_ssm_vectors``; the
-testbench writes its outputs to VECTOR_DIR/rtl/ and this script then runs
-``compare_dumps`` on them. Exit code 0 only when every word agrees.
+A core vector directory comes from ``qs4d_np.golden.write_ssm_vectors``. A
+whole-model bundle (``qs4d golden export``; its ``stress/`` sub-bundle is one
+too) is first cut down to layer I's core (``bundle_core_vectors``: its weights,
+multipliers, input ``u`` and expected ``x_re``, ``x_im``, ``y`` and flags) in
+``--work`` (default: ``BUNDLE.layerI`` next to it). The testbench writes its
+outputs to ``rtl/`` there and this script then runs ``compare_dumps`` on them.
+Exit code 0 only when every word agrees, 1 on a mismatch, 2 when the flow
+cannot run (no simulator, a timeout).
 """
 from __future__ import annotations
 
@@ -46,9 +52,47 @@ def core_parameters(config: dict) -> dict[str, int]:
     return params
 
 
-def run_testbench(vec_dir: str | os.PathLike, timeout: float = 120.0) -> subprocess.CompletedProcess:
+def bundle_core_vectors(bundle: str | os.PathLike, layer: int, out: str | os.PathLike) -> Path:
+    """Write layer ``layer``'s SSM core of a model bundle as a core vector directory at ``out``."""
+    import numpy as np
+
+    from qs4d_np.golden.fixedpoint import IntFormat
+    from qs4d_np.golden.layer import WEIGHT_FORMAT, SSMCore, SSMCoreFormats, SSMCoreTrace
+    from qs4d_np.golden.vectors import load_vector_config, read_tensor, write_ssm_vectors
+
+    bundle = Path(bundle)
+    config = load_vector_config(bundle)
+    if config.get("kind") not in ("model", "stress"):
+        raise ValueError(f"{bundle} is not a model bundle (kind {config.get('kind')!r}); pass a core vector "
+                         f"directory without --layer")
+    n_layers = int(config["n_layers"])
+    if not 0 <= layer < n_layers:
+        raise ValueError(f"--layer {layer}: {bundle} has layers 0..{n_layers - 1}")
+    tensors = config["tensors"]
+    p = f"layers.{layer}."
+
+    def read(name: str) -> np.ndarray:
+        if p + name not in tensors:
+            raise ValueError(f"{bundle}/manifest.json lists no tensor {p + name}")
+        return read_tensor(bundle, p + name, tensors[p + name])
+
+    def fmt(name: str) -> IntFormat:
+        spec = tensors[p + name]
+        return IntFormat(spec["width"], spec["qmin"], spec["qmax"])
+
+    grids = {"Abar": "Abar_re", "Bbar": "Bbar_re", "C": "C_re", "D": "D"}
+    formats = SSMCoreFormats(u=fmt("u"), x=fmt("x_re"), y=fmt("y"), **{k: fmt(v) for k, v in grids.items()})
+    names = tuple(WEIGHT_FORMAT) + SSMCore.REQUANT_HN + SSMCore.REQUANT_H
+    core = SSMCore(formats, **{k: read(k) for k in names})
+    trace = SSMCoreTrace(**{k: read(k) for k in ("x_re", "x_im", "y", "sat_x_re", "sat_x_im", "sat_y")})
+    return write_ssm_vectors(out, core, read("u"), trace, layer=layer)
+
+
+def run_testbench(vec_dir: str | os.PathLike, timeout: float = 3600.0,
+                  core: str | os.PathLike | None = None) -> subprocess.CompletedProcess:
     """Compile tb_s4d_ssm_core for this directory's configuration and run it there.
 
+    ``core``: another Verilog file of ``s4d_ssm_core`` (a mutant, in tests) instead of the reference.
     Returns the vvp process (returncode != 0 on any mismatch, via $fatal);
     raises RuntimeError if compilation fails.
     """
@@ -61,7 +105,8 @@ def run_testbench(vec_dir: str | os.PathLike, timeout: float = 120.0) -> subproc
     sim = vec_dir / "tb_s4d_ssm_core.vvp"
     cmd = ["iverilog", "-g2012", "-Wall", "-o", str(sim), "-s", "tb_s4d_ssm_core"]
     cmd += [f"-Ptb_s4d_ssm_core.{k}={v}" for k, v in params.items()]
-    build = subprocess.run(cmd + [str(s) for s in TB_SOURCES], capture_output=True, text=True,
+    sources = TB_SOURCES if core is None else [Path(core), RTL / "tb_s4d_ssm_core.v"]
+    build = subprocess.run(cmd + [str(s) for s in sources], capture_output=True, text=True,
                            timeout=timeout)
     if build.returncode != 0:
         raise RuntimeError(f"iverilog failed ({build.returncode}):\n{build.stderr}")
@@ -102,24 +147,43 @@ def run_cocotb(vec_dir: str | os.PathLike, build_dir: str | os.PathLike,
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("vectors", help="vector directory written by qs4d_np.golden.write_ssm_vectors")
+    parser.add_argument("vectors", help="core vector directory (write_ssm_vectors) or, with --layer, a bundle "
+                                        "written by 'qs4d golden export' (or its stress/ sub-bundle)")
+    parser.add_argument("--layer", type=int, default=None, metavar="I", help="the bundle's layer to simulate")
+    parser.add_argument("--work", default=None, metavar="DIR",
+                        help="where layer I's core vectors and the RTL dump go (default: BUNDLE.layerI)")
+    parser.add_argument("--timeout", type=float, default=3600.0, metavar="S",
+                        help="seconds allowed for the compile and for the simulation, each (default 3600; an "
+                             "H = 64, N2 = 32 layer of 784 steps takes about 14 minutes)")
     parser.add_argument("--cocotb", action="store_true", help="run the cocotb test instead of the Verilog testbench")
     args = parser.parse_args(argv)
     reason = missing_tools(cocotb=args.cocotb)
     if reason:
         print(f"cannot run: {reason}", file=sys.stderr)
         return 2
-    if args.cocotb:
-        run, failed = run_cocotb(args.vectors, Path(args.vectors) / "cocotb_build")
-        print(f"cocotb: {run} test(s), {failed} failed")
-        return int(failed != 0)
     from qs4d_np.golden.compare import compare_dumps
 
-    proc = run_testbench(args.vectors)
-    print(proc.stdout, end="")
-    print(proc.stderr, end="", file=sys.stderr)
-    report = compare_dumps(args.vectors, Path(args.vectors) / "rtl")
-    print(report)
+    vectors = Path(args.vectors)
+    try:
+        if args.layer is not None:
+            work = Path(args.work) if args.work else vectors.with_name(f"{vectors.name}.layer{args.layer}")
+            vectors = bundle_core_vectors(vectors, args.layer, work)
+            print(f"layer {args.layer}'s core vectors: {vectors}")
+        if args.cocotb:
+            run, failed = run_cocotb(vectors, vectors / "cocotb_build")
+            print(f"cocotb: {run} test(s), {failed} failed")
+            return int(failed != 0)
+        proc = run_testbench(vectors, timeout=args.timeout)
+        print(proc.stdout, end="")
+        print(proc.stderr, end="", file=sys.stderr)
+        report = compare_dumps(vectors, vectors / "rtl")
+    except subprocess.TimeoutExpired as exc:
+        print(f"sim.py: error: {exc.cmd[0]} did not finish within --timeout {args.timeout:g} s", file=sys.stderr)
+        return 2
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        print(f"sim.py: error: {exc}", file=sys.stderr)
+        return 2 if isinstance(exc, RuntimeError) else 1
+    print(report.summary())
     return int(proc.returncode != 0 or not report.ok)
 
 

@@ -28,6 +28,7 @@ reports every differing word.
 from __future__ import annotations
 
 import os
+from dataclasses import astuple
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +41,7 @@ from qs4d_np.io import atomic_write_json
 
 AXES_STATE = ["sample", "step", "channel", "mode"]
 AXES_SEQ = ["sample", "step", "channel"]
+STRESS_DIR = "stress"
 
 
 def _word_width(name: str, value: np.ndarray) -> tuple[int, bool]:
@@ -74,19 +76,63 @@ def _weight_formats(model: IntegerModel) -> dict[str, IntFormat]:
 
 
 def export_bundle(model: IntegerModel, x: np.ndarray, out_dir: str | os.PathLike,
-                  labels: np.ndarray | None = None) -> dict:
-    """Write the vector directory for int inputs ``x`` (K, L, d_in); return the manifest."""
-    run = model.run(x, trace=True)
+                  labels: np.ndarray | None = None, *, stress: int = 0, stress_seed: int = 0,
+                  trace_acc: bool = False) -> dict:
+    """Write the vector directory for int inputs ``x`` (K, L, d_in); return the manifest.
+
+    ``stress`` > 0 adds a stress bundle in ``out_dir/stress`` (``golden.stress``: a synthetic model of
+    this model's shape, widths and grids with ``stress`` samples whose words show exact ties of both
+    parities and clamps to both rails at every rounding site). ``trace_acc`` also writes every rounded
+    tensor's accumulator before rounding (``expected/<tensor>.acc.memh``, 64-bit, kind ``trace``: not
+    compared). The manifest's ``events`` counts, per rounding site, ``ties_even``, ``ties_odd``,
+    ``sat_low`` and ``sat_high`` (``fixedpoint.rounding_events``); ``warnings`` names every site
+    without a tie or without a clamp (a trained model's vectors have none: use ``stress``).
+    """
+    from qs4d_np.golden.stress import stress_case
+
+    run = model.run(x, trace_acc=True)
+    stress_parts = None
+    if stress:
+        s_model, s_x, _ = stress_case(model, stress, seed=stress_seed)
+        stress_parts = (s_model, s_x, s_model.run(s_x, trace_acc=True))
     with staged_export(out_dir) as staged:
-        return _write_bundle(model, x, run, staged, labels)
+        manifest = _write_bundle(model, x, run, staged, labels, trace_acc, write=stress_parts is None)
+        if stress_parts is not None:
+            sub = _write_bundle(*stress_parts, staged / STRESS_DIR, None, trace_acc, write=True)
+            sub["kind"] = "stress"
+            manifest["stress"] = {"dir": STRESS_DIR, "samples": sub["samples"], "warnings": sub["warnings"],
+                                  "files": [f"{STRESS_DIR}/{f}" for f in _bundle_files(sub)]}
+            atomic_write_json(staged / STRESS_DIR / "manifest.json", sub)
+            atomic_write_json(staged / "manifest.json", manifest)
+        return manifest
 
 
-def _write_bundle(model: IntegerModel, x: np.ndarray, run, out_dir: Path, labels: np.ndarray | None) -> dict:
+def _bundle_files(manifest: dict) -> list[str]:
+    return ["manifest.json"] + [spec["file"] for spec in manifest["tensors"].values()]
+
+
+def _warnings(events: dict[str, dict[str, int]]) -> list[str]:
+    """One line per rounding site whose words never show the tie rule or a clamp."""
+    out = []
+    for site, ev in events.items():
+        lacks = [k for k in ("ties_even", "ties_odd", "sat_low", "sat_high") if ev[k] == 0]
+        if lacks:
+            out.append(f"{site}: no {', no '.join(lacks)}")
+    return out
+
+
+def _write_bundle(model: IntegerModel, x: np.ndarray, run, out_dir: Path, labels: np.ndarray | None,
+                  trace_acc: bool, write: bool) -> dict:
+    """Write every .memh file of one bundle into out_dir; also manifest.json when ``write``."""
+    from qs4d_np.golden.stress import event_counts
+
+    out_dir.mkdir(exist_ok=True)
     tensors: dict[str, dict] = {}
 
     def put(name: str, value: np.ndarray, width: int, signed: bool, kind: str, axes: list[str],
             layer: int | None, **extra) -> None:
-        file = {"weight": "weights", "input": "inputs", "output": "expected"}[kind] + f"/{name}.memh"
+        file = {"weight": "weights", "input": "inputs", "output": "expected", "trace": "expected"}[kind] \
+            + f"/{name}.memh"
         write_memh(out_dir / file, value, width, signed=signed)
         tensors[name] = {"shape": list(value.shape), "width": width, "signed": signed, "file": file,
                          "output": kind == "output", "kind": kind, "axes": axes, "layer": layer, **extra}
@@ -94,14 +140,17 @@ def _write_bundle(model: IntegerModel, x: np.ndarray, run, out_dir: Path, labels
     wfmt = _weight_formats(model)
     for name, value in model.arrays().items():
         layer = int(name.split(".")[1]) if name.startswith("layers.") else None
+        grid = {}
         if name in wfmt:
             width, signed = wfmt[name].width, True
+            grid = {"qmin": wfmt[name].qmin, "qmax": wfmt[name].qmax}
         else:
             width, signed = _word_width(name, value)
         axes = [f"dim{d}" for d in range(value.ndim)]
-        put(name, value, width, signed, "weight", axes, layer, scale=_scale_of(model, name))
+        put(name, value, width, signed, "weight", axes, layer, scale=_scale_of(model, name), **grid)
     put("x", x.astype(np.int64), model.in_fmt.width, True, "input", ["sample", "step", "feature"], None,
-        scale=float(model.steps.get("in", np.nan)))
+        scale=float(model.steps["in"]) if "in" in model.steps else None, qmin=model.in_fmt.qmin,
+        qmax=model.in_fmt.qmax)
     for i, t in enumerate(run.layers):
         fmts = _layer_formats(model, i)
         for name in LAYER_TENSORS:
@@ -112,14 +161,20 @@ def _write_bundle(model: IntegerModel, x: np.ndarray, run, out_dir: Path, labels
                 qmin=fmts[name].qmin, qmax=fmts[name].qmax)
             if name in ROUNDED:
                 put(f"layers.{i}.sat_{name}", t["sat_" + name], 1, False, "output", axes, i)
+            if trace_acc and "acc_" + name in t:
+                put(f"layers.{i}.{name}.acc", t["acc_" + name], 64, True, "trace", axes, i)
     logit_fmt = model.decoder.requant.fmt
     sum_bound = model.length * model.layers[-1].out_fmt.maxabs
-    put("pooled", run.pooled, bits_needed(-sum_bound, sum_bound), True, "output", ["sample", "channel"], None,
-        scale=float(model.steps["out_last"]))
-    put("avg", run.avg, model.pool.fmt.width, True, "output", ["sample", "channel"], None,
-        scale=float(model.steps["avg"]))
-    put("logits", run.logits, logit_fmt.width, True, "output", ["sample", "class"], None,
-        scale=float(model.steps["logits"]))
+    steps = model.steps
+    pooled_fmt = (bits_needed(-sum_bound, sum_bound), -sum_bound, sum_bound)  # may exceed IntFormat's 32 bits
+    for name, value, (width, qmin, qmax), axes, step in (
+            ("pooled", run.pooled, pooled_fmt, ["sample", "channel"], steps.get("out_last")),
+            ("avg", run.avg, astuple(model.pool.fmt), ["sample", "channel"], steps.get("avg")),
+            ("logits", run.logits, astuple(logit_fmt), ["sample", "class"], steps.get("logits"))):
+        put(name, value, width, True, "output", axes, None, scale=None if step is None else float(step),
+            qmin=qmin, qmax=qmax)
+        if trace_acc and name != "pooled":
+            put(f"{name}.acc", run.acc[name], 64, True, "trace", axes, None)
     put("predictions", run.predictions.astype(np.int64), max(2, bits_needed(0, run.logits.shape[1] - 1)),
         False, "output", ["sample"], None)
     manifest = {
@@ -127,9 +182,12 @@ def _write_bundle(model: IntegerModel, x: np.ndarray, run, out_dir: Path, labels
         "d_input": model.d_input, "n_layers": len(model.layers),
         "layers": [_layer_entry(l) for l in model.layers],
         "saturation": run.saturation, "eps": model.eps, "tensors": tensors}
+    manifest["events"] = event_counts(model, x, run)
+    manifest["warnings"] = _warnings(manifest["events"])
     if labels is not None:
         manifest["labels"] = np.asarray(labels).astype(int).tolist()
-    atomic_write_json(out_dir / "manifest.json", manifest)
+    if write:
+        atomic_write_json(out_dir / "manifest.json", manifest)
     return manifest
 
 

@@ -74,6 +74,19 @@ def _check_targets(quant: QuantConfig, n_layers: int) -> None:
                          f"give them levels in the QuantConfig")
 
 
+def _check_fixed_ranges(quant: QuantConfig) -> None:
+    """A QAT model whose state or act range is per batch (absmax) has no step the integer model can fix."""
+    batch = {t: quant.target(t).scale_mode for t in ("state", "act")
+             if quant.target(t).scale_mode in ("absmax", "absmean")}
+    if batch:
+        raise ValueError(
+            f"this QAT model takes the range of {' and '.join(batch)} from each batch "
+            f"({', '.join(f'{t}: {m}' for t, m in batch.items())}); the integer model needs fixed steps: train or "
+            f"fine-tune it with running ranges (qs4d train --init-from RUN --scale_mode state=running act=running "
+            f"...; Python: QuantConfig(..., target_options={{'state': {{'scale_mode': 'running'}}, "
+            f"'act': {{'scale_mode': 'running'}}}})), or export it as a float model with --*_quant flags (PTQ)")
+
+
 class _Quantizer:
     """Codes, steps and IntFormat (explicit width or the grid's) of each quantized target.
 
@@ -241,6 +254,8 @@ def from_model(model: S4DModel, x_calib: np.ndarray, *, quant: QuantConfig | Non
     for k, v in W.items():
         check_int(f"widths[{k!r}]", v, min_value=2, max_value=32)
     qz = _Quantizer(quant, W, own=quant is getattr(model, "quant", None))
+    if qz.own:
+        _check_fixed_ranges(quant)
     L = x_calib.shape[1]
     H = model.blocks[0].ssm.d_model
     steps: dict[str, np.ndarray] = {"in": np.float64(in_step)}
