@@ -156,3 +156,58 @@ def test_cli_compare_reports_a_bad_manifest_in_one_line(bundle, tmp_path, capsys
     assert main(["golden", "compare", str(bad), "--rtl", str(out)]) == 1
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_scale_mode_flag_sets_range_modes_per_target(capsys):
+    from qs4d_np.cli.common import CommandError, quant_config
+    from qs4d_np.cli.main import build_parser
+
+    def config(*flags):
+        return quant_config(build_parser().parse_args(["train", "--out", "x", *flags]))
+
+    q = config("--all_quant", "256", "--scale_mode", "state=running", "act=running")
+    assert [q.target(t).scale_mode for t in ("state", "act", "A", "linear")] == ["running", "running", "absmax",
+                                                                                 "absmax"]
+    q = config("--all_quant", "16", "--scale_mode", "running", "C=learned")
+    assert (q.target("D").scale_mode, q.target("C").scale_mode) == ("running", "learned")
+    with pytest.raises(CommandError, match="no --\\*_quant flag"):
+        config("--scale_mode", "running")
+    for bad, message in (("state=ema", "scale mode must be one of"), ("bogus=running", "target must be one of")):
+        with pytest.raises(SystemExit):
+            config("--all_quant", "16", "--scale_mode", bad)
+        assert message in capsys.readouterr().err
+
+
+def qat_model(scale_mode, seed=3):
+    from qs4d_np.models.s4d_model import S4DModel
+    from qs4d_np.quant.config import QuantConfig
+    from qs4d_np.train.ptq import calibrate
+    quant = QuantConfig(256, state=4096, target_options={t: {"scale_mode": scale_mode} for t in ("act", "state")})
+    model = S4DModel.from_preset("qs4d", 1, 10, d_model=2, d_state=2, n_layers=1, dropout=0.0, seed=seed,
+                                 mode="recurrent", quant=quant)
+    calibrate(model, [np.random.default_rng(seed).integers(0, 256, (4, 784, 1)) / 255.0], mode="recurrent")
+    return model
+
+
+def test_cli_exports_a_running_range_qat_model_with_steps_and_stress_and_refuses_absmax(tmp_path, capsys):
+    from qs4d_np.cli.main import main
+    qat_model("absmax").save(tmp_path / "absmax")
+    export = ["golden", "export", "--dataset", "smnist", "--samples", "1", "--calib", "2"]
+    assert main(export + ["--checkpoint", str(tmp_path / "absmax"), "--out", str(tmp_path / "v0")]) == 1
+    err = capsys.readouterr().err
+    assert "takes the range of state and act from each batch" in err and "--scale_mode state=running act=running" in err
+    assert not (tmp_path / "v0").exists()
+    qat_model("running").save(tmp_path / "running")
+    vec = tmp_path / "vec"
+    assert main(export + ["--checkpoint", str(tmp_path / "running"), "--out", str(vec), "--steps", "10",
+                          "--stress", "4", "--trace-acc"]) == 0
+    out, err = capsys.readouterr()
+    assert "1 sample(s) x 10 steps" in out and "wrote 4 stress sample(s)" in out
+    assert "warning: the trained model's vectors never show the tie rule or a clamp" in err
+    manifest = json.loads((vec / "manifest.json").read_text())
+    assert manifest["length"] == 10 and manifest["tensors"]["layers.0.y"]["shape"] == [1, 10, 2]
+    assert json.loads((vec / "stress/manifest.json").read_text())["tensors"]["layers.0.y"]["shape"] == [4, 10, 2]
+    assert main(["golden", "compare", str(vec), "--rtl", str(vec), "--only", "stress/*"]) == 0
+    assert main(["golden", "export", "--checkpoint", str(tmp_path / "running"), "--out", str(tmp_path / "v1"),
+                 "--dataset", "smnist", "--steps", "785"]) == 1
+    assert "--steps 785 exceeds the task's sequence length 784" in capsys.readouterr().err
