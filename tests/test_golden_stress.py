@@ -211,3 +211,53 @@ def test_cli_exports_a_running_range_qat_model_with_steps_and_stress_and_refuses
     assert main(["golden", "export", "--checkpoint", str(tmp_path / "running"), "--out", str(tmp_path / "v1"),
                  "--dataset", "smnist", "--steps", "785"]) == 1
     assert "--steps 785 exceeds the task's sequence length 784" in capsys.readouterr().err
+
+
+def test_bounded_multiplier_width_holds_its_bound_and_the_error_bound_or_names_the_smallest():
+    from qs4d_np.golden.export import from_model
+    from qs4d_np.golden.multiplier import MAX_EPS
+    from qs4d_np.golden.twin import local_agreement
+    from qs4d_np.quant.config import QuantConfig
+    from test_golden_model import pixels, tiny_model
+    model, x, quant = tiny_model(0), pixels(100), QuantConfig(256, state=4096)
+    with pytest.raises(ValueError, match=r"max_mult_bits 12 is too narrow: .* the smallest multiplier width that "
+                                         r"works for this model is (\d+)") as info:
+        from_model(model, x / 255.0, quant=quant, max_mult_bits=12)
+    smallest = int(info.value.args[0].rsplit(" ", 1)[-1])
+    with pytest.raises(ValueError, match=f"is {smallest}$"):
+        from_model(model, x / 255.0, quant=quant, max_mult_bits=smallest - 1)
+    im = from_model(model, x / 255.0, quant=quant, max_mult_bits=smallest)
+    mults = [v for k, v in im.arrays().items() if k.rsplit(".", 1)[-1].startswith("m_") or "_m" in k]
+    assert max(int(v.max()).bit_length() for v in mults) <= smallest
+    assert max(im.eps.values()) <= MAX_EPS
+    report = local_agreement(im, x, im.run(x, trace=True))
+    assert all(r["violations"] == 0 for r in report.values())
+
+
+def test_shift_per_tensor_and_shared_state_step():
+    from qs4d_np.golden.export import from_model
+    from qs4d_np.quant.config import QuantConfig
+    from test_golden_model import pixels, tiny_model
+    model, x, quant = tiny_model(1, residual=True), pixels(101), QuantConfig(256, state=4096)
+    one = from_model(model, x / 255.0, quant=quant, shift_per_tensor=True)
+    for lay in one.layers:
+        for R in (lay.core.r_x, lay.core.r_y, lay.mix_a.requant.R, lay.glu.R, lay.post.R):
+            assert np.unique(R).size == 1
+    shared = from_model(model, x / 255.0, quant=quant, shared_state_step=True)
+    for i, lay in enumerate(shared.layers):
+        c = lay.core
+        assert np.array_equal(c.m_a_re, c.m_a_im_to_re) and np.array_equal(c.m_a_re, c.m_a_im_to_im)
+        assert np.array_equal(shared.steps[f"layers.{i}.x_re"], shared.steps[f"layers.{i}.x_im"])
+    # then the state sums are the 3-multiplier (Karatsuba) form with one Abar multiplier per mode; with
+    # separate steps (the default export) they are not
+    def karatsuba_matches(im) -> bool:
+        c, run = im.layers[0].core, im.run(x, trace_acc=True).layers[0]
+        xr = np.concatenate([np.zeros_like(run["x_re"][:, :1]), run["x_re"][:, :-1]], axis=1)
+        xi = np.concatenate([np.zeros_like(run["x_im"][:, :1]), run["x_im"][:, :-1]], axis=1)
+        t1, t2, t3 = c.Abar_re * xr, c.Abar_im * xi, (c.Abar_re + c.Abar_im) * (xr + xi)
+        u = run["u"][..., None]
+        return (np.array_equal(run["acc_x_re"], c.m_a_re * (t1 - t2) + c.m_b_re * c.Bbar_re * u)
+                and np.array_equal(run["acc_x_im"], c.m_a_re * (t3 - t1 - t2) + c.m_b_im * c.Bbar_im * u))
+
+    assert karatsuba_matches(shared)
+    assert not karatsuba_matches(from_model(model, x / 255.0, quant=quant))

@@ -45,6 +45,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     exp.add_argument("--stress", type=positive_int, nargs="?", const=16, default=0, metavar="K",
                      help="also write DIR/stress: K (default 16) synthetic samples on a model of this shape, "
                           "widths and grids whose words show exact ties and both rails at every rounding site")
+    width = exp.add_argument_group("width control (docs/integer_spec.md, section 2.4)")
+    width.add_argument("--max-mult-bits", type=positive_int, default=None, metavar="B",
+                       help="every multiplier below 2**B (refused, with the smallest B that works, where the "
+                            "multiplier error could exceed 2**-8 LSB)")
+    width.add_argument("--shift-per-tensor", action="store_true", help="one shift for every channel of a tensor")
+    width.add_argument("--shared-state-step", action="store_true",
+                       help="one step for Abar's real and imaginary parts and one for the state's, so the "
+                            "3-multiplier complex product is exact")
     exp.add_argument("--trace-acc", action="store_true",
                      help="also write every rounded tensor's accumulator before rounding "
                           "(expected/<tensor>.acc.memh, 64-bit)")
@@ -75,12 +83,16 @@ def run_export(args: argparse.Namespace) -> int:
         if args.steps > x.shape[1]:
             raise CommandError(f"--steps {args.steps} exceeds the task's sequence length {x.shape[1]}")
         calib_x, x = calib_x[:, :args.steps], x[:, :args.steps]
-    int_model = from_model(model, calib_x, quant=quant_config(args))
+    int_model = from_model(model, calib_x, quant=quant_config(args), max_mult_bits=args.max_mult_bits,
+                           shift_per_tensor=args.shift_per_tensor, shared_state_step=args.shared_state_step)
     manifest = export_bundle(int_model, x, args.out, labels=labels, stress=args.stress, trace_acc=args.trace_acc)
     sat = sum(sum(d.values()) for d in manifest["saturation"])
     ties = sum(e["ties_even"] + e["ties_odd"] for e in manifest["events"].values())
     print(f"wrote {len(manifest['tensors'])} tensors of {x.shape[0]} sample(s) x {x.shape[1]} steps to "
           f"{args.out} (spec version {manifest['spec_version']}; {sat} saturation event(s), {ties} exact tie(s))")
+    print(f"multipliers of at most {manifest['multiplier_bits']} bits, accumulators of at most "
+          f"{max(manifest['accumulator_bits'].values())} bits; multiplier error at most "
+          f"{max(manifest['eps'].values()):.3g} LSB (bound 2**-8)")
     _warn("the trained model's vectors", manifest["warnings"],
           "" if args.stress else " (add --stress for vectors that exercise them)")
     if args.stress:

@@ -44,15 +44,60 @@ AXES_SEQ = ["sample", "step", "channel"]
 STRESS_DIR = "stress"
 
 
-def _word_width(name: str, value: np.ndarray) -> tuple[int, bool]:
-    """Width and signedness of an integer parameter word by its role."""
+# Biases and offsets: 64-bit words whatever their values (the headroom rule keeps them below 2**63),
+# so a design's port widths do not change from one export to the next.
+BIAS_WIDTH = 64
+SIGN_WIDTH = 2  # post_sign: +1 is 01, -1 is 11 (two's complement)
+
+
+def _is_multiplier(name: str) -> bool:
     leaf = name.rsplit(".", 1)[-1]
-    if leaf.startswith(("m_", "post_m", "glu_m")) or "_m" in leaf and leaf.split("_m")[-1].isdigit():
+    return leaf.startswith("m_") or "_m" in leaf and leaf.split("_m")[-1].isdigit()
+
+
+def _word_width(name: str, sig_bits: int) -> tuple[int, bool]:
+    """Width and signedness of an integer parameter word by its role (fixed per role)."""
+    leaf = name.rsplit(".", 1)[-1]
+    if _is_multiplier(leaf):
         return MULT_WIDTH, True
     if leaf.startswith("r_") or leaf.endswith("_r"):
         return SHIFT_WIDTH, True
-    lo, hi = (int(value.min()), int(value.max())) if value.size else (0, 0)
-    return max(2, bits_needed(lo, hi)), True
+    if leaf == "sig_lut":
+        return sig_bits + 1, False  # 0 .. 2**F
+    if leaf.endswith("_sign"):
+        return SIGN_WIDTH, True
+    if leaf.endswith(("_b", "_offset")):
+        return BIAS_WIDTH, True
+    raise ValueError(f"no word width rule for parameter {name!r}")
+
+
+def accumulator_bits(model: IntegerModel) -> dict[str, int]:
+    """Per rounding site, the signed bits its exact accumulator can need (the headroom bound of
+    docs/integer_spec.md 2.3 over every channel, from the grids and the actual multipliers)."""
+    def bits(bounds, mults, offset=None) -> int:
+        worst = sum(np.asarray(m).astype(object) * int(b) for b, m in zip(bounds, mults))
+        if offset is not None:
+            worst = worst + np.abs(offset).astype(object)
+        return int(np.max(worst)).bit_length() + 1
+
+    def requant(rq) -> int:
+        return bits(rq.bounds, rq.M, rq.offset)
+
+    out = {"layers.0.u": requant(model.encoder.requant)}
+    for i, lay in enumerate(model.layers):
+        c, f = lay.core, lay.core.formats
+        ax, bu = f.Abar.maxabs * f.x.maxabs, f.Bbar.maxabs * f.u.maxabs
+        cx = c.N2 * f.C.maxabs * f.x.maxabs
+        p = f"layers.{i}."
+        out[p + "x_re"] = bits([ax, ax, bu], [c.m_a_re, c.m_a_im_to_re, c.m_b_re])
+        out[p + "x_im"] = bits([ax, ax, bu], [c.m_a_re, c.m_a_im_to_im, c.m_b_im])
+        out[p + "y"] = bits([cx, cx, f.D.maxabs * f.u.maxabs], [c.m_c_re, c.m_c_im, c.m_d])
+        out[p + "za"], out[p + "zb"] = requant(lay.mix_a.requant), requant(lay.mix_b.requant)
+        out[p + "act"] = requant(lay.glu)
+        if lay.post is not None:
+            out[p + "out"] = requant(lay.post)
+    out["avg"], out["logits"] = requant(model.pool), requant(model.decoder.requant)
+    return out
 
 
 def _layer_formats(model: IntegerModel, i: int) -> dict[str, IntFormat]:
@@ -145,7 +190,8 @@ def _write_bundle(model: IntegerModel, x: np.ndarray, run, out_dir: Path, labels
             width, signed = wfmt[name].width, True
             grid = {"qmin": wfmt[name].qmin, "qmax": wfmt[name].qmax}
         else:
-            width, signed = _word_width(name, value)
+            width, signed = _word_width(name, model.layers[0].sig_bits if layer is None else
+                                        model.layers[layer].sig_bits)
         axes = [f"dim{d}" for d in range(value.ndim)]
         put(name, value, width, signed, "weight", axes, layer, scale=_scale_of(model, name), **grid)
     put("x", x.astype(np.int64), model.in_fmt.width, True, "input", ["sample", "step", "feature"], None,
@@ -156,7 +202,8 @@ def _write_bundle(model: IntegerModel, x: np.ndarray, run, out_dir: Path, labels
         for name in LAYER_TENSORS:
             axes = AXES_STATE if name.startswith("x_") else AXES_SEQ
             step = model.steps.get(f"layers.{i}.{name}")
-            put(f"layers.{i}.{name}", t[name], fmts[name].width, name != "sig", "output", axes, i,
+            sig = name == "sig"  # unsigned, 0 .. 2**F in F + 1 bits, like sig_lut
+            put(f"layers.{i}.{name}", t[name], fmts[name].width - sig, not sig, "output", axes, i,
                 scale=None if step is None else np.asarray(step).tolist(),
                 qmin=fmts[name].qmin, qmax=fmts[name].qmax)
             if name in ROUNDED:
@@ -182,6 +229,9 @@ def _write_bundle(model: IntegerModel, x: np.ndarray, run, out_dir: Path, labels
         "d_input": model.d_input, "n_layers": len(model.layers),
         "layers": [_layer_entry(l) for l in model.layers],
         "saturation": run.saturation, "eps": model.eps, "tensors": tensors}
+    manifest["accumulator_bits"] = accumulator_bits(model)
+    manifest["multiplier_bits"] = max(int(np.max(v)).bit_length() for k, v in model.arrays().items()
+                                      if _is_multiplier(k))
     manifest["events"] = event_counts(model, x, run)
     manifest["warnings"] = _warnings(manifest["events"])
     if labels is not None:
