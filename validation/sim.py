@@ -153,8 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", default=None, metavar="DIR",
                         help="where layer I's core vectors and the RTL dump go (default: BUNDLE.layerI)")
     parser.add_argument("--timeout", type=float, default=3600.0, metavar="S",
-                        help="seconds allowed for the compile and for the simulation, each (default 3600; an "
-                             "H = 64, N2 = 32 layer of 784 steps takes about 14 minutes)")
+                        help="seconds allowed for the compile and for the simulation, each (default 3600)")
     parser.add_argument("--cocotb", action="store_true", help="run the cocotb test instead of the Verilog testbench")
     args = parser.parse_args(argv)
     reason = missing_tools(cocotb=args.cocotb)
