@@ -20,7 +20,8 @@ residual, post op, offset and sign words, ``sig_bits``, the length) and draws ne
 * the sigmoid table has ``SIG_COARSE`` significant bits (multiples of ``2**(F - SIG_COARSE)``),
   so the GLU product has known trailing zeros and its ties are reachable.
 
-``stress_case`` draws the inputs first (the whole input grid, a random amplitude per sample, some
+The stress samples are ``min(L, STRESS_LENGTH)`` steps long (the stress model folds its own
+1/length into the pooling). ``stress_case`` draws the inputs first (the whole input grid, a random amplitude per sample, some
 words at the edges) and builds the model site by site in dataflow order on them: each site's
 words are redrawn (up to SITE_TRIES times) until its accumulators on these inputs show all four
 events (a tie with an even floor, a tie with an odd floor, a clamp to qmin, a clamp to qmax);
@@ -45,6 +46,7 @@ ABAR_MAX = 1.0             # |Abar_eff| of a mode: random in [ABAR_MIN, ABAR_MAX
 ABAR_MIN = 0.5
 SIG_COARSE = 3             # significant bits of the stress sigmoid table
 EDGE = 0.1                 # share of weight and input words at the grid edges
+STRESS_LENGTH = 64         # default steps per stress sample (at most the model's length)
 
 
 def _log_uniform(rng: np.random.Generator, lo: float, hi: float, size=None) -> np.ndarray:
@@ -291,7 +293,8 @@ def _layer(rng, like: IntLayer, u: np.ndarray) -> tuple[IntLayer, np.ndarray]:
 def stress_model(model: IntegerModel, x_calib: np.ndarray, seed: int) -> IntegerModel:
     """A random integer model with ``model``'s shape, widths and grids (see the module doc).
 
-    ``x_calib`` (B, L, d_in) int64 on ``model.in_fmt`` calibrates the drives.
+    ``x_calib`` (B, L, d_in) int64 on ``model.in_fmt`` calibrates the drives; L is the stress
+    model's length (the pooling's term bound is L * maxabs(out)).
     """
     rng = np.random.default_rng(seed)
     enc = model.encoder
@@ -302,13 +305,13 @@ def stress_model(model: IntegerModel, x_calib: np.ndarray, seed: int) -> Integer
         layer, u = _layer(rng, like, u)
         layers.append(layer)
     pooled = u.sum(axis=1)
-    bound = model.pool.bounds[0]
+    bound = x_calib.shape[1] * model.layers[-1].out_fmt.maxabs
     pool = _best_of(rng, lambda rng: _requant(rng, "pool", [_absmax(pooled, (0,))], [bound], model.pool.fmt),
                     lambda rq: _covered(rq([pooled], return_acc=True)[2], rq.R, rq.fmt))
     avg, _ = pool([pooled])
     dec = model.decoder
     decoder = _linear(rng, "decoder", avg, dec.w_fmt, model.pool.fmt, dec.W.shape[1], dec.requant.fmt)
-    return IntegerModel(model.in_fmt, encoder, layers, pool, decoder, model.length)
+    return IntegerModel(model.in_fmt, encoder, layers, pool, decoder, x_calib.shape[1])
 
 
 def random_inputs(rng: np.random.Generator, fmt: IntFormat, count: int, length: int, d_in: int) -> np.ndarray:
@@ -340,19 +343,23 @@ def missing_events(counts: dict[str, dict[str, int]]) -> dict[str, list[str]]:
             if any(c.get(e, 0) == 0 for e in EVENTS)}
 
 
-def stress_case(model: IntegerModel, samples: int, seed: int = 0, tries: int = 8
+def stress_case(model: IntegerModel, samples: int, seed: int = 0, tries: int = 8, length: int | None = None
                 ) -> tuple[IntegerModel, np.ndarray, dict[str, dict[str, int]]]:
     """A stress model of ``model``, ``samples`` inputs and their event counts per site.
 
-    Tries model seeds ``seed .. seed + tries - 1`` (each site of a model is already redrawn until
-    its events show on these inputs); returns the first with every event at every site, else
-    the one with the fewest missing.
+    ``length``: steps per stress sample, default ``min(model.length, STRESS_LENGTH)`` (the words
+    need not be a trained model's, so a short sequence exercises every rule at a fraction of the
+    cost of 784 steps; the stress model folds its own 1/length into the pooling). Tries model seeds
+    ``seed .. seed + tries - 1`` (each site of a model is already redrawn until its events show on
+    these inputs); returns the first with every event at every site, else the one with the fewest
+    missing.
     """
     samples = check_int("samples", samples, min_value=1)
+    length = min(model.length, STRESS_LENGTH) if length is None else check_int("length", length, min_value=1)
     best = None
     for s in range(seed, seed + check_int("tries", tries, min_value=1)):
         rng = np.random.default_rng([s, 1])
-        x = random_inputs(rng, model.in_fmt, samples, model.length, model.d_input)
+        x = random_inputs(rng, model.in_fmt, samples, length, model.d_input)
         stress = stress_model(model, x, s)
         counts = event_counts(stress, x)
         missing = sum(len(v) for v in missing_events(counts).values())
