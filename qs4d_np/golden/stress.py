@@ -221,8 +221,8 @@ def _core(rng, like: SSMCore, u: np.ndarray) -> SSMCore:
 
     def probe(w: dict, **readout) -> SSMCore:
         # without a readout: gain ~0 and the largest shift (y is not looked at)
-        readout = readout or dict(C_re=ones[:, None] * np.zeros(N2, dtype=np.int64), C_im=np.zeros((H, N2),
-                                  dtype=np.int64), D=0 * ones, m_c_re=ones, m_c_im=ones, m_d=ones,
+        zeros = np.zeros((H, N2), dtype=np.int64)
+        readout = readout or dict(C_re=zeros, C_im=zeros, D=0 * ones, m_c_re=ones, m_c_im=ones, m_d=ones,
                                   r_y=ones * MAX_SHIFT)
         return SSMCore(f, **w, **readout)
 
