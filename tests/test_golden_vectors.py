@@ -52,14 +52,23 @@ def test_memh_write_errors(tmp_path):
     ("01\n0g\n02\n", 3, r"w.memh:2: expected a 2-digit hex word, got '0g'"),
     ("01\n1\n", 2, r"w.memh:2: expected a 2-digit hex word, got '1'"),
     ("01\n40\n", 2, r"w.memh:2: word 40 does not fit 6 bits"),
-    ("01\n02\n", 3, r"w.memh: expected 3 words, found 2 lines \(it ends after line 2, truncated\?\)"),
-    ("01\n02\n", 1, r"w.memh: expected 1 words, found 2 lines \(line 2 is extra\)"),
-    ("01\n\n", 2, r"w.memh:2: expected a 2-digit hex word, got ''"),
+    ("01\n02\n", 3, r"w.memh: expected 3 words, found 2 \(it ends after line 2, truncated\?\)"),
+    ("01\n02\n", 1, r"w.memh:2: expected 1 words, this is word 2 \(extra\)"),
+    ("01\n\n", 2, r"w.memh: expected 2 words, found 1 \(it ends after line 1"),
+    ("// dump\n01 // first\n\n@2\n02\n", 3, r"w.memh:4: address '@2' does not name the next word \(1\)"),
+    ("01\n@zz\n02\n", 2, r"w.memh:2: address '@zz' does not name"),
+    ("01\n/* c */ 02\n", 2, r"w.memh:2: expected a 2-digit hex word, got '/\* c \*/ 02'"),
 ])
 def test_memh_read_errors_name_file_and_line(tmp_path, text, count, message):
     (tmp_path / "w.memh").write_text(text)
     with pytest.raises(ValueError, match=message):
         read_memh(tmp_path / "w.memh", 6, count)
+
+
+def test_memh_reads_comments_blank_lines_and_sequential_addresses_like_readmemh(tmp_path):
+    # what $writememh and RTL dumpers write: a header comment, @addr lines, trailing comments
+    (tmp_path / "w.memh").write_text("// dump of y\n@0\n3f // -1\n\n00\n@2\n1f\n   \n@00000003\n20\n")
+    assert read_memh(tmp_path / "w.memh", 6, 4).tolist() == [-1, 0, 31, -32]
 
 
 def make_vectors(tmp_path, seed=5):
@@ -112,7 +121,7 @@ def test_compare_names_a_truncated_or_malformed_dump(tmp_path):
     copy_outputs(vec, rtl)
     lines = (rtl / "y.memh").read_text().splitlines()
     (rtl / "y.memh").write_text("\n".join(lines[:-2]) + "\n")
-    with pytest.raises(ValueError, match=r"rtl/y.memh: expected 30 words, found 28 lines"):
+    with pytest.raises(ValueError, match=r"rtl/y.memh: expected 30 words, found 28 "):
         compare_dumps(vec, rtl)
     lines[4] = "xx" + lines[4][2:]
     (rtl / "y.memh").write_text("\n".join(lines) + "\n")

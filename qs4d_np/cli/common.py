@@ -36,7 +36,8 @@ from qs4d_np.data.idx import IDXFormatError
 from qs4d_np.data.tasks import TASKS, Task, load_task
 from qs4d_np.io import load_json
 from qs4d_np.models.s4d_model import PRESETS, S4DModel
-from qs4d_np.quant.config import DEFAULT_OPTIONS, GRANULARITIES
+from qs4d_np.quant.config import DEFAULT_OPTIONS, GRANULARITIES, TARGETS as QUANT_TARGETS
+from qs4d_np.quant.quantizer import QUANTIZER_SCALE_MODES
 from qs4d_np.quant.grids import GRIDS
 from qs4d_np.ssm.s4d import ABARS, MODES
 from qs4d_np.train.checkpoint import CheckpointError
@@ -143,6 +144,10 @@ def add_quant_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--per_channel_scalars", action="store_true",
                        help="with --granularity channel: one scale per value for dt and D (default: one per "
                             "tensor; a scale per value stores them at full precision)")
+    group.add_argument("--scale_mode", nargs="+", type=scale_mode_type, default=None, metavar="[TARGET=]MODE",
+                       help=f"where each quantizer's range comes from ({', '.join(QUANTIZER_SCALE_MODES)}): "
+                            "MODE for every target or TARGET=MODE for one, e.g. 'state=running act=running' "
+                            "(what the integer export needs; default absmax)")
 
 
 def add_grid_flags(group: argparse._ActionsContainer) -> None:
@@ -152,15 +157,32 @@ def add_grid_flags(group: argparse._ActionsContainer) -> None:
                        help="one scale per tensor or per channel")
 
 
+def scale_mode_type(text: str) -> tuple[str | None, str]:
+    """``MODE`` (every target) or ``TARGET=MODE`` -> (target or None, mode)."""
+    target, _, mode = text.rpartition("=")
+    if mode not in QUANTIZER_SCALE_MODES:
+        raise argparse.ArgumentTypeError(f"scale mode must be one of {list(QUANTIZER_SCALE_MODES)}, got {mode!r}")
+    if target and target not in QUANT_TARGETS:
+        raise argparse.ArgumentTypeError(f"target must be one of {list(QUANT_TARGETS)}, got {target!r}")
+    return target or None, mode
+
+
 def quant_config(args: argparse.Namespace) -> Any:
     """The ``QuantConfig`` of the ``--*_quant``, ``--grid`` and ``--granularity`` flags; None when no
     ``--*_quant`` flag is set (float model)."""
     levels = {t: getattr(args, f"{t}_quant") for t in QUANT_FLAGS if getattr(args, f"{t}_quant") is not None}
     if not levels:
+        if getattr(args, "scale_mode", None):
+            raise CommandError("--scale_mode sets the range of quantizers, but no --*_quant flag asks for any "
+                               "(a float model); add e.g. --all_quant 256")
         return None
     from qs4d_np.quant import QuantConfig
+    modes = dict(getattr(args, "scale_mode", None) or [])
+    extra = {"scale_mode": modes.pop(None)} if None in modes else {}
+    per_target = {t: {"scale_mode": m} for t, m in modes.items()}
     return QuantConfig(levels.pop("all", None), grid=args.grid, per_channel=args.granularity == "channel",
-                       abar_bound=not args.no_abar_bound, per_channel_scalars=args.per_channel_scalars, **levels)
+                       abar_bound=not args.no_abar_bound, per_channel_scalars=args.per_channel_scalars,
+                       target_options=per_target, **extra, **levels)
 
 
 def task_name(dataset: str, grayscale: bool) -> str:

@@ -25,7 +25,7 @@ from qs4d_np.core.linear import Linear
 from qs4d_np.golden.fixedpoint import IntFormat
 from qs4d_np.golden.layer import SSMCore, SSMCoreFormats
 from qs4d_np.golden.model import IntegerModel, IntLayer, IntLinear, ModeMap, Requant
-from qs4d_np.golden.multiplier import shared_shift_multipliers, ssm_core_multipliers
+from qs4d_np.golden.multiplier import ShiftRule, ssm_core_multipliers
 from qs4d_np.golden.twin import codes, sigmoid
 from qs4d_np.models.s4d_model import S4DModel
 from qs4d_np.quant.config import QuantConfig
@@ -72,6 +72,19 @@ def _check_targets(quant: QuantConfig, n_layers: int) -> None:
     if missing:
         raise ValueError(f"float (unquantized) targets cannot be made integer: {', '.join(missing)}; "
                          f"give them levels in the QuantConfig")
+
+
+def _check_fixed_ranges(quant: QuantConfig) -> None:
+    """A QAT model whose state or act range is per batch (absmax) has no step the integer model can fix."""
+    batch = {t: quant.target(t).scale_mode for t in ("state", "act")
+             if quant.target(t).scale_mode in ("absmax", "absmean")}
+    if batch:
+        raise ValueError(
+            f"this QAT model takes the range of {' and '.join(batch)} from each batch "
+            f"({', '.join(f'{t}: {m}' for t, m in batch.items())}); the integer model needs fixed steps: train or "
+            f"fine-tune it with running ranges (qs4d train --init-from RUN --scale_mode state=running act=running "
+            f"...; Python: QuantConfig(..., target_options={{'state': {{'scale_mode': 'running'}}, "
+            f"'act': {{'scale_mode': 'running'}}}})), or export it as a float model with --*_quant flags (PTQ)")
 
 
 class _Quantizer:
@@ -142,29 +155,29 @@ def _calib_step(absmax: float, fmt: IntFormat, headroom: float) -> float:
     return max(float(absmax), 1e-12) * headroom / fmt.qmax
 
 
-def _one_term(ratios: np.ndarray, bounds: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per channel (M, R, eps) of a one-term requantization, the shift chosen by int64 headroom.
+def _one_term(ratios: np.ndarray, bounds: np.ndarray, name: str, rule: ShiftRule
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per channel (M, R, eps) of a one-term requantization, the shift chosen by ``rule``
+    (default: the int64 headroom).
 
     (A 31-bit TFLite multiplier would overflow int64 on wide accumulators, e.g.
     the decoder's sum over 784 steps; eps = bound * |r - M/2**R| in output LSBs.)
     """
-    try:
-        pairs = [shared_shift_multipliers([float(r)], [int(b)]) for r, b in zip(ratios, bounds)]
-    except ValueError as exc:
-        raise ValueError(f"{name}: {exc}") from None
-    M = np.array([m[0] for m, _ in pairs], dtype=np.int64)
-    R = np.array([r for _, r in pairs], dtype=np.int64)
+    mults, shifts = rule.choose(name, [[float(r)] for r in ratios], [[int(b)] for b in bounds])
+    M = np.array([m[0] for m in mults], dtype=np.int64)
+    R = np.array(shifts, dtype=np.int64)
     return M, R, np.asarray(bounds, dtype=np.float64) * np.abs(ratios - M / 2.0 ** R)
 
 
 def _linear(name: str, W: np.ndarray, b: np.ndarray, s_W: np.ndarray, w_fmt: IntFormat, in_fmt: IntFormat,
-            s_in: float, s_out: float, out_fmt: IntFormat) -> tuple[IntLinear, float]:
+            s_in: float, s_out: float, out_fmt: IntFormat, rule: ShiftRule, site: str | None = None
+            ) -> tuple[IntLinear, float]:
     """An IntLinear with the bias at the product scale; also its local eps (output LSBs)."""
     s_W = np.broadcast_to(s_W, W.shape)[0]  # per output column
     b_int = np.array([round(v) for v in np.asarray(b, dtype=np.float64) / (s_W * s_in)], dtype=np.int64)
     # the bound IntLinear proves headroom with (one for all outputs)
     acc = np.full(W.shape[1], W.shape[0] * w_fmt.maxabs * in_fmt.maxabs + int(np.abs(b_int).max()), dtype=object)
-    M, R, eps = _one_term(s_W * s_in / s_out, acc, name)
+    M, R, eps = _one_term(s_W * s_in / s_out, acc, site or name, rule)
     return IntLinear(name, W, b_int, w_fmt, in_fmt, M, R, out_fmt), float(np.max(eps))
 
 
@@ -181,13 +194,13 @@ def _clipped_grid(fmt: IntFormat, clip: float | None, inv: np.ndarray, layer: in
 
 
 def _coder(name: str, linear: Linear, qz: _Quantizer, a: np.ndarray, in_fmt: IntFormat, s_a: float,
-           out_fmt: IntFormat, headroom: float, model_q=None) -> tuple[IntLinear, float, float, np.ndarray]:
+           out_fmt: IntFormat, headroom: float, rule: ShiftRule, model_q=None) -> tuple[IntLinear, float, float, np.ndarray]:
     """Encoder or decoder (``coder`` weights): the IntLinear, its eps, the calibrated output step, s_W."""
     wq = getattr(model_q, "quantizer", None)
     Wq, sW, w_fmt = qz.weight("coder", 0, linear.weight, axis=1, model_q=wq)
     real = (a * s_a) @ (Wq * sW) + linear.bias
     s_out = _calib_step(np.abs(real).max(), out_fmt, headroom)
-    lin, eps = _linear(name, Wq, linear.bias, sW, w_fmt, in_fmt, s_a, s_out, out_fmt)
+    lin, eps = _linear(name, Wq, linear.bias, sW, w_fmt, in_fmt, s_a, s_out, out_fmt, rule)
     return lin, eps, s_out, sW[0]
 
 
@@ -208,7 +221,8 @@ def _multi_eps(ratios: list, mults: list, shift, bounds: list) -> np.ndarray:
 
 def from_model(model: S4DModel, x_calib: np.ndarray, *, quant: QuantConfig | None = None, in_step: float = 1 / 255,
                widths: Mapping[str, int] | None = None, headroom: float = 1.25,
-               sig_bits: int = SIG_BITS, drop_pruned: bool = True) -> IntegerModel:
+               sig_bits: int = SIG_BITS, drop_pruned: bool = True, max_mult_bits: int | None = None,
+               shift_per_tensor: bool = False, shared_state_step: bool = False) -> IntegerModel:
     """The integer model of ``model`` (an S4DModel), calibrated on float inputs ``x_calib`` (B, L, d_in).
 
     ``quant`` defaults to the model's own ``quant`` config; ``in_step`` is the
@@ -219,6 +233,12 @@ def from_model(model: S4DModel, x_calib: np.ndarray, *, quant: QuantConfig | Non
     quantized C is 0 (pruned: ``qs4d_np.hardware.pruning``) are dropped from
     each core (``_drop_zero_c_modes``); every output but the per-mode state
     tensors is the same integer as without.
+
+    Width control (docs/integer_spec.md, section 2.4): ``max_mult_bits`` B keeps every multiplier
+    below 2**B (refused, naming the smallest B that works, where the error bound would break);
+    ``shift_per_tensor`` gives every channel of a tensor one shift; ``shared_state_step`` gives
+    Abar's real and imaginary parts one step (the larger) and the state's parts one step (the
+    coarser), so the three Abar multipliers are equal and the 3-multiplier product is exact.
     """
     _check_supported(model)
     if quant is None:
@@ -237,10 +257,14 @@ def from_model(model: S4DModel, x_calib: np.ndarray, *, quant: QuantConfig | Non
     headroom = check_float("headroom", headroom, min_value=1.0)
     sig_bits = check_int("sig_bits", sig_bits, min_value=1, max_value=30)
     drop_pruned = check_bool("drop_pruned", drop_pruned)
+    rule = ShiftRule(max_mult_bits, check_bool("shift_per_tensor", shift_per_tensor))
+    shared_state_step = check_bool("shared_state_step", shared_state_step)
     W = {**DEFAULT_WIDTHS, **(widths or {})}
     for k, v in W.items():
         check_int(f"widths[{k!r}]", v, min_value=2, max_value=32)
     qz = _Quantizer(quant, W, own=quant is getattr(model, "quant", None))
+    if qz.own:
+        _check_fixed_ranges(quant)
     L = x_calib.shape[1]
     H = model.blocks[0].ssm.d_model
     steps: dict[str, np.ndarray] = {"in": np.float64(in_step)}
@@ -251,7 +275,7 @@ def from_model(model: S4DModel, x_calib: np.ndarray, *, quant: QuantConfig | Non
     x_int = codes(x_calib.astype(np.float64) / in_step, in_fmt)
     u_fmt = full(W["u"])
     encoder, eps["layers.0.u"], s_u, steps["encoder.W"] = _coder(
-        "encoder", model.encoder, qz, x_int, in_fmt, in_step, u_fmt, headroom,
+        "encoder", model.encoder, qz, x_int, in_fmt, in_step, u_fmt, headroom, rule,
         getattr(model, "coder_quant", {}).get("encoder"))
     u, _ = encoder(x_int)
 
@@ -259,21 +283,22 @@ def from_model(model: S4DModel, x_calib: np.ndarray, *, quant: QuantConfig | Non
     for i, block in enumerate(model.blocks):
         p = f"layers.{i}."
         layer, u, u_fmt, s_u = _export_layer(i, block, qz, u, u_fmt, s_u, W, headroom, sig_bits, steps, eps, p,
-                                             drop_pruned)
+                                             drop_pruned, rule, shared_state_step)
         layers.append(layer)
     steps["out_last"] = np.float64(s_u)
 
     pooled = u.sum(axis=1)
     avg_fmt = full(W["avg"])
     s_avg = _calib_step(np.abs(pooled).max() * s_u / L, avg_fmt, headroom)
-    M, R, e = _one_term(np.full(H, s_u / (L * s_avg)), np.full(H, L * u_fmt.maxabs), "pool")
+    M, R, e = _one_term(np.full(H, s_u / (L * s_avg)), np.full(H, L * u_fmt.maxabs), "pool", rule)
     pool = Requant("pool", [M], R, avg_fmt, [L * u_fmt.maxabs])
     eps["avg"] = float(e.max())
     avg, _ = pool([pooled])
     decoder, eps["logits"], s_logit, steps["decoder.W"] = _coder(
-        "decoder", model.decoder, qz, avg, avg_fmt, s_avg, full(W["logits"]), headroom,
+        "decoder", model.decoder, qz, avg, avg_fmt, s_avg, full(W["logits"]), headroom, rule,
         getattr(model, "coder_quant", {}).get("decoder"))
     steps.update({"avg": np.float64(s_avg), "logits": np.float64(s_logit)})
+    rule.check()
     return IntegerModel(in_fmt, encoder, layers, pool, decoder, L, steps, eps)
 
 
@@ -307,7 +332,8 @@ def _drop_zero_c_modes(core: SSMCore, mode_steps: dict[str, np.ndarray]
 
 
 def _export_layer(i, block, qz: _Quantizer, u: np.ndarray, u_fmt: IntFormat, s_u: float, W: dict,
-                  headroom: float, sig_bits: int, steps: dict, eps: dict, p: str, drop_pruned: bool):
+                  headroom: float, sig_bits: int, steps: dict, eps: dict, p: str, drop_pruned: bool,
+                  rule: ShiftRule, shared_state_step: bool):
     ssm = block.ssm
     H, N2 = ssm.d_model, ssm.d_state // 2
     mq = ssm.q
@@ -319,6 +345,12 @@ def _export_layer(i, block, qz: _Quantizer, u: np.ndarray, u_fmt: IntFormat, s_u
     qB, sB, B_fmt = qz.weight("B", i, eff.Bbar_float, axis=0, model_q=mq.get("B"))
     qC, sC, C_fmt = qz.weight("C", i, params["C"], axis=0, model_q=mq.get("C"))
     qD, sD, D_fmt = qz.weight("D", i, params["D"], axis=0, model_q=mq.get("D"))
+    if shared_state_step:  # one Abar step for both parts (the larger), codes rounded once from the float Abar
+        s = np.maximum(sA[0], sA[1])
+        Af = np.asarray(eff.Abar_float, dtype=np.complex128)
+        qA = np.stack([np.clip(np.rint(part / s), A_fmt.qmin, A_fmt.qmax) for part in (Af.real, Af.imag)]
+                      ).astype(np.int64)
+        sA = np.stack([s, s])
     Abar_hat = sA[0] * qA[0] + 1j * sA[1] * qA[1]
     Bbar_hat = sB[0] * qB[0] + 1j * sB[1] * qB[1]
     C_hat = sC[0] * qC[0] + 1j * sC[1] * qC[1]
@@ -329,6 +361,8 @@ def _export_layer(i, block, qz: _Quantizer, u: np.ndarray, u_fmt: IntFormat, s_u
     # state step from the float states of the quantized weights, as the QAT calibration does
     u_real = u * s_u
     inv = qz.state_inv(i, ssm, u_real, Abar_hat, Bbar_hat)
+    if shared_state_step:  # one state step for both parts (the coarser): then m_a_re = m_a_im_to_re = m_a_im_to_im
+        inv = np.repeat(inv.min(axis=1, keepdims=True), 2, axis=1)
     state_spec = qz.quant.spec_for("state", i)
     x_fmt = _clipped_grid(qz.fmt("state", i), getattr(ssm, "state_clip", None), inv, i)
     y_fmt = IntFormat.full(W["y"])
@@ -339,7 +373,7 @@ def _export_layer(i, block, qz: _Quantizer, u: np.ndarray, u_fmt: IntFormat, s_u
     core_steps = dict(s_u=np.full(H, s_u), s_Abar_re=sA[0], s_Abar_im=sA[1], s_Bbar_re=sB[0], s_Bbar_im=sB[1],
                       s_C_re=sC[0][:, 0], s_C_im=sC[1][:, 0], s_D=sD, s_x_re=1.0 / inv[:, 0],
                       s_x_im=1.0 / inv[:, 1], s_y=np.full(H, s_y))
-    mults = ssm_core_multipliers(formats, H=H, N2=N2, **core_steps)
+    mults = ssm_core_multipliers(formats, H=H, N2=N2, **core_steps, rule=rule, site=p[:-1])
     core = SSMCore(formats, Abar_re=qA[0], Abar_im=qA[1], Bbar_re=qB[0], Bbar_im=qB[1], C_re=qC[0],
                    C_im=qC[1], D=qD, **mults)
     cs = {k[2:]: np.asarray(v, dtype=np.float64) for k, v in core_steps.items()}
@@ -362,8 +396,10 @@ def _export_layer(i, block, qz: _Quantizer, u: np.ndarray, u_fmt: IntFormat, s_u
     za_fmt, zb_fmt = IntFormat.full(W["za"]), IntFormat.full(W["zb"])
     s_za = _calib_step(np.abs(z_real[..., :H]).max(), za_fmt, headroom)
     s_zb = _calib_step(min(np.abs(z_real[..., H:]).max(), GATE_RANGE), zb_fmt, headroom)
-    mix_a, eps[p + "za"] = _linear("mix_a", Wq[:, :H], mix["bias"][:H], sW[:, :H], w_fmt, y_fmt, s_y, s_za, za_fmt)
-    mix_b, eps[p + "zb"] = _linear("mix_b", Wq[:, H:], mix["bias"][H:], sW[:, H:], w_fmt, y_fmt, s_y, s_zb, zb_fmt)
+    mix_a, eps[p + "za"] = _linear("mix_a", Wq[:, :H], mix["bias"][:H], sW[:, :H], w_fmt, y_fmt, s_y, s_za, za_fmt,
+                                   rule, p + "za")
+    mix_b, eps[p + "zb"] = _linear("mix_b", Wq[:, H:], mix["bias"][H:], sW[:, H:], w_fmt, y_fmt, s_y, s_zb, zb_fmt,
+                                   rule, p + "zb")
     steps.update({p + "W_a": sW[0, :H], p + "W_b": sW[0, H:], p + "za": np.float64(s_za), p + "zb": np.float64(s_zb)})
     za, _ = mix_a(y)
     zb, _ = mix_b(y)
@@ -376,7 +412,7 @@ def _export_layer(i, block, qz: _Quantizer, u: np.ndarray, u_fmt: IntFormat, s_u
     s_act = qz.act_steps(i, prod * (s_za / 2.0 ** sig_bits), mq.get("act"))
     # a wide product (za * sig): the shift comes from the int64 headroom, not a 31-bit multiplier
     bound = za_fmt.maxabs << sig_bits
-    M, R, e = _one_term(s_za * 2.0 ** -sig_bits / s_act, np.full(H, bound), "glu")
+    M, R, e = _one_term(s_za * 2.0 ** -sig_bits / s_act, np.full(H, bound), p + "glu", rule)
     glu = Requant("glu", [M], R, act_fmt, [bound])
     # twin's exact sigmoid vs the table: at most half a table LSB times |za|
     eps[p + "act"] = float(np.max(e + za_fmt.maxabs * s_za * 2.0 ** -(sig_bits + 1) / s_act))
@@ -408,13 +444,14 @@ def _export_layer(i, block, qz: _Quantizer, u: np.ndarray, u_fmt: IntFormat, s_u
             ratios, bounds = ratios + [np.abs(k) * s_u / s_out], bounds + [u_fmt.maxabs]
         with_c = norm is not None and np.any(c != 0)
         c_ratio = np.where(c == 0, 1.0, np.abs(c) / s_out)  # ratio > 0 required; zeroed below
-        pairs = [shared_shift_multipliers([r[h] for r in ratios] + ([c_ratio[h]] if with_c else []),
-                                          bounds + ([1] if with_c else [])) for h in range(H)]
-        Ms = [np.array([m[j] for m, _ in pairs], dtype=np.int64) for j in range(len(ratios))]
-        R = np.array([r for _, r in pairs], dtype=np.int64)
+        mults, shifts = rule.choose(p + "post", [[r[h] for r in ratios] + ([c_ratio[h]] if with_c else [])
+                                                 for h in range(H)],
+                                    [bounds + ([1] if with_c else [])] * H, n_mults=len(ratios))
+        Ms = [np.array([m[j] for m in mults], dtype=np.int64) for j in range(len(ratios))]
+        R = np.array(shifts, dtype=np.int64)
         offset = None
         if with_c:
-            offset = np.where(c == 0, 0, np.sign(c).astype(np.int64) * np.array([m[-1] for m, _ in pairs]))
+            offset = np.where(c == 0, 0, np.sign(c).astype(np.int64) * np.array([m[-1] for m in mults]))
         post = Requant("post", Ms, R, out_fmt, bounds, offset=offset, sign=sign)
         # multiplier error of every term and the offset's rounding (half a unit at the 2**R scale)
         eps[p + "out"] = float(np.max(_multi_eps(ratios, Ms, R, bounds) + (2.0 ** -(R + 1) if with_c else 0.0)))

@@ -139,22 +139,45 @@ def saturate(v: np.ndarray, fmt: IntFormat) -> tuple[np.ndarray, np.ndarray]:
 
 
 def requantize(terms: Sequence[np.ndarray], multipliers: Sequence[np.ndarray],
-               shift: np.ndarray, fmt: IntFormat, offset: np.ndarray | None = None
-               ) -> tuple[np.ndarray, np.ndarray]:
+               shift: np.ndarray, fmt: IntFormat, offset: np.ndarray | None = None, *,
+               return_acc: bool = False) -> tuple[np.ndarray, ...]:
     """Single-rounding requantization of a sum of integer products.
 
     out = saturate(round_half_even((sum_k terms[k] * multipliers[k] + offset) / 2**shift)).
     Each term carries its own scale, folded into its multiplier; all terms
     share one shift so the exact sum is rounded once. ``offset`` (a folded
     BatchNorm shift) is already at the scale of the multiplied sum. The caller
-    guarantees (see ``check_headroom``) that the sum fits int64.
+    guarantees (see ``check_headroom``) that the sum fits int64. Returns
+    (out, flags), and with ``return_acc`` also the exact sum before rounding.
     """
     acc = np.zeros(np.broadcast(*terms, *multipliers, shift).shape, dtype=np.int64)
     for term, mult in zip(terms, multipliers):
         acc += term * mult
     if offset is not None:
         acc += offset
-    return saturate(round_shift(acc, shift), fmt)
+    out, flags = saturate(round_shift(acc, shift), fmt)
+    return (out, flags, acc) if return_acc else (out, flags)
+
+
+def rounding_events(acc: np.ndarray, shift: np.ndarray | int, fmt: IntFormat) -> dict[str, int]:
+    """Counts of what the tie rule and the clamp decide on ``acc`` rounded by ``shift`` onto ``fmt``.
+
+    ``ties_even`` / ``ties_odd``: exact ties (remainder exactly 2**(shift-1)) whose floor is even
+    (kept) or odd (rounded up) and whose rounded word lies on the grid, so the output shows the
+    rule (a clamped tie does not); ``sat_low`` / ``sat_high``: words clamped to qmin / qmax.
+    """
+    acc = np.asarray(acc, dtype=np.int64)
+    shift = np.broadcast_to(np.asarray(shift, dtype=np.int64), acc.shape)
+    q = acc >> shift  # the floor
+    rem = acc - (q << shift)
+    half = np.where(shift > 0, np.int64(1) << np.maximum(shift - 1, 0), -1)
+    rounded = round_shift(acc, shift)
+    inside = (rounded >= fmt.qmin) & (rounded <= fmt.qmax)
+    tie = (rem == half) & inside
+    odd = (q & 1) == 1
+    return {"ties_even": int(np.count_nonzero(tie & ~odd)), "ties_odd": int(np.count_nonzero(tie & odd)),
+            "sat_low": int(np.count_nonzero(rounded < fmt.qmin)),
+            "sat_high": int(np.count_nonzero(rounded > fmt.qmax))}
 
 
 def check_headroom(name: str, term_bounds: Sequence[int], multipliers: Sequence[np.ndarray],

@@ -104,24 +104,27 @@ class SSMCore:
         """Every integer array by name (what the vector writer exports)."""
         return {n: getattr(self, n) for n in self.WEIGHTS_HN + ("D",) + self.REQUANT_HN + self.REQUANT_H}
 
-    def step(self, x_re: np.ndarray, x_im: np.ndarray, u_t: np.ndarray) -> tuple[np.ndarray, ...]:
+    def step(self, x_re: np.ndarray, x_im: np.ndarray, u_t: np.ndarray, *, return_acc: bool = False
+             ) -> tuple[np.ndarray, ...]:
         """One time step for a batch: x (B, H, N2), u_t (B, H) -> (x_re, x_im, y, sat_re, sat_im, sat_y).
 
+        With ``return_acc`` also (acc_re, acc_im, acc_y), the exact sums before rounding.
         Inputs must be int64 on their grids; ``run`` checks them once for the
         whole sequence, this inner step does not.
         """
         u_n = u_t[:, :, None]
-        new_re, sat_re = requantize(
+        new_re, sat_re, acc_re = requantize(
             [self.Abar_re * x_re, -(self.Abar_im * x_im), self.Bbar_re * u_n],
-            [self.m_a_re, self.m_a_im_to_re, self.m_b_re], self.r_x, self.formats.x)
-        new_im, sat_im = requantize(
+            [self.m_a_re, self.m_a_im_to_re, self.m_b_re], self.r_x, self.formats.x, return_acc=True)
+        new_im, sat_im, acc_im = requantize(
             [self.Abar_re * x_im, self.Abar_im * x_re, self.Bbar_im * u_n],
-            [self.m_a_re, self.m_a_im_to_im, self.m_b_im], self.r_x, self.formats.x)
+            [self.m_a_re, self.m_a_im_to_im, self.m_b_im], self.r_x, self.formats.x, return_acc=True)
         S_re = (self.C_re * new_re).sum(axis=-1)
         S_im = (self.C_im * new_im).sum(axis=-1)
-        y, sat_y = requantize([S_re, -S_im, self.D * u_t], [self.m_c_re, self.m_c_im, self.m_d],
-                              self.r_y, self.formats.y)
-        return new_re, new_im, y, sat_re, sat_im, sat_y
+        y, sat_y, acc_y = requantize([S_re, -S_im, self.D * u_t], [self.m_c_re, self.m_c_im, self.m_d],
+                                     self.r_y, self.formats.y, return_acc=True)
+        out = (new_re, new_im, y, sat_re, sat_im, sat_y)
+        return out + (acc_re, acc_im, acc_y) if return_acc else out
 
     def run(self, u: np.ndarray) -> SSMCoreTrace:
         """Run the recurrence from x = 0 over int ``u`` shaped (B, L, H); return the full trace."""

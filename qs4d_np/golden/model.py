@@ -73,10 +73,11 @@ class Requant:
                 raise ValueError(f"{self.name}.sign must be +1 or -1 everywhere")
         check_headroom(self.name, bounds, mults, self.R)
 
-    def __call__(self, terms: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    def __call__(self, terms: Sequence[np.ndarray], *, return_acc: bool = False) -> tuple[np.ndarray, ...]:
+        """(out, flags), and with ``return_acc`` the exact sum before rounding (sign and offset applied)."""
         if self.sign is not None:
             terms = [self.sign * t for t in terms]
-        return requantize(terms, self.M, self.R, self.fmt, self.offset)
+        return requantize(terms, self.M, self.R, self.fmt, self.offset, return_acc=return_acc)
 
     def arrays(self) -> dict[str, np.ndarray]:
         out = {f"{self.name}_m{k}": m for k, m in enumerate(self.M)}
@@ -116,8 +117,8 @@ class IntLinear:
     def accumulate(self, a: np.ndarray) -> np.ndarray:
         return a @ self.W + self.b
 
-    def __call__(self, a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return self.requant([self.accumulate(a)])
+    def __call__(self, a: np.ndarray, *, return_acc: bool = False) -> tuple[np.ndarray, ...]:
+        return self.requant([self.accumulate(a)], return_acc=return_acc)
 
     def arrays(self) -> dict[str, np.ndarray]:
         return {f"{self.name}_W": self.W, f"{self.name}_b": self.b, **self.requant.arrays()}
@@ -188,19 +189,39 @@ class IntLayer:
     def out_fmt(self) -> IntFormat:
         return self.glu.fmt if self.post is None else self.post.fmt
 
-    def step(self, x_re: np.ndarray, x_im: np.ndarray, u: np.ndarray) -> dict[str, np.ndarray]:
-        """One time step for a batch: state (B, H, N2), u (B, H) -> every tensor and 'sat_*' flag."""
+    def step(self, x_re: np.ndarray, x_im: np.ndarray, u: np.ndarray, *, return_acc: bool = False
+             ) -> dict[str, np.ndarray]:
+        """One time step for a batch: state (B, H, N2), u (B, H) -> every tensor and 'sat_*' flag.
+
+        With ``return_acc`` also ``acc_<tensor>`` for every rounded tensor: the exact int64 sum
+        its one RNE shift rounds (docs/integer_spec.md 2.3), to see which term went wrong.
+        """
         t = {"u": u}
-        t["x_re"], t["x_im"], t["y"], t["sat_x_re"], t["sat_x_im"], t["sat_y"] = self.core.step(x_re, x_im, u)
-        t["za"], t["sat_za"] = self.mix_a(t["y"])
-        t["zb"], t["sat_zb"] = self.mix_b(t["y"])
+        core = self.core.step(x_re, x_im, u, return_acc=True)
+        t["x_re"], t["x_im"], t["y"], t["sat_x_re"], t["sat_x_im"], t["sat_y"] = core[:6]
+        acc = dict(zip(("x_re", "x_im", "y"), core[6:]))
+        t["za"], t["sat_za"], acc["za"] = self.mix_a(t["y"], return_acc=True)
+        t["zb"], t["sat_zb"], acc["zb"] = self.mix_b(t["y"], return_acc=True)
         t["sig"] = self.sig_lut[t["zb"] - self.mix_b.requant.fmt.qmin]
-        t["act"], t["sat_act"] = self.glu([t["za"] * t["sig"]])
+        t["act"], t["sat_act"], acc["act"] = self.glu([t["za"] * t["sig"]], return_acc=True)
         if self.post is None:
             t["out"], t["sat_out"] = t["act"], np.zeros_like(t["act"])
         else:
-            t["out"], t["sat_out"] = self.post([t["act"], u] if self.residual else [t["act"]])
+            t["out"], t["sat_out"], acc["out"] = self.post([t["act"], u] if self.residual else [t["act"]],
+                                                           return_acc=True)
+        if return_acc:
+            t.update({"acc_" + k: v for k, v in acc.items()})
         return t
+
+    def shifts(self) -> dict[str, tuple[np.ndarray, IntFormat]]:
+        """Per rounded tensor of the layer: its shift words (broadcast over its trace) and output format."""
+        c = self.core
+        out = {"x_re": (c.r_x, c.formats.x), "x_im": (c.r_x, c.formats.x), "y": (c.r_y, c.formats.y),
+               "za": (self.mix_a.requant.R, self.mix_a.requant.fmt),
+               "zb": (self.mix_b.requant.R, self.mix_b.requant.fmt), "act": (self.glu.R, self.glu.fmt)}
+        if self.post is not None:
+            out["out"] = (self.post.R, self.post.fmt)
+        return out
 
     def arrays(self) -> dict[str, np.ndarray]:
         out = {**self.core.arrays(), **self.mix_a.arrays(), **self.mix_b.arrays(), "sig_lut": self.sig_lut,
@@ -225,6 +246,7 @@ class ModelTrace:
     avg: np.ndarray  # the pooled mean, requantized
     saturation: list[dict[str, int]]
     layers: list[dict[str, np.ndarray]] | None = None
+    acc: dict[str, np.ndarray] | None = None  # with trace_acc: the sums before rounding of avg and logits
 
 
 class IntegerModel:
@@ -259,8 +281,14 @@ class IntegerModel:
     def d_input(self) -> int:
         return self.encoder.W.shape[0]
 
-    def run(self, x: np.ndarray, *, trace: bool = False) -> ModelTrace:
-        """Stream int ``x`` (B, L, d_in) through every layer, step by step."""
+    def run(self, x: np.ndarray, *, trace: bool = False, trace_acc: bool = False) -> ModelTrace:
+        """Stream int ``x`` (B, L, d_in) through every layer, step by step.
+
+        ``trace_acc`` (implies ``trace``) also keeps every rounded tensor's accumulator before
+        rounding: ``layers[i]["acc_<tensor>"]`` (the encoder's as layer 0's ``acc_u``) and
+        ``acc["avg"]``, ``acc["logits"]``.
+        """
+        trace = trace or trace_acc
         check_array("x", x, ndim=3, min_size=1)
         if x.shape[1:] != (self.length, self.d_input):
             raise ValueError(f"x must have shape (batch, {self.length}, {self.d_input}), got {x.shape}")
@@ -274,10 +302,12 @@ class IntegerModel:
             traces = [{} for _ in self.layers]
         pooled = np.zeros((B, self.layers[-1].core.H), dtype=np.int64)
         for t in range(L):
-            u, flags = self.encoder(x[:, t])
+            u, flags, enc_acc = self.encoder(x[:, t], return_acc=True)
             enc_sat += int(flags.sum())
             for i, layer in enumerate(self.layers):
-                step = layer.step(*states[i], u)
+                step = layer.step(*states[i], u, return_acc=trace_acc)
+                if trace_acc and i == 0:
+                    step["acc_u"] = enc_acc
                 states[i] = (step["x_re"], step["x_im"])
                 for k in ROUNDED:
                     sat[i][k] += int(step["sat_" + k].sum())
@@ -288,11 +318,22 @@ class IntegerModel:
                         traces[i][k][:, t] = v
                 u = step["out"]
             pooled += u
-        avg, pool_flags = self.pool([pooled])
-        logits, dec_flags = self.decoder(avg)
+        avg, pool_flags, pool_acc = self.pool([pooled], return_acc=True)
+        logits, dec_flags, dec_acc = self.decoder(avg, return_acc=True)
         sat[0]["encoder"] = enc_sat
         sat[-1]["avg"], sat[-1]["logits"] = int(pool_flags.sum()), int(dec_flags.sum())
-        return ModelTrace(logits, np.argmax(logits, axis=1), pooled, avg, sat, traces)
+        acc = {"avg": pool_acc, "logits": dec_acc} if trace_acc else None
+        return ModelTrace(logits, np.argmax(logits, axis=1), pooled, avg, sat, traces, acc)
+
+    def shifts(self) -> dict[str, tuple[np.ndarray, IntFormat]]:
+        """Every rounded tensor (``layers.i.<t>``, the encoder's ``layers.0.u``, ``avg``, ``logits``):
+        its shift words, broadcasting over its trace, and its output format."""
+        out = {"layers.0.u": (self.encoder.requant.R, self.encoder.requant.fmt)}
+        for i, layer in enumerate(self.layers):
+            out.update({f"layers.{i}.{k}": v for k, v in layer.shifts().items()})
+        out["avg"] = (self.pool.R, self.pool.fmt)
+        out["logits"] = (self.decoder.requant.R, self.decoder.requant.fmt)
+        return out
 
     def arrays(self) -> dict[str, np.ndarray]:
         """Every integer parameter as ``<part>.<name>`` (part = encoder, layers.i, pool, decoder)."""

@@ -7,6 +7,7 @@ scales of a trained model into the integers the integer path runs on
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
@@ -82,10 +83,86 @@ def shared_shift_multipliers(ratios: Sequence[float], term_bounds: Sequence[int]
     return mults, shift
 
 
+def _eps_shift(bounds: Sequence[int]) -> int:
+    """The smallest shift R with sum(bounds) / 2**(R+1) <= MAX_EPS (section 2.3's worst-case error)."""
+    total = sum(bounds)
+    R = 0
+    while total > MAX_EPS * 2.0 ** (R + 1):
+        R += 1
+    return R
+
+
+@dataclass
+class ShiftRule:
+    """How an export chooses each requantization's shift (docs/integer_spec.md, section 2.4).
+
+    Default: the largest shift the int64 headroom allows, per channel (section 2.3, what
+    ``shared_shift_multipliers`` does). ``max_mult_bits`` B: the largest shift that also keeps every
+    multiplier below 2**B; a site that would then exceed the error bound MAX_EPS is recorded in
+    ``needs`` (site -> the smallest B that keeps it) and ``check`` refuses the export with the
+    smallest B that works for every site. ``per_tensor``: one shift for every channel of a tensor
+    (the smallest of the channels' shifts; refused where a channel's error bound would break).
+    """
+
+    max_mult_bits: int | None = None
+    per_tensor: bool = False
+    needs: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.max_mult_bits is not None:
+            self.max_mult_bits = check_int("max_mult_bits", self.max_mult_bits, min_value=1, max_value=63)
+
+    def choose(self, site: str, ratios: Sequence[Sequence[float]], bounds: Sequence[Sequence[int]],
+               n_mults: int | None = None) -> tuple[list[list[int]], list[int]]:
+        """Multipliers and shift per channel c of ``site`` for ratios[c], term bounds[c].
+
+        The first ``n_mults`` terms (default: all) are multipliers, limited to ``max_mult_bits``; the
+        rest (a BatchNorm offset) only need the int64 headroom.
+        """
+        shifts = []
+        for c, (r, b) in enumerate(zip(ratios, bounds)):
+            try:
+                _, top = shared_shift_multipliers(r, b)
+            except ValueError as exc:
+                raise ValueError(f"{site}: {exc}") from None
+            low = _eps_shift(b)  # <= top, since shared_shift_multipliers kept the error bound
+            k = len(r) if n_mults is None else n_mults
+            need = max(1, max(round(math.ldexp(x, low)) for x in r[:k]).bit_length())
+            self.needs[site] = max(self.needs.get(site, 0), need)
+            R = top
+            if self.max_mult_bits is not None and need <= self.max_mult_bits:
+                while max(round(math.ldexp(x, R)) for x in r[:k]) >= 1 << self.max_mult_bits:
+                    R -= 1
+            shifts.append((low, R))
+        if self.per_tensor:
+            common = min(R for _, R in shifts)
+            worst = max(low for low, _ in shifts)
+            if common < worst:
+                raise ValueError(f"{site}: one shift per tensor is impossible: a channel needs shift >= {worst} "
+                                 f"for the error bound {MAX_EPS:.3g} LSB, another allows at most {common}")
+            shifts = [(low, common) for low, _ in shifts]
+        mults = [[round(math.ldexp(x, R)) for x in r] for r, (_, R) in zip(ratios, shifts)]
+        return mults, [R for _, R in shifts]
+
+    def check(self) -> None:
+        """Refuse when ``max_mult_bits`` is below what some site needs; name the smallest that works."""
+        if self.max_mult_bits is None:
+            return
+        over = {s: n for s, n in self.needs.items() if n > self.max_mult_bits}
+        if over:
+            worst = sorted(over.items(), key=lambda kv: -kv[1])
+            shown = ", ".join(f"{s} {n}" for s, n in worst[:4]) + (f" and {len(worst) - 4} more" if len(worst) > 4 else "")
+            raise ValueError(f"max_mult_bits {self.max_mult_bits} is too narrow: with it the multiplier error of "
+                             f"{len(over)} requantization(s) could exceed {MAX_EPS:.3g} LSB (spec sections 2.3 and 6; "
+                             f"bits needed: {shown}); the smallest multiplier width that works for this model is "
+                             f"{max(self.needs.values())}")
+
+
 def ssm_core_multipliers(formats: SSMCoreFormats, *, s_u: ArrayLike, s_Abar_re: ArrayLike,
                          s_Abar_im: ArrayLike, s_Bbar_re: ArrayLike, s_Bbar_im: ArrayLike,
                          s_C_re: ArrayLike, s_C_im: ArrayLike, s_D: ArrayLike, s_x_re: ArrayLike,
-                         s_x_im: ArrayLike, s_y: ArrayLike, H: int, N2: int) -> dict[str, np.ndarray]:
+                         s_x_im: ArrayLike, s_y: ArrayLike, H: int, N2: int, rule: ShiftRule | None = None,
+                         site: str = "core") -> dict[str, np.ndarray]:
     """The SSM core's multipliers and shifts from its float step sizes (real = s * integer).
 
     ``s_Abar_*``, ``s_Bbar_*`` broadcast to (H, N2); ``s_u``, ``s_C_*``, ``s_D``,
@@ -94,9 +171,10 @@ def ssm_core_multipliers(formats: SSMCoreFormats, *, s_u: ArrayLike, s_Abar_re: 
     step cancels), s_Abar_im * s_x_im / s_x_re into x_re and s_Abar_im * s_x_re
     / s_x_im into x_im, s_Bbar * s_u / s_x; output ratios 2 * s_C_re * s_x_re
     / s_y, 2 * s_C_im * s_x_im / s_y and s_D * s_u / s_y. One shift per (h, n)
-    serves both state parts, one per h the output. Returns int64 arrays keyed
-    like ``SSMCore`` expects.
+    serves both state parts, one per h the output (``rule``: see ``ShiftRule``; its sites are
+    ``<site>.x`` and ``<site>.y``). Returns int64 arrays keyed like ``SSMCore`` expects.
     """
+    rule = ShiftRule() if rule is None else rule
     H = check_int("H", H, min_value=1)
     N2 = check_int("N2", N2, min_value=1)
     sc = {}
@@ -117,23 +195,24 @@ def ssm_core_multipliers(formats: SSMCoreFormats, *, s_u: ArrayLike, s_Abar_re: 
     f = formats
     ax, bu = f.Abar.maxabs * f.x.maxabs, f.Bbar.maxabs * f.u.maxabs
     state_keys = ("m_a_re", "m_a_im_to_re", "m_a_im_to_im", "m_b_re", "m_b_im")
-    out = {k: np.zeros((H, N2), dtype=np.int64) for k in state_keys + ("r_x",)}
-    out.update({k: np.zeros(H, dtype=np.int64) for k in ("m_c_re", "m_c_im", "m_d", "r_y")})
+    out = {}
+    state_r, state_b, out_r, out_b = [], [], [], []
     for h in range(H):
         su, sxr, sxi, sy = sc["s_u"][h], sc["s_x_re"][h], sc["s_x_im"][h], sc["s_y"][h]
         for n in range(N2):
             # one shift for both state parts: the headroom is checked over all five terms
-            mults, shift = shared_shift_multipliers(
-                [sc["s_Abar_re"][h, n], sc["s_Abar_im"][h, n] * sxi / sxr,
-                 sc["s_Abar_im"][h, n] * sxr / sxi, sc["s_Bbar_re"][h, n] * su / sxr,
-                 sc["s_Bbar_im"][h, n] * su / sxi], [ax, ax, ax, bu, bu])
-            for key, m in zip(state_keys, mults):
-                out[key][h, n] = m
-            out["r_x"][h, n] = shift
-        cx = N2 * f.C.maxabs * f.x.maxabs
-        mults, shift = shared_shift_multipliers(
-            [2 * sc["s_C_re"][h] * sxr / sy, 2 * sc["s_C_im"][h] * sxi / sy, sc["s_D"][h] * su / sy],
-            [cx, cx, f.D.maxabs * f.u.maxabs])
-        out["m_c_re"][h], out["m_c_im"][h], out["m_d"][h] = mults
-        out["r_y"][h] = shift
+            state_r.append([sc["s_Abar_re"][h, n], sc["s_Abar_im"][h, n] * sxi / sxr,
+                            sc["s_Abar_im"][h, n] * sxr / sxi, sc["s_Bbar_re"][h, n] * su / sxr,
+                            sc["s_Bbar_im"][h, n] * su / sxi])
+            state_b.append([ax, ax, ax, bu, bu])
+        out_r.append([2 * sc["s_C_re"][h] * sxr / sy, 2 * sc["s_C_im"][h] * sxi / sy, sc["s_D"][h] * su / sy])
+        out_b.append([N2 * f.C.maxabs * f.x.maxabs, N2 * f.C.maxabs * f.x.maxabs, f.D.maxabs * f.u.maxabs])
+    mults, shifts = rule.choose(f"{site}.x", state_r, state_b)
+    for j, key in enumerate(state_keys):
+        out[key] = np.array([m[j] for m in mults], dtype=np.int64).reshape(H, N2)
+    out["r_x"] = np.array(shifts, dtype=np.int64).reshape(H, N2)
+    mults, shifts = rule.choose(f"{site}.y", out_r, out_b)
+    for j, key in enumerate(("m_c_re", "m_c_im", "m_d")):
+        out[key] = np.array([m[j] for m in mults], dtype=np.int64)
+    out["r_y"] = np.array(shifts, dtype=np.int64)
     return out

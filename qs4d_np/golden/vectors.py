@@ -44,9 +44,11 @@ def write_memh(path: str | os.PathLike, values: np.ndarray, width: int, *, signe
 def read_memh(path: str | os.PathLike, width: int, count: int, *, signed: bool = True) -> np.ndarray:
     """Read exactly ``count`` ``width``-bit hex words, sign-extended if ``signed``; int64 (count,).
 
-    Every line must hold exactly ceil(width / 4) hex digits whose value fits
-    ``width`` bits; anything else (a non-hex word, a short or long word, a
-    blank line, too few or too many lines) raises ValueError naming the file
+    As ``$readmemh`` reads a dump: blank lines and ``//`` comments (whole-line or trailing) are
+    skipped, and an ``@addr`` line (hex word address) is accepted where it names the next word
+    (``$writememh`` and many RTL dumpers write them); an address that jumps is an error. Every word
+    must hold exactly ceil(width / 4) hex digits whose value fits ``width`` bits; anything else (a
+    non-hex word, a short or long word, too few or too many words) raises ValueError naming the file
     and the line.
     """
     path = Path(path)
@@ -55,20 +57,31 @@ def read_memh(path: str | os.PathLike, width: int, count: int, *, signed: bool =
     if not path.is_file():
         raise FileNotFoundError(f"no such vector file: {path}")
     digits, limit = (width + 3) // 4, 1 << width
-    lines = path.read_text(encoding="ascii", errors="replace").splitlines()
-    if len(lines) != count:
-        where = f"it ends after line {len(lines)}" if len(lines) < count else f"line {count + 1} is extra"
-        raise ValueError(f"{path}: expected {count} words, found {len(lines)} lines ({where}"
-                         f"{', truncated?' if len(lines) < count else ''})")
     out = np.empty(count, dtype=np.int64)
-    for i, line in enumerate(lines):
-        word = line.strip()
+    n = 0
+    last = 0
+    for i, line in enumerate(path.read_text(encoding="ascii", errors="replace").splitlines()):
+        word = line.split("//", 1)[0].strip()
+        if not word:
+            continue
+        last = i + 1
+        if word.startswith("@"):
+            addr = word[1:]
+            if not addr or not set(addr) <= HEX_DIGITS or int(addr, 16) != n:
+                raise ValueError(f"{path}:{i + 1}: address {word!r} does not name the next word ({n:x}); "
+                                 f"only sequential addresses are supported")
+            continue
         if len(word) != digits or not set(word) <= HEX_DIGITS:
             raise ValueError(f"{path}:{i + 1}: expected a {digits}-digit hex word, got {line!r}")
         value = int(word, 16)
         if value >= limit:
             raise ValueError(f"{path}:{i + 1}: word {word} does not fit {width} bits")
-        out[i] = value - limit if signed and value >= limit >> 1 else value
+        if n == count:
+            raise ValueError(f"{path}:{i + 1}: expected {count} words, this is word {count + 1} (extra)")
+        out[n] = value - limit if signed and value >= limit >> 1 else value
+        n += 1
+    if n < count:
+        raise ValueError(f"{path}: expected {count} words, found {n} (it ends after line {last}, truncated?)")
     return out
 
 
@@ -80,8 +93,9 @@ def _export_files(directory: Path) -> set[str]:
     if not meta:
         raise ValueError(f"{refuse}: it has neither manifest.json nor config.json")
     try:
-        tensors = load_json(directory / meta[0])["tensors"]
-        return {meta[0]} | {spec.get("file", f"{name}.memh") for name, spec in tensors.items()}
+        config = load_json(directory / meta[0])
+        files = {meta[0]} | {spec.get("file", f"{name}.memh") for name, spec in config["tensors"].items()}
+        return files | set(config.get("stress", {}).get("files", []))  # a bundle's stress sub-bundle
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ValueError(f"{refuse}: {meta[0]} does not list its tensors ({exc!r})") from None
 
@@ -192,7 +206,31 @@ def load_vector_config(directory: str | os.PathLike) -> dict:
     if not isinstance(config, dict) or config.get("spec_version") != SPEC_VERSION:
         got = config.get("spec_version") if isinstance(config, dict) else None
         raise ValueError(f"{directory}/{name} has spec_version {got!r}; this code reads version {SPEC_VERSION}")
+    tensors = config.get("tensors")
+    if not isinstance(tensors, dict) or not tensors:
+        raise ValueError(f"{directory}/{name} has no 'tensors' table (name -> shape, width, signed, file); "
+                         f"got {type(tensors).__name__ if tensors is not None else 'nothing'}")
+    for tensor, spec in tensors.items():
+        _check_spec(f"{directory}/{name}: tensor {tensor!r}", spec)
     return config
+
+
+def _check_spec(where: str, spec: object) -> None:
+    """A tensor entry must give a shape of ints >= 0, a width 1..64, signed and output as booleans."""
+    if not isinstance(spec, dict):
+        raise ValueError(f"{where} must be a table, got {spec!r}")
+    checks = (("shape", lambda v: isinstance(v, list) and all(type(d) is int and d >= 0 for d in v),
+               "a list of integers >= 0"),
+              ("width", lambda v: type(v) is int and 1 <= v <= 64, "an integer 1..64"),
+              ("signed", lambda v: isinstance(v, bool), "true or false"),
+              ("output", lambda v: isinstance(v, bool), "true or false"))
+    for key, ok, what in checks:
+        if key not in spec:
+            raise ValueError(f"{where} has no {key!r} (expected {what})")
+        if not ok(spec[key]):
+            raise ValueError(f"{where} has {key} {spec[key]!r}; expected {what}")
+    if "file" in spec and not isinstance(spec["file"], str):
+        raise ValueError(f"{where} has file {spec['file']!r}; expected a relative path")
 
 
 def read_tensor(directory: str | os.PathLike, name: str, spec: dict) -> np.ndarray:

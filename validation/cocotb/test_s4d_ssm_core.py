@@ -31,6 +31,14 @@ def unpack(handle, count: int, width: int, signed: bool = True) -> np.ndarray:
     return np.array(words, dtype=np.int64)
 
 
+async def reset(dut) -> None:
+    """One clock edge with the synchronous rst high (x_{-1} = 0), released 1 ns after it."""
+    dut.rst.value = 1
+    await RisingEdge(dut.clk)
+    await Timer(1, unit="ns")
+    dut.rst.value = 0
+
+
 @cocotb.test()
 async def ssm_core_matches_golden(dut):
     core, u, _ = read_ssm_vectors(os.environ["QS4D_VECTORS"])
@@ -44,10 +52,7 @@ async def ssm_core_matches_golden(dut):
     dut.step.value = 0
     mismatches = []
     for b in range(u.shape[0]):
-        dut.rst.value = 1
-        await RisingEdge(dut.clk)
-        await Timer(1, unit="ns")
-        dut.rst.value = 0
+        await reset(dut)
         x_re = np.zeros((1, H, N2), dtype=np.int64)
         x_im = np.zeros_like(x_re)
         for t in range(u.shape[1]):

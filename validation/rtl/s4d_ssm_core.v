@@ -1,4 +1,4 @@
-// s4d_ssm_core: one S4D layer's integer SSM core (docs/integer_spec.md, spec version 1).
+// s4d_ssm_core: one S4D layer's integer SSM core (docs/integer_spec.md, spec version 2).
 //
 // Whole vectors per clock: on a clock edge with `step` high every channel h and
 // mode n advance one time step,
