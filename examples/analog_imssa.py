@@ -1,0 +1,101 @@
+"""A trained recurrent-QAT model on simulated IMSSA crossbars: agreement with its digital forward.
+
+1. Load a ``qs4d train`` run (e.g. ``--mode recurrent --all_quant 256``) and give its state and
+   activation quantizers static ranges, calibrated on training digits (``train.ptq.with_quant`` +
+   ``calibrate``: the same weights and grids, ``scale_mode="running"``), so that the digital
+   recurrent forward no longer depends on the batch it runs in. A run trained with
+   ``--scale_mode state=running act=running`` already has them.
+2. Convert it with ``hardware.to_analog`` under each crossbar configuration (calibrated on the
+   first ``--calib`` training digits) and evaluate it on the test digits: accuracy, the digital
+   recurrent accuracy, agreement (same prediction as the digital forward), overflowing samples;
+   noisy configurations over ``--seeds`` seeds (mean and std).
+3. Print a table and write the numbers as JSON (``--out``).
+
+    python examples/analog_imssa.py --checkpoint runs/qat8r --out runs/analog_imssa.json
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import time
+from typing import Any
+
+import numpy as np
+
+from qs4d_np.cli.common import load_model, positive_int
+from qs4d_np.data.tasks import load_task
+from qs4d_np.hardware import CrossbarConfig, evaluate_analog
+from qs4d_np.io import atomic_write_json
+from qs4d_np.models.s4d_model import S4DModel
+from qs4d_np.quant.config import QuantConfig
+from qs4d_np.train.ptq import calibrate, with_quant
+
+# noise-free, calibrated, the state DAC on the model's state grid (the converters' fixed grid)
+MATCHED = CrossbarConfig(dac_bits=8, adc_bits=10, noise_management="none", bound_management=False,
+                         state_grid="model", calib_margin=1.25)
+CONFIGS: dict[str, tuple[CrossbarConfig, bool]] = {  # name -> (config, noisy: run several seeds)
+    "8-bit DAC, 10-bit ADC, model state grid": (MATCHED, False),
+    "8-bit DAC, 10-bit ADC, calibrated state": (dataclasses.replace(MATCHED, state_grid="calibrated"), False),
+    "7-bit DAC, 9-bit ADC (defaults), model state grid": (dataclasses.replace(MATCHED, dac_bits=7, adc_bits=9),
+                                                          False),
+    "7-bit DAC, 9-bit ADC, absmax + bound management": (CrossbarConfig(), False),
+    "realistic (read noise 0.06, PCM programming noise)": (CrossbarConfig.realistic(), True),
+    "realistic, model state grid": (CrossbarConfig.realistic(noise_management="none", state_grid="model",
+                                                              calib_margin=1.25), True),
+}
+
+
+def static_ranges(model: S4DModel, x: np.ndarray, batch_size: int) -> S4DModel:
+    """``model`` with running (calibrated) state and act ranges, the rest of its quantization kept."""
+    quant = model.quant
+    if quant is None:
+        return model
+    options = {t: dict(quant.target_options.get(t, {}), scale_mode="running") for t in ("state", "act")}
+    static = with_quant(model, QuantConfig.from_dict({**quant.to_dict(), "target_options": {
+        **quant.to_dict()["target_options"], **options}}))
+    calibrate(static, (x[i:i + batch_size] for i in range(0, x.shape[0], batch_size)), mode="recurrent")
+    return static
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", required=True, help="qs4d train run directory (a QAT or float model)")
+    parser.add_argument("--calib", type=positive_int, default=256, help="training digits for the ranges")
+    parser.add_argument("--limit-test", type=positive_int, default=None, help="first N test digits (default all)")
+    parser.add_argument("--seeds", type=positive_int, default=5, help="seeds of the noisy configurations")
+    parser.add_argument("--batch_size", type=positive_int, default=50)
+    parser.add_argument("--out", default=None, help="write the results here (JSON)")
+    args = parser.parse_args()
+
+    task = load_task("smnist")
+    n_test = len(task.test) if args.limit_test is None else min(args.limit_test, len(task.test))
+    x, y = task.test.batch(np.arange(n_test))
+    calib, _ = task.train.batch(np.arange(min(args.calib, len(task.train))))
+    model = static_ranges(load_model(args.checkpoint), calib, args.batch_size)
+    results: dict[str, Any] = {"checkpoint": args.checkpoint, "test_samples": n_test, "calib_samples": len(calib),
+                               "configs": {}}
+    print(f"{'configuration':<52} | accuracy | digital | agreement | overflowed | s")
+    for name, (cfg, noisy) in CONFIGS.items():
+        start = time.perf_counter()
+        runs = [evaluate_analog(model, x, y, cfg, batch_size=args.batch_size, seed=seed, calib=calib)
+                for seed in range(args.seeds if noisy else 1)]
+        acc = np.array([r["accuracy"] for r in runs])
+        agree = np.array([r["agreement"] for r in runs])
+        over = np.array([r["overflowed"] for r in runs])
+        entry = {"crossbar": cfg.to_dict(), "seeds": len(runs), "accuracy_mean": float(acc.mean()),
+                 "accuracy_std": float(acc.std()), "agreement_mean": float(agree.mean()),
+                 "agreement_std": float(agree.std()), "overflowed_mean": float(over.mean()),
+                 "digital_accuracy": runs[0]["digital_accuracy"], "runs": runs}
+        results["configs"][name] = entry
+        spread = f" +- {acc.std():.3f}" if noisy else ""
+        print(f"{name:<52} | {acc.mean():.3f}{spread} | {runs[0]['digital_accuracy']:.3f} | "
+              f"{agree.mean():.3f} | {over.mean():.1f} | {time.perf_counter() - start:.0f}", flush=True)
+    results["load_average_1_5_15"] = list(os.getloadavg())
+    if args.out is not None:
+        atomic_write_json(args.out, json.loads(json.dumps(results, default=float)))
+
+
+if __name__ == "__main__":
+    main()
