@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from qs4d_np.cli.common import (add_data_flags, check_model_fits, command, data_settings, load_data, load_model,
-                                non_negative_int, positive_int, run_info)
+from qs4d_np.cli.common import (add_data_flags, check_model_fits, check_out_file, command, data_settings,
+                                load_data, load_model, non_negative_int, positive_int, run_info)
 from qs4d_np.data.loader import BatchIterator
 from qs4d_np.ssm.s4d import MODES
 from qs4d_np.io import atomic_write_json
@@ -45,6 +45,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 @command("eval")
 def run(args: argparse.Namespace) -> int:
+    if args.out is not None:
+        check_out_file(args.out)
     model = load_model(args.checkpoint)
     settings = data_settings(args, run_info(args.checkpoint).get("data"))
     if args.analog is not None and not Path(args.analog).is_file():

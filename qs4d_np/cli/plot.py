@@ -24,7 +24,7 @@ import math
 from pathlib import Path
 from typing import Any, Iterable
 
-from qs4d_np.cli.common import CommandError, command, model_path
+from qs4d_np.cli.common import CommandError, check_out_file, command, model_path
 from qs4d_np.io import atomic_write_bytes, load_json
 
 TARGET_ORDER = ("all", "A", "B", "C", "D", "dt", "linear", "act", "state", "coder")
@@ -130,6 +130,7 @@ def plot_accuracy_vs_bits(results: dict[str, Any], out: str | Path, title: str |
 
 @command("plot")
 def run(args: argparse.Namespace) -> int:
+    check_out_file(args.out)
     out = plot_accuracy_vs_bits(collect(args.inputs), args.out, args.title)
     print(f"wrote {out}")
     return 0

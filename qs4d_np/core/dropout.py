@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from qs4d_np.core.activations import float_input, matching_grad
-from qs4d_np.core.checks import check_float
+from qs4d_np.core.checks import check_bool, check_float
 from qs4d_np.core.module import Module
 from qs4d_np.kernels.elementwise import channel_mask_apply
 
@@ -26,6 +26,7 @@ class Dropout(Module):
         self.rng = np.random.default_rng(seed)
 
     def forward(self, x: np.ndarray, training: bool = False) -> np.ndarray:
+        training = check_bool("training", training)
         x = float_input("x", x)
         if self.shared_over_time and x.ndim != 3:
             raise ValueError(f"x must have shape (batch, length, channels) for shared_over_time dropout, got {x.shape}")

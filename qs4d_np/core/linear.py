@@ -6,7 +6,7 @@ from typing import Iterator
 
 import numpy as np
 
-from qs4d_np.core.checks import check_array, check_int
+from qs4d_np.core.checks import check_array, check_bool, check_int
 from qs4d_np.core.module import Module
 from qs4d_np.kernels.matmul import matmul, matmul_tn
 
@@ -80,6 +80,7 @@ class Linear(Module):
         return np.ascontiguousarray(x, dtype=self.dtype).reshape(-1, self.d_in)
 
     def forward(self, x: np.ndarray, training: bool = False) -> np.ndarray:
+        training = check_bool("training", training)
         x2 = self.rows(x)
         y = matmul(x2, self._params["weight"])
         if "bias" in self._params:

@@ -36,7 +36,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from qs4d_np.core.checks import check_choice, check_float, check_int
+from qs4d_np.core.checks import check_bool, check_choice, check_float, check_int
 from qs4d_np.core.module import Module
 from qs4d_np.kernels.fake_quant import lsq_grad_scale
 from qs4d_np.quant.fake import STE_MODES, QuantSpec, QuantState, QuantTensor, ste_backward
@@ -225,6 +225,7 @@ class Quantizer(Module):
         return (1.0 / np.maximum(self._params["step"].astype(np.float64), floor)).astype(dtype)
 
     def forward(self, x: np.ndarray, training: bool = False) -> np.ndarray:
+        training = check_bool("training", training)
         lay, inv, zp = self._scales(x, training)
         out, state = self.spec.apply(x, lay, inv, zp, name=self.name)
         self._cache = (x, state)
