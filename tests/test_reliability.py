@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import tracemalloc
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -348,3 +349,59 @@ def test_hypothesis_profile_applies_to_the_tests_own_settings():
     profile = os.environ.get("QS4D_HYPOTHESIS_PROFILE", "dev")
     assert settings.default.derandomize == own.derandomize == (profile == "ci")
     assert own.max_examples == 5 and own.deadline is None
+
+
+# -- examples write to the ignored runs/ folder -------------------------------------------------
+def test_examples_write_to_the_ignored_runs_folder_by_default(tmp_path, monkeypatch):
+    import subprocess
+    from test_examples import EXAMPLES, _example
+    repo = EXAMPLES.parent
+    demo_out = Path(_example("smnist_qat").parse_args([]).out)  # what `make demo` writes
+    assert demo_out.parts[0] == "runs"
+    if shutil.which("git") is None or not (repo / ".git").exists():
+        pytest.skip("not a git checkout")
+    for path in (demo_out, demo_out.with_suffix(".json"), Path("runs/golden_vectors/manifest.json")):
+        ignored = subprocess.run(["git", "-C", str(repo), "check-ignore", "-q", str(path)])
+        assert ignored.returncode == 0, f"{path} would dirty the clone"
+    monkeypatch.chdir(tmp_path)  # a quick example with its defaults: the figure lands in runs/figures/
+    assert _example("hardware_metrics").main([]) == 0
+    assert (tmp_path / "runs" / "figures" / "hardware_metrics.png").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"]
+
+
+# -- Numba next to torch ---------------------------------------------------------------------
+_LAYER_PROBE = """
+import sys
+if sys.argv[1] == "torch":
+    import torch
+import numba, numpy as np
+from qs4d_np.kernels import threads
+from qs4d_np.quant.fake import fake_quant
+fake_quant(np.ones(1000), 16)  # a parallel kernel: Numba's threads start
+print(numba.threading_layer())
+try:
+    threads.configure("tbb" if numba.threading_layer() != "tbb" else "omp")
+except RuntimeError as exc:
+    print("refused:", exc)
+"""
+
+
+@pytest.mark.parametrize("torch_first, env, expected", [
+    (True, {}, "workqueue"),                                  # torch's pool and ours coexist
+    (True, {"NUMBA_THREADING_LAYER": "omp"}, "omp"),          # the user's choice is kept
+    (False, {}, None),                                        # no torch: Numba's own choice
+])
+def test_numba_threading_layer_next_to_torch(torch_first, env, expected):
+    import subprocess
+    import sys
+    if torch_first:
+        pytest.importorskip("torch")
+    environ = {k: v for k, v in os.environ.items() if k != "NUMBA_THREADING_LAYER"}
+    out = subprocess.run([sys.executable, "-c", _LAYER_PROBE, "torch" if torch_first else "plain"],
+                         env={**environ, **env, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
+                         capture_output=True, text=True, check=True).stdout.splitlines()
+    if expected is None:
+        assert out[0] in ("tbb", "omp")  # what Numba picks by itself (workqueue only when neither loads)
+    else:
+        assert out[0] == expected
+    assert out[1].startswith("refused: Numba's threads already run the") and "before the first parallel" in out[1]
