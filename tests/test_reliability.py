@@ -220,7 +220,8 @@ def test_a_damaged_model_file_is_refused_naming_the_array(saved_model, data_dir,
 
 def test_forward_names_the_layer_that_overflowed_and_checks_booleans():
     model = S4DModel(1, 10, d_model=4, d_state=4, n_layers=2, seed=0)
-    with pytest.raises(NonFiniteError, match=r"the forward went non-finite in layers\.0: 128 of 128"):
+    with pytest.raises(NonFiniteError, match=r"the forward went non-finite in layers\.0: 128 of 128"), \
+            np.errstate(over="ignore", invalid="ignore"):  # NumPy's warnings on the way are not the point
         model.forward(np.full((2, 16, 1), 3e38, np.float32))
     model.params["decoder.weight"][0, 0] = np.inf  # a weight that only the last product meets
     with pytest.raises(NonFiniteError, match="non-finite in decoder"):
@@ -405,3 +406,14 @@ def test_numba_threading_layer_next_to_torch(torch_first, env, expected):
     else:
         assert out[0] == expected
     assert out[1].startswith("refused: Numba's threads already run the") and "before the first parallel" in out[1]
+
+
+def test_results_json_of_the_wrong_types_is_named(tmp_path, capsys):
+    for rows, expected in (([{"target": "all", "bits": "four", "accuracy": 0.5}],
+                            "ptq[0]: key 'bits' is 'four' (str), expected an integer"),
+                           ([{"target": "all", "bits": 4}], "ptq[0]: missing key 'accuracy'"),
+                           ("rows", "key 'ptq' is 'rows' (str), expected a list")):
+        path = tmp_path / "r.json"
+        path.write_text(json.dumps({"ptq": rows}))
+        assert main(["plot", str(path), "--out", str(tmp_path / "f.png")]) == 1
+        assert f"{path}: {expected}" in one_line_error(capsys, "plot")

@@ -114,18 +114,23 @@ def command(name: str, interrupted: Callable[[argparse.Namespace], str] | None =
 
 # -- output places -----------------------------------------------------------------
 def _probe_writable(folder: Path, flag: str, path: Path) -> None:
-    """Create ``folder`` (and parents) and a temporary file in it, so a read-only place fails now."""
+    """Fail now, not after the work, when ``folder`` could not be created or written: a temporary
+    file is made (and removed) in its nearest existing ancestor; nothing else is created."""
+    existing = folder
+    while not existing.exists():  # where the missing folders would be created
+        existing = existing.parent
+    if not existing.is_dir():
+        raise CommandError(f"{flag} {path}: cannot write in {existing}: not a directory")
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".qs4d-probe.", dir=folder)
+        fd, probe = tempfile.mkstemp(prefix=".qs4d-probe.", dir=existing)
         os.close(fd)
         os.unlink(probe)
     except OSError as exc:
-        raise CommandError(f"{flag} {path}: cannot write in {folder}: {exc.strerror or exc}") from None
+        raise CommandError(f"{flag} {path}: cannot write in {existing}: {exc.strerror or exc}") from None
 
 
 def check_out_dir(path: str | Path, flag: str = "--out") -> Path:
-    """An output directory, checked before any work: not an existing file, writable (created)."""
+    """An output directory, checked before any work: not an existing file, in a writable place."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise CommandError(f"{flag} {path} is an existing file; expected a directory (existing or new)")
@@ -134,7 +139,7 @@ def check_out_dir(path: str | Path, flag: str = "--out") -> Path:
 
 
 def check_out_file(path: str | Path, flag: str = "--out") -> Path:
-    """An output file, checked before any work: not a directory, its folder writable (created)."""
+    """An output file, checked before any work: not a directory, in a writable place."""
     path = Path(path)
     if path.is_dir():
         raise CommandError(f"{flag} {path} is a directory; expected a file name")

@@ -306,7 +306,10 @@ class Trainer:
 
     def evaluate(self, batches: BatchIterator, desc: str) -> dict[str, float]:
         """Mean loss and accuracy of the model (eval mode) over ``batches``; stops on non-finite logits."""
-        result = evaluate_model(self.model, batches, desc=desc, progress=self.progress)
+        try:
+            result = evaluate_model(self.model, batches, desc=desc, progress=self.progress)
+        except NonFiniteError as exc:  # a model that checks its own forward (S4DModel)
+            raise self._diverged_at(f"{desc} evaluation", str(exc)) from None
         if result["nonfinite"]:
             raise self._diverged("count of non-finite logits", result["nonfinite"], f"{desc} evaluation")
         return {"loss": result["loss"], "acc": result["acc"]}
