@@ -18,12 +18,15 @@ import qs4d_np.train.checkpoint as checkpoint_module
 import qs4d_np.train.trainer as trainer_module
 from qs4d_np.cli.main import main
 from qs4d_np.core.checks import NonFiniteError
+from qs4d_np.core.dropout import Dropout
+from qs4d_np.data.loader import BatchIterator
 from qs4d_np.data.mnist import source_identity
 from qs4d_np.data.sequence import SequenceDataset
 from qs4d_np.data.idx import write_idx
 from qs4d_np.data.tasks import Task
 from qs4d_np.models.memory import estimate
 from qs4d_np.models.s4d_model import S4DModel
+from qs4d_np.quant.quantizer import Quantizer
 from qs4d_np.train.checkpoint import CheckpointError, load_checkpoint
 from qs4d_np.train.optim import AdamW
 from test_cli import write_tiny_mnist
@@ -417,3 +420,17 @@ def test_results_json_of_the_wrong_types_is_named(tmp_path, capsys):
         path.write_text(json.dumps({"ptq": rows}))
         assert main(["plot", str(path), "--out", str(tmp_path / "f.png")]) == 1
         assert f"{path}: {expected}" in one_line_error(capsys, "plot")
+
+
+@pytest.mark.parametrize("name, build", [
+    ("prenorm", lambda: S4DModel(1, 10, d_model=4, d_state=4, n_layers=1, prenorm="no")),
+    ("residual", lambda: S4DModel(1, 10, d_model=4, d_state=4, n_layers=1, residual=1)),
+    ("lsq_grad_scale", lambda: Quantizer(16, lsq_grad_scale="yes")),
+    ("shared_over_time", lambda: Dropout(0.1, shared_over_time=0)),
+    ("shuffle", lambda: BatchIterator(SequenceDataset(np.zeros((2, 3, 1), np.uint8), np.zeros(2), (0.0,), (1.0,)), 1,
+                                      shuffle="yes")),
+    ("drop_last", lambda: trainer_module.TrainConfig(drop_last="no")),
+])
+def test_booleans_of_the_api_are_checked_as_booleans(name, build):
+    with pytest.raises(TypeError, match=f"{name} must be True or False"):
+        build()

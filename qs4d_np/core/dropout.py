@@ -22,7 +22,7 @@ class Dropout(Module):
                  seed: int | np.random.Generator | None = None) -> None:
         super().__init__()
         self.p = check_float("p", p, min_value=0.0, max_value=1.0, max_inclusive=False)
-        self.shared_over_time = bool(shared_over_time)
+        self.shared_over_time = check_bool("shared_over_time", shared_over_time)
         self.rng = np.random.default_rng(seed)
 
     def forward(self, x: np.ndarray, training: bool = False) -> np.ndarray:

@@ -49,8 +49,8 @@ class S4DBlock(Module):
                  seed: int | np.random.Generator | None = None, **s4d_options: Any) -> None:
         super().__init__()
         check_choice("norm", norm, tuple(NORMS))
-        self.prenorm = bool(prenorm)
-        self.residual = bool(residual)
+        self.prenorm = check_bool("prenorm", prenorm)
+        self.residual = check_bool("residual", residual)
         ssm_rng, dropout_rng = np.random.default_rng(seed).spawn(2)
         self.ssm = self.add_child("ssm", S4D(d_model, d_state, dropout=dropout, dtype=dtype, seed=ssm_rng,
                                              **s4d_options))

@@ -89,7 +89,8 @@ class S4DModel(Module):
         self.dtype = np.dtype(dtype)
         self.config: dict[str, Any] = dict(
             d_input=self.d_input, d_output=self.d_output, d_model=d_model, d_state=d_state, n_layers=n_layers,
-            dropout=dropout, norm=norm, prenorm=bool(prenorm), residual=bool(residual), pool=pool, mode=mode,
+            dropout=dropout, norm=norm, prenorm=check_bool("prenorm", prenorm),
+            residual=check_bool("residual", residual), pool=pool, mode=mode,
             dtype=self.dtype.name, seed=seed, quant=None if quant is None else quant.to_dict(), abar=abar,
             **s4d_options)
 

@@ -80,7 +80,7 @@ class Quantizer(Module):
         self.momentum = check_float("momentum", momentum, min_value=0.0, max_value=1.0,
                                     min_inclusive=False)
         self.n_scales = check_int("n_scales", n_scales, min_value=1)
-        self.lsq_grad_scale = bool(lsq_grad_scale)
+        self.lsq_grad_scale = check_bool("lsq_grad_scale", lsq_grad_scale)
         self.fixed_range = fixed_range
         if scale_mode != "fixed" and fixed_range is not None:
             raise ValueError(f"fixed_range is only used with scale_mode='fixed', got scale_mode={scale_mode!r}")

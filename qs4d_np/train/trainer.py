@@ -30,10 +30,9 @@ from typing import Any, Callable, ContextManager, Mapping
 import numpy as np
 from tqdm.auto import tqdm
 
-from qs4d_np.core.checks import check_float, check_int
+from qs4d_np.core.checks import NonFiniteError, check_bool, check_float, check_int
 from qs4d_np.core.loss import SoftmaxCrossEntropy
 from qs4d_np.data.loader import BatchIterator, BatchSource
-from qs4d_np.core.checks import NonFiniteError
 from qs4d_np.data.mnist import source_identity
 from qs4d_np.io import atomic_write_json, atomic_write_text, json_get, remove_stale_temps
 from qs4d_np.quant.config import QuantConfig
@@ -86,6 +85,7 @@ class TrainConfig:
             check_float("clip_norm", self.clip_norm, min_value=0.0, min_inclusive=False)
         check_int("seed", self.seed, min_value=0)
         check_float("weight_noise", self.weight_noise, min_value=0.0)
+        check_bool("drop_last", self.drop_last)
 
 
 @dataclasses.dataclass
@@ -317,7 +317,7 @@ class Trainer:
     # -- the run -----------------------------------------------------------------
     def fit(self, resume: bool = False) -> dict[str, Any]:
         """Train to ``config.epochs``; returns the results (best epoch, its validation and test scores)."""
-        if resume:
+        if check_bool("resume", resume):
             self._resume()
         elif checkpoint_exists(self.out_dir, "last"):
             raise CheckpointError(f"{self.out_dir} already holds a run (last.json); resume it or choose another "
