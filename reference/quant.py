@@ -101,22 +101,22 @@ def ste_backward_ref(x, grad, inv, zp, qmin, qmax, rounding, G, P, C, Q, codes=N
     returns (dx, dstep) with dx[j] = grad[j] unless round(x[j]*inv[k]) + zp[k] leaves [qmin, qmax]
     (then 0), and dstep[k] (float64, G*C) the sum over channel k of grad[j] times d x_hat / d step:
     c - v inside the range, c where the code saturated (v = x*inv, c the code minus zp: ``codes``
-    when given, else the clamped rounded value)."""
+    when given, else the clamped rounded value). v, c and c - v are computed in x's dtype, as the
+    forward computes them; the products and sums in float64, in index order."""
     x, grad = np.asarray(x), np.asarray(grad)
+    real = x.dtype.type
+    lo, hi = real(qmin), real(qmax)
     dx = np.empty_like(x)
     dstep = np.zeros(G * C)
     for j in range(x.size):
         k = (j // (Q * C * P)) * C + (j // Q) % C  # channel g*C + c of element j
-        v = x[j] * inv[k]  # in x's dtype, as the forward
-        z = float(zp[k])
-        r = float(round_ref(v, rounding))
-        saturated = r + z < qmin or r + z > qmax
-        if codes is not None:
-            c = float(codes[j]) - z
-        else:
-            c = min(max(r + z, qmin), qmax) - z
+        v = x[j] * real(inv[k])
+        z = real(zp[k])
+        r = real(round_ref(v, rounding))
+        saturated = r + z < lo or r + z > hi
+        c = real(codes[j]) - z if codes is not None else min(max(r + z, lo), hi) - z
         dx[j] = 0.0 if saturated else grad[j]
-        dstep[k] += float(grad[j]) * (c if saturated else c - float(v))
+        dstep[k] += float(grad[j]) * float(c if saturated else c - v)
     return dx, dstep
 
 

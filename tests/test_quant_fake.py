@@ -155,6 +155,7 @@ def test_ste_backward_kernel_matches_twin(seed, n, grid, symmetric, per_channel,
         x = x + 1j * rng.normal(size=shape) * 2
     x = x.astype(dtype)
     x.flat[0] = 25.0  # far outside every range below: each example has saturated codes
+    x.flat[-1] = 0.0  # and one inside (zero is on every grid)
     axis = int(rng.integers(-len(shape), len(shape))) if per_channel else None
     spec = QuantSpec(n, grid=grid, symmetric=symmetric, axis=axis, rounding=rounding, complex_mode=complex_mode)
     lay = spec.layout(x)
@@ -169,8 +170,8 @@ def test_ste_backward_kernel_matches_twin(seed, n, grid, symmetric, per_channel,
                                           lay.G, lay.P, lay.C, lay.Q, state.codes)
     assert (want_dx == 0).any() and (want_dx != 0).any()  # both sides of the clip are exercised
     assert np.array_equal(lay.flatten(dx), want_dx)
-    # float64 sums of <= 48 terms per channel, blockwise in the kernel and in index order here:
-    # they differ by at most n * eps * sum |terms|
+    # the same float64 terms summed per run in the kernel and in index order here: the sums of
+    # <= 48 terms per channel differ by at most n * eps * sum |terms|
     terms = np.abs(lay.flatten(grad)).astype(np.float64) * (np.abs(lay.flatten(x)) * state.inv.max()
                                                             + abs(qmin) + abs(qmax) + np.abs(state.zp).max())
     np.testing.assert_allclose(dstep, want_step, rtol=0, atol=x.size * np.finfo(np.float64).eps * terms.sum())
