@@ -1,19 +1,22 @@
 # `make test` and `make demo` each build .venv on first use, install the
-# package into it (editable, with the test and offline-data extras) and run.
+# package into it (editable, with the test, offline-data and rtl extras) and run.
+# CONSTRAINTS=constraints.txt installs the tested versions (.ci/run does).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+CONSTRAINTS ?=
 
 .PHONY: test demo bench clean
 
-$(STAMP): setup.cfg pyproject.toml
+$(STAMP): setup.cfg pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[test,data]"
+	$(PY) -m pip install --quiet $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) -e ".[test,data,rtl]"
 	touch $(STAMP)
 
 test: $(STAMP)
+	@command -v iverilog >/dev/null || echo "make test: iverilog not found, the RTL tests will be skipped (Debian: apt-get install -y iverilog; QS4D_REQUIRE_RTL=1 makes them fail instead)"
 	$(PY) -m pytest -q
 
 demo: $(STAMP)

@@ -1,7 +1,7 @@
 """Golden model and RTL flow in one script: QAT model -> integer model -> vectors -> Verilog testbench.
 
     python examples/golden_export.py                      # train a tiny QAT model (about a minute)
-    python examples/golden_export.py --checkpoint runs/qat --out golden_vectors
+    python examples/golden_export.py --checkpoint runs/qat --out runs/golden_vectors
 
 1. Train a small recurrent QAT model on sMNIST (QS4D preset scaled down:
    256 levels everywhere, 4096 for the state, running ranges for act and
@@ -60,7 +60,7 @@ def train_tiny(task, out: Path, train: int, epochs: int):
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", default=None, help="QAT run directory or saved model (default: train one)")
-    parser.add_argument("--out", default="golden_vectors", help="output directory")
+    parser.add_argument("--out", default="runs/golden_vectors", help="output directory (runs/ is ignored by git)")
     parser.add_argument("--train", type=int, default=300, help="training samples for the tiny model")
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--test", type=int, default=50, help="test samples for the agreement check")

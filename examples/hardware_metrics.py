@@ -8,13 +8,14 @@ and the counted IMSSA datapath (bit-weighted MACs, bits stored, ADC bits;
 the same for the model with half of its SSM modes pruned (``--prune``). No
 training; runs in seconds::
 
-    .venv/bin/python examples/hardware_metrics.py [--out docs/figures/hardware_metrics.png]
+    .venv/bin/python examples/hardware_metrics.py [--out runs/figures/hardware_metrics.png]
     .venv/bin/python examples/hardware_metrics.py --checkpoint runs/qat4   # add a trained model's own bits
 """
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -37,7 +38,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--bits", type=int, nargs="*", default=[16, 12, 8, 6, 4])
     parser.add_argument("--prune", type=float, default=0.5, help="fraction of SSM modes pruned for the last group")
     parser.add_argument("--checkpoint", default=None, help="also a trained model with its own quantization")
-    parser.add_argument("--out", default="docs/figures/hardware_metrics.png")
+    parser.add_argument("--out", default="runs/figures/hardware_metrics.png", help="figure (runs/ is ignored by git)")
     args = parser.parse_args(argv)
 
     model = S4DModel.from_preset("qs4d", 1, 10, seed=0)
@@ -76,6 +77,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ax.grid(axis="y", alpha=0.3, which="both")
     ax.legend(fontsize=8, ncol=2)
     fig.tight_layout()
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.out, dpi=120)
     print(f"saved {args.out}")
     return 0

@@ -103,7 +103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--kinds", nargs="*", choices=KINDS, default=list(KINDS))
     parser.add_argument("--workdir", default=None, help="keep the training runs here (default: a temp folder)")
     parser.add_argument("--limit-train", type=int, default=None, help="train on the first N digits (smoke runs)")
-    parser.add_argument("--out", default="docs/figures/noise_robustness.png")
+    parser.add_argument("--out", default="runs/figures/noise_robustness.png", help="figure (runs/ is ignored by git)")
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the numbers as JSON")
     args = parser.parse_args(argv)
 

@@ -135,7 +135,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--test-samples", type=int, default=1000)
     parser.add_argument("--chunk", type=float, default=1 / 16, help="greedy step: fraction of a layer's units")
     parser.add_argument("--bits", type=int, default=8, help="uniform width for the cost figures")
-    parser.add_argument("--out-prefix", default="docs/figures/pruning")
+    parser.add_argument("--out-prefix", default="runs/figures/pruning", help="figure path prefix (runs/ is ignored by git)")
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the numbers as JSON")
     args = parser.parse_args(argv)
 

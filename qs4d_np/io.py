@@ -17,11 +17,14 @@ from typing import Any, Mapping
 import numpy as np
 
 
+_TMP_SUFFIX = ".tmp"
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically (temp file in the same folder, fsync, rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=_TMP_SUFFIX, dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
@@ -35,6 +38,16 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             os.unlink(tmp)
         raise
     _fsync_dir(path.parent)
+
+
+def remove_stale_temps(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files that killed atomic writes left in ``folder`` (``.NAME.XXXX.tmp``);
+    returns them. Only for a folder no other process is writing to (e.g. a run being resumed)."""
+    folder = Path(folder)
+    stale = [p for p in folder.glob(f".*{_TMP_SUFFIX}") if p.is_file()]
+    for path in stale:
+        path.unlink()
+    return stale
 
 
 def _umask() -> int:
@@ -112,3 +125,29 @@ def load_json(path: str | os.PathLike) -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path} is not valid JSON: {exc}") from exc
+
+
+_TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string", dict: "an object",
+               list: "a list"}
+
+
+def json_get(obj: Any, keys: tuple[str, ...], source: str | os.PathLike, expected: type | tuple[type, ...]) -> Any:
+    """``obj[keys[0]][keys[1]]...`` of a loaded JSON document, checked to be of type ``expected``.
+
+    Raises ValueError naming ``source``, the dotted key and what was expected when a key is
+    missing or a value has another type (an integer is not a bool; a float accepts an integer).
+    """
+    expected = expected if isinstance(expected, tuple) else (expected,)
+    value = obj
+    for depth, key in enumerate(keys):
+        if not isinstance(value, dict):
+            where = ".".join(keys[:depth]) or "the top level"
+            raise ValueError(f"{source}: {where} is {value!r}, expected an object with key {key!r}")
+        if key not in value:
+            raise ValueError(f"{source}: missing key {'.'.join(keys[:depth + 1])!r}")
+        value = value[key]
+    allowed = expected + ((int,) if float in expected else ())
+    if isinstance(value, bool) and bool not in expected or not isinstance(value, allowed):
+        want = " or ".join(_TYPE_NAMES.get(t, t.__name__) for t in expected)
+        raise ValueError(f"{source}: key {'.'.join(keys)!r} is {value!r} ({type(value).__name__}), expected {want}")
+    return value

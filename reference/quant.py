@@ -4,6 +4,8 @@
   (fmod is exact, so only true ties are moved);
 * ``fake_quant_ref``: the quantizer written from its formulas with NumPy
   reductions over the non-channel axes;
+* ``ste_backward_ref``: the clipped straight-through gradient and the LSQ step gradient
+  element by element over the flat (G, P, C, Q) layout, sums in float64 in index order;
 * ``quant_scan_ref`` / ``quant_scan_backward_ref``: the quantized-state scan
   as plain Python loops over Python floats (float64) in the kernel's
   operation order, keeping every state, so float64 results match the Numba
@@ -92,6 +94,30 @@ def fake_quant_ref(x, levels, *, grid="narrow", symmetric=True, axis=None, scale
     if np.iscomplexobj(x):
         out = (out[0] + 1j * out[1]).astype(x.dtype)
     return out, q, inv, zp
+
+
+def ste_backward_ref(x, grad, inv, zp, qmin, qmax, rounding, G, P, C, Q, codes=None):
+    """Twin of ``kernels.fake_quant.ste_backward`` on a flat real tensor x (the layout (G, P, C, Q)):
+    returns (dx, dstep) with dx[j] = grad[j] unless round(x[j]*inv[k]) + zp[k] leaves [qmin, qmax]
+    (then 0), and dstep[k] (float64, G*C) the sum over channel k of grad[j] times d x_hat / d step:
+    c - v inside the range, c where the code saturated (v = x*inv, c the code minus zp: ``codes``
+    when given, else the clamped rounded value). v, c and c - v are computed in x's dtype, as the
+    forward computes them; the products and sums in float64, in index order."""
+    x, grad = np.asarray(x), np.asarray(grad)
+    real = x.dtype.type
+    lo, hi = real(qmin), real(qmax)
+    dx = np.empty_like(x)
+    dstep = np.zeros(G * C)
+    for j in range(x.size):
+        k = (j // (Q * C * P)) * C + (j // Q) % C  # channel g*C + c of element j
+        v = x[j] * real(inv[k])
+        z = real(zp[k])
+        r = real(round_ref(v, rounding))
+        saturated = r + z < lo or r + z > hi
+        c = real(codes[j]) - z if codes is not None else min(max(r + z, lo), hi) - z
+        dx[j] = 0.0 if saturated else grad[j]
+        dstep[k] += float(grad[j]) * float(c if saturated else c - v)
+    return dx, dstep
 
 
 def _round_scalar(v: float, rounding: str) -> float:

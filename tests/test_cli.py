@@ -108,7 +108,7 @@ def test_train_eval_plot(data_dir, tmp_path, capsys, monkeypatch):
     assert "float run" in capsys.readouterr().err
 
 
-def test_resume_through_the_cli_matches_an_uninterrupted_run(data_dir, tmp_path, monkeypatch):
+def test_resume_through_the_cli_matches_an_uninterrupted_run(data_dir, tmp_path, monkeypatch, capsys):
     assert _train(data_dir, tmp_path / "straight", "--epochs", "3", "--seed", "4") == 0
     import qs4d_np.train.trainer as trainer_module
     real_write = trainer_module.atomic_write_text
@@ -117,8 +117,12 @@ def test_resume_through_the_cli_matches_an_uninterrupted_run(data_dir, tmp_path,
         real_write(path, text)  # metrics.jsonl is the last file an epoch writes
         raise KeyboardInterrupt
     monkeypatch.setattr(trainer_module, "atomic_write_text", killed_after_first_epoch)
-    with pytest.raises(KeyboardInterrupt):
-        _train(data_dir, tmp_path / "resumed", "--epochs", "3", "--seed", "4")
+    capsys.readouterr()
+    # Ctrl-C: one line saying where the run resumes, the shell's status for SIGINT
+    assert _train(data_dir, tmp_path / "resumed", "--epochs", "3", "--seed", "4") == 130
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert f"interrupted: {tmp_path / 'resumed'}/last.json holds epoch 1; rerun the same command with --resume" in err
     monkeypatch.setattr(trainer_module, "atomic_write_text", real_write)
     assert load_checkpoint(tmp_path / "resumed", "last")[1]["epoch"] == 1
     assert _train(data_dir, tmp_path / "resumed", "--epochs", "3", "--seed", "4", "--resume") == 0

@@ -41,6 +41,30 @@ def test_ste_gradient_matches_fd_of_the_identity_model(ste, axis, complex_):
     assert grad_error(dx, num) <= 1e-6
 
 
+@pytest.mark.parametrize("ste", ["identity", "clipped"])
+@pytest.mark.parametrize("axis, complex_", [(None, False), (1, False), (None, True), (0, True)])
+def test_saturating_ste_gradient_matches_fd_of_the_clipped_model(ste, axis, complex_):
+    # a fixed range of 0.8 on 2**40 states: inside it the quantizer is the identity to ~1e-12,
+    # outside it clamps, so the quantized model is the model of clip(x) (of each part). The clipped
+    # STE must be that model's gradient: zero on the saturated entries (about 40% here); the
+    # identity STE passes the gradient there too, which the same FD check must reject
+    x, w = _loss_parts(3, (4, 3), complex_)
+    R = 0.8
+    q = Quantizer(2**40, ste=ste, axis=axis, scale_mode="fixed", fixed_range=R, dtype=np.float64)
+    x_hat = q.forward(x, training=True)
+    dx = q.backward(_model_grad(x_hat, w))
+
+    def clip_parts(z):
+        return np.clip(z.real, -R, R) + 1j * np.clip(z.imag, -R, R) if complex_ else np.clip(z, -R, R)
+    num = numerical_grad(lambda: _model(clip_parts(x), w), x)
+    parts = np.stack([x.real, x.imag]) if complex_ else x
+    assert 0.2 < np.mean(np.abs(parts) > R) < 0.8  # enough saturated and enough free entries
+    # no entry is within the FD step of the clip point, where the clipped model has a kink
+    assert np.abs(np.abs(parts) - R).min() > 1e-3
+    error = grad_error(dx, num)
+    assert error <= 1e-6 if ste == "clipped" else error > 0.1
+
+
 @pytest.mark.parametrize("axis, n_scales", [(None, 1), (1, 3)])
 def test_lsq_step_and_clipped_ste_match_fd_of_the_frozen_residual_surrogate(axis, n_scales):
     """LSQ treats round(v) as v + r with r frozen: the surrogate

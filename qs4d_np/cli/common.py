@@ -26,7 +26,9 @@ from __future__ import annotations
 import argparse
 import functools
 import math
+import os
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -35,6 +37,7 @@ import numpy as np
 from qs4d_np.data.idx import IDXFormatError
 from qs4d_np.data.tasks import TASKS, Task, load_task
 from qs4d_np.io import load_json
+from qs4d_np.models.memory import MemoryEstimate, estimate as estimate_memory
 from qs4d_np.models.s4d_model import PRESETS, S4DModel
 from qs4d_np.quant.config import DEFAULT_OPTIONS, GRANULARITIES, TARGETS as QUANT_TARGETS
 from qs4d_np.quant.quantizer import QUANTIZER_SCALE_MODES
@@ -57,22 +60,92 @@ class CommandError(RuntimeError):
 
 
 # Errors that are the user's input, not bugs: reported without a traceback.
-_USER_ERRORS = (CommandError, CheckpointError, TrainingDiverged, IDXFormatError, FileNotFoundError,
-                NotADirectoryError, PermissionError, ValueError)
+_USER_ERRORS = (CommandError, CheckpointError, TrainingDiverged, IDXFormatError, ValueError)
+# Set to 1 to see the traceback behind an unexpected error.
+DEBUG_ENV = "QS4D_DEBUG"
+# Exit status after Ctrl-C (128 + SIGINT, as shells report it).
+INTERRUPTED = 130
 
 
-def command(name: str) -> Callable[[Callable[[argparse.Namespace], int | None]], Callable[[argparse.Namespace], int]]:
-    """Wrap a subcommand: user errors become ``qs4d NAME: error: ...`` on stderr and exit status 1."""
+def _os_error_text(exc: OSError) -> str:
+    """``path: reason`` for an OS error raised by the system, our own message otherwise."""
+    if exc.strerror and exc.filename is not None:
+        return f"{exc.filename}: {exc.strerror}"
+    return str(exc)
+
+
+def command(name: str, interrupted: Callable[[argparse.Namespace], str] | None = None
+            ) -> Callable[[Callable[[argparse.Namespace], int | None]], Callable[[argparse.Namespace], int]]:
+    """Wrap a subcommand so that every failure is one line ``qs4d NAME: error: ...`` on stderr, exit 1.
+
+    User errors (bad flags, files, data) print their message; OS errors (missing, read-only or
+    full places) the path and the reason; anything else its type and message, with a hint to
+    rerun with ``QS4D_DEBUG=1`` for the traceback (which also re-raises the user errors).
+    Ctrl-C prints ``qs4d NAME: interrupted`` plus ``interrupted(args)`` (e.g. where a run
+    resumes) and exits 130.
+    """
     def wrap(func: Callable[[argparse.Namespace], int | None]) -> Callable[[argparse.Namespace], int]:
         @functools.wraps(func)
         def run(args: argparse.Namespace) -> int:
+            if os.environ.get(DEBUG_ENV) == "1":
+                return int(func(args) or 0)
             try:
                 return int(func(args) or 0)
+            except KeyboardInterrupt:
+                where = f": {interrupted(args)}" if interrupted is not None else ""
+                print(f"qs4d {name}: interrupted{where}", file=sys.stderr)
+                return INTERRUPTED
+            except BrokenPipeError:  # the reader of our output stopped (``| head``): not an error
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+                return 0
             except _USER_ERRORS as exc:
-                print(f"qs4d {name}: error: {exc}", file=sys.stderr)
-                return 1
+                message = str(exc)
+            except OSError as exc:
+                message = _os_error_text(exc)
+            except MemoryError as exc:
+                message = f"out of memory{f' ({exc})' if str(exc) else ''}: try a smaller model or batch"
+            except Exception as exc:  # a bug: still one line, the traceback on request
+                message = (f"unexpected {type(exc).__name__}: {exc} (rerun with {DEBUG_ENV}=1 for the "
+                           "traceback and report it)")
+            print(f"qs4d {name}: error: {message}", file=sys.stderr)
+            return 1
         return run
     return wrap
+
+
+# -- output places -----------------------------------------------------------------
+def _probe_writable(folder: Path, flag: str, path: Path) -> None:
+    """Fail now, not after the work, when ``folder`` could not be created or written: a temporary
+    file is made (and removed) in its nearest existing ancestor; nothing else is created."""
+    existing = folder
+    while not existing.exists():  # where the missing folders would be created
+        existing = existing.parent
+    if not existing.is_dir():
+        raise CommandError(f"{flag} {path}: cannot write in {existing}: not a directory")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".qs4d-probe.", dir=existing)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise CommandError(f"{flag} {path}: cannot write in {existing}: {exc.strerror or exc}") from None
+
+
+def check_out_dir(path: str | Path, flag: str = "--out") -> Path:
+    """An output directory, checked before any work: not an existing file, in a writable place."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise CommandError(f"{flag} {path} is an existing file; expected a directory (existing or new)")
+    _probe_writable(path, flag, path)
+    return path
+
+
+def check_out_file(path: str | Path, flag: str = "--out") -> Path:
+    """An output file, checked before any work: not a directory, in a writable place."""
+    path = Path(path)
+    if path.is_dir():
+        raise CommandError(f"{flag} {path} is a directory; expected a file name")
+    _probe_writable(path.parent, flag, path)
+    return path
 
 
 # -- argparse types -------------------------------------------------------------
@@ -105,9 +178,12 @@ def non_negative_float(text: str) -> float:
 
 
 def positive_float(text: str) -> float:
-    value = non_negative_float(text)
-    if value == 0:
-        raise argparse.ArgumentTypeError("expected a number > 0, got 0")
+    try:
+        value = non_negative_float(text)
+    except argparse.ArgumentTypeError:
+        value = math.nan
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text}")
     return value
 
 
@@ -266,6 +342,50 @@ def check_model_fits(model: S4DModel, task: Task, where: str) -> None:
                            f"task {task.name} has {task.d_in} and {task.n_classes}: a checkpoint of another model")
 
 
+def available_memory() -> int | None:
+    """Bytes the system can give a new allocation now (Linux ``MemAvailable``; else the physical
+    memory; None when unknown)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2 ** 30:,.3g} GiB"
+
+
+def check_memory(what: str, shape: dict[str, int], need: MemoryEstimate) -> None:
+    """Refuse ``what`` (a model of ``shape``) when the lower bound ``need`` exceeds the available memory."""
+    available = available_memory()
+    if available is not None and need.total > available:
+        dims = ", ".join(f"{k} {v}" for k, v in shape.items())
+        parts = f"parameters {_gib(need.params)}" + (f", activations {_gib(need.activations)}"
+                                                     if need.activations else "")
+        raise CommandError(f"{what} ({dims}) needs at least {_gib(need.total)} ({parts}); this machine has "
+                           f"{_gib(available)} available: choose a smaller model or batch")
+
+
+def model_shape(args: argparse.Namespace) -> dict[str, int]:
+    """d_model, d_state, n_layers of ``--preset`` with the architecture flags applied."""
+    preset = PRESETS[args.preset]
+    return {key: getattr(args, flag) if getattr(args, flag) is not None else preset[key]
+            for flag, key in ARCH_FLAGS.items() if key != "dropout"}
+
+
+def check_training_memory(shape: dict[str, int], task: Task, batch: int) -> None:
+    """Refuse a model + batch whose training step cannot fit (see ``qs4d_np.models.memory``)."""
+    need = estimate_memory(task.d_in, task.n_classes, shape["d_model"], shape["d_state"], shape["n_layers"],
+                           batch=batch, length=task.length, training=True)
+    check_memory(f"training with batch {batch} on {task.length} steps", shape, need)
+
+
 def build_model(args: argparse.Namespace, task: Task, quant: Any) -> S4DModel:
     """A fresh model from ``--preset`` and the architecture flags (flags not given keep the preset's)."""
     overrides = {key: getattr(args, flag) for flag, key in ARCH_FLAGS.items() if getattr(args, flag) is not None}
@@ -279,8 +399,11 @@ def build_model(args: argparse.Namespace, task: Task, quant: Any) -> S4DModel:
 def add_model_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model (architecture flags default to the preset's values)")
     group.add_argument("--preset", choices=tuple(PRESETS), default="qs4d")
-    group.add_argument("--n_layers_m", type=positive_int, default=None, metavar="N", help="layers")
-    group.add_argument("--d_model_m", type=positive_int, default=None, metavar="H", help="channels")
+    # the reference's spellings; qs4d metrics' --n_layers / --d_model are accepted too
+    group.add_argument("--n_layers_m", "--n_layers", dest="n_layers_m", type=positive_int, default=None, metavar="N",
+                       help="layers")
+    group.add_argument("--d_model_m", "--d_model", dest="d_model_m", type=positive_int, default=None, metavar="H",
+                       help="channels")
     group.add_argument("--d_state", type=positive_int, default=None, metavar="N", help="state size (reals)")
     group.add_argument("--dropout", type=non_negative_float, default=None)
     group.add_argument("--mode", choices=MODES, default="conv",

@@ -25,8 +25,9 @@ from typing import Any
 
 import numpy as np
 
-from qs4d_np.cli.common import (CommandError, add_data_flags, check_model_fits, command, data_settings, load_data,
-                                load_model, non_negative_int, positive_float, positive_int, run_info)
+from qs4d_np.cli.common import (CommandError, add_data_flags, check_model_fits, check_out_file, command,
+                                data_settings, load_data, load_model, non_negative_int, positive_float, positive_int,
+                                run_info)
 from qs4d_np.data.loader import BatchIterator
 from qs4d_np.data.tasks import Task
 from qs4d_np.hardware.config import CrossbarConfig
@@ -101,6 +102,8 @@ def _analog(args: argparse.Namespace, model: S4DModel, task: Task, dataset: Any)
 
 @command("eval")
 def run(args: argparse.Namespace) -> int:
+    if args.out is not None:
+        check_out_file(args.out)
     model = load_model(args.checkpoint)
     settings = data_settings(args, run_info(args.checkpoint).get("data"))
     if args.analog is not None:

@@ -25,7 +25,8 @@ import sys
 
 import numpy as np
 
-from qs4d_np.cli.common import (CommandError, add_data_flags, add_quant_flags, check_model_fits, command,
+from qs4d_np.cli.common import (CommandError, add_data_flags, add_quant_flags, check_model_fits, check_out_dir,
+                                command,
                                 data_settings, load_data, load_model, positive_int, quant_config, run_info)
 
 
@@ -74,6 +75,7 @@ def run_export(args: argparse.Namespace) -> int:
     from qs4d_np.golden.bundle import dataset_codes, export_bundle
     from qs4d_np.golden.export import from_model
 
+    check_out_dir(args.out)
     model = load_model(args.checkpoint)
     task = load_data(data_settings(args, run_info(args.checkpoint).get("data")))
     check_model_fits(model, task, f"checkpoint {args.checkpoint}")

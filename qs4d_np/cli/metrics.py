@@ -5,6 +5,7 @@ Examples::
     qs4d metrics --checkpoint runs/qat4                       # bits from the model's quantization
     qs4d metrics --checkpoint runs/float --bits 8             # the same weights costed at 8 bits
     qs4d metrics --d_model 128 --d_state 128 --n_layers 4 --bits 12 --compat qs4d   # the reference's log
+    qs4d metrics --d_model_m 128 --d_state 128 --n_layers_m 4 --all_quant 4096      # the same, train's spellings
 
 Prints, next to the float32 baseline and the reduction: ACE (with and without
 r_dt), model size and ADC complexity by the QS4D formulas (``--compat qs4d``
@@ -20,9 +21,10 @@ import argparse
 import json
 from typing import Any
 
-from qs4d_np.cli.common import command, load_model, positive_int
+from qs4d_np.cli.common import check_memory, command, levels_type, load_model, positive_int
 from qs4d_np.hardware.datapath import bit_widths, metrics_table
 from qs4d_np.hardware.metrics import COMPAT, FLOAT_BITS, BitWidths
+from qs4d_np.models.memory import estimate as estimate_memory
 from qs4d_np.models.s4d_model import S4DModel
 
 LABELS = {"ace": "ACE", "ace_without_dt": "ACE without r_dt", "model_size_bits": "model size (bits)",
@@ -36,13 +38,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--checkpoint", default=None, metavar="CKPT",
                         help="a run directory or a saved model; without it, a model of the shape flags")
     shape = parser.add_argument_group("shape without --checkpoint (defaults: the 4 x 128, N = 64 model)")
-    shape.add_argument("--d_model", type=positive_int, default=None, metavar="H")
+    # the spellings of qs4d train (--d_model_m, --n_layers_m, --all_quant) are accepted too
+    shape.add_argument("--d_model", "--d_model_m", dest="d_model", type=positive_int, default=None, metavar="H")
     shape.add_argument("--d_state", type=even_int, default=None, metavar="N", help="state size (reals, even)")
-    shape.add_argument("--n_layers", type=positive_int, default=None)
+    shape.add_argument("--n_layers", "--n_layers_m", dest="n_layers", type=positive_int, default=None, metavar="N")
     shape.add_argument("--d_input", type=positive_int, default=None)
     shape.add_argument("--d_output", type=positive_int, default=None)
-    parser.add_argument("--bits", type=bits_type, default=None, metavar="B",
+    widths = parser.add_mutually_exclusive_group()
+    widths.add_argument("--bits", type=bits_type, default=None, metavar="B",
                         help="every target at B bits, 1..32 (default: the checkpoint's quantization, else float32)")
+    widths.add_argument("--all_quant", dest="bits", type=levels_as_bits, default=None, metavar="N",
+                        help="as qs4d train: every target with N = 2**B quantization states (--bits B)")
     parser.add_argument("--compat", choices=COMPAT, default="corrected",
                         help="qs4d: the reference's model-size formula (decoder written as H*d_in)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -63,6 +69,15 @@ def even_int(text: str) -> int:
     return value
 
 
+def levels_as_bits(text: str) -> int:
+    """``--all_quant N`` (N quantization states, a power of two) as a bit width."""
+    levels = levels_type(text)
+    bits = levels.bit_length() - 1
+    if levels != 2 ** bits or bits > FLOAT_BITS:
+        raise argparse.ArgumentTypeError(f"expected 2**B quantization states with B in 1..{FLOAT_BITS}, got {levels}")
+    return bits
+
+
 SHAPE_DEFAULTS = {"d_model": 128, "d_state": 64, "n_layers": 4, "d_input": 1, "d_output": 10}
 
 
@@ -74,6 +89,9 @@ def _model(args: argparse.Namespace) -> S4DModel:
         return load_model(args.checkpoint)
     shape = {k: SHAPE_DEFAULTS[k] if getattr(args, k) is None else getattr(args, k) for k in SHAPE_DEFAULTS}
     vars(args).update(shape)
+    check_memory("the model", {k: shape[k] for k in ("n_layers", "d_model", "d_state")},
+                 estimate_memory(shape["d_input"], shape["d_output"], shape["d_model"], shape["d_state"],
+                                 shape["n_layers"]))
     return S4DModel(shape["d_input"], shape["d_output"], d_model=shape["d_model"], d_state=shape["d_state"],
                     n_layers=shape["n_layers"], dropout=0.0, seed=0)
 

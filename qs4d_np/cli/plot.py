@@ -24,8 +24,8 @@ import math
 from pathlib import Path
 from typing import Any, Iterable
 
-from qs4d_np.cli.common import CommandError, command, model_path
-from qs4d_np.io import atomic_write_bytes, load_json
+from qs4d_np.cli.common import CommandError, check_out_file, command, model_path
+from qs4d_np.io import atomic_write_bytes, json_get, load_json
 
 TARGET_ORDER = ("all", "A", "B", "C", "D", "dt", "linear", "act", "state", "coder")
 
@@ -51,11 +51,13 @@ def qat_row(run_dir: Path) -> dict[str, Any]:
     results_path = run_dir / "results.json"
     if not results_path.is_file():
         raise CommandError(f"{run_dir} has no results.json: not a finished qs4d train run")
-    quant = load_json(model_path(run_dir).with_suffix(".json"))["config"].get("quant")
+    model_json = model_path(run_dir).with_suffix(".json")
+    quant = json_get(load_json(model_json), ("config",), model_json, dict).get("quant")
     if not quant:
         raise CommandError(f"{run_dir} is a float run (no quantization): give it as the float accuracy through a "
                            "results JSON instead")
-    set_levels = {t: v for t, v in quant["levels"].items() if v is not None}
+    json_get(quant, ("all",), model_json, (int, type(None)))
+    set_levels = {t: v for t, v in json_get(quant, ("levels",), model_json, dict).items() if v is not None}
     if quant["all"] is not None and not set_levels:
         target, levels = "all", quant["all"]
     elif quant["all"] is None and len(set_levels) == 1:
@@ -66,7 +68,7 @@ def qat_row(run_dir: Path) -> dict[str, Any]:
     if not isinstance(levels, int):
         raise CommandError(f"{run_dir}: per-layer widths {levels!r} are not plotted")
     return {"target": target, "bits": bits_of(levels, str(run_dir)), "levels": levels,
-            "accuracy": load_json(results_path)["test_acc"], "source": str(run_dir)}
+            "accuracy": json_get(load_json(results_path), ("test_acc",), results_path, float), "source": str(run_dir)}
 
 
 def collect(inputs: Iterable[str | Path]) -> dict[str, Any]:
@@ -81,12 +83,12 @@ def collect(inputs: Iterable[str | Path]) -> dict[str, Any]:
         data = load_json(item)
         if not isinstance(data, dict) or not ({"ptq", "qat", "float_accuracy"} & set(data)):
             raise CommandError(f"{item} is not a results JSON (no 'ptq', 'qat' or 'float_accuracy' key)")
-        if merged["float_accuracy"] is None:
-            merged["float_accuracy"] = data.get("float_accuracy")
+        if merged["float_accuracy"] is None and "float_accuracy" in data:
+            merged["float_accuracy"] = json_get(data, ("float_accuracy",), item, (float, type(None)))
         for kind in ("ptq", "qat"):
-            for row in data.get(kind, []):
-                if not {"target", "bits", "accuracy"} <= set(row):
-                    raise CommandError(f"{item}: a {kind} row lacks target/bits/accuracy: {row}")
+            for i, row in enumerate(json_get(data, (kind,), item, list) if kind in data else []):
+                for key, kinds in (("target", str), ("bits", int), ("accuracy", float)):
+                    json_get(row, (key,), f"{item}: {kind}[{i}]", kinds)
                 merged[kind].append(row)
     if not merged["ptq"] and not merged["qat"]:
         raise CommandError("nothing to plot: the inputs hold no PTQ or QAT rows")
@@ -130,6 +132,7 @@ def plot_accuracy_vs_bits(results: dict[str, Any], out: str | Path, title: str |
 
 @command("plot")
 def run(args: argparse.Namespace) -> int:
+    check_out_file(args.out)
     out = plot_accuracy_vs_bits(collect(args.inputs), args.out, args.title)
     print(f"wrote {out}")
     return 0

@@ -19,11 +19,10 @@ import csv
 import io
 import itertools
 import json
-from pathlib import Path
 from typing import Any
 
-from qs4d_np.cli.common import (add_data_flags, add_grid_flags, check_model_fits, command, data_settings, load_data, load_model,
-                                positive_int, run_info)
+from qs4d_np.cli.common import (add_data_flags, add_grid_flags, check_model_fits, check_out_dir, command,
+                                data_settings, load_data, load_model, positive_int, run_info)
 from qs4d_np.data.loader import BatchIterator
 from qs4d_np.ssm.s4d import MODES
 from qs4d_np.data.sequence import SequenceDataset
@@ -82,6 +81,7 @@ def csv_text(rows: list[dict[str, Any]]) -> str:
 
 @command("ptq")
 def run(args: argparse.Namespace) -> int:
+    out = check_out_dir(args.out)
     model = load_model(args.checkpoint)
     settings = data_settings(args, run_info(args.checkpoint).get("data"))
     task = load_data(settings)
@@ -89,7 +89,6 @@ def run(args: argparse.Namespace) -> int:
     result = sweep(model, task, args.targets, args.bits, grid=args.grid, granularity=args.granularity,
                    mode=args.mode, batch_size=args.batch_size, calib_batches=args.calib_batches)
     result["checkpoint"] = str(args.checkpoint)
-    out = Path(args.out)
     atomic_write_text(out / "ptq.csv", csv_text(result["ptq"]))
     atomic_write_json(out / "ptq.json", result)
     print(f"float accuracy {result['float_accuracy']:.4f}")

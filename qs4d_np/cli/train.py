@@ -18,10 +18,11 @@ import json
 from pathlib import Path
 
 from qs4d_np.cli.common import (ARCH_FLAGS, CommandError, add_data_flags, add_model_flags, add_quant_flags,
-                                build_model, check_model_fits, command, data_settings, load_data, load_model,
-                                model_path, non_negative_float, non_negative_int, positive_float, positive_int, quant_config)
+                                build_model, check_model_fits, check_out_dir, check_training_memory, command,
+                                data_settings, load_data, load_model, model_path, model_shape, non_negative_float,
+                                non_negative_int, positive_float, positive_int, quant_config)
 from qs4d_np.models.s4d_model import S4DModel
-from qs4d_np.train.checkpoint import checkpoint_exists
+from qs4d_np.train.checkpoint import CheckpointError, checkpoint_exists, load_checkpoint_meta
 from qs4d_np.train.trainer import TrainConfig, Trainer
 
 
@@ -55,9 +56,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _initial_model(args: argparse.Namespace, task, quant) -> S4DModel:
+    batch = max(args.batch_size, args.eval_batch_size or 0)
     if args.init_from is None:
+        check_training_memory(model_shape(args), task, batch)
         return build_model(args, task, quant)
     source = load_model(args.init_from)
+    check_training_memory({k: source.config[k] for k in ("d_model", "d_state", "n_layers")}, task, batch)
     check_model_fits(source, task, f"--init-from {args.init_from}")
     given = {key: getattr(args, flag) for flag, key in ARCH_FLAGS.items() if getattr(args, flag) is not None}
     clash = {k: (v, source.config[k]) for k, v in given.items() if source.config.get(k) != v}
@@ -73,14 +77,25 @@ def _initial_model(args: argparse.Namespace, task, quant) -> S4DModel:
     return with_quant(source, quant if quant is not None else source.quant, abar=args.abar)
 
 
-@command("train")
+def resume_hint(args: argparse.Namespace) -> str:
+    """Where an interrupted ``qs4d train`` continues (the epoch its last checkpoint holds)."""
+    out = Path(args.out)
+    try:
+        epoch = load_checkpoint_meta(out, "last")["epoch"]
+    except (OSError, ValueError, KeyError, TypeError, CheckpointError):
+        return f"no epoch was checkpointed in {out}; rerun the same command to start over"
+    return f"{out}/last.json holds epoch {epoch}; rerun the same command with --resume to continue from there"
+
+
+@command("train", interrupted=resume_hint)
 def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
+    if args.resume and not checkpoint_exists(out, "last"):
+        raise CommandError(f"cannot --resume: {out} holds no checkpoint last.json")
+    check_out_dir(out)  # before any work: not a file, writable
     if not args.resume and checkpoint_exists(out, "last"):
         raise CommandError(f"{out} already holds a run (last.json): pass --resume to continue it or choose "
                            "another --out (nothing was overwritten)")
-    if args.resume and not checkpoint_exists(out, "last"):
-        raise CommandError(f"cannot --resume: {out} holds no checkpoint last.json")
     if args.init_from is not None:
         model_path(args.init_from)  # fail before loading data
     settings = data_settings(args)

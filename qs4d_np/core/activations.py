@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from qs4d_np.core.checks import check_array
+from qs4d_np.core.checks import check_array, check_bool
 from qs4d_np.core.module import Module
 from qs4d_np.kernels.elementwise import gelu_backward, gelu_forward, glu_backward, glu_forward
 
@@ -29,6 +29,7 @@ class GELU(Module):
     """y = x * Phi(x) with the exact normal CDF Phi (erf form). Any shape."""
 
     def forward(self, x: np.ndarray, training: bool = False) -> np.ndarray:
+        training = check_bool("training", training)
         x = float_input("x", x)
         out = np.empty_like(x)
         cdf = np.empty_like(x)
@@ -48,6 +49,7 @@ class ReLU(Module):
     """y = max(x, 0); the gradient at 0 is taken as 0. Any shape."""
 
     def forward(self, x: np.ndarray, training: bool = False) -> np.ndarray:
+        training = check_bool("training", training)
         x = float_input("x", x)
         self._cache = x
         return np.maximum(x, 0)
@@ -62,6 +64,7 @@ class GLU(Module):
     """GLU over the last axis: x (..., 2C) -> a * sigmoid(b) (..., C) with a, b = the two halves."""
 
     def forward(self, x: np.ndarray, training: bool = False) -> np.ndarray:
+        training = check_bool("training", training)
         x = float_input("x", x)
         if x.ndim < 1 or x.shape[-1] % 2 or x.shape[-1] == 0:
             raise ValueError(f"x must have an even, non-zero last axis (..., 2C), got shape {x.shape}")

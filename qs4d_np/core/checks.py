@@ -10,6 +10,21 @@ from typing import Iterable, Sequence
 import numpy as np
 
 
+class NonFiniteError(ValueError):
+    """A computation (not its input) produced NaN or inf: the message names where it first did."""
+
+
+def check_finite_output(where: str, x: np.ndarray) -> np.ndarray:
+    """Return ``x`` (the output of ``where``), or raise :class:`NonFiniteError` when it holds NaN/inf."""
+    if not np.isfinite(x).all():
+        bad = int(np.size(x) - np.count_nonzero(np.isfinite(x)))
+        worst = float(np.max(np.abs(x[np.isfinite(x)]), initial=0.0))
+        raise NonFiniteError(f"the forward went non-finite in {where}: {bad} of {np.size(x)} output value(s) "
+                             f"are NaN/inf (largest finite magnitude {worst:.3g}); inputs or weights too large "
+                             f"for {x.dtype}?")
+    return x
+
+
 def check_choice(name: str, value: object, choices: Iterable[object]) -> None:
     """Raise ValueError unless ``value`` is one of ``choices``."""
     choices = tuple(choices)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from qs4d_np.core.activations import float_input, matching_grad
-from qs4d_np.core.checks import check_float
+from qs4d_np.core.checks import check_bool, check_float
 from qs4d_np.core.module import Module
 from qs4d_np.kernels.elementwise import channel_mask_apply
 
@@ -22,10 +22,11 @@ class Dropout(Module):
                  seed: int | np.random.Generator | None = None) -> None:
         super().__init__()
         self.p = check_float("p", p, min_value=0.0, max_value=1.0, max_inclusive=False)
-        self.shared_over_time = bool(shared_over_time)
+        self.shared_over_time = check_bool("shared_over_time", shared_over_time)
         self.rng = np.random.default_rng(seed)
 
     def forward(self, x: np.ndarray, training: bool = False) -> np.ndarray:
+        training = check_bool("training", training)
         x = float_input("x", x)
         if self.shared_over_time and x.ndim != 3:
             raise ValueError(f"x must have shape (batch, length, channels) for shared_over_time dropout, got {x.shape}")

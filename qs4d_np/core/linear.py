@@ -6,7 +6,7 @@ from typing import Iterator
 
 import numpy as np
 
-from qs4d_np.core.checks import check_array, check_int
+from qs4d_np.core.checks import check_array, check_bool, check_int
 from qs4d_np.core.module import Module
 from qs4d_np.kernels.matmul import matmul, matmul_tn
 
@@ -86,6 +86,7 @@ class Linear(Module):
         return matmul(x2, self.weight)
 
     def forward(self, x: np.ndarray, training: bool = False) -> np.ndarray:
+        training = check_bool("training", training)
         x2 = self.rows(x)
         y = self.product(x2, x.shape[0] if x.ndim > 1 else None)
         if "bias" in self._params:

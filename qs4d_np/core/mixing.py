@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from qs4d_np.core.activations import matching_grad
-from qs4d_np.core.checks import check_int
+from qs4d_np.core.checks import check_bool, check_int
 from qs4d_np.core.linear import Linear
 from qs4d_np.core.module import Module
 from qs4d_np.kernels.elementwise import glu_backward, glu_forward
@@ -31,6 +31,7 @@ class PointwiseGLU(Module):
         self.dtype = self.linear.dtype
 
     def forward(self, x: np.ndarray, training: bool = False) -> np.ndarray:
+        training = check_bool("training", training)
         x2 = self.linear.rows(x)
         z = self.linear.product(x2, x.shape[0] if x.ndim > 1 else None)
         out = np.empty((x2.shape[0], self.d_model), dtype=self.dtype)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from qs4d_np.core.activations import matching_grad
-from qs4d_np.core.checks import check_array, check_float, check_int
+from qs4d_np.core.checks import check_array, check_bool, check_float, check_int
 from qs4d_np.core.linear import sum_rows
 from qs4d_np.core.module import Module
 from qs4d_np.kernels.norm import (batchnorm_backward, column_affine, column_moments,
@@ -56,6 +56,7 @@ class LayerNorm(_ChannelNorm):
     """
 
     def forward(self, x: np.ndarray, training: bool = False) -> np.ndarray:
+        training = check_bool("training", training)
         x2 = self._rows(x)
         out = np.empty_like(x2)
         mean = np.empty(x2.shape[0])
@@ -107,6 +108,7 @@ class BatchNorm(_ChannelNorm):
         return scale, shift
 
     def forward(self, x: np.ndarray, training: bool = False) -> np.ndarray:
+        training = check_bool("training", training)
         x2 = self._rows(x)
         rows = x2.shape[0]
         if training:

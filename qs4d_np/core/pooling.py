@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from qs4d_np.core.activations import float_input, matching_grad
+from qs4d_np.core.checks import check_bool
 from qs4d_np.core.module import Module
 
 
@@ -18,6 +19,7 @@ class MeanPool(Module):
     """y[b, h] = mean over t of x[b, t, h] (accumulated in float64)."""
 
     def forward(self, x: np.ndarray, training: bool = False) -> np.ndarray:
+        training = check_bool("training", training)
         x = _sequence(x)
         self._cache = (x.shape, x.dtype)
         return x.mean(axis=1, dtype=np.float64).astype(x.dtype)
@@ -34,6 +36,7 @@ class LastPool(Module):
     """y[b, h] = x[b, L-1, h]: the last time step."""
 
     def forward(self, x: np.ndarray, training: bool = False) -> np.ndarray:
+        training = check_bool("training", training)
         x = _sequence(x)
         self._cache = (x.shape, x.dtype)
         return x[:, -1, :].copy()

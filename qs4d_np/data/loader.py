@@ -5,7 +5,7 @@ from typing import Any, Iterator, Protocol
 
 import numpy as np
 
-from qs4d_np.core.checks import check_int
+from qs4d_np.core.checks import check_bool, check_int
 
 
 class BatchSource(Protocol):
@@ -26,8 +26,8 @@ class BatchIterator:
                  seed: int | np.random.Generator | None = 0, drop_last: bool = False) -> None:
         self.dataset = dataset
         self.batch_size = check_int("batch_size", batch_size, min_value=1)
-        self.shuffle = shuffle
-        self.drop_last = drop_last
+        self.shuffle = check_bool("shuffle", shuffle)
+        self.drop_last = check_bool("drop_last", drop_last)
         self.rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
         if len(self) == 0:
             raise ValueError(f"batch_size={batch_size} with drop_last leaves no batch of {len(dataset)} samples")

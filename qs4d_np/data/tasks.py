@@ -12,13 +12,14 @@ state-spaces example; 45k/5k for CIFAR-10), the official test split is the test 
 """
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 from typing import Any
 
 from qs4d_np.core.checks import check_choice
 from qs4d_np.data.cifar import cifar_sequences, load_cifar10
-from qs4d_np.data.mnist import load_mnist_splits, mnist_sequences
+from qs4d_np.data.mnist import load_mnist_splits, mnist_sequences, source_identity
 from qs4d_np.data.sequence import SequenceDataset
 from qs4d_np.data.split import train_val_split
 
@@ -44,9 +45,15 @@ class Task:
         return self.train.d_in
 
     def info(self) -> dict[str, Any]:
-        """JSON-ready description (what a checkpoint's ``run_info`` records)."""
+        """JSON-ready description (what a checkpoint's ``run_info`` records): the same data gives the
+        same description wherever it is stored (``source`` names no installation path, ``sha256``
+        is the content of the three splits)."""
+        digest = hashlib.sha256()
+        for split in (self.train, self.val, self.test):
+            split.update_hash(digest)
         return {"task": self.name, "length": self.length, "d_in": self.d_in, "n_classes": self.n_classes,
-                "sizes": [len(self.train), len(self.val), len(self.test)], "source": self.train.source}
+                "sizes": [len(self.train), len(self.val), len(self.test)],
+                "source": source_identity(self.train.source), "sha256": digest.hexdigest()}
 
 
 def load_task(name: str, data_dir: str | os.PathLike | None = None, *, val_fraction: float = 0.1,
@@ -66,5 +73,8 @@ def load_task(name: str, data_dir: str | os.PathLike | None = None, *, val_fract
         grayscale = name == "scifar"
         full = cifar_sequences(load_cifar10("train", data_dir), grayscale)
         test = cifar_sequences(load_cifar10("test", data_dir), grayscale)
+    if len(full) < 2:
+        raise ValueError(f"task {name!r}: the training data ({full.source}) holds {len(full)} sample(s); "
+                         "expected at least 2 (a train and a validation part)")
     train_idx, val_idx = train_val_split(len(full), val_fraction, split_seed)
     return Task(name, full.subset(train_idx, " [train part]"), full.subset(val_idx, " [val part]"), test)

@@ -8,7 +8,14 @@ machine, a GELU + PointwiseGLU forward/backward at (64, 784, 128) float32
 used ~20-35% less CPU time this way. It must be set before Numba starts its
 thread pool (the first parallel kernel call), so it is set on import here,
 without overriding a value the user chose.
+
+With PyTorch imported first, Numba's threading layer is chosen so the two thread pools
+coexist (``threads.configure``).
 """
 import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "passive")
+
+from qs4d_np.kernels import threads  # noqa: E402  (after the OpenMP setting)
+
+threads.configure()

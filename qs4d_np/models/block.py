@@ -5,7 +5,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from qs4d_np.core.checks import check_choice
+from qs4d_np.core.checks import check_bool, check_choice
 from qs4d_np.core.dropout import Dropout
 from qs4d_np.core.module import Module
 from qs4d_np.core.norm import BatchNorm, LayerNorm
@@ -49,8 +49,8 @@ class S4DBlock(Module):
                  seed: int | np.random.Generator | None = None, **s4d_options: Any) -> None:
         super().__init__()
         check_choice("norm", norm, tuple(NORMS))
-        self.prenorm = bool(prenorm)
-        self.residual = bool(residual)
+        self.prenorm = check_bool("prenorm", prenorm)
+        self.residual = check_bool("residual", residual)
         ssm_rng, dropout_rng = np.random.default_rng(seed).spawn(2)
         self.ssm = self.add_child("ssm", S4D(d_model, d_state, dropout=dropout, dtype=dtype, seed=ssm_rng,
                                              **s4d_options))
@@ -58,6 +58,7 @@ class S4DBlock(Module):
         self.norm = None if norm is None else self.add_child("norm", NORMS[norm](d_model, dtype=dtype))
 
     def forward(self, x: np.ndarray, training: bool = False, mode: str = "conv") -> np.ndarray:
+        training = check_bool("training", training)
         norm = None if self.norm is None else (lambda z: self.norm.forward(z, training=training))
         drop = None if self.dropout is None else (lambda z: self.dropout.forward(z, training=training))
         # the model checked its input once

@@ -7,12 +7,13 @@ from typing import Any
 
 import numpy as np
 
-from qs4d_np.core.checks import check_array, check_choice, check_int, check_sequence_input
+from qs4d_np.core.checks import (check_array, check_bool, check_choice, check_finite_output, check_int,
+                                 check_sequence_input)
 from qs4d_np.core.linear import Linear
 from qs4d_np.core.module import Module
 from qs4d_np.core.pooling import LastPool, MeanPool
 from qs4d_np.core.snapshot import snapshot
-from qs4d_np.io import atomic_save_npz, atomic_write_json, load_json, load_npz
+from qs4d_np.io import atomic_save_npz, atomic_write_json, json_get, load_json, load_npz
 from qs4d_np.models.block import S4DBlock
 from qs4d_np.models.stream import S4DModelStream, StreamState
 from qs4d_np.quant.config import QuantConfig
@@ -88,7 +89,8 @@ class S4DModel(Module):
         self.dtype = np.dtype(dtype)
         self.config: dict[str, Any] = dict(
             d_input=self.d_input, d_output=self.d_output, d_model=d_model, d_state=d_state, n_layers=n_layers,
-            dropout=dropout, norm=norm, prenorm=bool(prenorm), residual=bool(residual), pool=pool, mode=mode,
+            dropout=dropout, norm=norm, prenorm=check_bool("prenorm", prenorm),
+            residual=check_bool("residual", residual), pool=pool, mode=mode,
             dtype=self.dtype.name, seed=seed, quant=None if quant is None else quant.to_dict(), abar=abar,
             **s4d_options)
 
@@ -125,10 +127,14 @@ class S4DModel(Module):
         """x (batch, length, d_input) -> logits (batch, d_output); ``mode`` defaults to ``self.mode``."""
         mode = self.mode if mode is None else mode
         check_choice("mode", mode, MODES)
-        h = self._coder("encoder", check_sequence_input("x", x, self.d_input), training)
-        for block in self.blocks:
-            h = block.forward(h, training=training, mode=mode)
-        logits = self._coder("decoder", self.pool.forward(h, training=training), training)
+        training = check_bool("training", training)
+        # every stage's output is checked, so an overflow is reported where it happened
+        h = check_finite_output("encoder", self._coder("encoder", check_sequence_input("x", x, self.d_input),
+                                                       training))
+        for i, block in enumerate(self.blocks):
+            h = check_finite_output(f"layers.{i}", block.forward(h, training=training, mode=mode))
+        logits = check_finite_output("decoder", self._coder("decoder", self.pool.forward(h, training=training),
+                                                            training))
         self._cache = logits.shape
         return logits
 
@@ -247,16 +253,28 @@ class S4DModel(Module):
         or has the wrong shape, and when the format version is unknown.
         """
         path = Path(path)
-        meta = load_json(path.with_name(path.name + ".json"))
+        source = path.with_name(path.name + ".json")
+        meta = load_json(source)
         if not isinstance(meta, dict) or meta.get("format") != "qs4d_np.S4DModel":
-            raise ValueError(f"{path}.json is not an S4DModel file (format {meta.get('format') if isinstance(meta, dict) else None!r})")
+            raise ValueError(f"{source} is not an S4DModel file (format {meta.get('format') if isinstance(meta, dict) else None!r})")
         if meta.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{path}.json has format_version {meta.get('format_version')!r}, expected {FORMAT_VERSION}")
-        config = dict(meta["config"])
+            raise ValueError(f"{source} has format_version {meta.get('format_version')!r}, expected {FORMAT_VERSION}")
+        config = dict(json_get(meta, ("config",), source, dict))
         if config.get("quant") is not None:
-            config["quant"] = QuantConfig.from_dict(config["quant"])
-        model = cls(**config)
-        model.load_arrays(load_npz(path.with_name(path.name + ".npz")), source=f"{path}.npz")
+            config["quant"] = QuantConfig.from_dict(json_get(meta, ("config", "quant"), source, dict))
+        try:
+            model = cls(**config)
+        except (TypeError, ValueError) as exc:  # an edited or foreign config
+            raise ValueError(f"{source}: key 'config' does not describe a model: {exc}") from None
+        arrays = load_npz(path.with_name(path.name + ".npz"))
+        recorded = meta.get("arrays")
+        if recorded is not None:  # the shapes the JSON lists must be those of the model and of the file
+            own = {k: list(v.shape) for k, v in model.state_arrays().items()}
+            for key, shape in json_get(meta, ("arrays",), source, dict).items():
+                if key in own and shape != own[key]:
+                    raise ValueError(f"{source}: key 'arrays.{key}' records shape {shape}, but the config "
+                                     f"gives {own[key]}")
+        model.load_arrays(arrays, source=f"{path}.npz")
         return model
 
     def _load_range_buffers(self, arrays: dict[str, np.ndarray], source: str) -> None:
@@ -278,7 +296,8 @@ class S4DModel(Module):
                 module.load_buffers({"running_lo": lo, "running_hi": hi})
 
     def load_arrays(self, arrays: dict[str, np.ndarray], source: str = "arrays") -> None:
-        """Copy ``state_arrays()``-keyed arrays into this model in place, checking names and shapes."""
+        """Copy ``state_arrays()``-keyed arrays into this model in place, after checking them all: names,
+        shapes, dtype kinds (real or complex), finite values, non-negative ``running_var``."""
         self._load_range_buffers(arrays, source)
         own = self.state_arrays()
         missing = sorted(set(own) - set(arrays))
@@ -291,6 +310,15 @@ class S4DModel(Module):
             value = arrays[key]
             if value.shape != target.shape:
                 raise ValueError(f"{source}: array {key!r} has shape {value.shape}, expected {target.shape}")
-            if np.iscomplexobj(value) and not np.iscomplexobj(target):
-                raise ValueError(f"{source}: array {key!r} is complex, expected real {target.dtype}")
-            target[...] = value
+            if value.dtype.kind != target.dtype.kind:
+                want = "complex" if target.dtype.kind == "c" else "real"
+                raise ValueError(f"{source}: array {key!r} has dtype {value.dtype}, expected {want} "
+                                 f"{target.dtype} (the model's)")
+            if not np.isfinite(value).all():
+                bad = int(value.size - np.count_nonzero(np.isfinite(value)))
+                raise ValueError(f"{source}: array {key!r} holds {bad} NaN/inf value(s); expected finite weights")
+            if key.endswith(".running_var") and (value < 0).any():
+                raise ValueError(f"{source}: array {key!r} holds a negative variance {float(value.min())}; "
+                                 "expected values >= 0")
+        for key, target in own.items():
+            target[...] = arrays[key]

@@ -36,7 +36,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from qs4d_np.core.checks import check_choice, check_float, check_int
+from qs4d_np.core.checks import check_bool, check_choice, check_float, check_int
 from qs4d_np.core.module import Module
 from qs4d_np.kernels.fake_quant import lsq_grad_scale
 from qs4d_np.quant.fake import STE_MODES, QuantSpec, QuantState, QuantTensor, ste_backward
@@ -80,7 +80,7 @@ class Quantizer(Module):
         self.momentum = check_float("momentum", momentum, min_value=0.0, max_value=1.0,
                                     min_inclusive=False)
         self.n_scales = check_int("n_scales", n_scales, min_value=1)
-        self.lsq_grad_scale = bool(lsq_grad_scale)
+        self.lsq_grad_scale = check_bool("lsq_grad_scale", lsq_grad_scale)
         self.fixed_range = fixed_range
         if scale_mode != "fixed" and fixed_range is not None:
             raise ValueError(f"fixed_range is only used with scale_mode='fixed', got scale_mode={scale_mode!r}")
@@ -225,6 +225,7 @@ class Quantizer(Module):
         return (1.0 / np.maximum(self._params["step"].astype(np.float64), floor)).astype(dtype)
 
     def forward(self, x: np.ndarray, training: bool = False) -> np.ndarray:
+        training = check_bool("training", training)
         lay, inv, zp = self._scales(x, training)
         out, state = self.spec.apply(x, lay, inv, zp, name=self.name)
         self._cache = (x, state)

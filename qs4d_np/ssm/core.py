@@ -45,7 +45,7 @@ from typing import Any
 
 import numpy as np
 
-from qs4d_np.core.checks import (check_array, check_choice, check_float, check_grad_like, check_int,
+from qs4d_np.core.checks import (check_array, check_bool, check_choice, check_float, check_grad_like, check_int,
                                  check_sequence_input)
 from qs4d_np.core.module import Module
 from qs4d_np.ssm.scan import scan, scan_backward
@@ -295,6 +295,7 @@ class S4DCore(Module):
         """u (batch, length, d_model) -> the core output y (batch, length, d_model), D*u included.
         ``checked``: the caller has checked u (shape, finite values) and made it contiguous in
         the core's dtype (the model checks its input once)."""
+        training = check_bool("training", training)
         if not checked:
             check_choice("mode", mode, MODES)
             u = np.ascontiguousarray(check_sequence_input("u", u, self.d_model), dtype=self.dtype)

@@ -13,7 +13,7 @@ from typing import Iterator
 import numpy as np
 
 from qs4d_np.core.activations import GELU, ReLU
-from qs4d_np.core.checks import check_choice, check_float, check_grad_like, check_sequence_input
+from qs4d_np.core.checks import check_bool, check_choice, check_float, check_grad_like, check_sequence_input
 from qs4d_np.core.dropout import Dropout
 from qs4d_np.core.mixing import PointwiseGLU
 from qs4d_np.core.module import Module
@@ -240,6 +240,7 @@ class S4D(Module):
                 checked: bool = False) -> np.ndarray:
         """u (batch, length, d_model) -> (batch, length, d_model); checks u (shape, finite values)
         unless ``checked`` (the model checks its input once)."""
+        training = check_bool("training", training)
         if not checked:
             check_choice("mode", mode, MODES)
             u = check_sequence_input("u", u, self.d_model)

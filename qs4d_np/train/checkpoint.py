@@ -53,25 +53,48 @@ def save_checkpoint(folder: str | os.PathLike, tag: str, epoch: int, arrays: Map
     record = dict(meta, arrays_file=npz.name, arrays_sha256=sha)
     json_path = folder / f"{tag}.json"
     atomic_write_json(json_path, record)
-    own = re.compile(re.escape(tag) + r"-e\d{4,}(-[0-9a-f]{12})?\.npz")
-    for stale in folder.glob(f"{tag}-e*.npz"):
-        if stale.name != npz.name and own.fullmatch(stale.name):
-            stale.unlink()
+    remove_stale_arrays(folder, tag, keep=npz.name)
     return json_path
 
 
-def load_checkpoint(folder: str | os.PathLike, tag: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """Read checkpoint ``tag``: (arrays, meta). Raises :class:`CheckpointError` when missing or damaged."""
+def remove_stale_arrays(folder: str | os.PathLike, tag: str, keep: str | None = None) -> list[Path]:
+    """Delete this tag's arrays files other than ``keep`` (default: the one ``<tag>.json`` names),
+    e.g. those a run killed between a commit and its cleanup left; returns them."""
+    folder = Path(folder)
+    if keep is None:
+        keep = load_checkpoint_meta(folder, tag)["arrays_file"]
+    own = re.compile(re.escape(tag) + r"-e\d{4,}(-[0-9a-f]{12})?\.npz")
+    stale = [p for p in folder.glob(f"{tag}-e*.npz") if p.name != keep and own.fullmatch(p.name)]
+    for path in stale:
+        path.unlink()
+    return stale
+
+
+def load_checkpoint_meta(folder: str | os.PathLike, tag: str) -> dict[str, Any]:
+    """The metadata of checkpoint ``tag`` (its arrays file not read). Raises :class:`CheckpointError`
+    when missing or not checkpoint metadata."""
     json_path = Path(folder) / f"{tag}.json"
     if not json_path.is_file():
         raise CheckpointError(f"no checkpoint {json_path}")
-    meta = load_json(json_path)
+    try:
+        meta = load_json(json_path)
+    except ValueError as exc:
+        raise CheckpointError(str(exc)) from None
     if not isinstance(meta, dict) or not {"arrays_file", "arrays_sha256"} <= set(meta):
         raise CheckpointError(f"{json_path} is not checkpoint metadata (no arrays_file / arrays_sha256)")
     name = meta["arrays_file"]
     if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
         raise CheckpointError(f"{json_path} names arrays file {name!r}; expected a file name in the same folder")
-    npz = json_path.parent / name
+    if not isinstance(meta["arrays_sha256"], str):
+        raise CheckpointError(f"{json_path}: key 'arrays_sha256' is {meta['arrays_sha256']!r}, expected a hex string")
+    return meta
+
+
+def load_checkpoint(folder: str | os.PathLike, tag: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Read checkpoint ``tag``: (arrays, meta). Raises :class:`CheckpointError` when missing or damaged."""
+    json_path = Path(folder) / f"{tag}.json"
+    meta = load_checkpoint_meta(folder, tag)
+    npz = json_path.parent / meta["arrays_file"]
     if not npz.is_file():
         raise CheckpointError(f"{json_path} names {npz.name}, which is missing")
     digest = _file_sha256(npz)

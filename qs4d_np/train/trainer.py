@@ -30,13 +30,15 @@ from typing import Any, Callable, ContextManager, Mapping
 import numpy as np
 from tqdm.auto import tqdm
 
-from qs4d_np.core.checks import check_float, check_int
+from qs4d_np.core.checks import NonFiniteError, check_bool, check_float, check_int
 from qs4d_np.core.loss import SoftmaxCrossEntropy
 from qs4d_np.data.loader import BatchIterator, BatchSource
-from qs4d_np.io import atomic_write_json, atomic_write_text
+from qs4d_np.data.mnist import source_identity
+from qs4d_np.io import atomic_write_json, atomic_write_text, json_get, remove_stale_temps
 from qs4d_np.quant.config import QuantConfig
 from qs4d_np.train.checkpoint import (CheckpointError, checkpoint_exists, config_differences, load_checkpoint,
-                                      model_buffers, model_generators, save_checkpoint, to_jsonable)
+                                      model_buffers, model_generators, remove_stale_arrays, save_checkpoint,
+                                      to_jsonable)
 from qs4d_np.train.optim import AdamW, GroupRule, clip_grad_norm, global_grad_norm
 from qs4d_np.train.schedule import CosineSchedule
 
@@ -83,6 +85,7 @@ class TrainConfig:
             check_float("clip_norm", self.clip_norm, min_value=0.0, min_inclusive=False)
         check_int("seed", self.seed, min_value=0)
         check_float("weight_noise", self.weight_noise, min_value=0.0)
+        check_bool("drop_last", self.drop_last)
 
 
 @dataclasses.dataclass
@@ -168,10 +171,12 @@ class Trainer:
         return arrays
 
     def _save(self, tag: str) -> Path:
-        bad = [k for k, v in self.model.params.items() if not np.isfinite(v).all()]
+        bad = [k for k, v in self._model_arrays().items() if not np.isfinite(v).all()]
         if bad:
-            raise TrainingDiverged(f"parameters {bad[:5]} hold NaN/inf after epoch {self.epoch}; "
-                                   f"not saving, the previous checkpoint in {self.out_dir} is kept")
+            last = self.out_dir / "last.json"
+            kept = f"{last} (the previous epoch) is kept" if last.is_file() else "no checkpoint was written"
+            raise TrainingDiverged(f"{', '.join(bad[:5])} hold NaN/inf after epoch {self.epoch}: not saving, "
+                                   f"{kept}")
         meta = {
             "identity": self._identity(),
             "epoch": self.epoch,
@@ -201,31 +206,55 @@ class Trainer:
         if not checkpoint_exists(self.out_dir, "last"):
             raise CheckpointError(f"cannot resume: no checkpoint 'last.json' in {self.out_dir}")
         arrays, meta = load_checkpoint(self.out_dir, "last")
-        diffs = config_differences(_comparable(meta["identity"]), _comparable(self._identity()))
+        source = self.out_dir / "last.json"
+        saved_identity = json_get(meta, ("identity",), source, dict)
+        diffs = config_differences(*_comparable(saved_identity, self._identity()))
         if diffs:
-            raise CheckpointError(f"cannot resume from {self.out_dir / 'last.json'}: the run differs from the "
+            raise CheckpointError(f"cannot resume from {source}: the run differs from the "
                                   "checkpoint (nothing was written):\n  " + "\n  ".join(diffs))
         generators = model_generators(self.model)
+        _check_resume_meta(meta, source, self.config.epochs,
+                           {("rng", "train_batches"): self.train_batches.rng, ("rng", "weight_noise"): self.noise_rng,
+                            **{("rng", "model", k): g for k, g in generators.items()}})
         if set(generators) != set(meta["rng"]["model"]):
             raise CheckpointError(f"cannot resume: the model's random generators {sorted(generators)} differ "
                                   f"from the checkpoint's {sorted(meta['rng']['model'])}")
-        self._restore_arrays(arrays, str(self.out_dir / "last.json"))
+        # every file the rest of the run reads is verified now, not after the remaining epochs
+        if meta["best"]["epoch"] > 0:
+            load_checkpoint(self.out_dir, "best")
+        for tag in ("last", "best"):  # leftovers of a run killed mid-write or mid-cleanup
+            if checkpoint_exists(self.out_dir, tag):
+                remove_stale_arrays(self.out_dir, tag)
+        remove_stale_temps(self.out_dir)
+        self._restore_arrays(arrays, str(source))
         self.optimizer.load_state({k[len("optim/"):]: v for k, v in arrays.items() if k.startswith("optim/")},
                                   meta["optimizer"])
         self.train_batches.set_rng_state(meta["rng"]["train_batches"])
         self.noise_rng.bit_generator.state = meta["rng"]["weight_noise"]
         for key, gen in generators.items():
             gen.bit_generator.state = meta["rng"]["model"][key]
-        self.epoch = int(meta["epoch"])
+        self.epoch = meta["epoch"]
         self.best = meta["best"]
         self.history = meta["history"]
+        self._write_metrics()  # a run killed after its last commit has not written this epoch's line yet
 
     # -- passes ----------------------------------------------------------------
     def _diverged(self, what: str, value: float, where: str) -> TrainingDiverged:
+        return self._diverged_at(where, f"{what} = {value}")
+
+    def _diverged_at(self, where: str, what: str) -> TrainingDiverged:
         last = self.out_dir / "last.json"
         kept = f"the last good checkpoint is {last} (epoch {self.epoch})" if last.is_file() else "no checkpoint yet"
-        return TrainingDiverged(f"training diverged in epoch {self.epoch + 1}, {where}: {what} = {value}; "
+        return TrainingDiverged(f"training diverged in epoch {self.epoch + 1}, {where}: {what}; "
                                 f"stopped, {kept}. Lower the learning rate or set clip_norm.")
+
+    def _check_params(self, where: str) -> None:
+        """After an optimizer step: name the first parameter the update made non-finite."""
+        for name, value in self.model.params.items():
+            if not np.isfinite(value).all():
+                bad = int(value.size - np.count_nonzero(np.isfinite(value)))
+                raise self._diverged_at(where, f"the update made {bad} of {value.size} value(s) of parameter "
+                                               f"{name} NaN/inf")
 
     def _check_logits(self, logits: np.ndarray, where: str) -> None:
         bad = int(np.size(logits) - np.count_nonzero(np.isfinite(logits)))
@@ -247,7 +276,10 @@ class Trainer:
         start = time.perf_counter()
         for step, (x, y) in enumerate(self.train_batches.epoch(), start=1):
             with self._weights_for_step():
-                logits = self.model.forward(x, training=True)
+                try:
+                    logits = self.model.forward(x, training=True)
+                except NonFiniteError as exc:
+                    raise self._diverged_at(f"step {step}", str(exc)) from None
                 self._check_logits(logits, f"step {step}")
                 loss = self.loss_fn.forward(logits, y)
                 if not math.isfinite(loss):
@@ -258,7 +290,9 @@ class Trainer:
                     else global_grad_norm(grads))
             if not math.isfinite(norm):
                 raise self._diverged("gradient norm", norm, f"step {step}")
-            self.optimizer.step(grads)
+            with np.errstate(over="ignore", invalid="ignore"):  # reported just below, naming the parameter
+                self.optimizer.step(grads)
+            self._check_params(f"step {step}")
             totals.add(loss, logits, y)
             norms.append(norm)
             bar.update(1)
@@ -272,7 +306,10 @@ class Trainer:
 
     def evaluate(self, batches: BatchIterator, desc: str) -> dict[str, float]:
         """Mean loss and accuracy of the model (eval mode) over ``batches``; stops on non-finite logits."""
-        result = evaluate_model(self.model, batches, desc=desc, progress=self.progress)
+        try:
+            result = evaluate_model(self.model, batches, desc=desc, progress=self.progress)
+        except NonFiniteError as exc:  # a model that checks its own forward (S4DModel)
+            raise self._diverged_at(f"{desc} evaluation", str(exc)) from None
         if result["nonfinite"]:
             raise self._diverged("count of non-finite logits", result["nonfinite"], f"{desc} evaluation")
         return {"loss": result["loss"], "acc": result["acc"]}
@@ -280,7 +317,7 @@ class Trainer:
     # -- the run -----------------------------------------------------------------
     def fit(self, resume: bool = False) -> dict[str, Any]:
         """Train to ``config.epochs``; returns the results (best epoch, its validation and test scores)."""
-        if resume:
+        if check_bool("resume", resume):
             self._resume()
         elif checkpoint_exists(self.out_dir, "last"):
             raise CheckpointError(f"{self.out_dir} already holds a run (last.json); resume it or choose another "
@@ -295,8 +332,7 @@ class Trainer:
                 self.best = {"epoch": self.epoch, "val_acc": val["acc"]}
                 self._save("best")
             self._save("last")
-            atomic_write_text(self.out_dir / "metrics.jsonl",
-                              "".join(_json_line(r) for r in self.history))
+            self._write_metrics()
             if self.progress:
                 tqdm.write(f"epoch {self.epoch}/{self.config.epochs}: train loss {record['train_loss']:.4f} "
                            f"acc {record['train_acc']:.4f} | val loss {val['loss']:.4f} acc {val['acc']:.4f} | "
@@ -304,6 +340,9 @@ class Trainer:
             if self.on_epoch_end is not None:
                 self.on_epoch_end(self, record)
         return self._finish()
+
+    def _write_metrics(self) -> None:
+        atomic_write_text(self.out_dir / "metrics.jsonl", "".join(_json_line(r) for r in self.history))
 
     def _finish(self) -> dict[str, Any]:
         arrays, _ = load_checkpoint(self.out_dir, "best")
@@ -318,11 +357,33 @@ class Trainer:
         return results
 
 
-def _comparable(identity: dict[str, Any]) -> dict[str, Any]:
-    """A run identity in the form two of them are compared in: a saved quantization config as
-    ``QuantConfig.from_dict`` reads it (options added since default to what the run computed with)
-    and each parameter group's names in sorted order (the optimizer state is keyed by name)."""
-    out = dict(identity)
+def _comparable(saved: dict[str, Any], current: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Two run identities in the form they are compared in.
+
+    A saved quantization config as ``QuantConfig.from_dict`` reads it (options added since
+    default to what the run computed with); each parameter group's names in sorted order (the
+    optimizer state is keyed by name). In ``run_info`` as ``qs4d train`` records it, a data
+    source saved with an installation path is named as it is now (``source_identity``), and a
+    run saved before the data's content hash was recorded is compared without it.
+    """
+    saved, current = (_normalized(identity) for identity in (saved, current))
+    saved_task, current_task = (_task_info(identity) for identity in (saved, current))
+    if saved_task is not None and current_task is not None:
+        if isinstance(saved_task.get("source"), str):
+            saved_task["source"] = source_identity(saved_task["source"])
+        if "sha256" not in saved_task:
+            current_task.pop("sha256", None)
+    return saved, current
+
+
+def _task_info(identity: dict[str, Any]) -> dict[str, Any] | None:
+    run_info = identity.get("run_info")
+    task = run_info.get("task") if isinstance(run_info, dict) else None
+    return task if isinstance(task, dict) else None
+
+
+def _normalized(identity: dict[str, Any]) -> dict[str, Any]:
+    out = json.loads(json.dumps(identity))  # a deep copy: the caller's dicts are not touched
     model_config = out.get("model_config")
     if isinstance(model_config, dict) and isinstance(model_config.get("quant"), dict):
         out["model_config"] = {**model_config, "quant": QuantConfig.from_dict(model_config["quant"]).to_dict()}
@@ -330,6 +391,37 @@ def _comparable(identity: dict[str, Any]) -> dict[str, Any]:
         out["param_groups"] = [{**g, "names": sorted(g["names"])} if isinstance(g, dict) and "names" in g else g
                                for g in out["param_groups"]]
     return out
+
+
+def _check_resume_meta(meta: dict[str, Any], source: Path, epochs: int,
+                       generators: Mapping[tuple[str, ...], np.random.Generator]) -> None:
+    """Refuse a ``last.json`` whose values cannot be what the trainer wrote, naming the key."""
+    epoch = json_get(meta, ("epoch",), source, int)
+    if not 0 <= epoch <= epochs:
+        raise CheckpointError(f"{source}: key 'epoch' is {epoch}, expected a completed epoch 0..{epochs}")
+    step = json_get(meta, ("optimizer", "step"), source, int)
+    if step < 0:
+        raise CheckpointError(f"{source}: key 'optimizer.step' is {step}, expected an integer >= 0")
+    factor = json_get(meta, ("optimizer", "lr_factor"), source, float)
+    if not math.isfinite(factor) or factor < 0:
+        raise CheckpointError(f"{source}: key 'optimizer.lr_factor' is {factor}, expected a finite number >= 0")
+    json_get(meta, ("best", "epoch"), source, int)
+    json_get(meta, ("best", "val_acc"), source, float)
+    history = json_get(meta, ("history",), source, list)
+    if len(history) != epoch or not all(isinstance(r, dict) for r in history):
+        raise CheckpointError(f"{source}: key 'history' holds {len(history)} entries, expected one record "
+                              f"(an object) per completed epoch ({epoch})")
+    saved_model_rngs = json_get(meta, ("rng", "model"), source, dict)
+    for keys, generator in generators.items():
+        if keys[:2] == ("rng", "model") and keys[2] not in saved_model_rngs:
+            continue  # a generator set mismatch is reported with both sets by the caller
+        kind = type(generator.bit_generator)
+        state = json_get(meta, keys, source, dict)
+        try:
+            kind().state = state  # a scratch generator: validates without touching the run's
+        except (TypeError, ValueError, KeyError) as exc:
+            raise CheckpointError(f"{source}: key {'.'.join(keys)!r} is not a {kind.__name__} generator state "
+                                  f"(bit_generator {state.get('bit_generator')!r}): {exc}") from None
 
 
 def evaluate_model(model: Any, batches: BatchIterator, *, mode: str | None = None, desc: str = "eval",
