@@ -37,7 +37,6 @@ MATCHED = CrossbarConfig(dac_bits=8, adc_bits=10, noise_management="none", bound
                          state_grid="model", calib_margin=1.25)
 CONFIGS: dict[str, tuple[CrossbarConfig, bool]] = {  # name -> (config, noisy: run several seeds)
     "8-bit DAC, 10-bit ADC, model state grid": (MATCHED, False),
-    "8-bit DAC, 10-bit ADC, calibrated state": (dataclasses.replace(MATCHED, state_grid="calibrated"), False),
     "7-bit DAC, 9-bit ADC (defaults), model state grid": (dataclasses.replace(MATCHED, dac_bits=7, adc_bits=9),
                                                           False),
     "7-bit DAC, 9-bit ADC, absmax + bound management": (CrossbarConfig(), False),

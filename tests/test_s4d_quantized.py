@@ -7,7 +7,7 @@ import weakref
 import numpy as np
 import pytest
 
-import qs4d_np.core.mixing as mixing_module
+import qs4d_np.core.linear as linear_module
 import qs4d_np.ssm.core as core_module
 from qs4d_np import S4D, S4DModel
 from qs4d_np.quant.config import QuantConfig
@@ -154,8 +154,8 @@ def test_effective_ssm_in_conv_mode_and_of_a_float_layer(monkeypatch):
 def test_mixing_weight_and_act_quantizer_are_what_the_forward_uses(monkeypatch):
     layer, u = calibrated(np.float32, mixing="glu", act=16)
     used = []
-    real = mixing_module.matmul
-    monkeypatch.setattr(mixing_module, "matmul", lambda a, b, out=None: used.append(b) or real(a, b, out))
+    real = linear_module.matmul  # the mixing product is its Linear's (Linear.product)
+    monkeypatch.setattr(linear_module, "matmul", lambda a, b, out=None: used.append(b) or real(a, b, out))
     y = layer.forward(u, mode="recurrent")
     W = layer.mixing_weight()
     assert W.shape == (3, 6) and W.dtype == np.float32 and np.array_equal(W, used[0])

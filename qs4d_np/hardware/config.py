@@ -88,7 +88,13 @@ class CrossbarConfig:
     ``weight_scaling``, ``calib_*``, ``t_inference``, ``drift_compensation``: see the
     module docstring. ``bits_from_model``: the SSM arrays of a layer whose state is
     quantized take the state's width for their DAC and ADC (the other arrays keep
-    ``dac_bits`` / ``adc_bits``).
+    ``dac_bits`` / ``adc_bits``). ``state_grid``: "calibrated" (the state lines' ranges from
+    the calibration data, like every other line) or "model": a layer whose state quantizer
+    has a static range gives the state lines its grid, per channel and part: the state rows'
+    ADC rounds onto the quantizer's step (extra ADC bits widen its range) and a DAC as wide
+    as the state codes that value exactly, so the arrays quantize the state as the digital
+    recurrence does (needs ``noise_management`` "none", which keeps the grid fixed, and
+    calibration for the other lines).
     """
 
     dac_bits: int | None = 7

@@ -277,13 +277,17 @@ class Ranges:
     """Calibrated converter ranges of a layer's arrays: input scales ``r_s`` (E, 2), ``r_u`` (C,)
     (a line's calibrated |z| maps to the DAC's full scale) and ADC ranges ``R_s`` (E, 2),
     ``R_y`` (C,) in normalized output units (``CrossbarConfig`` module docstring); ``state_max``:
-    the largest calibrated state range (model units, 0 when every state stayed 0)."""
+    the largest calibrated state range (model units, 0 when every state stayed 0); ``state_step``
+    (E, 2) or None: the state quantizer's step in model units (``state_grid`` "model"), which
+    then sets the state rows' ADC step: the ADC rounds the new state onto the quantizer's grid
+    (its extra bits widen the range), and the DAC codes it again exactly."""
 
     r_s: np.ndarray
     r_u: np.ndarray
     R_s: np.ndarray
     R_y: np.ndarray
     state_max: float
+    state_step: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -401,6 +405,8 @@ def program_layer(cells: Cells, layout: IMSSALayout, config: CrossbarConfig, ran
         if config.adc_bits is not None:
             levels = 2 ** config.adc_bits - 2
             step_s, step_y = 2 * R_s / levels, 2 * R_y / levels
+            if ranges is not None and ranges.state_step is not None:
+                step_s = ranges.state_step / w_s  # in normalized units (noise management is off)
             lim_s, lim_y = np.zeros((E, 2)), np.zeros(n_ch)
         else:
             step_s, step_y = np.ones((E, 2)), np.ones(n_ch)
@@ -445,9 +451,10 @@ def _drift_factors(G0: Cells, Gt: Cells, layout: IMSSALayout) -> np.ndarray:
     return out
 
 
-def _model_state_range(core: S4DCore) -> np.ndarray:
-    """(H, 2) the clip range (largest code / codes per unit) of the core's static, symmetric state
-    quantizer for the real and imaginary parts (``CrossbarConfig.state_grid`` "model")."""
+def _model_state_range(core: S4DCore) -> tuple[np.ndarray, float]:
+    """((H, 2) the clip range (largest code / codes per unit) of the core's static, symmetric state
+    quantizer for the real and imaginary parts, its largest code) (``CrossbarConfig.state_grid``
+    "model")."""
     x = core.state_quantizer
     if x is None:
         raise ValueError("CrossbarConfig.state_grid='model' needs layers whose state is quantized (a 'state' "
@@ -458,7 +465,7 @@ def _model_state_range(core: S4DCore) -> np.ndarray:
     parts = x.frozen_parts(core.d_model, np.dtype(np.float64))
     if any(np.any(part.zp != 0) for part in parts):
         raise ValueError(f"CrossbarConfig.state_grid='model' needs a symmetric state grid; {x.name!r} has zero points")
-    return np.stack([float(part.qmax) / part.inv for part in parts], axis=1)
+    return np.stack([float(part.qmax) / part.inv for part in parts], axis=1), float(parts[0].qmax)
 
 
 # -- the analog core -----------------------------------------------------------
@@ -503,7 +510,7 @@ class AnalogSSMCore(Module):
             config = config.with_bits(state_q.bits if config.dac_bits is not None else None,
                                       state_q.bits if config.adc_bits is not None else None)
         self.config = config
-        self.state_range = _model_state_range(digital) if config.state_grid == "model" else None
+        self.state_grid = _model_state_range(digital) if config.state_grid == "model" else None
         self.state_bound_setting = (None if state_bound is None else
                                     check_float("state_bound", state_bound, min_value=0.0, min_inclusive=False))
         eff = digital.effective("recurrent")
@@ -574,12 +581,15 @@ class AnalogSSMCore(Module):
         groups = column_groups(2 * self.layout.line_array() + kind, cfg.calib_granularity)
         if rec.phase == "inputs":
             seen = rec.ranges(groups, cfg)
-            if self.state_range is not None:  # the digital state quantizer's range on the state lines
+            state_step = None
+            if self.state_grid is not None:  # the digital state quantizer's range on the state lines
+                state_range, qmax = self.state_grid
                 ch = self.layout.channel[self.layout.mode_channel()]
-                seen[:2 * E] = self.state_range[ch].ravel()
+                seen[:2 * E] = state_range[ch].ravel()
+                state_step = state_range[ch] / qmax
             r = np.where(seen > 0, seen / (cfg.inp_bound or 1.0), 1.0)  # a line that stayed 0: any scale
             self.ranges = Ranges(r[:2 * E].reshape(E, 2), r[2 * E:], np.zeros((E, 2)), np.zeros(0),
-                                 float(np.max(seen[:2 * E], initial=0.0)))
+                                 float(np.max(seen[:2 * E], initial=0.0)), state_step)
             return
         R = rec.ranges(groups, cfg)
         R = np.where(R > 0, R, cfg.out_bound or 1.0)
