@@ -1,5 +1,5 @@
 # `make test` and `make demo` each build .venv on first use, install the
-# package into it (editable, with the test and offline-data extras) and run.
+# package into it (editable, with the test, offline-data and sweep extras) and run.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[test,data]"
+	$(PY) -m pip install --quiet -e ".[test,data,sweep]"
 	touch $(STAMP)
 
 test: $(STAMP)

@@ -26,10 +26,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from qs4d_np.cli.common import command, load_model, positive_int, non_negative_int, positive_float
+from qs4d_np.cli.common import (CommandError, command, load_model, model_path, non_negative_int, positive_float,
+                                positive_int)
 from qs4d_np.cli.trial import TRIAL_COMMANDS, command_parser, run_trial, trial_quant
 from qs4d_np.hardware.datapath import bit_widths, model_shape
-from qs4d_np.hardware.metrics import cost_report, BitWidths
+from qs4d_np.hardware.metrics import BitWidths, cost_report
+from qs4d_np.quant.config import TARGETS as QUANT_TARGETS
 from qs4d_np.io import atomic_write_json
 from qs4d_np.sweep.argv import parse_argv, settings_argv
 from qs4d_np.sweep.engine import EngineConfig, connect, dashboard_link
@@ -123,6 +125,7 @@ class Planner:
         given = {k: os.path.abspath(v) if k in self.info.path_keys and isinstance(v, str) else v
                  for k, v in settings.items()}
         argv = settings_argv(self.parser, given, where=where, reserved=self.reserved)
+        self._check_paths(given, where)
         if self.info.name == "train" and "quiet" not in settings:
             argv.append("--quiet")  # a progress bar per epoch in a log file helps nobody
         name = trial_name(self.info.name, settings if widths is None else {**settings, "widths": widths})
@@ -135,12 +138,29 @@ class Planner:
         if self.info.name == "ptq" and widths is None:
             widths = {args.targets[0]: args.bits[0]}
         try:
-            trial_quant(self.info.name, args, widths)
+            quant = trial_quant(self.info.name, args, widths)
+            for target in (QUANT_TARGETS if quant is not None else ()):
+                quant.spec_for(target)
         except ValueError as exc:
             raise SweepError(f"{where}: the quantization is not valid: {exc}") from None
         payload = {"command": self.info.name, "argv": argv, "run_dir": str(run_dir), "threads": self.threads,
                    "widths": widths}
         return Trial(name, payload), args
+
+
+    def _check_paths(self, settings: dict[str, Any], where: str) -> None:
+        """The files a trial reads exist (a worker would fail on them after the sweep started)."""
+        for key in self.info.path_keys:
+            value = settings.get(key)
+            if value is None:
+                continue
+            try:
+                if key in ("checkpoint", "init_from"):
+                    model_path(value)
+                elif not (Path(value).is_dir() if key == "data_dir" else Path(value).is_file()):
+                    raise CommandError(f"{value}: no such {'folder' if key == 'data_dir' else 'file'}")
+            except CommandError as exc:
+                raise SweepError(f"{where}: key {key!r}: {exc}") from None
 
 
 def _engine(args: argparse.Namespace) -> EngineConfig:

@@ -11,6 +11,7 @@ engine is started (``engine.py``).
 * ``naming.py``: trial names from a stable hash of the settings
 * ``manifest.py``: ``DIR/sweep.json``, what is planned and finished (atomic JSON)
 * ``engine.py``: the Dask client: a local cluster (127.0.0.1, threads per worker pinned) or a scheduler
+* ``worker.py``: the set-up of the local workers (Ctrl-C is left to the sweep)
 * ``runner.py``: trials on the engine: retries after lost workers, progress, Ctrl-C
 * ``results.py``: ``results.csv`` / ``results.json`` and the accuracy-vs-bits figure
 * ``search.py``: greedy bit allocation under an ACE / size / ADC budget

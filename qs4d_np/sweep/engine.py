@@ -22,6 +22,7 @@ import dataclasses
 import importlib.util
 import logging
 import os
+import warnings
 from typing import Any, Iterator
 
 from qs4d_np.sweep.errors import SweepError
@@ -30,6 +31,7 @@ LOCALHOST = "127.0.0.1"
 # Environment variables holding a library's thread count; one value for all of them.
 THREAD_VARIABLES = ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
                     "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS")
+WORKER_SETUP = "qs4d_np.sweep.worker"  # preload of the local workers (they leave Ctrl-C to the sweep)
 INSTALL_HINT = "qs4d sweep needs dask.distributed: pip install 'qs4d_np[sweep]' (or 'dask[distributed]')"
 
 
@@ -82,10 +84,12 @@ def connect(config: EngineConfig) -> Iterator[Any]:
                 # the nanny sets these before a worker starts; its defaults pin them to 1
                 "distributed.nanny.pre-spawn-environ": {
                     **dask.config.get("distributed.nanny.pre-spawn-environ", {}), **env}}
-    with dask.config.set(settings):
+    with dask.config.set(settings), warnings.catch_warnings():
+        # "Port 8787 is already in use" (another cluster has it): the dashboard takes a free port
+        warnings.filterwarnings("ignore", message="Port .* is already in use", category=UserWarning)
         cluster = distributed.LocalCluster(n_workers=config.local_workers(), threads_per_worker=1,
                                            processes=True, host=LOCALHOST, dashboard_address=f"{LOCALHOST}:8787",
-                                           env=env, silence_logs=logging.ERROR)
+                                           env=env, silence_logs=logging.ERROR, preload=[WORKER_SETUP])
     with cluster, distributed.Client(cluster) as client:
         yield client
 
