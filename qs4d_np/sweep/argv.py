@@ -3,7 +3,9 @@
 A settings key is a long flag with ``-`` written ``_`` (``limit_train`` is
 ``--limit-train``, ``d_model_m`` is ``--d_model_m``). A flag that takes no value
 (``--quiet``) takes ``true`` / ``false``; a flag with several values
-(``--bits 2 4``) takes a list or one value; every other flag one string or number.
+(``--bits 2 4``) takes a list or one value; every other flag one string or number;
+``null`` leaves the flag out (its default), which lets zipped axes set a flag in some
+trials only (``{"A_quant": [16, null], "C_quant": [null, 16]}``).
 The parser then converts and checks the values exactly as on the command line, so
 a spec is refused before anything runs for anything ``qs4d CMD`` would refuse.
 """
@@ -31,6 +33,8 @@ def flag_actions(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
 
 def _texts(key: str, value: Any, action: argparse.Action, where: str) -> list[str] | None:
     """The command-line words of one value (None: leave the flag out)."""
+    if value is None:  # null: the flag's default (with "zip", an axis can set a flag in some trials only)
+        return None
     if action.nargs == 0:
         if not isinstance(value, bool):
             raise SweepError(f"{where}: key {key!r} is a flag without a value: give true or false, got {value!r}")
