@@ -37,12 +37,17 @@ def test_zipped_axes_vary_together():
     assert [(t["lr"], t["epochs"], t["seed"]) for t in spec.trials()] == [
         (0.1, 1, 0), (0.1, 1, 1), (0.01, 2, 0), (0.01, 2, 1)]
     assert len(parse_spec({"command": "train", "base": {}}, COMMANDS).trials()) == 1  # no axes: one trial
+    one_flag_each = parse_spec({"command": "train", "axes": {"A_quant": [16, None], "C_quant": [None, 16]},
+                                "zip": ["A_quant", "C_quant"]}, COMMANDS)  # zipped values may repeat
+    assert [(t["A_quant"], t["C_quant"]) for t in one_flag_each.trials()] == [(16, None), (None, 16)]
 
 
 @pytest.mark.parametrize("spec, message", [
     ({"command": "train", "axes": {"seed": []}}, "axis 'seed' is empty"),
     ({"command": "train", "axes": {"seed": 3}}, "axis 'seed' must be a list"),
-    ({"command": "train", "axes": {"seed": [1, 1]}}, "axis 'seed' repeats"),
+    ({"command": "train", "axes": {"seed": [1, 1]}}, "axis 'seed' repeats the value(s) [1]"),
+    ({"command": "train", "axes": {"a": [1, 1], "b": [2, 2]}, "zip": ["a", "b"]},
+     "axis 'a' + 'b' repeats the value(s) [{'a': 1, 'b': 2}]"),
     ({"command": "train", "bases": {}}, "unknown key(s) 'bases'"),
     ({"command": "golden"}, "'command' must be one of train, ptq, eval"),
     ({"command": "train", "base": {"seed": 0}, "axes": {"seed": [1]}}, "'seed' in both"),
@@ -183,3 +188,19 @@ def test_budget_parse(text, expected):
 def test_bad_budget_is_refused(text):
     with pytest.raises(SweepError, match="--budget"):
         Budget.parse(text)
+
+
+def test_settings_become_the_subcommands_argv():
+    from qs4d_np.cli.trial import command_parser
+    from qs4d_np.sweep.argv import settings_argv
+
+    parser = command_parser("ptq")
+    argv = settings_argv(parser, {"checkpoint": "run", "bits": [2, 4], "targets": "A", "limit_test": 5,
+                                  "grid": None, "calib_batches": 3}, where="here")
+    assert argv == ["--checkpoint", "run", "--bits", "2", "4", "--targets", "A", "--limit-test", "5",
+                    "--calib-batches", "3"]  # null (grid) leaves the flag out
+    train = command_parser("train")
+    assert settings_argv(train, {"quiet": True, "epochs": 2}, where="here") == ["--quiet", "--epochs", "2"]
+    assert settings_argv(train, {"quiet": False}, where="here") == []
+    with pytest.raises(SweepError, match="key 'resume' is set by the sweep"):
+        settings_argv(train, {"resume": True}, where="here", reserved=("resume",))

@@ -89,14 +89,18 @@ def parse_spec(data: Any, commands: Sequence[str], source: str = "spec") -> Swee
             raise SweepError(f"{source}: axis {name!r} must be a list of values, got {values!r}")
         if not values:
             raise SweepError(f"{source}: axis {name!r} is empty (a sweep over no values has no trials)")
-        repeated = [v for i, v in enumerate(values) if v in values[:i]]
-        if repeated:
-            raise SweepError(f"{source}: axis {name!r} repeats the value(s) {repeated}")
     both = sorted(set(base) & set(axes))
     if both:
         raise SweepError(f"{source}: key(s) {', '.join(map(repr, both))} in both 'base' and 'axes'")
-    return SweepSpec(command, dict(base), {k: list(v) for k, v in axes.items()},
-                     _zip_groups(data.get("zip", []), axes, source))
+    groups = _zip_groups(data.get("zip", []), axes, source)
+    zipped = {name for group in groups for name in group}
+    for group in [(name,) for name in axes if name not in zipped] + list(groups):
+        rows = list(zip(*(axes[name] for name in group)))
+        repeated = [row for i, row in enumerate(rows) if row in rows[:i]]
+        if repeated:  # the same trial twice
+            shown = [r[0] if len(group) == 1 else dict(zip(group, r)) for r in repeated]
+            raise SweepError(f"{source}: axis {' + '.join(map(repr, group))} repeats the value(s) {shown}")
+    return SweepSpec(command, dict(base), {k: list(v) for k, v in axes.items()}, groups)
 
 
 def _zip_groups(raw: Any, axes: dict[str, list[Any]], source: str) -> tuple[tuple[str, ...], ...]:
