@@ -147,7 +147,6 @@ class Planner:
                    "widths": widths}
         return Trial(name, payload), args
 
-
     def _check_paths(self, settings: dict[str, Any], where: str) -> None:
         """The files a trial reads exist (a worker would fail on them after the sweep started)."""
         for key in self.info.path_keys:
@@ -324,7 +323,7 @@ def run_search(args: argparse.Namespace) -> int:
                "cost": final.cost, "val_acc": final.result["val_acc"], "test_acc": final.result.get("test_acc"),
                "run_dir": final.result["run_dir"], "path": [s.to_dict() for s in path]}
     atomic_write_json(out / "search.json", summary)
-    figure = path_figure(path, out / "search.png", args.budget.metric, limit,
+    figure = path_figure(path, out / "search.png", args.budget.metric, limit, search.float_cost(),
                          title=f"greedy {args.method} bit allocation, budget {args.budget}")
     names = list(manifest.trials)
     rows = [make_row(n, {}, manifest.trials[n]) for n in names]

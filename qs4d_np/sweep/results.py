@@ -109,6 +109,7 @@ def accuracy_figure(rows: list[dict[str, Any]], path: str | Path, title: str = "
                        color=color, alpha=0.35, s=12)
         if floats:
             ax.axhline(sum(floats) / len(floats), color="black", linestyle="--", linewidth=1, label="float")
+        ax.set_xticks(sorted({b for by_bits in points[target].values() for b in by_bits}))
         ax.set_title(target)
         ax.set_xlabel("bits")
         ax.grid(alpha=0.3)

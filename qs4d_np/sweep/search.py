@@ -129,8 +129,10 @@ def greedy_search(targets: Sequence[str], cost: Callable[[Widths], float],
     return path
 
 
-def path_figure(path: list[Step], path_png: Any, metric: str, limit: float, title: str = "") -> Any:
-    """Accuracy (validation and test) against cost along the search path, the budget as a line."""
+def path_figure(path: list[Step], path_png: Any, metric: str, limit: float, float_cost: float,
+                title: str = "") -> Any:
+    """Accuracy (validation and test) along the search path against the cost reduction vs float32
+    (``float_cost / cost``), each point labelled with its move, the budget as a dashed line."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -138,17 +140,15 @@ def path_figure(path: list[Step], path_png: Any, metric: str, limit: float, titl
     from qs4d_np.sweep.results import save_figure
 
     fig, ax = plt.subplots(figsize=(6.0, 3.6))
-    costs = [s.cost for s in path]
-    ax.plot(costs, [s.result["val_acc"] for s in path], marker="o", label="validation")
+    reduction = [float_cost / s.cost for s in path]
+    ax.plot(reduction, [s.result["val_acc"] for s in path], marker="o", label="validation")
     if all(s.result.get("test_acc") is not None for s in path):
-        ax.plot(costs, [s.result["test_acc"] for s in path], marker="s", label="test")
-    for s in path[1:]:
-        ax.annotate(f"{s.move['target']}{s.move['to']}", (s.cost, s.result["val_acc"]), fontsize=7,
-                    textcoords="offset points", xytext=(3, 4))
-    ax.axvline(limit, color="black", linestyle="--", linewidth=1, label="budget")
-    ax.set_xscale("log")
-    ax.invert_xaxis()
-    ax.set_xlabel(f"{metric} (log scale, decreasing)")
+        ax.plot(reduction, [s.result["test_acc"] for s in path], marker="s", label="test")
+    for x, s in zip(reduction, path):
+        label = "start" if s.move is None else f"{s.move['target']} {s.move['to']}b"
+        ax.annotate(label, (x, s.result["val_acc"]), fontsize=7, textcoords="offset points", xytext=(3, 4))
+    ax.axvline(float_cost / limit, color="black", linestyle="--", linewidth=1, label="budget")
+    ax.set_xlabel(f"{metric} reduction vs float32 (x)")
     ax.set_ylabel("accuracy")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
