@@ -26,6 +26,7 @@ TARGETS = ("A", "C", "D", "dt", "linear", "act", "state", "coder")
 FLOAT_BITS = 32
 METRIC_COLUMNS = ("ace", "model_size_bits", "adc")
 FIGURE = "accuracy_vs_bits.png"
+PANELS_PER_ROW = 3
 METHOD_STYLE = {"ptq": ("tab:orange", "s", "PTQ"), "qat": ("tab:blue", "o", "QAT"),
                 "eval": ("tab:green", "^", "eval")}
 
@@ -99,8 +100,12 @@ def accuracy_figure(rows: list[dict[str, Any]], path: str | Path, title: str = "
     if not points:
         return None
     order = [t for t in ("all",) + TARGETS if t in points]
-    fig, axes = plt.subplots(1, len(order), figsize=(3.2 * len(order), 3.0), sharey=True, squeeze=False)
-    for ax, target in zip(axes[0], order):
+    cols = min(PANELS_PER_ROW, len(order))
+    rows_n = -(-len(order) // cols)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(3.2 * cols, 2.8 * rows_n), sharey=True, squeeze=False)
+    for ax in axes.flat[len(order):]:
+        ax.set_visible(False)
+    for ax, target in zip(axes.flat, order):
         for method, by_bits in sorted(points[target].items()):
             color, marker, label = METHOD_STYLE.get(method, ("tab:gray", "x", method))
             xs = sorted(by_bits)
@@ -113,8 +118,9 @@ def accuracy_figure(rows: list[dict[str, Any]], path: str | Path, title: str = "
         ax.set_title(target)
         ax.set_xlabel("bits")
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("test accuracy")
-    axes[0][-1].legend(fontsize=8)
+    for row in axes:
+        row[0].set_ylabel("test accuracy")
+    axes.flat[len(order) - 1].legend(fontsize=8)
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
