@@ -144,9 +144,11 @@ def path_figure(path: list[Step], path_png: Any, metric: str, limit: float, floa
     ax.plot(reduction, [s.result["val_acc"] for s in path], marker="o", label="validation")
     if all(s.result.get("test_acc") is not None for s in path):
         ax.plot(reduction, [s.result["test_acc"] for s in path], marker="s", label="test")
-    for x, s in zip(reduction, path):
+    for i, (x, s) in enumerate(zip(reduction, path)):
         label = "start" if s.move is None else f"{s.move['target']} {s.move['to']}b"
-        ax.annotate(label, (x, s.result["val_acc"]), fontsize=7, textcoords="offset points", xytext=(3, 4))
+        # above and below in turn: consecutive small moves sit close together
+        ax.annotate(label, (x, s.result["val_acc"]), fontsize=7, textcoords="offset points",
+                    xytext=(3, 5 if i % 2 else -11))
     ax.axvline(float_cost / limit, color="black", linestyle="--", linewidth=1, label="budget")
     ax.set_xlabel(f"{metric} reduction vs float32 (x)")
     ax.set_ylabel("accuracy")
