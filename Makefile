@@ -1,5 +1,5 @@
 # `make test` and `make demo` each build .venv on first use, install the
-# package into it (editable, with the test, offline-data and rtl extras) and run.
+# package into it (editable, with the test, offline-data, rtl and sweep extras) and run.
 # CONSTRAINTS=constraints.txt installs the tested versions (.ci/run does).
 PYTHON ?= python3
 VENV ?= .venv
@@ -12,7 +12,7 @@ CONSTRAINTS ?=
 $(STAMP): setup.cfg pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) -e ".[test,data,rtl]"
+	$(PY) -m pip install --quiet $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) -e ".[test,data,rtl,sweep]"
 	touch $(STAMP)
 
 test: $(STAMP)

@@ -43,6 +43,7 @@ LAYERS = (
     ("ssm",),                # the S4D layer
     ("models",),             # blocks and S4DModel
     ("train", "golden", "hardware"),
+    ("sweep",),              # sweeps and the bit-allocation search on Dask (the commands come from cli)
     ("cli", PACKAGE),        # the command line; the top-level __init__, a facade over core, ssm and
                              # models that nothing inside the package imports
 )
