@@ -65,6 +65,8 @@ def main() -> None:
     parser.add_argument("--limit-test", type=positive_int, default=None, help="first N test digits (default all)")
     parser.add_argument("--seeds", type=positive_int, default=5, help="seeds of the noisy configurations")
     parser.add_argument("--batch_size", type=positive_int, default=50)
+    parser.add_argument("--only", default=None, metavar="TEXT",
+                        help="run only the configurations whose name contains TEXT (e.g. realistic)")
     parser.add_argument("--out", default=None, help="write the results here (JSON)")
     args = parser.parse_args()
 
@@ -77,6 +79,8 @@ def main() -> None:
                                "configs": {}}
     print(f"{'configuration':<52} | accuracy | digital | agreement | overflowed | s")
     for name, (cfg, noisy) in CONFIGS.items():
+        if args.only is not None and args.only not in name:
+            continue
         start = time.perf_counter()
         runs = [evaluate_analog(model, x, y, cfg, batch_size=args.batch_size, seed=seed, calib=calib)
                 for seed in range(args.seeds if noisy else 1)]

@@ -108,6 +108,36 @@ def test_train_eval_plot(data_dir, tmp_path, capsys, monkeypatch):
     assert "float run" in capsys.readouterr().err
 
 
+def test_eval_analog_presets_seeds_and_config_errors(data_dir, tmp_path, capsys):
+    run = tmp_path / "qat"
+    assert _train(data_dir, run, "--epochs", "1", "--all_quant", "256") == 0
+    capsys.readouterr()
+    small = ["eval", "--checkpoint", str(run), "--limit-test", "6", "--calib-batches", "1", "--batch_size", "16"]
+    assert main([*small, "--analog", "converters"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["calibrated"] and out["calib_samples"] == 16 and out["crossbar"]["adc_bits"] == 9
+    for key in ("accuracy", "digital_accuracy", "agreement", "overflowed", "arrays", "adc_conversions", "adc_clipped"):
+        assert key in out, key
+    assert main([*small, "--analog", "realistic", "--analog-seeds", "2"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["seeds"] == [0, 1] and len(out["runs"]) == 2 and "accuracy_std" in out
+    assert out["accuracy"] == pytest.approx(np.mean([r["accuracy"] for r in out["runs"]]))
+    # a physical failure is an outcome, a bad config one line naming the file and the key
+    (tmp_path / "loud.json").write_text(json.dumps({"out_noise": 1e30}))
+    assert main([*small, "--analog", str(tmp_path / "loud.json")]) == 0
+    capsys.readouterr()
+    for config, message in (({"dac_bits": "7"}, "CrossbarConfig.dac_bits"), ({"dac_bits": [1, 2]}, "dac_bits"),
+                            ({"out_noise": float("nan")}, "CrossbarConfig.out_noise"),
+                            ({"calib_rule": "median"}, "CrossbarConfig.calib_rule"),
+                            ({"dacbits": 7}, "unknown CrossbarConfig key")):
+        (tmp_path / "bad.json").write_text(json.dumps(config))
+        assert main([*small, "--analog", str(tmp_path / "bad.json")]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("qs4d eval: error: --analog ") and message in err and len(err.splitlines()) == 1
+    assert main([*small, "--analog", "noisy"]) == 1
+    assert "not a preset (ideal, converters, realistic)" in capsys.readouterr().err
+
+
 def test_resume_through_the_cli_matches_an_uninterrupted_run(data_dir, tmp_path, monkeypatch, capsys):
     assert _train(data_dir, tmp_path / "straight", "--epochs", "3", "--seed", "4") == 0
     import qs4d_np.train.trainer as trainer_module
