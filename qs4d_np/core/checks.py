@@ -108,6 +108,21 @@ def check_sequence_input(name: str, x: object, channels: int) -> np.ndarray:
     return x
 
 
+def check_labeled(x_name: str, x: object, y_name: str, y: object, channels: int,
+                  classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Check sequences x (batch, length, channels) and their integer labels y (batch,) in 0..classes-1."""
+    x = check_sequence_input(x_name, x, channels)
+    y = check_array(y_name, y, ndim=1)
+    if y.shape[0] != x.shape[0]:
+        raise ValueError(f"{y_name} must have shape ({x.shape[0]},) (one label per sequence of {x_name}), "
+                         f"got {y.shape}")
+    if y.dtype.kind not in "iu":
+        raise TypeError(f"{y_name} must hold integer class labels, got dtype {y.dtype}")
+    if y.size and (y.min() < 0 or y.max() >= classes):
+        raise ValueError(f"{y_name} must hold labels in 0..{classes - 1}, got values in {y.min()}..{y.max()}")
+    return x, y
+
+
 def check_grad_like(name: str, grad: object, expected_shape: tuple[int, ...]) -> np.ndarray:
     """Check that an upstream gradient matches the shape of the forward output."""
     grad = check_array(name, grad, finite=True)

@@ -24,7 +24,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from qs4d_np.core.checks import check_array, check_int, check_sequence_input
+from qs4d_np.core.checks import check_int, check_labeled, check_sequence_input
 from qs4d_np.core.snapshot import snapshot
 from qs4d_np.hardware.analog_linear import AnalogLinear
 from qs4d_np.hardware.calibration import PHASES
@@ -146,14 +146,7 @@ def evaluate_analog(model: S4DModel, x: np.ndarray, y: np.ndarray, config: Cross
     ``mvms``, ``calibrated``, ``seconds`` / ``samples_per_s`` (analog inference, programming and
     calibration excluded) and ``digital_seconds``. Same seed (and calib), same result.
     """
-    x = check_sequence_input("x", x, model.d_input)
-    y = check_array("y", y, ndim=1)
-    if y.shape[0] != x.shape[0]:
-        raise ValueError(f"y must have shape ({x.shape[0]},) (one label per sequence of x), got {y.shape}")
-    if y.dtype.kind not in "iu":
-        raise TypeError(f"y must hold integer class labels, got dtype {y.dtype}")
-    if y.size and (y.min() < 0 or y.max() >= model.d_output):
-        raise ValueError(f"y must hold labels in 0..{model.d_output - 1}, got values in {y.min()}..{y.max()}")
+    x, y = check_labeled("x", x, "y", y, model.d_input, model.d_output)
     batch_size = check_int("batch_size", batch_size, min_value=1)
     check_int("seed", seed, min_value=0)
     analog = to_analog(model, config, seed, calib, state_bound=state_bound, batch_size=batch_size)

@@ -125,18 +125,41 @@ class S4DModel(Module):
     # -- forward / backward -------------------------------------------------
     def forward(self, x: np.ndarray, training: bool = False, mode: str | None = None) -> np.ndarray:
         """x (batch, length, d_input) -> logits (batch, d_output); ``mode`` defaults to ``self.mode``."""
+        logits = self.forward_from(self.forward_to(x, 0, training, mode), 0, training, mode)
+        self._cache = logits.shape
+        return logits
+
+    def forward_to(self, x: np.ndarray, layer: int, training: bool = False, mode: str | None = None) -> np.ndarray:
+        """x (batch, length, d_input) -> the input of block ``layer`` (batch, length, d_model): the
+        encoder, then blocks 0 .. layer-1. ``forward`` is ``forward_from(forward_to(x, 0), 0)``, so
+        ``forward_from(forward_to(x, k), k)`` gives ``forward(x)``'s logits bit for bit for every k
+        (what lets pruning re-run only the blocks after a change)."""
         mode = self.mode if mode is None else mode
         check_choice("mode", mode, MODES)
         training = check_bool("training", training)
+        check_int("layer", layer, min_value=0, max_value=len(self.blocks))
         # every stage's output is checked, so an overflow is reported where it happened
         h = check_finite_output("encoder", self._coder("encoder", check_sequence_input("x", x, self.d_input),
                                                        training))
-        for i, block in enumerate(self.blocks):
+        for i, block in enumerate(self.blocks[:layer]):
             h = check_finite_output(f"layers.{i}", block.forward(h, training=training, mode=mode))
-        logits = check_finite_output("decoder", self._coder("decoder", self.pool.forward(h, training=training),
-                                                            training))
-        self._cache = logits.shape
-        return logits
+        return h
+
+    def forward_from(self, h: np.ndarray, layer: int, training: bool = False, mode: str | None = None) -> np.ndarray:
+        """h (batch, length, d_model), the input of block ``layer`` -> logits (batch, d_output): blocks
+        ``layer`` .. n-1, pooling, decoder (see ``forward_to``). Leaves no backward cache of the model."""
+        mode = self.mode if mode is None else mode
+        check_choice("mode", mode, MODES)
+        training = check_bool("training", training)
+        check_int("layer", layer, min_value=0, max_value=len(self.blocks))
+        check_array("h", h, ndim=3, finite=False)  # forward_to checked it
+        if h.shape[2] != self.config["d_model"]:
+            raise ValueError(f"h must have shape (batch, length, {self.config['d_model']}) (d_model channels), "
+                             f"got {h.shape}")
+        for i, block in enumerate(self.blocks[layer:], start=layer):
+            h = check_finite_output(f"layers.{i}", block.forward(h, training=training, mode=mode))
+        return check_finite_output("decoder", self._coder("decoder", self.pool.forward(h, training=training),
+                                                          training))
 
     def _coder(self, name: str, x: np.ndarray, training: bool) -> np.ndarray:
         """The encoder or decoder forward, with its weight quantized when ``coder`` is a target."""
