@@ -191,7 +191,7 @@ def _oracle_qs4d(model, x, y, tensors, tolerance, batch_size, unit="row"):
     saved = {k: v.copy() for k, v in params.items()}
     base = int(np.count_nonzero(_predictions(model, x, batch_size) == y))
     need = base - int(np.floor(tolerance * len(y) + 1e-9))
-    order, zeroed = [], []
+    order, zeroed, seen = [], [], []
     for layer in range(len(model.blocks)):
         for tensor in QS4D_TENSORS:
             name = f"layers.{layer}.ssm.{tensor}"
@@ -202,33 +202,44 @@ def _oracle_qs4d(model, x, y, tensors, tolerance, batch_size, unit="row"):
                 order.append((name, list(index)))
                 value = params[name][index].copy()
                 params[name][index] = 0
-                if np.count_nonzero(_predictions(model, x, batch_size) == y) >= need:
+                right = _predictions(model, x, batch_size) == y
+                # where the decision is certain: the first batch end with enough right, or too few left
+                ends = np.arange(batch_size, len(y) + batch_size, batch_size).clip(max=len(y))
+                so_far = np.cumsum(right)[ends - 1]
+                certain = (so_far >= need) | (so_far + len(y) - ends < need)
+                seen.append(int(ends[np.argmax(certain)]) if certain.any() else len(y))
+                if np.count_nonzero(right) >= need:
                     zeroed.append((name, list(index)))
                 else:
                     params[name][index] = value
     for k, v in params.items():
         v[...] = saved[k]
-    return order, zeroed
+    return order, zeroed, seen
 
 
-@pytest.mark.parametrize("kind", ["float-conv", "qat-recurrent"])
-def test_qs4d_equals_the_plain_reference_loop(kind):
+@pytest.mark.parametrize("kind, tolerance, batch", [("float-conv", 0.0, 8), ("qat-recurrent", 0.0, 8),
+                                                   ("float-conv", 0.3, 8), ("float-conv", 0.3, 1)])
+def test_qs4d_equals_the_plain_reference_loop(kind, tolerance, batch):
     # the incremental, early-stopping evaluation must take every decision a full evaluation takes;
     # the quantized recurrent model (per-batch activation ranges) is the delicate case
     extra = {} if kind == "float-conv" else dict(quant=QuantConfig(16, state=2 ** 8), mode="recurrent")
     model = S4DModel(2, 3, seed=11, d_model=4, d_state=4, n_layers=2, dropout=0.0, **extra)
     x, _ = _data(n=30, length=10, seed=3)
     rng = np.random.default_rng(4)
-    y = _predictions(model, x, 8)
+    y = _predictions(model, x, batch)
     flip = rng.random(30) < 0.2  # some labels wrong, so that zeros can also help
     y[flip] = (y[flip] + 1) % 3
     tensors = ("D", "C", "log_A_real", "mixing.linear.bias")
-    # tolerance 0: with this random model, larger ones keep nearly every zero
-    order, zeroed = _oracle_qs4d(model, x, y, tensors, 0.0, 8)
-    masks, record = prune_qs4d(model, x, y, tolerance=0.0, tensors=tensors, batch_size=8)
+    # small tolerances: with this random model, larger ones keep nearly every zero
+    order, zeroed, seen = _oracle_qs4d(model, x, y, tensors, tolerance, batch)
+    masks, record = prune_qs4d(model, x, y, tolerance=tolerance, tensors=tensors, batch_size=batch)
     assert [(t["tensor"], t["index"]) for t in record["tries"]] == order
     assert [(t["tensor"], t["index"]) for t in record["tries"] if t["kept"]] == zeroed
-    assert 0 < len(zeroed) < len(order)  # the case decides both ways
+    assert [t["seen"] for t in record["tries"]] == seen  # each try stopped as soon as it was decided
+    if tolerance == 0.0:
+        assert 0 < len(zeroed) < len(order)  # the case decides both ways
+    else:
+        assert any(s < 30 for s, t in zip(seen, record["tries"]) if t["kept"])  # and keeps come early too
     assert record["evaluations"] == len(order) + 2  # the base, one per unit, the final model
     assert any(t["seen"] < 30 for t in record["tries"])  # decisions did come early
     for name, keep in masks.masks.items():
@@ -320,7 +331,7 @@ def test_reported_fractions_are_multiples_of_one_over_H_and_agree_with_the_masks
 def test_qs4d_zeros_stay_exact_through_fine_tuning():
     model = _model(seed=9)
     x, y = _data(n=24, seed=7)
-    result = prune(model, x, y, "qs4d", tolerance=0.2, tensors=("C", "log_A_real", "D"), batch_size=12)
+    result = prune(model, x, y, "qs4d", tolerance=0.0, tensors=("C", "log_A_real", "D"), batch_size=12)
     assert any((~k).any() and k.any() for k in result.masks.masks.values())  # some zeroed, some trained
     wrapped = result.masked(model)
     opt = AdamW(model.params, model.param_groups(), lr=0.05, weight_decay=0.1, rule=GroupRule(ssm_lr_cap=None))
@@ -381,3 +392,12 @@ def test_prune_bad_input_is_named():
         prune(model, x, y, "qs4d", unit="kernel")
     with pytest.raises(ValueError, match=r"y_val must hold labels in 0..2"):
         prune(model, x, y + 3, "qs4d")
+
+
+def test_the_rule_counts_samples_without_float_ties():
+    from qs4d_np.hardware.pruning import _min_correct
+    # 0.29 * 100 is 28.999999999999996 in floats, 0.07 * 100 is 7.000000000000001: both mean 29 / 7 samples
+    assert _min_correct(100, 100, 0.29) == 71
+    assert _min_correct(90, 100, 0.07) == 83
+    assert _min_correct(395, 400, 0.01) == 391  # the paper's 1 point on 400 validation digits
+    assert _min_correct(40, 41, 0.0) == 40

@@ -119,7 +119,7 @@ def figure_png(result: PruneResult, title: str) -> bytes:
                       label=label)
         ax.bar_label(bars, fmt="%.1f", fontsize=7)
     ax.set_xticks(positions, [f"layer {i + 1}" for i in range(len(layers))])
-    ax.set_ylabel("pruned [%]")
+    ax.set_ylabel("pruned [% of the layer's H]")
     ax.set_ylim(0, 105)
     ax.set_title(title, fontsize=9)
     ax.grid(axis="y", alpha=0.3)
@@ -183,8 +183,11 @@ def run(args: argparse.Namespace) -> int:
                                                 for n, keep in result.masks.masks.items())}
     report.update(result.to_dict())
     model.save(out / MODEL_NAME)
-    title = (f"{args.method}: val {100 * result.base_accuracy:.1f}% -> {100 * result.accuracy:.1f}%"
-             + (f" (tolerance {args.tolerance:g} pt)" if result.tolerance is not None else ""))
+    final_test = report["finetune"]["test_accuracy"] if args.finetune_epochs else report["test_accuracy"]
+    title = (f"{args.method}" + (f", tolerance {args.tolerance:g} pt" if result.tolerance is not None else "")
+             + f": val {100 * result.base_accuracy:.1f}% -> {100 * result.accuracy:.1f}%, test "
+             f"{100 * report['base_test_accuracy']:.1f}% -> {100 * final_test:.1f}%"
+             + (f" (fine-tuned {args.finetune_epochs} ep.)" if args.finetune_epochs else ""))
     atomic_write_bytes(out / "prune.png", figure_png(result, title))
     atomic_write_json(out / "prune.json", report)
     print(json.dumps({"base_val_accuracy": result.base_accuracy, "val_accuracy": result.accuracy,
