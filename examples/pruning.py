@@ -2,10 +2,12 @@
 
 Trains a small float model on the offline 5k MNIST subset with ``qs4d train``
 (or takes ``--checkpoint``), then prunes whole SSM modes and whole channels
-(``qs4d_np.hardware.pruning``): by magnitude at fixed sparsities (the same
-fraction in every layer), and greedily under accuracy budgets (validation
-digits decide, test digits report; per-layer fractions printed). No
-fine-tuning after pruning. Saves two figures: accuracy vs sparsity (magnitude
+(``qs4d_np.hardware.pruning.prune``): by magnitude at fixed sparsities (the same
+fraction in every layer), greedily under accuracy budgets (validation
+digits decide, test digits report; per-layer fractions printed), and with the
+QS4D reference's protocol (``method="qs4d"``: every kernel tried once, kept
+pruned iff validation accuracy stays >= baseline - 1 point). No fine-tuning
+after pruning (``qs4d prune --finetune-epochs`` does that). Saves two figures: accuracy vs sparsity (magnitude
 vs greedy) and the counted datapath cost vs sparsity (bits stored, ADC
 conversions, bit-weighted MACs at ``--bits``, relative to the unpruned model)::
 
@@ -29,12 +31,13 @@ from qs4d_np.cli.main import main as qs4d
 from qs4d_np.data.tasks import load_task
 from qs4d_np.hardware.datapath import model_datapath
 from qs4d_np.hardware.metrics import BitWidths, count_datapath
-from qs4d_np.hardware.pruning import prune_greedy, prune_magnitude
+from qs4d_np.hardware.pruning import prune, prune_magnitude
 from qs4d_np.io import atomic_write_json
 
 SPARSITIES = [0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875]
 TOLERANCES = [0.0, 0.01, 0.02, 0.05, 0.1]
 GRANULARITIES = ("mode", "channel")
+METHODS = {"mode": "modes", "channel": "channels"}  # prune()'s greedy method per granularity
 COSTS = {"bits_stored": "bits stored", "adc_conversions": "ADC conversions", "bit_ops": "bit-weighted MACs"}
 
 
@@ -70,17 +73,26 @@ def study(model: Any, val: tuple, test: tuple, args: argparse.Namespace) -> dict
         out["magnitude"][g] = rows
         rows = []
         for tol in TOLERANCES:
-            masks, record = prune_greedy(model, *val, tolerance=tol, granularity=g, chunk=args.chunk)
-            masks.apply(model)
-            rows.append({"tolerance": tol, "sparsity": masks.sparsity, "accuracy": accuracy(model, *test),
-                         "val_accuracy": record["accuracy"], "per_layer": masks.fractions(),
-                         "evaluations": record["evaluations"],
+            result = prune(model, *val, METHODS[g], tolerance=tol, chunk=args.chunk, batch_size=250)
+            result.apply(model)
+            rows.append({"tolerance": tol, "sparsity": result.masks.sparsity, "accuracy": accuracy(model, *test),
+                         "val_accuracy": result.accuracy, "per_layer": result.masks.fractions(),
+                         "evaluations": result.evaluations,
                          "cost": {k: v / base_cost[k] for k, v in costs(model, args.bits).items()}})
             restore()
             print(f"greedy {g:>7} tol {tol:.2f}: sparsity {rows[-1]['sparsity']:.3f}, test acc "
                   f"{rows[-1]['accuracy'] * 100:.1f}%, per layer "
                   + ", ".join(f"{k} {v:.3f}" for k, v in rows[-1]["per_layer"].items()))
         out["greedy"][g] = rows
+    result = prune(model, *val, "qs4d", tolerance=0.01, batch_size=250)
+    result.apply(model)
+    out["qs4d"] = {"tolerance": 0.01, "accuracy": accuracy(model, *test), "val_accuracy": result.accuracy,
+                   "kernel_fractions": [e["kernel_fraction"] for e in result.layers],
+                   "evaluations": result.evaluations, "seconds": result.seconds,
+                   "cost": {k: v / base_cost[k] for k, v in costs(model, args.bits).items()}}
+    restore()
+    print(f"qs4d protocol, 1 point: kernels pruned per layer {out['qs4d']['kernel_fractions']}, test acc "
+          f"{out['qs4d']['accuracy'] * 100:.1f}% ({result.evaluations} evaluations)")
     return out
 
 
