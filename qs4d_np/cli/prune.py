@@ -36,7 +36,8 @@ from qs4d_np.cli.common import (CommandError, add_data_flags, check_model_fits, 
                                 data_settings, load_data, load_model, non_negative_float, non_negative_int,
                                 positive_float, positive_int, run_info)
 from qs4d_np.data.loader import BatchIterator
-from qs4d_np.hardware.pruning import GRANULARITIES, METHODS, QS4D_TENSORS, UNITS, PruneMasks, PruneResult, prune
+from qs4d_np.hardware.pruning import (GRANULARITIES, METHODS, QS4D_TENSORS, UNITS, MaskedModel, PruneMasks,
+                                     PruneResult, prune)
 from qs4d_np.io import atomic_write_bytes, atomic_write_json
 from qs4d_np.models.s4d_model import S4DModel
 from qs4d_np.ssm.s4d import MODES
@@ -86,8 +87,6 @@ def finetune(model: S4DModel, masks: PruneMasks, train: Any, val: Any, out_dir: 
     """Fine-tune ``model`` pruned by ``masks`` (``MaskedModel``: pruned entries stay exact zeros) with the
     project's trainer in ``out_dir``; the model ends with the best validation epoch's weights. Returns
     the trainer's results."""
-    from qs4d_np.hardware.pruning import MaskedModel
-
     config = TrainConfig(epochs=epochs, batch_size=batch_size, eval_batch_size=eval_batch_size, lr=lr,
                          weight_decay=weight_decay, clip_norm=clip, seed=seed)
     results = Trainer(MaskedModel(model, masks), train, val, config, out_dir, progress=False).fit()

@@ -91,6 +91,7 @@ moves: zero moments, zero decay).
 from __future__ import annotations
 
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
@@ -432,7 +433,7 @@ def prune_qs4d(model: S4DModel, x_val: np.ndarray, y_val: np.ndarray, *, toleran
     Returns the masks (groups: ``layers.i``, units tried / kept zero) and a record: base and
     final validation accuracy, evaluations, and every try in order
     (``{"tensor", "index", "kept", "correct", "seen"}``; ``seen`` < samples when the decision
-    came early). The model is restored on return.
+    came early). The model is restored on return. ``progress``: one line per layer on stderr.
     """
     tolerance = check_float("tolerance", tolerance, min_value=0.0, max_value=1.0)
     check_choice("unit", unit, UNITS)
@@ -473,7 +474,7 @@ def prune_qs4d(model: S4DModel, x_val: np.ndarray, y_val: np.ndarray, *, toleran
                 tries.append({"tensor": name, "index": list(index), "kept": kept, "correct": correct, "seen": seen})
             if progress:
                 print(f"prune qs4d: {group}: {masks.pruned[group]} of {masks.total[group]} units zeroed "
-                      f"({evaluator.evaluations} evaluations so far)", flush=True)
+                      f"({evaluator.evaluations} evaluations so far)", file=sys.stderr, flush=True)
         evaluator.at(0)
         final_correct, _ = evaluator.decide()
     finally:
