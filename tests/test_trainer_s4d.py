@@ -8,10 +8,10 @@ from qs4d_np.train.trainer import TrainConfig, Trainer
 from test_trainer_ops import _data
 
 
-def _trainer(tmp_path, name, hook=None, weight_noise=0.0):
+def _trainer(tmp_path, name, hook=None, noise=0.0):
     model = S4DModel(1, 3, d_model=8, d_state=4, n_layers=2, norm="batch", dropout=0.1, seed=0)
     config = TrainConfig(epochs=3, batch_size=16, eval_batch_size=32, lr=0.01, weight_decay=0.05, seed=2,
-                         weight_noise=weight_noise)
+                         noise=noise, noise_targets=("A", "C", "linear"), noise_eval=True)
     return Trainer(model, _data(64, 1), _data(32, 2), config, tmp_path / name, test_data=_data(32, 3),
                    progress=False, on_epoch_end=hook)
 
@@ -45,17 +45,17 @@ def _final_params(tmp_path, name):
     return load_checkpoint(tmp_path / name, "last")[0]
 
 
-def test_weight_noise_changes_training_is_seeded_and_resumes_exactly(tmp_path):
+def test_noise_aware_training_changes_training_is_seeded_and_resumes_exactly(tmp_path):
     _trainer(tmp_path, "clean").fit()
-    _trainer(tmp_path, "noisy", weight_noise=0.05).fit()
-    _trainer(tmp_path, "noisy_again", weight_noise=0.05).fit()
+    _trainer(tmp_path, "noisy", noise=0.05).fit()
+    _trainer(tmp_path, "noisy_again", noise=0.05).fit()
 
     def kill(trainer, record):
         if record["epoch"] == 2:
             raise KeyboardInterrupt
     with pytest.raises(KeyboardInterrupt):
-        _trainer(tmp_path, "noisy_resumed", hook=kill, weight_noise=0.05).fit()
-    _trainer(tmp_path, "noisy_resumed", weight_noise=0.05).fit(resume=True)
+        _trainer(tmp_path, "noisy_resumed", hook=kill, noise=0.05).fit()
+    _trainer(tmp_path, "noisy_resumed", noise=0.05).fit(resume=True)
     clean, noisy = _final_params(tmp_path, "clean"), _final_params(tmp_path, "noisy")
     key = "params/layers.0.ssm.C"
     assert not np.array_equal(clean[key], noisy[key])
