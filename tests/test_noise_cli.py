@@ -94,3 +94,12 @@ def test_missing_checkpoint_and_missing_target(runs, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "'linear'" in err and "no mixing" in err
     assert not (tmp_path / "o").exists()
+
+
+def test_train_refuses_a_noise_target_the_model_lacks(runs, tmp_path, capsys):
+    _, data = runs
+    assert main(["train", "--data-dir", str(data), *TINY, "--epochs", "1", "--abar", "discrete", "--mode",
+                 "recurrent", "--noise", "0.1", "--noise-targets", "A", "dt", "--out", str(tmp_path / "t")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "'dt'" in err and "discrete" in err
+    assert not (tmp_path / "t" / "last.json").exists()

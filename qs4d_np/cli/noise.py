@@ -33,7 +33,8 @@ from qs4d_np.cli.common import (CommandError, add_data_flags, check_model_fits, 
                                 positive_int, run_info)
 from qs4d_np.hardware.noise import TARGETS
 from qs4d_np.hardware.robustness import PROTOCOLS, noise_sweep, sweep_records
-from qs4d_np.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from qs4d_np.cli.plot import save_png
+from qs4d_np.io import atomic_write_json, atomic_write_text
 from qs4d_np.ssm.s4d import MODES
 
 RECORD_FIELDS = ("checkpoint", "sigma", "seed", "accuracy", "nonfinite")
@@ -87,12 +88,7 @@ def plot_noise_sweep(sweep: Mapping[str, Mapping[str, list]], out: str | Path, x
     ax.legend(fontsize=8)
     if title:
         ax.set_title(title)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=120)
-    plt.close(fig)
-    atomic_write_bytes(out, buffer.getvalue())
-    return Path(out)
+    return save_png(fig, out)
 
 
 XLABELS = {"qs4d": "noise std / value range (%)", "absmax": "noise std / max|w| (%)",
