@@ -106,9 +106,10 @@ class Recorder:
         return value.copy()
 
 
+@pytest.mark.parametrize("quant", ["float", "qat16"])
 @pytest.mark.parametrize("mode", MODES)
-def test_the_hook_sees_the_quantized_values_in_the_documented_order(mode):
-    model = _model(quant=QuantConfig(16), mode=mode, n_layers=1)
+def test_the_hook_sees_the_quantized_values_in_the_documented_order(mode, quant):
+    model = _model(quant=QUANTS[quant], mode=mode, n_layers=1)
     layer = model.blocks[0].ssm
     core, linear = layer.core, layer.mixing.linear
     ops = {"encoder": model.encoder, "core": core, "linear": linear, "decoder": model.decoder}
@@ -124,14 +125,15 @@ def test_the_hook_sees_the_quantized_values_in_the_documented_order(mode):
     assert keys == (["dt", "A", "C", "B", "D"] if mode == "conv" else ["dt", "Abar", "C", "B", "D"])
     seen = dict(recorders["core"].seen)
     eff = layer.effective_ssm(mode)
+    A = continuous_A(core.params["log_A_real"], core.params["A_imag"])
     if mode == "recurrent":  # Abar after its quantizer, not the float Abar
         np.testing.assert_array_equal(seen["Abar"], eff.Abar)
-        assert not np.array_equal(seen["Abar"], eff.Abar_float)
+        assert quant == "float" or not np.array_equal(seen["Abar"], eff.Abar_float)
+    elif quant == "float":  # the float A, formed explicitly
+        np.testing.assert_array_equal(seen["A"], A)
     else:  # A after the A quantizer
-        q_A = core.q["A"]
-        with q_A.kept_caches():
-            expected = q_A.forward(continuous_A(core.params["log_A_real"], core.params["A_imag"]))
-        np.testing.assert_array_equal(seen["A"], expected)
+        with core.q["A"].kept_caches():
+            np.testing.assert_array_equal(seen["A"], core.q["A"].forward(A))
     np.testing.assert_array_equal(seen["C"], eff.C.astype(seen["C"].dtype))
     # the mixing and coder weights after their quantizers
     np.testing.assert_array_equal(recorders["linear"].seen[0][1], layer.mixing_weight())
@@ -184,6 +186,7 @@ def test_backward_under_a_fixed_perturbation_matches_finite_differences(mode):
     layer.core.perturbation = Offsets(_offsets(core_keys, asked))
     layer.mixing.linear.perturbation = Offsets(_offsets({"weight": ((H, 2 * H), False)}, ["weight"], seed=9))
     model.encoder.perturbation = Offsets(_offsets({"weight": ((2, H), False)}, ["weight"], seed=10))
+    model.decoder.perturbation = Offsets(_offsets({"weight": ((H, 3), False)}, ["weight"], seed=11))
     x = _x(n=2, length=6).astype(np.float64)
     try:
         loss = _loss_and_backward(model, x, mode)
@@ -192,7 +195,7 @@ def test_backward_under_a_fixed_perturbation_matches_finite_differences(mode):
             numeric = numerical_grad(loss, value)
             assert grad_error(clean_free[name], numeric) <= 1e-6, name
     finally:
-        for op in (layer.core, layer.mixing.linear, model.encoder):
+        for op in (layer.core, layer.mixing.linear, model.encoder, model.decoder):
             op.perturbation = None
 
 
@@ -235,6 +238,10 @@ def test_redrawn_per_forward_and_reproducible_per_seed():
     assert not np.array_equal(a[0], a[1]) and not np.array_equal(a[0], c[0])
     # per forward: encoder, per layer log_dt, Abar (2), C (2), Bbar (2), D, mixing, decoder
     assert draws == 3 * (1 + 2 * 9 + 1)
+    model = _model(mode="recurrent")
+    with transient_noise(model, 0.02, np.random.default_rng(0), targets=("C",)) as block:
+        model.forward(_x())
+    assert block.draws == 2 * 2 and set(block.sites) == {"layers.0.ssm", "layers.1.ssm"}  # C's two parts
 
 
 def test_model_restored_bit_for_bit_also_after_an_exception():
