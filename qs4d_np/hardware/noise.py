@@ -38,6 +38,8 @@ failure the study measures. In conv mode the kernel of a finite sequence stays
 finite; in recurrent mode such a mode grows like |Abar|^L, bounded by a state clip
 or quantizer if the model has one; if a forward overflows, the model's own check
 raises ``NonFiniteError`` naming the layer (``robustness`` counts that batch as wrong).
+Noise large enough to overflow exp(dt*A) itself (dt*Re(A) > ~700, far beyond any
+swept level) fails the kernel's input check instead (a ValueError naming Abar).
 
 The noise reaches the forward only: ``effective_ssm``, ``quantized_recurrent``,
 ``stream()`` and ``step()`` compute with the clean values. A model converted by
