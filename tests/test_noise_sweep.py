@@ -52,6 +52,16 @@ def test_sweep_shapes_seeds_reproducibility_and_records():
                           "accuracy": m["runs"][1][1], "nonfinite": 0}
 
 
+def test_a_noise_free_level_runs_the_model_once_and_counts_for_every_seed():
+    model, x, y = _setup(3)
+    calls = []
+    forward = model.forward
+    model.forward = lambda *a, **k: calls.append(1) or forward(*a, **k)
+    sweep = noise_sweep({"m": model}, x, y, "qs4d", [0.0, 0.1], seeds=4, batch_size=20)
+    assert len(calls) == 2 + 4 * 2  # sigma 0: one pass of 2 batches; sigma 0.1: 4 seeds of 2 batches
+    assert sweep["m"]["runs"][0] == [1.0] * 4 and sweep["m"]["std"][0] == 0.0
+
+
 def test_a_nonfinite_forward_counts_as_wrong_and_is_reported():
     model, x, y = _setup(4)
     model.params["decoder.weight"][...] = 3e38  # the decoder overflows float32 on some batches
