@@ -162,14 +162,17 @@ def test_resume_through_the_cli_matches_an_uninterrupted_run(data_dir, tmp_path,
         np.testing.assert_array_equal(straight[key], resumed[key], err_msg=key)
 
 
-def test_weight_noise_flag_changes_training_and_is_seeded(data_dir, tmp_path):
-    for name, extra in (("clean", []), ("noisy", ["--weight_noise", "0.1"]), ("again", ["--weight_noise", "0.1"])):
+def test_noise_flags_change_training_and_are_seeded(data_dir, tmp_path):
+    noise = ["--noise", "0.1", "--noise-targets", "A", "C", "--noise-protocol", "absmax", "--noise-eval"]
+    for name, extra in (("clean", []), ("noisy", noise), ("again", noise)):
         assert _train(data_dir, tmp_path / name, "--epochs", "1", *extra) == 0
     clean, noisy, again = (_last_arrays(tmp_path / n) for n in ("clean", "noisy", "again"))
     assert not np.array_equal(clean["params/layers.0.ssm.C"], noisy["params/layers.0.ssm.C"])
     for key in noisy:
         np.testing.assert_array_equal(noisy[key], again[key], err_msg=key)
-    assert load_checkpoint(tmp_path / "noisy", "last")[1]["identity"]["train"]["weight_noise"] == 0.1
+    train = load_checkpoint(tmp_path / "noisy", "last")[1]["identity"]["train"]
+    assert (train["noise"], train["noise_protocol"], train["noise_targets"], train["noise_eval"]) == \
+        (0.1, "absmax", ["A", "C"], True)
 
 
 @pytest.mark.parametrize("argv, message", [

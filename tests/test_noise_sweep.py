@@ -1,12 +1,13 @@
-"""Noise studies: zero noise gives the clean accuracy, seeds reproduce, noise hurts, bad input."""
+"""Noise studies: zero noise gives the clean accuracy, seeds reproduce, noise hurts, records, bad input."""
 import numpy as np
 import pytest
 
 from qs4d_np.hardware.config import CrossbarConfig
-from qs4d_np.hardware.robustness import accuracy_under_noise, noise_sweep
+from qs4d_np.hardware.robustness import accuracy_under_noise, noise_sweep, sweep_records
 from qs4d_np.models.s4d_model import S4DModel
 
 TINY = dict(d_model=6, d_state=8, n_layers=1, dropout=0.0)
+CASES = [("qs4d", ("A",)), ("absmax", ("C", "linear", "coder")), ("crossbar", None)]
 
 
 def _setup(seed=0):
@@ -18,57 +19,89 @@ def _setup(seed=0):
     return model, x, y
 
 
-@pytest.mark.parametrize("kind", ["A", "weights", "read"])
-def test_zero_noise_is_clean_and_large_noise_hurts(kind):
+@pytest.mark.parametrize("protocol,targets", CASES)
+def test_zero_noise_is_clean_and_large_noise_hurts(protocol, targets):
     model, x, y = _setup()
     rng = np.random.default_rng(0)
-    assert accuracy_under_noise(model, x, y, kind, 0.0, rng, batch_size=16) == 1.0
-    # the noisy paths leave the model's weights untouched
+    kw = dict(targets=targets, batch_size=16, mode="recurrent")
+    assert accuracy_under_noise(model, x, y, protocol, 0.0, rng, **kw) == 1.0
     before = {k: v.copy() for k, v in model.params.items()}
-    noisy = accuracy_under_noise(model, x, y, kind, 2.0, rng, batch_size=16)
-    assert noisy < 1.0
-    assert all(np.array_equal(v, before[k]) for k, v in model.params.items())
+    assert accuracy_under_noise(model, x, y, protocol, 2.0, rng, **kw) < 1.0
+    assert all(np.array_equal(v, before[k]) for k, v in model.params.items())  # weights untouched
 
 
-def test_sweep_shapes_seeds_and_reproducibility():
+def test_sweep_shapes_seeds_reproducibility_and_records():
     model, x, y = _setup(1)
     other = S4DModel(2, 3, seed=2, **TINY)
-    sigmas = [0.0, 0.05, 0.5]
-    a = noise_sweep({"m": model, "o": other}, x, y, "weights", sigmas, seeds=3, batch_size=20)
-    b = noise_sweep({"m": model, "o": other}, x, y, "weights", sigmas, seeds=3, batch_size=20)
+    sigmas = [0.0, 0.05, 2.0]
+    kw = dict(targets=("A", "C"), seeds=3, batch_size=20)
+    a = noise_sweep({"m": model, "o": other}, x, y, "qs4d", sigmas, **kw)
+    b = noise_sweep({"m": model, "o": other}, x, y, "qs4d", sigmas, **kw)
     assert a == b
     m = a["m"]
     assert m["sigma"] == sigmas and len(m["runs"]) == 3 and all(len(r) == 3 for r in m["runs"])
-    assert m["mean"][0] == 1.0 and m["std"][0] == 0.0
-    assert m["mean"][2] < 1.0
+    assert m["mean"][0] == 1.0 and m["std"][0] == 0.0 and m["mean"][2] < 1.0
+    assert m["nonfinite"] == [[0, 0, 0]] * 3
     np.testing.assert_allclose(m["mean"], [np.mean(r) for r in m["runs"]])
     np.testing.assert_allclose(m["std"], [np.std(r) for r in m["runs"]])
-    c = noise_sweep({"m": model}, x, y, "weights", sigmas, seeds=3, seed=1, batch_size=20)
+    c = noise_sweep({"m": model}, x, y, "qs4d", sigmas, **{**kw, "seed": 1})
     assert c["m"]["runs"][2] != m["runs"][2]
+    records = sweep_records(a)
+    assert len(records) == 2 * 3 * 3
+    assert records[4] == {"checkpoint": "m", "sigma": 0.05, "seed": 1, "stream": [0, 1],
+                          "accuracy": m["runs"][1][1], "nonfinite": 0}
 
 
-def test_read_noise_sweep_uses_the_base_config():
+def test_a_noise_free_level_runs_the_model_once_and_counts_for_every_seed():
     model, x, y = _setup(3)
-    out = noise_sweep({"m": model}, x[:8], y[:8], "read", [0.0], seeds=2,
+    calls = []
+    forward = model.forward
+    model.forward = lambda *a, **k: calls.append(1) or forward(*a, **k)
+    sweep = noise_sweep({"m": model}, x, y, "qs4d", [0.0, 0.1], seeds=4, batch_size=20)
+    assert len(calls) == 2 + 4 * 2  # sigma 0: one pass of 2 batches; sigma 0.1: 4 seeds of 2 batches
+    assert sweep["m"]["runs"][0] == [1.0] * 4 and sweep["m"]["std"][0] == 0.0
+
+
+def test_a_nonfinite_forward_counts_as_wrong_and_is_reported():
+    model, x, y = _setup(4)
+    model.params["decoder.weight"][...] = 3e38  # the decoder overflows float32 on some batches
+    with np.errstate(over="ignore"):
+        out = noise_sweep({"m": model}, x, y, "absmax", [0.0], targets=("C",), seeds=1, batch_size=10)
+    lost = out["m"]["nonfinite"][0][0]
+    assert lost > 0 and lost % 10 == 0  # whole batches
+    assert out["m"]["runs"][0][0] <= 1 - lost / 40
+
+
+def test_crossbar_sweep_uses_the_base_config():
+    model, x, y = _setup(3)
+    out = noise_sweep({"m": model}, x[:8], y[:8], "crossbar", [0.0], seeds=2,
                       base_config=CrossbarConfig(dac_bits=2, adc_bits=2))
-    # 2-bit converters alone wreck the model: the base config is in effect
-    assert out["m"]["mean"][0] < 1.0
+    assert out["m"]["mean"][0] < 1.0  # 2-bit converters alone wreck the model: the base config is in effect
 
 
 def test_bad_input_is_named():
     model, x, y = _setup()
     rng = np.random.default_rng(0)
-    with pytest.raises(ValueError, match="kind must be one of"):
+    with pytest.raises(ValueError, match="protocol must be one of"):
         accuracy_under_noise(model, x, y, "drift", 0.1, rng)
     with pytest.raises(ValueError, match="sigma must be >= 0.0"):
-        accuracy_under_noise(model, x, y, "A", -0.1, rng)
+        accuracy_under_noise(model, x, y, "qs4d", -0.1, rng)
     with pytest.raises(ValueError, match=r"y must have shape \(40,\)"):
-        accuracy_under_noise(model, x, y[:3], "A", 0.1, rng)
+        accuracy_under_noise(model, x, y[:3], "qs4d", 0.1, rng)
+    with pytest.raises(ValueError, match="targets entry"):
+        accuracy_under_noise(model, x, y, "qs4d", 0.1, rng, targets=("E",))
+    with pytest.raises(ValueError, match="crossbar read noise reaches every array"):
+        accuracy_under_noise(model, x, y, "crossbar", 0.1, rng, targets=("A",))
+    with pytest.raises(ValueError, match="runs the model recurrently"):
+        accuracy_under_noise(model, x, y, "crossbar", 0.1, rng, mode="conv")
     with pytest.raises(ValueError, match=r"sigmas\[1\] must be >= 0.0"):
-        noise_sweep({"m": model}, x, y, "A", [0.0, -1.0])
+        noise_sweep({"m": model}, x, y, "qs4d", [0.0, -1.0])
     with pytest.raises(ValueError, match="sigmas must hold at least one"):
-        noise_sweep({"m": model}, x, y, "A", [])
+        noise_sweep({"m": model}, x, y, "qs4d", [])
     with pytest.raises(ValueError, match="models must be a non-empty mapping"):
-        noise_sweep({}, x, y, "A", [0.0])
+        noise_sweep({}, x, y, "qs4d", [0.0])
     with pytest.raises(ValueError, match="seeds must be >= 1"):
-        noise_sweep({"m": model}, x, y, "A", [0.0], seeds=0)
+        noise_sweep({"m": model}, x, y, "qs4d", [0.0], seeds=0)
+    with pytest.raises(ValueError, match="'linear'.*no mixing"):  # checked before any model runs
+        noise_sweep({"m": model, "n": S4DModel(2, 3, mixing=None, **TINY)}, x, y, "qs4d", [0.0],
+                    targets=("linear",))

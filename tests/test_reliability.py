@@ -243,7 +243,7 @@ def test_forward_names_the_layer_that_overflowed_and_checks_booleans():
 
 # -- trainer: saved state checked, resume completes, damaged files found first ---------------
 def test_buffers_are_checked_before_saving(tmp_path):
-    def poison(trainer, record):  # a buffer the forward does not read (--weight_noise 1e10: running_var)
+    def poison(trainer, record):  # a buffer the forward does not read (a running_var blown up, say)
         trainer.model.buffers["spare"] = np.array([1.0, np.inf], np.float32)
     with pytest.raises(trainer_module.TrainingDiverged,
                        match=r"buffers/spare hold NaN/inf after epoch 2: not saving, .*last\.json \(the previous"):

@@ -12,7 +12,7 @@ import sys
 from typing import Sequence
 
 # Modules of qs4d_np.cli, in the order their commands appear in --help.
-COMMAND_MODULES: tuple[str, ...] = ("train", "evaluate", "ptq", "plot", "metrics", "golden", "sweep",
+COMMAND_MODULES: tuple[str, ...] = ("train", "evaluate", "noise", "ptq", "plot", "metrics", "golden", "sweep",
                                      "prune")
 
 

@@ -122,6 +122,13 @@ def plot_accuracy_vs_bits(results: dict[str, Any], out: str | Path, title: str |
         ax.set_visible(False)
     if title:
         fig.suptitle(title)
+    return save_png(fig, out)
+
+
+def save_png(fig: Any, out: str | Path) -> Path:
+    """Lay out a matplotlib figure, write it to ``out`` as PNG (atomically), close it; returns the path."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=120)

@@ -25,7 +25,6 @@ exact zeros through it).
 from __future__ import annotations
 
 import argparse
-import io
 import json
 from pathlib import Path
 from typing import Any
@@ -35,10 +34,11 @@ import numpy as np
 from qs4d_np.cli.common import (CommandError, add_data_flags, check_model_fits, check_out_dir, command,
                                 data_settings, load_data, load_model, non_negative_float, non_negative_int,
                                 positive_float, positive_int, run_info)
+from qs4d_np.cli.plot import save_png
 from qs4d_np.data.loader import BatchIterator
 from qs4d_np.hardware.pruning import (GRANULARITIES, METHODS, QS4D_TENSORS, UNITS, MaskedModel, PruneMasks,
                                      PruneResult, prune)
-from qs4d_np.io import atomic_write_bytes, atomic_write_json
+from qs4d_np.io import atomic_write_json
 from qs4d_np.models.s4d_model import S4DModel
 from qs4d_np.ssm.s4d import MODES
 from qs4d_np.train.trainer import TrainConfig, Trainer, evaluate_model
@@ -98,7 +98,7 @@ def _accuracy(model: S4DModel, dataset: Any, batch_size: int, mode: str | None) 
     return float(evaluate_model(model, BatchIterator(dataset, batch_size), mode=mode)["acc"])
 
 
-def figure_png(result: PruneResult, title: str) -> bytes:
+def plot_prune(result: PruneResult, title: str) -> Any:
     """Bars: per layer, the fraction of its H kernels pruned and, per tried tensor, of its rows."""
     import matplotlib
     matplotlib.use("Agg")
@@ -124,11 +124,7 @@ def figure_png(result: PruneResult, title: str) -> bytes:
     ax.grid(axis="y", alpha=0.3)
     if len(series) > 1:
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=120)
-    plt.close(fig)
-    return buffer.getvalue()
+    return fig
 
 
 def _check_flags(args: argparse.Namespace) -> None:
@@ -187,7 +183,7 @@ def run(args: argparse.Namespace) -> int:
              + f": val {100 * result.base_accuracy:.1f}% -> {100 * result.accuracy:.1f}%, test "
              f"{100 * report['base_test_accuracy']:.1f}% -> {100 * final_test:.1f}%"
              + (f" (fine-tuned {args.finetune_epochs} ep.)" if args.finetune_epochs else ""))
-    atomic_write_bytes(out / "prune.png", figure_png(result, title))
+    save_png(plot_prune(result, title), out / "prune.png")
     atomic_write_json(out / "prune.json", report)
     print(json.dumps({"base_val_accuracy": result.base_accuracy, "val_accuracy": result.accuracy,
                       "test_accuracy": report["test_accuracy"],

@@ -6,6 +6,7 @@ Examples::
     qs4d train --dataset smnist --init-from runs/float --all_quant 16 --epochs 2 --lr 0.002 --out runs/qat4
     qs4d train --dataset cifar10 --grayscale --data-dir ~/data/cifar-10-batches-py --all_quant 64 --out runs/c6
     qs4d train ... --out runs/float --resume          # continue a killed run (same flags)
+    qs4d train --dataset smnist --all_quant 64 --noise 0.02 --noise-eval --out runs/noisy  # noise-aware
 
 The run directory's layout is documented in :mod:`qs4d_np.cli.common`.
 Values of the ``--*_quant`` flags are numbers of quantization states, as in
@@ -21,6 +22,7 @@ from qs4d_np.cli.common import (ARCH_FLAGS, CommandError, add_data_flags, add_mo
                                 build_model, check_model_fits, check_out_dir, check_training_memory, command,
                                 data_settings, load_data, load_model, model_path, model_shape, non_negative_float,
                                 non_negative_int, positive_float, positive_int, quant_config)
+from qs4d_np.hardware.noise import PROTOCOLS, TARGETS, noise_sites
 from qs4d_np.models.s4d_model import S4DModel
 from qs4d_np.train.checkpoint import CheckpointError, checkpoint_exists, load_checkpoint_meta
 from qs4d_np.train.trainer import TrainConfig, Trainer
@@ -43,9 +45,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     group.add_argument("--clip", type=positive_float, default=None, metavar="NORM",
                        help="clip the global gradient norm")
     group.add_argument("--seed", type=non_negative_int, default=0, help="model init, shuffling, dropout, noise")
-    group.add_argument("--weight_noise", type=non_negative_float, default=0.0, metavar="SIGMA",
-                       help="noise-aware training: Gaussian noise of std SIGMA x max|w| on the analog weights "
-                            "in every training step")
+    group.add_argument("--noise", type=non_negative_float, default=0.0, metavar="SIGMA",
+                       help="noise-aware training: fresh Gaussian noise on the values every training forward "
+                            "computes with, after the quantizers (qs4d_np.hardware.noise.transient_noise)")
+    group.add_argument("--noise-protocol", default="qs4d", choices=PROTOCOLS,
+                       help="std SIGMA x (max - min) per real part (qs4d, the reference) or SIGMA x max|w|")
+    group.add_argument("--noise-targets", nargs="+", default=["A"], choices=TARGETS, metavar="TARGET",
+                       help=f"values the noise reaches, of {', '.join(TARGETS)} (default: A)")
+    group.add_argument("--noise-eval", action="store_true",
+                       help="keep the noise on in validation and test (the reference's noise-aware training)")
     group.add_argument("--init-from", default=None, metavar="CKPT",
                        help="start from these weights (float or QAT run / model); with --*_quant flags: "
                             "QAT fine-tuning")
@@ -105,7 +113,10 @@ def run(args: argparse.Namespace) -> int:
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size,
                          eval_batch_size=args.eval_batch_size or args.batch_size, lr=args.lr,
                          weight_decay=args.weight_decay, warmup_epochs=args.warmup, clip_norm=args.clip,
-                         seed=args.seed, weight_noise=args.weight_noise)
+                         seed=args.seed, noise=args.noise, noise_protocol=args.noise_protocol,
+                         noise_targets=tuple(args.noise_targets), noise_eval=args.noise_eval)
+    if args.noise > 0:
+        noise_sites(model, config.noise_targets)  # a target the model lacks fails now, not in the first step
     info = {"data": settings, "task": task.info(),
             "init_from": None if args.init_from is None else str(model_path(args.init_from))}
     trainer = Trainer(model, task.train, task.val, config, out, test_data=task.test, run_info=info,

@@ -8,6 +8,7 @@ import numpy as np
 
 from qs4d_np.core.checks import check_array, check_bool, check_int
 from qs4d_np.core.module import Module
+from qs4d_np.core.perturb import ValuePerturbation, perturbed
 from qs4d_np.kernels.matmul import matmul, matmul_tn
 
 
@@ -27,7 +28,13 @@ class Linear(Module):
     x (..., d_in) -> y (..., d_out). The ``weight`` and ``bias`` properties read
     the arrays the forward computes with; ``swapped_weight`` runs a forward and
     backward with another weight (a fake-quantized one, ``quant.weights``).
+    ``perturbation`` (``core.perturb``, key ``"weight"``): when set, every forward
+    computes with the perturbed weight (fresh per forward, drawn from the weight
+    after any swap) and its backward with the same array; dL/dW is unchanged
+    (straight through).
     """
+
+    perturbation: ValuePerturbation | None = None
 
     def __init__(self, d_in: int, d_out: int, *, bias: bool = True,
                  dtype: type = np.float32, seed: int | np.random.Generator | None = None) -> None:
@@ -72,6 +79,18 @@ class Linear(Module):
         finally:
             self._params["weight"] = saved
 
+    @contextmanager
+    def forward_weight(self) -> Iterator[np.ndarray]:
+        """Inside, ``weight`` is the weight one forward computes with, which is yielded: the weight
+        itself, or with a ``perturbation`` a perturbed copy swapped in (one fresh value per call).
+        A caller keeps the yielded array for its backward."""
+        W = perturbed(self.perturbation, "weight", self.weight)
+        if W is self.weight:
+            yield W
+            return
+        with self.swapped_weight(W):
+            yield W
+
     def rows(self, x: np.ndarray) -> np.ndarray:
         """Check x (..., d_in) and return it as a C-contiguous (rows, d_in) array of ``dtype``."""
         x = check_array("x", x, finite=False)
@@ -88,18 +107,19 @@ class Linear(Module):
     def forward(self, x: np.ndarray, training: bool = False) -> np.ndarray:
         training = check_bool("training", training)
         x2 = self.rows(x)
-        y = self.product(x2, x.shape[0] if x.ndim > 1 else None)
+        with self.forward_weight() as W:
+            y = self.product(x2, x.shape[0] if x.ndim > 1 else None)
         if "bias" in self._params:
             y += self._params["bias"]
-        self._cache = (x2, x.shape)
+        self._cache = (x2, x.shape, W)
         return y.reshape(*x.shape[:-1], self.d_out)
 
     def backward(self, grad: np.ndarray) -> np.ndarray:
-        x2, shape = self._saved()
+        x2, shape, W = self._saved()
         out_shape = (*shape[:-1], self.d_out)
         grad = check_array("grad", grad, shape=out_shape, finite=False)
         g2 = np.ascontiguousarray(grad, dtype=self.dtype).reshape(-1, self.d_out)
         self._grads["weight"] = matmul_tn(x2, g2)
         if "bias" in self._params:
             self._grads["bias"] = sum_rows(g2, self.dtype)
-        return matmul(g2, self._params["weight"].T).reshape(shape)
+        return matmul(g2, W.T).reshape(shape)

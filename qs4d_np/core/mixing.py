@@ -20,7 +20,8 @@ class PointwiseGLU(Module):
     Numba pass adds the bias and applies the gate, so the biased
     pre-activation is never stored. The backward stores the child's gradients
     with ``linear.set_grad``; a weight swapped into the child
-    (``Linear.swapped_weight``) is the one both passes use.
+    (``Linear.swapped_weight``) is the one both passes use, and so is the
+    perturbed weight of one forward (``Linear.forward_weight``).
     """
 
     def __init__(self, d_model: int, *, dtype: type = np.float32,
@@ -33,18 +34,19 @@ class PointwiseGLU(Module):
     def forward(self, x: np.ndarray, training: bool = False) -> np.ndarray:
         training = check_bool("training", training)
         x2 = self.linear.rows(x)
-        z = self.linear.product(x2, x.shape[0] if x.ndim > 1 else None)
+        with self.linear.forward_weight() as W:  # perturbed, when the linear's perturbation is set
+            z = self.linear.product(x2, x.shape[0] if x.ndim > 1 else None)
         out = np.empty((x2.shape[0], self.d_model), dtype=self.dtype)
         gate = np.empty_like(out)
         glu_forward(z, self.linear.bias, out, gate)
-        self._cache = (x2, z, gate, x.shape)
+        self._cache = (x2, z, gate, x.shape, W)
         return out.reshape(x.shape)
 
     def backward(self, grad: np.ndarray) -> np.ndarray:
-        x2, z, gate, shape = self._saved()
+        x2, z, gate, shape, W = self._saved()
         g2 = matching_grad(grad, shape, self.dtype).reshape(-1, self.d_model)
         dz = np.empty_like(z)
         dbias = glu_backward(z, self.linear.bias, gate, g2, dz)
         self.linear.set_grad("weight", matmul_tn(x2, dz))
         self.linear.set_grad("bias", dbias.astype(self.dtype))
-        return matmul(dz, self.linear.weight.T).reshape(shape)
+        return matmul(dz, W.T).reshape(shape)

@@ -7,6 +7,7 @@ whether the original still holds the values the copies were taken from.
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import numpy as np
 
@@ -15,10 +16,15 @@ from qs4d_np.core.module import Module
 
 def snapshot(op: Module) -> Module:
     """A deep copy of ``op`` and its children without their forward caches: its parameters and
-    buffers as they are now, for a stream to run evaluation forwards on (never a backward)."""
+    buffers as they are now, for a stream to run evaluation forwards on (never a backward); its
+    ops have no ``perturbation``."""
+    # an op's value perturbation (``core.perturb``, set by a noise block around a forward) is not copied:
+    # the copy computes with the clean values
+    memo: dict[int, Any] = {id(m.perturbation): None for _, m in op.modules()
+                            if getattr(m, "perturbation", None) is not None}
     with op.kept_caches():
         op.clear_caches()  # a pending training cache can be large; the copy needs none
-        return copy.deepcopy(op)
+        return copy.deepcopy(op, memo)
 
 
 def _arrays(module: Module) -> dict[str, np.ndarray]:

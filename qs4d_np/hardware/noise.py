@@ -1,149 +1,200 @@
-"""Gaussian weight noise on a model, applied in place and undone exactly.
+"""Transient Gaussian noise on the values a forward computes with (the QS4D protocol).
 
-What an analog array holds (and so what the noise reaches), per parameter name:
+``with transient_noise(model, sigma, rng, protocol="qs4d", targets=("A",)):`` sets a
+value perturbation (``qs4d_np.core.perturb``) on the model's ops for the block; every
+forward inside (training or evaluation, conv or recurrent) then adds fresh noise to
+the values it computes with, after their quantizer (a QAT model's fake-quant values),
+so small noise is not rounded away. On exit the hooks are cleared; the parameters are
+never written, so the model is bit for bit what it was (also after an exception).
 
-| target | parameters | perturbed quantity |
-|---|---|---|
-| ``A`` | ``*.ssm.log_A_real``, ``*.ssm.A_imag`` | Re(A) = -exp(log_A_real) and Im(A), separately |
-| ``C`` | ``*.ssm.C`` | Re(C) and Im(C), separately |
-| ``D`` | ``*.ssm.D`` | D |
-| ``linear`` | ``*.mixing.linear.weight`` | the pointwise H -> 2H matrix |
-| ``coder`` | ``encoder.weight``, ``decoder.weight`` | the encoder and decoder matrices |
+Where the noise goes, by target (``TARGETS``):
 
-Not perturbed: biases, norms (digital periphery) and ``log_dt`` (the step
-size is folded into Abar = exp(dt*A); the noise on A already moves Abar).
-Real and imaginary parts count as separate tensors because a crossbar holds
-them in separate cells (the 2x2 real blocks of the IMSSA mapping); this is
-also the QS4D protocol for A ("real and imaginary ranges separately").
+| target | value (per layer unless noted) |
+|---|---|
+| ``A`` | conv mode, continuous: A = -exp(log_A_real) + i*A_imag after the A quantizer, before the discretization; recurrent mode (and both modes of a discrete / frozen Abar): Abar after the Abar quantizer |
+| ``B`` | Bbar (after its quantizer in recurrent mode) |
+| ``C`` | C after its quantizer |
+| ``D`` | D (after its quantizer in recurrent mode) |
+| ``dt`` | log_dt after its quantizer (dt = exp(.) stays positive); continuous Abar only |
+| ``linear`` | the mixing weight (H, 2H) after its quantizer |
+| ``coder`` | the encoder and decoder weights after their quantizer (biases stay clean) |
 
-The std of the noise on a tensor w is ``sigma * scale(w)`` with scale
-"absmax" (max |w|, the crossbar's conductance full scale) or "range"
-(max w - min w, the QS4D test-time protocol for A). A noisy Re(A) that would
-reach >= 0 (an unstable, non-decaying mode) is held at ``-A_REAL_FLOOR``
-times the tensor's largest |Re(A)|: the physical decay stays a decay.
+Real and imaginary parts are separate real tensors (a crossbar holds them in
+separate cells; the reference's "Re(A) and Im(A) separately"). The std of the
+noise on a real tensor w of one layer is ``sigma * (max(w) - min(w))`` (protocol
+``"qs4d"``, the reference's) or ``sigma * max|w|`` (``"absmax"``), from the value of
+that forward.
 
-Exactness: the original arrays are copied before the noise is added and
-copied back into the same array objects on exit (also on an exception), so
-an optimizer holding them sees the bit-exact original values. ``sigma = 0``
-touches nothing and draws nothing.
+Draws: one ``rng.standard_normal(w.shape)`` per real tensor, in the order the forward
+computes with them: encoder weight; per layer 0, 1, ...: log_dt, A or Abar (real part,
+then imaginary part), C, Bbar, D (each real, then imaginary where complex), the mixing
+weight; the decoder weight. A value is drawn for even when its std is 0 (a constant
+tensor), so the stream does not depend on the values. Same seed, same draws.
+``sigma = 0`` sets no hook and draws nothing: the outputs are the clean ones exactly.
+
+Unstable values are left as drawn, as in the reference: a noisy Re(A) >= 0 or
+|Abar| >= 1 is what a noisy array computes with, and clamping it would hide the
+failure the study measures. In conv mode the kernel of a finite sequence stays
+finite; in recurrent mode such a mode grows like |Abar|^L, bounded by a state clip
+or quantizer if the model has one; if a forward overflows, the model's own check
+raises ``NonFiniteError`` naming the layer (``robustness`` counts that batch as wrong).
+Noise large enough to overflow exp(dt*A) itself (dt*Re(A) > ~700, far beyond any
+swept level) fails the kernel's input check instead (a ValueError naming Abar).
+
+The noise reaches the forward only: ``effective_ssm``, ``quantized_recurrent``,
+``stream()`` and ``step()`` compute with the clean values. A model converted by
+``to_analog`` is refused (its crossbars have their own read noise: protocol
+``crossbar`` in ``robustness``).
 """
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
 
 import numpy as np
 
 from qs4d_np.core.checks import check_choice, check_float
+from qs4d_np.core.linear import Linear
+from qs4d_np.core.module import Module
 from qs4d_np.models.s4d_model import S4DModel
+from qs4d_np.ssm.core import S4DCore
 
-NOISE_TARGETS = ("A", "C", "D", "linear", "coder")
-SCALES = ("absmax", "range")
-# relative floor that keeps a perturbed Re(A) strictly negative (see the module docstring)
-A_REAL_FLOOR = 1e-3
+TARGETS = ("A", "B", "C", "D", "dt", "linear", "coder")
+PROTOCOLS = ("qs4d", "absmax")
+# the core's value keys (ssm.params) each target perturbs
+CORE_KEYS = {"A": frozenset({"A", "Abar"}), "B": frozenset({"B"}), "C": frozenset({"C"}),
+             "D": frozenset({"D"}), "dt": frozenset({"dt"})}
+
+
+@dataclass
+class GaussianSource:
+    """The noise of one ``transient_noise`` block: std ``sigma * scale`` per real tensor, from ``rng``.
+    ``draws`` counts the real tensors drawn so far."""
+
+    sigma: float
+    protocol: str
+    rng: np.random.Generator
+    draws: int = 0
+
+    def scale(self, w: np.ndarray) -> float:
+        """The protocol's scale of one real float64 tensor (module docstring)."""
+        if self.protocol == "qs4d":
+            return float(w.max() - w.min())
+        return float(np.max(np.abs(w)))
+
+    def add(self, value: np.ndarray) -> np.ndarray:
+        """``value`` + noise, a new array of its dtype; real and imaginary parts drawn separately (real first)."""
+        parts = (value.real, value.imag) if np.iscomplexobj(value) else (value,)
+        noisy = []
+        for part in parts:
+            w = part.astype(np.float64)
+            noisy.append(w + self.sigma * self.scale(w) * self.rng.standard_normal(w.shape))
+            self.draws += 1
+        out = noisy[0] + 1j * noisy[1] if len(noisy) == 2 else noisy[0]
+        return out.astype(value.dtype)
 
 
 @dataclass(frozen=True)
-class NoiseSite:
-    """One real tensor the noise reaches: ``get()`` returns it in float64, ``put(v)`` writes it back."""
+class OpNoise:
+    """The value perturbation of one op (``core.perturb.ValuePerturbation``): the op's ``keys`` get
+    noise from the block's shared ``source``."""
 
-    name: str
-    get: Callable[[], np.ndarray]
-    put: Callable[[np.ndarray], None]
-    owner: np.ndarray  # the parameter array that ``put`` modifies
+    keys: frozenset[str]
+    source: GaussianSource
 
+    def wants(self, key: str) -> bool:
+        return key in self.keys
 
-def _target_of(name: str) -> str | None:
-    parts = name.split(".")
-    if parts[-2:] == ["linear", "weight"] and len(parts) >= 3 and parts[-3] == "mixing":
-        return "linear"
-    if name in ("encoder.weight", "decoder.weight"):
-        return "coder"
-    if len(parts) >= 2 and parts[-2] == "ssm":
-        return {"log_A_real": "A", "A_imag": "A", "C": "C", "D": "D"}.get(parts[-1])
-    return None
+    def perturb(self, key: str, value: np.ndarray) -> np.ndarray:
+        return self.source.add(value)
 
 
-def _write(array: np.ndarray) -> Callable[[np.ndarray], None]:
-    def put(value: np.ndarray) -> None:
-        array[...] = value
-    return put
+@dataclass
+class NoiseBlock:
+    """What ``transient_noise`` yields: its settings, the ops it perturbs (dotted name -> keys) and
+    its ``source`` (None when sigma = 0; ``draws`` counts the tensors drawn)."""
+
+    sigma: float
+    protocol: str
+    targets: tuple[str, ...]
+    sites: dict[str, frozenset[str]]
+    source: GaussianSource | None = field(default=None)
+
+    @property
+    def draws(self) -> int:
+        return 0 if self.source is None else self.source.draws
 
 
-def _sites_of(name: str, array: np.ndarray) -> list[NoiseSite]:
-    if name.endswith("log_A_real"):
-        def put_real(value: np.ndarray) -> None:
-            magnitude = np.exp(array.astype(np.float64))  # the clean |Re(A)|: put runs once per get
-            array[...] = np.log(np.maximum(-value, A_REAL_FLOOR * float(magnitude.max())))
-        return [NoiseSite(name.replace("log_A_real", "Re(A)"), lambda: -np.exp(array.astype(np.float64)),
-                          put_real, array)]
-    if np.iscomplexobj(array):
-        return [NoiseSite(f"Re({name})", lambda: array.real.astype(np.float64), _write(array.real), array),
-                NoiseSite(f"Im({name})", lambda: array.imag.astype(np.float64), _write(array.imag), array)]
-    return [NoiseSite(name, lambda: array.astype(np.float64), _write(array), array)]
+def _digital(op: Module, name: str, kind: type) -> Module:
+    if type(op) is not kind:  # an analog part (to_analog) computes with its crossbar, not the hook
+        raise TypeError(f"transient_noise needs a digital S4DModel; {name} is a {type(op).__name__} (a model "
+                        "converted by to_analog has its own read noise: use the crossbar protocol)")
+    return op
 
 
-def noise_sites(model: S4DModel, targets: Sequence[str] = NOISE_TARGETS) -> list[NoiseSite]:
-    """The tensors of ``model`` (anything with a ``.params`` dict) that ``targets`` name, in ``.params`` order."""
+def noise_sites(model: S4DModel, targets: Sequence[str]) -> dict[str, tuple[Module, frozenset[str]]]:
+    """The ops of ``model`` that ``targets`` reach: dotted name -> (op, its value keys), forward order.
+    Raises ValueError for an unknown target or one the model does not have (``dt`` of a discrete /
+    frozen Abar, ``linear`` without mixing), TypeError for an analog model."""
+    if not isinstance(model, S4DModel):
+        raise TypeError(f"model must be an S4DModel, got {type(model).__name__}")
+    if isinstance(targets, str) or not isinstance(targets, Sequence) or not targets:
+        raise ValueError(f"targets must be a non-empty sequence of {list(TARGETS)}, got {targets!r}")
     targets = tuple(targets)
-    if not targets:
-        raise ValueError(f"targets must name at least one of {list(NOISE_TARGETS)}, got {targets!r}")
     for t in targets:
-        check_choice("targets entry", t, NOISE_TARGETS)
-    params = getattr(model, "params", None)
-    if not isinstance(params, dict):
-        raise TypeError(f"model must have a .params dict of arrays, got {type(model).__name__}")
-    sites = [site for name, array in params.items() if _target_of(name) in targets
-             for site in _sites_of(name, array)]
-    if not sites:
-        raise ValueError(f"model has no parameters of targets {list(targets)} (names like 'layers.0.ssm.C', "
-                         "'layers.0.ssm.mixing.linear.weight', 'encoder.weight')")
+        check_choice("targets entry", t, TARGETS)
+    sites: dict[str, tuple[Module, frozenset[str]]] = {}
+    coder = frozenset({"weight"}) if "coder" in targets else frozenset()
+    if coder:
+        sites["encoder"] = (_digital(model.encoder, "encoder", Linear), coder)
+    reached = set(targets) & {"coder"}
+    for i, block in enumerate(model.blocks):
+        layer = block.ssm
+        core = _digital(layer.core, f"layers.{i}.ssm core", S4DCore)
+        keys = [t for t in targets if t in CORE_KEYS and (t != "dt" or core.abar == "continuous")]
+        if keys:
+            sites[f"layers.{i}.ssm"] = (core, frozenset().union(*(CORE_KEYS[t] for t in keys)))
+            reached.update(keys)
+        if "linear" in targets and layer.mixing is not None:
+            name = f"layers.{i}.ssm.mixing.linear"
+            sites[name] = (_digital(layer.mixing.linear, name, Linear), frozenset({"weight"}))
+            reached.add("linear")
+    if coder:
+        sites["decoder"] = (_digital(model.decoder, "decoder", Linear), coder)
+    missing = [t for t in targets if t not in reached]
+    if missing:
+        why = {"dt": "its layers learn Abar directly (abar='discrete' / 'frozen')", "linear": "it has no mixing"}
+        raise ValueError(f"targets entry {missing[0]!r}: the model has no such value ({why[missing[0]]}); "
+                         f"targets it has: {[t for t in TARGETS if t not in why or t in reached]}")
     return sites
 
 
-def _scale(values: np.ndarray, scale: str) -> float:
-    if scale == "range":
-        return float(values.max() - values.min())
-    return float(np.max(np.abs(values)))
-
-
 @contextmanager
-def perturbed(model: S4DModel, sigma: float, rng: np.random.Generator, *, targets: Sequence[str] = NOISE_TARGETS,
-              scale: str = "absmax") -> Iterator[list[NoiseSite]]:
-    """Add N(0, (sigma * scale(w))^2) to every tensor of ``targets`` for the duration of the block.
-
-    One independent draw per element (in ``.params`` order, real part before
-    imaginary part), from ``rng``. Yields the perturbed sites. On exit, every
-    touched array gets its original contents back, bit for bit.
-    """
+def transient_noise(model: S4DModel, sigma: float, rng: np.random.Generator, protocol: str = "qs4d",
+                    targets: Sequence[str] = ("A",)) -> Iterator[NoiseBlock]:
+    """Inside, every forward of ``model`` computes with freshly noised values of ``targets`` (module
+    docstring); yields the ``NoiseBlock``. Backward: straight through (the noise is a constant of its
+    forward). Raises ValueError for sigma < 0 or NaN, an unknown protocol or target, a target the model
+    lacks, or a block nested in another on the same model; TypeError for an rng that is not a Generator."""
     sigma = check_float("sigma", sigma, min_value=0.0)
-    check_choice("scale", scale, SCALES)
+    check_choice("protocol", protocol, PROTOCOLS)
     if not isinstance(rng, np.random.Generator):
         raise TypeError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
     sites = noise_sites(model, targets)
+    for name, (op, _) in sites.items():
+        if op.perturbation is not None:
+            raise ValueError(f"{name} already has a value perturbation: transient_noise blocks on one model "
+                             "do not nest")
+    block = NoiseBlock(sigma, protocol, tuple(targets), {name: keys for name, (_, keys) in sites.items()})
     if sigma == 0.0:
-        yield sites
+        yield block
         return
-    saved: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    block.source = GaussianSource(sigma, protocol, rng)
     try:
-        for site in sites:
-            saved.setdefault(id(site.owner), (site.owner, site.owner.copy()))
-            clean = site.get()
-            noisy = clean + sigma * _scale(clean, scale) * rng.standard_normal(clean.shape)
-            site.put(noisy)
-        yield sites
+        for op, keys in sites.values():
+            op.perturbation = OpNoise(keys, block.source)
+        yield block
     finally:
-        for owner, original in saved.values():
-            owner[...] = original
-
-
-def weight_noise(model: S4DModel, sigma: float, rng: np.random.Generator):
-    """Noise-aware training: every analog weight (all ``NOISE_TARGETS``) with std sigma * max|w|.
-
-    Use around one forward + backward: ``with weight_noise(model, 0.05, rng):``
-    ``logits = model.forward(x, training=True); model.backward(g)``, then step
-    the optimizer outside the block, so the gradient taken at the noisy
-    weights updates the clean ones. Raises ValueError for sigma < 0.
-    """
-    return perturbed(model, sigma, rng, targets=NOISE_TARGETS, scale="absmax")
+        for op, _ in sites.values():
+            op.perturbation = None

@@ -48,6 +48,7 @@ import numpy as np
 from qs4d_np.core.checks import (check_array, check_bool, check_choice, check_float, check_grad_like, check_int,
                                  check_sequence_input)
 from qs4d_np.core.module import Module
+from qs4d_np.core.perturb import ValuePerturbation
 from qs4d_np.ssm.scan import scan, scan_backward
 from qs4d_np.quant.config import QuantConfig
 from qs4d_np.quant.discrete import polar_params
@@ -123,7 +124,11 @@ class S4DCore(Module):
 
     ``quant`` (a ``QuantConfig``) and ``layer`` (its per-layer levels) build the quantizer
     children; ``seed`` draws log_dt, C and D (in that order, from one generator).
+    ``perturbation`` (``core.perturb``): when set, every ``forward`` computes with the values it
+    returns (keys of ``ssm.params``); ``effective``, ``export`` and ``frozen`` stay clean.
     """
+
+    perturbation: ValuePerturbation | None = None
 
     def __init__(self, d_model: int, d_state: int = 64, *, init: str = "lin", disc: str = "zoh",
                  dt_min: float = 1e-3, dt_max: float = 1e-1, learn_B: bool = False, dtype: type = np.float32,
@@ -264,8 +269,9 @@ class S4DCore(Module):
         d = self.discrete()
         return ssm_kernel(self._params["C"] * d.Bbar, d.Abar, L).astype(self.dtype)
 
-    def _run_params(self, training: bool, mode: str) -> tuple[SSMParams, ParamsSaved]:
-        return ssm_params(self._params, self.buffers, self.abar, self.disc, self.q, training, mode)
+    def _run_params(self, training: bool, mode: str,
+                    perturbation: ValuePerturbation | None = None) -> tuple[SSMParams, ParamsSaved]:
+        return ssm_params(self._params, self.buffers, self.abar, self.disc, self.q, training, mode, perturbation)
 
     def effective(self, mode: str = "recurrent") -> SSMParams:
         """The SSM parameters an evaluation-mode forward in ``mode`` computes with (``SSMParams``;
@@ -299,7 +305,7 @@ class S4DCore(Module):
         if not checked:
             check_choice("mode", mode, MODES)
             u = np.ascontiguousarray(check_sequence_input("u", u, self.d_model), dtype=self.dtype)
-        run, saved = self._run_params(training, mode)
+        run, saved = self._run_params(training, mode, self.perturbation)
         if mode == "conv":
             Ct = run.C * run.Bbar
             K = ssm_kernel(Ct, run.Abar, u.shape[1])

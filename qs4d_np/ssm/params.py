@@ -16,6 +16,19 @@ Then C through its quantizer (both modes), and in recurrent mode Bbar and D thro
 theirs (the convolution mode of the reference keeps them float). Every quantizer's
 backward is its straight-through estimator; the gradients then chain through the
 discretization exactly as in float (``ssm_params_backward``).
+
+A ``perturbation`` (``core.perturb``; the forward's, None for inspection) replaces
+values right after their quantizer (or where the quantizer would be), in this order
+of the calls: ``dt`` (the quantized log_dt, so dt = exp(.) stays positive; continuous
+only), ``A`` (conv mode, continuous: A after the A quantizer, before the
+discretization; when A is perturbed but not quantized, A is formed explicitly and
+discretized by ``discretize_dt_A``, the quantized-A route), ``Abar`` (after the Abar
+quantizer: recurrent mode, and both modes of ``discrete`` / ``frozen``), ``C``, ``B``
+(Bbar, after its quantizer in recurrent mode), ``D`` (after its quantizer in recurrent
+mode). Its values are
+constants of the forward: the backward sees the perturbed values where the forward
+used them (the saved discretization, Abar, Bbar, C) and passes the gradient through
+the perturbation unchanged to the quantizer's STE.
 """
 from __future__ import annotations
 
@@ -24,6 +37,7 @@ from typing import Mapping
 
 import numpy as np
 
+from qs4d_np.core.perturb import ValuePerturbation, perturbed
 from qs4d_np.quant.discrete import polar_abar, polar_backward
 from qs4d_np.quant.quantizer import Quantizer
 from qs4d_np.ssm.discretize import (DiscreteSSM, continuous_A, discretize, discretize_backward, discretize_dt_A,
@@ -54,13 +68,14 @@ class SSMParams:
 @dataclass(frozen=True)
 class ParamsSaved:
     """What ``ssm_params_backward`` needs from ``ssm_params``: the mode, the discretization
-    (continuous; None otherwise), whether A itself was quantized before discretizing, and the
+    (continuous; None otherwise), whether A was formed explicitly (quantized or perturbed) before
+    discretizing, and the
     float Abar before its quantizer (kept in every case; the polar backward of a ``discrete``
     parameterization reads it)."""
 
     mode: str
     d: DiscreteSSM | None
-    A_quantized: bool
+    A_explicit: bool
     Abar_float: np.ndarray
 
 
@@ -90,35 +105,44 @@ def float_discrete(p: Mapping[str, np.ndarray], buffers: Mapping[str, np.ndarray
 
 
 def ssm_params(p: Mapping[str, np.ndarray], buffers: Mapping[str, np.ndarray], abar: str, disc: str,
-               q: Mapping[str, Quantizer | None], training: bool, mode: str) -> tuple[SSMParams, ParamsSaved]:
+               q: Mapping[str, Quantizer | None], training: bool, mode: str,
+               perturbation: ValuePerturbation | None = None) -> tuple[SSMParams, ParamsSaved]:
     """The parameters the core runs with in ``mode`` (module docstring), and the backward's context.
 
     ``p``: the core's parameters; ``buffers``: its buffers (``Abar`` when frozen); ``q``: the
-    quantizer of each of ``PARAM_KEYS`` or None.
+    quantizer of each of ``PARAM_KEYS`` or None; ``perturbation``: replaces values of one forward
+    (module docstring) or None.
     """
     recurrent = mode == "recurrent"
-    d, A_quantized = None, False
+
+    def through(key: str, x: np.ndarray) -> np.ndarray:  # quantizer, then the forward's perturbation
+        return perturbed(perturbation, key, _through(q[key], x, training))
+
+    d, A_explicit = None, False
     if abar == "continuous":
-        log_dt = _through(q["dt"], p["log_dt"], training)
-        if recurrent or q["A"] is None:
+        log_dt = through("dt", p["log_dt"])
+        A_explicit = not recurrent and (q["A"] is not None or (perturbation is not None and perturbation.wants("A")))
+        if not A_explicit:
             d = discretize(log_dt, p["log_A_real"], p["A_imag"], p.get("B"), disc)
-            Abar = _through(q["Abar"], d.Abar, training) if recurrent else d.Abar
+            Abar = through("Abar", d.Abar) if recurrent else d.Abar
         else:  # the reference: quantize A itself, then discretize
-            A = _through(q["A"], continuous_A(p["log_A_real"], p["A_imag"]), training)
+            A = through("A", continuous_A(p["log_A_real"], p["A_imag"]))
             d = discretize_dt_A(np.exp(log_dt.astype(np.float64)), A, p.get("B"), disc)
-            A_quantized = True
             Abar = d.Abar
         Abar_float, Bbar = d.Abar, d.Bbar
     else:
         Abar_float = float_abar(p, buffers, abar)
-        Abar = _through(q["Abar"], Abar_float, training)
+        Abar = through("Abar", Abar_float)
         Bbar = p["Bbar"].astype(np.complex128)
     Bbar_float = Bbar
-    C, D = _through(q["C"], p["C"], training), p["D"]
+    C, D = through("C", p["C"]), p["D"]
     if recurrent:
-        Bbar = _through(q["B"], Bbar, training)
-        D = _through(q["D"], D, training)
-    return SSMParams(Abar, Bbar, C, D, Abar_float, Bbar_float), ParamsSaved(mode, d, A_quantized, Abar_float)
+        Bbar = through("B", Bbar)
+        D = through("D", D)
+    else:  # the convolution mode keeps Bbar and D float (no quantizer); a perturbation still applies
+        Bbar = perturbed(perturbation, "B", Bbar)
+        D = perturbed(perturbation, "D", D)
+    return SSMParams(Abar, Bbar, C, D, Abar_float, Bbar_float), ParamsSaved(mode, d, A_explicit, Abar_float)
 
 
 def ssm_params_backward(p: Mapping[str, np.ndarray], abar: str, q: Mapping[str, Quantizer | None],
@@ -132,7 +156,7 @@ def ssm_params_backward(p: Mapping[str, np.ndarray], abar: str, q: Mapping[str, 
     grads = {"C": _back(q["C"], g_C), "D": g_D}
     if abar == "continuous":
         d = saved.d
-        if saved.A_quantized:
+        if saved.A_explicit:
             g_dt, g_A, g_B = discretize_dt_A_backward(d, p.get("B"), g_Abar, g_Bbar)
             g_A = _back(q["A"], g_A)
             grads["log_A_real"] = np.real(g_A) * -np.exp(p["log_A_real"].astype(np.float64))

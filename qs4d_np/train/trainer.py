@@ -30,7 +30,7 @@ from typing import Any, Callable, ContextManager, Mapping
 import numpy as np
 from tqdm.auto import tqdm
 
-from qs4d_np.core.checks import NonFiniteError, check_bool, check_float, check_int
+from qs4d_np.core.checks import NonFiniteError, check_bool, check_choice, check_float, check_int
 from qs4d_np.core.loss import SoftmaxCrossEntropy
 from qs4d_np.data.loader import BatchIterator, BatchSource
 from qs4d_np.data.mnist import source_identity
@@ -43,7 +43,7 @@ from qs4d_np.train.optim import AdamW, GroupRule, clip_grad_norm, global_grad_no
 from qs4d_np.train.schedule import CosineSchedule
 
 
-_NOISE_STREAM = 1  # second seed word of the weight-noise generator
+_NOISE_STREAM = 1  # second seed word of the noise-aware training generator
 
 
 class TrainingDiverged(RuntimeError):
@@ -69,11 +69,17 @@ class TrainConfig:
     clip_norm: float | None = None
     seed: int = 0
     drop_last: bool = False
-    weight_noise: float = 0.0
+    noise: float = 0.0
+    noise_protocol: str = "qs4d"
+    noise_targets: tuple[str, ...] = ("A",)
+    noise_eval: bool = False
 
-    # ``weight_noise`` sigma > 0: noise-aware training. Each step's forward and
-    # backward run on weights perturbed by ``qs4d_np.hardware.noise.weight_noise``
-    # (std sigma x max|w| per analog tensor); the optimizer updates the clean weights.
+    # ``noise`` sigma > 0: noise-aware training. Every training forward (and its backward) runs
+    # inside ``qs4d_np.hardware.noise.transient_noise(model, noise, rng, noise_protocol,
+    # noise_targets)``: fresh noise on the values the forward computes with (after the
+    # quantizers), straight through in the backward, so the optimizer updates the float weights.
+    # ``noise_eval``: validation and test run under the same noise (the reference's choice).
+    # The generator is seeded from ``seed`` and saved with the checkpoints.
 
     def __post_init__(self) -> None:
         check_int("epochs", self.epochs, min_value=1)
@@ -84,7 +90,16 @@ class TrainConfig:
         if self.clip_norm is not None:
             check_float("clip_norm", self.clip_norm, min_value=0.0, min_inclusive=False)
         check_int("seed", self.seed, min_value=0)
-        check_float("weight_noise", self.weight_noise, min_value=0.0)
+        check_float("noise", self.noise, min_value=0.0)
+        from qs4d_np.hardware.noise import PROTOCOLS, TARGETS  # hardware only for its names
+        check_choice("noise_protocol", self.noise_protocol, PROTOCOLS)
+        if isinstance(self.noise_targets, str) or not self.noise_targets:
+            raise ValueError(f"noise_targets must be a non-empty sequence of {list(TARGETS)}, "
+                             f"got {self.noise_targets!r}")
+        object.__setattr__(self, "noise_targets", tuple(self.noise_targets))  # frozen: normalise once
+        for t in self.noise_targets:
+            check_choice("noise_targets entry", t, TARGETS)
+        check_bool("noise_eval", self.noise_eval)
         check_bool("drop_last", self.drop_last)
 
 
@@ -182,7 +197,7 @@ class Trainer:
             "epoch": self.epoch,
             "optimizer": self.optimizer.state_meta(),
             "rng": {"train_batches": self.train_batches.rng_state(),
-                    "weight_noise": self.noise_rng.bit_generator.state,
+                    "noise": self.noise_rng.bit_generator.state,
                     "model": {k: g.bit_generator.state for k, g in model_generators(self.model).items()}},
             "best": self.best,
             "history": self.history,
@@ -213,8 +228,9 @@ class Trainer:
             raise CheckpointError(f"cannot resume from {source}: the run differs from the "
                                   "checkpoint (nothing was written):\n  " + "\n  ".join(diffs))
         generators = model_generators(self.model)
+        noise_key = _noise_rng_key(meta)
         _check_resume_meta(meta, source, self.config.epochs,
-                           {("rng", "train_batches"): self.train_batches.rng, ("rng", "weight_noise"): self.noise_rng,
+                           {("rng", "train_batches"): self.train_batches.rng, ("rng", noise_key): self.noise_rng,
                             **{("rng", "model", k): g for k, g in generators.items()}})
         if set(generators) != set(meta["rng"]["model"]):
             raise CheckpointError(f"cannot resume: the model's random generators {sorted(generators)} differ "
@@ -230,7 +246,7 @@ class Trainer:
         self.optimizer.load_state({k[len("optim/"):]: v for k, v in arrays.items() if k.startswith("optim/")},
                                   meta["optimizer"])
         self.train_batches.set_rng_state(meta["rng"]["train_batches"])
-        self.noise_rng.bit_generator.state = meta["rng"]["weight_noise"]
+        self.noise_rng.bit_generator.state = meta["rng"][noise_key]
         for key, gen in generators.items():
             gen.bit_generator.state = meta["rng"]["model"][key]
         self.epoch = meta["epoch"]
@@ -261,12 +277,13 @@ class Trainer:
         if bad:
             raise self._diverged("count of non-finite logits", bad, where)
 
-    def _weights_for_step(self) -> ContextManager[Any]:
-        """The weights one training step's forward and backward see: noisy (``weight_noise`` > 0) or as is."""
-        if self.config.weight_noise == 0.0:
+    def _noise(self) -> ContextManager[Any]:
+        """The noise one forward (and its backward) runs under: ``transient_noise`` (``noise`` > 0) or none."""
+        if self.config.noise == 0.0:
             return contextlib.nullcontext()
-        from qs4d_np.hardware.noise import weight_noise  # hardware is only needed for noise-aware runs
-        return weight_noise(self.model, self.config.weight_noise, self.noise_rng)
+        from qs4d_np.hardware.noise import transient_noise  # hardware is only needed for noise-aware runs
+        c = self.config
+        return transient_noise(self.model, c.noise, self.noise_rng, c.noise_protocol, c.noise_targets)
 
     def _train_epoch(self) -> dict[str, Any]:
         self.optimizer.set_lr_factor(self.schedule.factor(self.epoch))
@@ -275,7 +292,7 @@ class Trainer:
                    disable=not self.progress, leave=False)
         start = time.perf_counter()
         for step, (x, y) in enumerate(self.train_batches.epoch(), start=1):
-            with self._weights_for_step():
+            with self._noise():
                 try:
                     logits = self.model.forward(x, training=True)
                 except NonFiniteError as exc:
@@ -307,7 +324,8 @@ class Trainer:
     def evaluate(self, batches: BatchIterator, desc: str) -> dict[str, float]:
         """Mean loss and accuracy of the model (eval mode) over ``batches``; stops on non-finite logits."""
         try:
-            result = evaluate_model(self.model, batches, desc=desc, progress=self.progress)
+            with self._noise() if self.config.noise_eval else contextlib.nullcontext():
+                result = evaluate_model(self.model, batches, desc=desc, progress=self.progress)
         except NonFiniteError as exc:  # a model that checks its own forward (S4DModel)
             raise self._diverged_at(f"{desc} evaluation", str(exc)) from None
         if result["nonfinite"]:
@@ -382,8 +400,19 @@ def _task_info(identity: dict[str, Any]) -> dict[str, Any] | None:
     return task if isinstance(task, dict) else None
 
 
+def _noise_rng_key(meta: dict[str, Any]) -> str:
+    """The key of the noise generator's state under ``rng``: ``noise``, or ``weight_noise`` in a checkpoint
+    written before the noise protocol was renamed."""
+    rng = meta.get("rng")
+    return "weight_noise" if isinstance(rng, dict) and "weight_noise" in rng and "noise" not in rng else "noise"
+
+
 def _normalized(identity: dict[str, Any]) -> dict[str, Any]:
     out = json.loads(json.dumps(identity))  # a deep copy: the caller's dicts are not touched
+    train = out.get("train")
+    if isinstance(train, dict) and train.get("weight_noise") == 0.0:  # a run from before the noise options
+        del train["weight_noise"]
+        train.update(noise=0.0, noise_protocol="qs4d", noise_targets=["A"], noise_eval=False)
     model_config = out.get("model_config")
     if isinstance(model_config, dict) and isinstance(model_config.get("quant"), dict):
         out["model_config"] = {**model_config, "quant": QuantConfig.from_dict(model_config["quant"]).to_dict()}
