@@ -1,6 +1,7 @@
 """The example scripts in smoke configurations (tiny data and models through their flags)."""
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 def _example(name):
     spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses resolve string annotations through the module's entry
     spec.loader.exec_module(module)
     return module
 
@@ -84,3 +86,44 @@ def test_streaming_example_streams_digits_and_checks_against_the_forward(tmp_pat
     assert "   12  100%" in capsys.readouterr().out
     assert streaming.main(["--data-dir", str(tmp_path / "nothing"), "--digits", "1"]) == 1
     assert "streaming.py: error:" in capsys.readouterr().err
+
+
+def test_hardware_studies_example_in_its_fast_configuration(tmp_path, capsys):
+    studies = _example("hardware_studies")
+    data = write_tiny_mnist(tmp_path / "idx")
+    work, out = tmp_path / "work", tmp_path / "fig"
+    argv = ["--fast", "--data-dir", str(data), "--work-dir", str(work), "--out", str(out)]
+    assert studies.main(argv) == 0
+    results = load_json(out / "hardware_studies.json")
+    plan = studies.FAST
+    # every model is an ordinary qs4d run with the recipe's quantization, and its accuracy is the run's own
+    assert set(results["runs"]) == {"float", f"QAT {plan.bits[0]} bit", f"conv QAT {plan.conv_bits[0]} bit"}
+    qat = load_model(work / f"qat{plan.bits[0]}")
+    assert qat.config["quant"]["all"] == 2 ** plan.bits[0] and qat.mode == "recurrent"
+    assert load_model(work / f"conv{plan.conv_bits[0]}").mode == "conv"
+    assert results["test_accuracy"]["float"] == load_json(work / "float" / "results.json")["test_acc"]
+    # the sweeps hold every (model, sigma, seed) of the plan, summarized from the CLI's own records
+    records = load_json(work / "noise_A" / "noise.json")["records"]
+    assert len(records) == 2 * len(plan.sigmas) * plan.seeds
+    curves = results["noise"]["noise_A"]
+    for label, curve in curves.items():
+        assert curve["sigma"] == list(plan.sigmas)
+        for i, sigma in enumerate(plan.sigmas):
+            accs = [r["accuracy"] for r in records if (r["checkpoint"], r["sigma"]) == (results["runs"][label], sigma)]
+            assert len(accs) == plan.seeds
+            assert (curve["mean"][i], curve["std"][i]) == pytest.approx((np.mean(accs), np.std(accs)))
+    assert results["verdicts"]["noise_A"]["beats_float"] in ("yes", "no", "within noise")
+    # pruning: kernel fractions are multiples of 1/H, for both methods and both models
+    for method, verdict in results["verdicts"]["pruning"].items():
+        for fractions in verdict["kernel_fractions"].values():
+            assert all(abs(f * plan.d_model - round(f * plan.d_model)) < 1e-12 for f in fractions)
+    assert set(results["noise"]["noise_A_conv"]) == {"float", f"conv QAT {plan.conv_bits[0]} bit"}
+    for name in ("noise_A.png", "noise_A_conv.png", "noise_crossbar.png", "pruning.png"):
+        assert (out / name).read_bytes()[:4] == b"\x89PNG"
+    # a second run reuses every stage (same command lines) and gives the same numbers
+    capsys.readouterr()
+    assert studies.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "$ qs4d" not in printed and printed.count("reusing") == 3 + 3 + 4
+    again = load_json(out / "hardware_studies.json")
+    assert again["noise"] == results["noise"] and again["verdicts"] == results["verdicts"]
