@@ -67,6 +67,9 @@ def test_prune_structured_and_magnitude(run, tmp_path, capsys):
     (["--method", "magnitude"], "--method magnitude needs --sparsity S"),
     (["--method", "magnitude", "--sparsity", "1.5"], "--sparsity must be a fraction in [0, 1], got 1.5"),
     (["--sparsity", "0.5"], "--sparsity only applies to --method magnitude, not qs4d"),
+    (["--method", "channels", "--unit", "element"], "--unit only applies to --method qs4d, not channels"),
+    (["--chunk", "0.25"], "--chunk only applies to --method modes / channels, not qs4d"),
+    (["--method", "qs4d", "--granularity", "channel"], "--granularity only applies to --method magnitude, not qs4d"),
     (["--tensors", "B"], "tensors: 'B' is not a tensor of this model's S4D layers"),
 ])
 def test_prune_errors_are_one_line(run, tmp_path, capsys, flags, message):

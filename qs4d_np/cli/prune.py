@@ -56,15 +56,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="accuracy drop allowed, in points (1.0 = 1 percentage point; not for magnitude)")
     parser.add_argument("--sparsity", type=float, default=None, metavar="S",
                         help="with --method magnitude: fraction of units pruned in every layer, in [0, 1]")
-    parser.add_argument("--granularity", choices=GRANULARITIES, default="mode",
+    parser.add_argument("--granularity", choices=GRANULARITIES, default=None,
                         help="with --method magnitude: the unit (default mode)")
-    parser.add_argument("--tensors", nargs="+", default=["C"], metavar="T",
+    parser.add_argument("--tensors", nargs="+", default=None, metavar="T",
                         help=f"with --method qs4d: S4D-layer tensors tried, some of {', '.join(QS4D_TENSORS)} "
                              "(default C: the kernels)")
-    parser.add_argument("--unit", choices=UNITS, default="row",
+    parser.add_argument("--unit", choices=UNITS, default=None,
                         help="with --method qs4d: a channel's row (default) or single elements (the reference; slow)")
-    parser.add_argument("--chunk", type=positive_float, default=1 / 16,
-                        help="with --method modes/channels: greedy step, a fraction of a layer's units")
+    parser.add_argument("--chunk", type=positive_float, default=None,
+                        help="with --method modes/channels: greedy step, a fraction of a layer's units (default 1/16)")
     parser.add_argument("--limit-val", type=positive_int, default=None, metavar="N",
                         help="decide on the first N validation samples (default: all)")
     parser.add_argument("--batch-size", type=positive_int, default=100, metavar="B",
@@ -127,6 +127,11 @@ def plot_prune(result: PruneResult, title: str) -> Any:
     return fig
 
 
+# the method-specific flags and the methods they apply to (given with another method: an error)
+METHOD_FLAGS = {"sparsity": ("magnitude",), "granularity": ("magnitude",), "tensors": ("qs4d",),
+                "unit": ("qs4d",), "chunk": ("modes", "channels")}
+
+
 def _check_flags(args: argparse.Namespace) -> None:
     if args.method not in METHODS:
         raise CommandError(f"--method must be one of {', '.join(METHODS)}, got {args.method!r}")
@@ -137,8 +142,9 @@ def _check_flags(args: argparse.Namespace) -> None:
             raise CommandError("--method magnitude needs --sparsity S (a fraction in [0, 1])")
         if not 0.0 <= args.sparsity <= 1.0:
             raise CommandError(f"--sparsity must be a fraction in [0, 1], got {args.sparsity}")
-    elif args.sparsity is not None:
-        raise CommandError(f"--sparsity only applies to --method magnitude, not {args.method}")
+    for flag, methods in METHOD_FLAGS.items():
+        if getattr(args, flag) is not None and args.method not in methods:
+            raise CommandError(f"--{flag} only applies to --method {' / '.join(methods)}, not {args.method}")
 
 
 @command("prune")
@@ -157,8 +163,8 @@ def run(args: argparse.Namespace) -> int:
         val = val.subset(np.arange(min(args.limit_val, len(val))), f" [first {args.limit_val}]")
     x_val, y_val = val.batch(np.arange(len(val)))
 
-    result = prune(model, x_val, y_val, args.method, tolerance=args.tolerance / 100, tensors=args.tensors,
-                   unit=args.unit, sparsity=args.sparsity, granularity=args.granularity, chunk=args.chunk,
+    options = {flag: getattr(args, flag) for flag in METHOD_FLAGS if getattr(args, flag) is not None}
+    result = prune(model, x_val, y_val, args.method, tolerance=args.tolerance / 100, **options,
                    batch_size=args.batch_size, mode=args.mode, progress=True)
     report: dict[str, Any] = {"checkpoint": str(args.checkpoint), "task": settings["task"],
                               "tolerance_points": None if result.tolerance is None else args.tolerance,
