@@ -5,6 +5,7 @@ import pytest
 from qs4d_np.hardware.config import CrossbarConfig
 from qs4d_np.hardware.robustness import accuracy_under_noise, noise_sweep, sweep_records
 from qs4d_np.models.s4d_model import S4DModel
+from qs4d_np.quant.config import QuantConfig
 
 TINY = dict(d_model=6, d_state=8, n_layers=1, dropout=0.0)
 CASES = [("qs4d", ("A",)), ("absmax", ("C", "linear", "coder")), ("crossbar", None)]
@@ -70,6 +71,19 @@ def test_a_nonfinite_forward_counts_as_wrong_and_is_reported():
     lost = out["m"]["nonfinite"][0][0]
     assert lost > 0 and lost % 10 == 0  # whole batches
     assert out["m"]["runs"][0][0] <= 1 - lost / 40
+
+
+def test_a_diverging_quantized_state_counts_as_wrong_instead_of_stopping_the_sweep():
+    # an absmax state quantizer takes its range from the float state of the batch: noise that
+    # pushes |Abar| far past 1 makes that range overflow float64 over a long sequence (|Abar| ~ 30)
+    model = S4DModel(2, 3, seed=5, quant=QuantConfig(256), mode="recurrent", **TINY)
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((20, 784, 2)).astype(np.float32)
+    y = np.argmax(model.forward(x), axis=1)
+    with np.errstate(all="ignore"):
+        out = noise_sweep({"m": model}, x, y, "absmax", [0.0, 30.0], seeds=2, batch_size=10)
+    assert out["m"]["runs"][0] == [1.0, 1.0]
+    assert all(lost > 0 and lost % 10 == 0 for lost in out["m"]["nonfinite"][1])
 
 
 def test_crossbar_sweep_uses_the_base_config():

@@ -32,6 +32,7 @@ from typing import Callable
 
 import numpy as np
 
+from qs4d_np.core.checks import NonFiniteError
 from qs4d_np.kernels.fake_quant import lsq_grad_scale
 from qs4d_np.quant.frozen import FrozenQuant
 from qs4d_np.quant.quantizer import Quantizer
@@ -78,7 +79,12 @@ class StateQuantizer(Quantizer):
         spec, mode = self.spec, self.scale_mode
 
         def float_state_range() -> np.ndarray:
-            return self._scale_order(state_absmax(u, Abar, Bbar, StateQuant(None), clip))
+            r = self._scale_order(state_absmax(u, Abar, Bbar, StateQuant(None), clip))
+            if not np.isfinite(r).all():  # the float recurrence diverged (|Abar| >= 1 without a clip)
+                raise NonFiniteError(f"the state quantizer's range: {int(np.size(r) - np.isfinite(r).sum())} of "
+                                     f"{np.size(r)} float state ranges of this batch are not finite (a diverging "
+                                     f"recurrence; |Abar| max {float(np.abs(Abar).max()):.6g})")
+            return r
 
         def fold(wmax: np.ndarray) -> None:
             r = self._scale_order(wmax)
