@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from scipy.linalg import block_diag
 
 from qs4d_np.hardware import CrossbarConfig, analog_parts, evaluate_analog, to_analog
 from qs4d_np.hardware.analog_linear import AnalogLinear
@@ -50,22 +51,33 @@ def test_channel_matrix_is_the_complex_step():
     # float64 rounding of a (2m+1)-term sum of O(1) terms
     np.testing.assert_allclose(out[0:-1:2] + 1j * out[1:-1:2], x_new, rtol=0, atol=1e-14)
     np.testing.assert_allclose(out[-1], 2 * np.sum(C * x_new).real + D * u, rtol=0, atol=1e-14)
+    # delayed: the output row reads the state lines and the previous input, giving y_{t-1}
+    u_prev = -0.4
+    M = channel_matrix(Abar, Bbar, C, D, delayed=True)
+    assert M.shape == (2 * m + 1, 2 * m + 2)
+    out = M @ np.concatenate([s, [u_prev]])
+    np.testing.assert_allclose(out[0:-1:2] + 1j * out[1:-1:2], x_new, rtol=0, atol=1e-14)
+    np.testing.assert_allclose(out[-1], 2 * np.sum(C * x).real + D * u_prev, rtol=0, atol=1e-14)
 
 
-def test_cells_are_the_channel_matrix():
-    layer = S4D(3, 6, dtype=np.float64, seed=2)
+@pytest.mark.parametrize("delayed", [False, True])
+def test_cells_are_the_channel_matrix(delayed):
+    layer = S4D(5, 6, dtype=np.float64, seed=2)
     eff = layer.effective_ssm("recurrent")
-    cfg = CrossbarConfig(tile_rows=8, tile_cols=8)
-    layout = IMSSALayout.of(eff.C, eff.D, cfg)
+    cfg = CrossbarConfig(tile_rows=16, tile_cols=14)  # 2 channels per array: 7 x 7 (7 x 8) blocks
+    layout = IMSSALayout.of(eff.C, eff.D, cfg, delayed)
+    assert layout.n_arrays == 3 and layout.input_lines == layout.lines + 5 * delayed
     cells = Cells.of(eff, layout)
     arr, row, col = cells.positions(layout)
     values = cells.flat()
+    n_in = 7 + delayed
     for a in range(layout.n_arrays):
-        c = layout.arr_ptr[a]  # 7 x 7 squares: one channel per 8 x 8 array
-        h = layout.channel[c]
-        dense = np.zeros((7, 7))
+        c0, c1 = layout.arr_ptr[a], layout.arr_ptr[a + 1]
+        dense = np.zeros((7 * (c1 - c0), n_in * (c1 - c0)))
         dense[row[arr == a], col[arr == a]] = values[arr == a]
-        assert np.array_equal(dense, channel_matrix(eff.Abar[h], eff.Bbar[h], eff.C[h], eff.D[h]))
+        blocks = [channel_matrix(eff.Abar[h], eff.Bbar[h], eff.C[h], eff.D[h], delayed)
+                  for h in layout.channel[c0:c1]]
+        assert np.array_equal(dense, block_diag(*blocks))  # the channels' blocks on the diagonal, nothing else
 
 
 def test_pack_channels():
@@ -73,6 +85,10 @@ def test_pack_channels():
     assert pack_channels([9, 0, 9, 9], 20, 30) == [(0, 1), (2, 4)]  # a skipped channel ends a range
     assert pack_channels([25, 3, 3], 20, 20) == [(0, 1), (1, 3)]     # too big for a tile: alone
     assert pack_channels([0, 0], 8, 8) == []
+    # an extra input per channel: 2 x (9 + 1) inputs fit 20 rows, a third does not
+    assert pack_channels([9, 9, 9], 20, 30, extra_inputs=1) == [(0, 2), (2, 3)]
+    assert pack_channels([9, 9, 9], 29, 30, extra_inputs=1) == [(0, 2), (2, 3)]
+    assert pack_channels([9, 9, 9], 30, 30, extra_inputs=1) == [(0, 3)]
 
 
 # -- ideal arrays are the digital model ------------------------------------------------
@@ -90,13 +106,15 @@ def test_ideal_analog_equals_the_digital_recurrence(arch):
 
 @pytest.mark.parametrize("preset", ["qs4d", "s4d-example"])
 @pytest.mark.parametrize("quant", [None, QAT])
-def test_ideal_analog_equals_digital_for_the_presets(preset, quant):
+@pytest.mark.parametrize("readout", ["direct", "delayed"])
+def test_ideal_analog_equals_digital_for_the_presets(preset, quant, readout):
     model = S4DModel.from_preset(preset, 2, 3, d_model=8, d_state=8, n_layers=2, dtype=np.float64, seed=3,
                                  quant=quant)
     x = _x(batch=4, length=12)
     model.forward(x, training=True)  # BatchNorm running statistics away from their initial values
     digital = model.forward(x, mode="recurrent")
-    analog = to_analog(model, CrossbarConfig.ideal(dtype="float64"))
+    analog = to_analog(model, CrossbarConfig.ideal(dtype="float64", ssm_readout=readout))
+    assert all(core.layout.delayed == (readout == "delayed") for core in _cores(analog))
     np.testing.assert_allclose(analog.forward(x), digital, rtol=0, atol=1e-12 * np.abs(digital).max())
     if quant is not None:  # the arrays hold the quantized values: the float weights would differ
         float_model = S4DModel.from_preset(preset, 2, 3, d_model=8, d_state=8, n_layers=2, dtype=np.float64,
@@ -120,42 +138,46 @@ def test_conversion_is_a_substitution_and_leaves_the_model_alone():
         analog.forward(_x(), training=True)
 
 
-def test_streaming_runs_on_the_arrays():
+@pytest.mark.parametrize("readout", ["direct", "delayed"])
+def test_streaming_runs_on_the_arrays(readout):
     model = S4DModel(2, 3, dtype=np.float64, seed=1, **TINY)
     x = _x(length=6)
-    analog = to_analog(model, CrossbarConfig.ideal(dtype="float64"))
+    analog = to_analog(model, CrossbarConfig.ideal(dtype="float64", ssm_readout=readout))
     stream = analog.stream()
     assert not stream.fused  # the fused kernel does not know analog parts
     logits, _ = stream.run(x)
     np.testing.assert_allclose(logits[:, -1], analog.forward(x), rtol=0, atol=1e-12)
-    # with converters: the stream steps the same arrays (same codes, no noise)
-    noisy = to_analog(model, CrossbarConfig(), calib=x)
+    # with converters: the stream steps the same arrays (same codes, no noise); a delayed stream step reads
+    # the state, then the output without the next input, which moves an absmax-managed or rerun vector's
+    # codes: the same codes need a fixed grid
+    fixed = dict(noise_management="none", bound_management=False) if readout == "delayed" else {}
+    noisy = to_analog(model, CrossbarConfig(ssm_readout=readout, **fixed), calib=x)
     last, _ = noisy.stream().run(x)
     np.testing.assert_array_equal(last[:, -1], noisy.forward(x))
 
 
 # -- the kernel and its twin --------------------------------------------------------------
-def _layer_case(seed, H, N, cfg, pruned=0.0):
+def _layer_case(seed, H, N, cfg, pruned=0.0, delayed=False):
     rng = np.random.default_rng(seed)
     layer = S4D(H, N, dtype=np.float64, seed=seed)
     C = layer.params["C"]
     C[rng.random(C.shape) < pruned] = 0
     eff = layer.effective_ssm("recurrent")
-    layout = IMSSALayout.of(eff.C, eff.D, cfg)
+    layout = IMSSALayout.of(eff.C, eff.D, cfg, delayed)
     return layout, Cells.of(eff, layout), rng
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=30, deadline=None)
 @given(seed=st.integers(0, 2 ** 31), H=st.integers(1, 4), N=st.sampled_from([2, 4, 6]),
        dac=st.integers(3, 8), adc=st.integers(3, 10), levels=st.integers(3, 200),
        out_bound=st.sampled_from([0.3, 1.0, 12.0]), nm=st.sampled_from(["absmax", "none"]),
        bm=st.booleans(), scaling=st.sampled_from(["tensor", "output"]), pruned=st.sampled_from([0.0, 0.4]),
-       calibrated=st.booleans())
+       calibrated=st.booleans(), delayed=st.booleans())
 def test_kernel_equals_twin_on_noise_free_integer_configs(seed, H, N, dac, adc, levels, out_bound, nm, bm, scaling,
-                                                          pruned, calibrated):
+                                                          pruned, calibrated, delayed):
     cfg = CrossbarConfig(dac_bits=dac, adc_bits=adc, out_bound=out_bound, g_levels=levels, noise_management=nm,
                          bound_management=bm, bm_max_rounds=3, weight_scaling=scaling, tile_rows=12, tile_cols=12)
-    layout, cells, rng = _layer_case(seed, H, N, cfg, pruned)
+    layout, cells, rng = _layer_case(seed, H, N, cfg, pruned, delayed)
     ranges = None
     if calibrated:
         from qs4d_np.hardware.imssa import Ranges
@@ -261,25 +283,38 @@ def test_overflow_is_a_reported_outcome():
     assert np.all(_cores(analog)[1].last_overflow > 0) and np.all(_cores(analog)[0].last_overflow < 0)
 
 
-@pytest.mark.parametrize("tiles", [(256, 256), (20, 11), (9, 9)])
-def test_counts_equal_the_mapping_formula(tiles):
+@pytest.mark.parametrize("tiles", [(256, 256), (20, 11), (10, 9)])
+@pytest.mark.parametrize("readout", ["direct", "delayed"])
+def test_counts_equal_the_mapping_formula(tiles, readout):
     model = S4DModel(2, 3, seed=2, **TINY)
-    cfg = CrossbarConfig(tile_rows=tiles[0], tile_cols=tiles[1])
+    cfg = CrossbarConfig(tile_rows=tiles[0], tile_cols=tiles[1], ssm_readout=readout)
     x = _x(batch=5, length=7).astype(np.float32)
+    analog = to_analog(model, cfg)
+    analog.forward(x[:2])
+    analog.forward(x[2:])
     out = evaluate_analog(model, x, np.zeros(5, dtype=np.int64), cfg, batch_size=2)
     counts = mapping_counts(model, cfg, length=7)
     assert out["arrays"] == counts["arrays"]
     assert out["adc_conversions"] == 5 * counts["adc_conversions_per_sample"]
-    if tiles == (256, 256):  # by hand: encoder, decoder, 2 x (one SSM array for 6 squares of 9, mixing)
-        H, n, L, layers = 6, 9, 7, 2
+    assert sum(core.counters.mvms for core in _cores(analog)) == 5 * counts["ssm_array_reads_per_sample"]
+    assert counts["ssm_input_lines"] == sum(core.layout.input_lines for core in _cores(analog))
+    H, n, L, layers = 6, 9, 7, 2
+    delayed = readout == "delayed"
+    assert counts["ssm_input_lines"] == layers * H * (n + delayed)  # one more line per channel delayed
+    if tiles == (256, 256):  # by hand: encoder, decoder, 2 x (one SSM array for 6 blocks of 9, mixing)
         assert counts["arrays"] == 2 + 2 * 2
         assert counts["adc_conversions_per_sample"] == L * (H + layers * (H * n + 2 * H)) + 3
+        assert counts["ssm_array_reads_per_sample"] == layers * (L + delayed)  # the last delayed read
+    if tiles == (10, 9):  # a 9 x 9 direct block fits a 10-input tile, a 10 x 9 delayed block exactly
+        assert counts["ssm_array_reads_per_sample"] == layers * H * (L + delayed)
 
 
 def test_a_channel_larger_than_a_tile_is_refused():
     model = S4DModel(2, 3, seed=2, **TINY)
-    with pytest.raises(ValueError, match="needs a 9 x 9 square, larger than a 8 x 8 tile"):
+    with pytest.raises(ValueError, match="needs 9 inputs x 9 outputs, more than a 8 x 8 tile"):
         to_analog(model, CrossbarConfig(tile_rows=8, tile_cols=8))
+    with pytest.raises(ValueError, match="needs 10 inputs x 9 outputs, more than a 9 x 9 tile"):
+        to_analog(model, CrossbarConfig(tile_rows=9, tile_cols=9, ssm_readout="delayed"))
 
 
 def test_pruned_modes_drop_out_and_outputs_stay_exact():
@@ -375,6 +410,8 @@ def test_bad_input_is_named():
         mapping_counts(model, cfg, 0)
     with pytest.raises(ValueError, match=r"unknown CrossbarConfig key\(s\) \['calib_rules'\]"):
         CrossbarConfig.from_dict({"calib_rules": "max"})
+    with pytest.raises(ValueError, match="CrossbarConfig.ssm_readout"):
+        CrossbarConfig(ssm_readout="late")
     for key, value in (("calib_margin", 0.0), ("calib_percentile", 0.0), ("t_inference", -1.0)):
         with pytest.raises(ValueError, match=f"CrossbarConfig.{key}"):
             CrossbarConfig(**{key: value})
@@ -385,7 +422,8 @@ def test_bad_input_is_named():
         CrossbarArray(np.ones((2, 3)), cfg, out_range=np.array([-1.0, 1.0]))
 
 
-def test_model_state_grid_codes_the_state_as_the_digital_recurrence():
+def _grid_case():
+    """A layer-0 QAT case with a static 6-bit state grid, its calibration data and a 6-bit DAC config."""
     from qs4d_np.train.ptq import calibrate
 
     quant = QuantConfig(state=64, target_options={"state": {"scale_mode": "running"}})
@@ -396,17 +434,26 @@ def test_model_state_grid_codes_the_state_as_the_digital_recurrence():
     # would clip a few state outputs
     cfg = CrossbarConfig(dac_bits=6, adc_bits=20, noise_management="none", bound_management=False,
                          dtype="float64", calib_margin=1.5)
+    return model, x, cfg
+
+
+def _on_input_grid(model, core, x):
+    """Layer 0's input (postnorm: the encoder's output) put on the input lines' 6-bit DAC grid, so that
+    the input line adds no rounding of its own."""
+    u = model.encoder.forward(x)
+    step_u = np.zeros(6)
+    step_u[core.layout.channel] = core.ranges.r_u / 31
+    return np.clip(np.rint(u / step_u), -31, 31) * step_u
+
+
+def test_model_state_grid_codes_the_state_as_the_digital_recurrence():
+    model, x, cfg = _grid_case()
     parts = model.blocks[0].ssm.core.state_quantizer.frozen_parts(6, np.dtype(np.float64))
     inv = np.stack([p.inv for p in parts])  # (2, H) codes per unit
     same = {}
     for grid in ("calibrated", "model"):
         core = _cores(to_analog(model, dataclasses.replace(cfg, state_grid=grid), calib=x))[0]
-        # layer 0's input (postnorm: the encoder's output) put on the input lines' DAC grid, so that the
-        # input line adds no rounding of its own
-        u = model.encoder.forward(x)
-        step_u = np.zeros(6)
-        step_u[core.layout.channel] = core.ranges.r_u / 31
-        u = np.clip(np.rint(u / step_u), -31, 31) * step_u
+        u = _on_input_grid(model, core, x)
         stepper = model.blocks[0].ssm.stepper()
         state = stepper.initial_state(x.shape[0])
         for t in range(x.shape[1]):
@@ -429,3 +476,22 @@ def test_model_state_grid_codes_the_state_as_the_digital_recurrence():
     absmax = S4DModel(1, 3, seed=3, quant=QuantConfig(state=64), **TINY)
     with pytest.raises(ValueError, match="needs a static state range"):
         to_analog(absmax, dataclasses.replace(cfg, state_grid="model"), calib=x)
+
+
+def test_delayed_readout_reads_the_model_grid_state():
+    model, x, cfg = _grid_case()
+    cfg = dataclasses.replace(cfg, state_grid="model")
+    err = {}
+    for readout in ("direct", "delayed", "auto"):
+        core = _cores(to_analog(model, dataclasses.replace(cfg, ssm_readout=readout), calib=x))[0]
+        assert core.layout.delayed == (readout != "direct")  # "auto": the state is quantized
+        u = _on_input_grid(model, core, x)
+        want = model.blocks[0].ssm.core.forward(u, mode="recurrent")  # 2Re(C q(x_t)) + D u_t
+        y, _ = core.run(u, np.zeros((x.shape[0], 2, core.layout.n_modes)))
+        half_step = 0.5 * core.programmed.step_y * core.programmed.f_y  # the output ADC's rounding, model units
+        err[readout] = np.abs(y - want)[..., core.layout.channel] / half_step
+    # delayed: the output row reads the state codes themselves, so y is the model's read-out up to the output
+    # ADC's rounding (float rounding of the scales: 1e-9 of a half step); direct reads C on the unquantized
+    # new state, whose distance to the grid (up to half a state step, |C| ~ 0.5) is 10^3-10^4 output steps
+    assert err["delayed"].max() <= 1 + 1e-9 and np.array_equal(err["auto"], err["delayed"])
+    assert np.median(err["direct"]) > 100

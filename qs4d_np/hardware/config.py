@@ -57,6 +57,7 @@ WEIGHT_SCALINGS = ("tensor", "output")
 CALIB_RULES = ("max", "percentile")
 CALIB_GRANULARITIES = ("column", "array")
 STATE_GRIDS = ("calibrated", "model")
+SSM_READOUTS = ("auto", "direct", "delayed")
 # PCM programming noise sigma(g) = g_max/25 * (c0 + c1*(g/g_max) + c2*(g/g_max)^2)
 PCM_COEFFS = (0.26348, 1.9650, -1.1731)
 
@@ -94,7 +95,13 @@ class CrossbarConfig:
     ADC rounds onto the quantizer's step (extra ADC bits widen its range) and a DAC as wide
     as the state codes that value exactly, so the arrays quantize the state as the digital
     recurrence does (needs ``noise_management`` "none", which keeps the grid fixed, and
-    calibration for the other lines).
+    calibration for the other lines). ``ssm_readout``: where an SSM array's output row reads
+    the state (``qs4d_np.hardware.imssa``): "direct" reads y_t = 2Re(C x_t) + D u_t in the
+    same MVM as the state update, from x_{t-1} and u_t (C Abar, C Bbar + D: the unquantized
+    new state); "delayed" reads it one MVM later from the coded state x_t on the state lines
+    and u_t on an extra input line per channel (y_t on the state's own grid, as a model with a
+    quantized state computes it; one more input line per channel and one more MVM per
+    sequence); "auto" (default): "delayed" for a layer whose state is quantized, else "direct".
     """
 
     dac_bits: int | None = 7
@@ -124,6 +131,7 @@ class CrossbarConfig:
     calib_margin: float = 1.0
     bits_from_model: bool = False
     state_grid: str = "calibrated"
+    ssm_readout: str = "auto"
     t_inference: float = 0.0
     drift_compensation: bool = True
 
@@ -166,6 +174,7 @@ class CrossbarConfig:
         check_choice("CrossbarConfig.calib_rule", self.calib_rule, CALIB_RULES)
         check_choice("CrossbarConfig.calib_granularity", self.calib_granularity, CALIB_GRANULARITIES)
         check_choice("CrossbarConfig.state_grid", self.state_grid, STATE_GRIDS)
+        check_choice("CrossbarConfig.ssm_readout", self.ssm_readout, SSM_READOUTS)
         if self.state_grid == "model" and self.noise_management != "none":
             raise ValueError("CrossbarConfig.state_grid='model' needs noise_management='none': absmax noise "
                              "management rescales every input vector, which moves the state's grid")

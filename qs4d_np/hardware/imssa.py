@@ -2,30 +2,44 @@
 
 The recurrence of one channel h with M complex modes is made real: the state
 x (M complex) becomes s = [Re x_0, Im x_0, Re x_1, Im x_1, ...] (2M reals),
-and each mode's Abar becomes the 2x2 block [[Re a, -Im a], [Im a, Re a]]. One
-analog step reads the square matrix (n_h = 2M + 1)
+and each mode's Abar becomes the 2x2 block [[Re a, -Im a], [Im a, Re a]]. The
+output y_t = 2Re(C x_t) + D u_t with x_t = Abar x_{t-1} + Bbar u_t is read in one of
+two ways (``CrossbarConfig.ssm_readout``).
+
+"direct": one MVM per step gives the new state and the output together, from x_{t-1} and
+u_t; the square step matrix (n_h = 2M + 1 outputs x 2M + 1 inputs) is
 
     [ s_t ]   [ blockdiag(Abar)     Bbar                  ] [ s_{t-1} ]
     [ y_t ] = [ 2C*Abar (real row)  2Re(sum C*Bbar) + D   ] [ u_t     ]
 
-Bbar is a single column ([Re b, Im b] per mode) and the output a single row:
-y_t = 2Re(C x_t) + D u_t with x_t = Abar x_{t-1} + Bbar u_t, written in
-x_{t-1} and u_t so that a single MVM per step gives the new state and the
-output together (the row holds C*Abar and C*Bbar + D; Re(w x) = Re w Re x -
-Im w Im x gives the entries 2Re(C_m Abar_m), -2Im(C_m Abar_m)). The state and
-the output go through the ADC at every step and the state comes back through
-the DAC.
+(Re(w x) = Re w Re x - Im w Im x gives the row's entries 2Re(C_m Abar_m), -2Im(C_m Abar_m)).
+The output is C times the new state before any converter: a model whose state is quantized
+reads C on the quantized state instead, which this row cannot do.
+
+"delayed": the output row reads the coded state itself, one MVM later. At step t the state
+lines hold s_{t-1} (as the DAC codes it), the input line u_t, and one extra input line per
+channel the previous input u_{t-1}; the step matrix (2M + 1 outputs x 2M + 2 inputs) is
+
+    [ s_t     ]   [ blockdiag(Abar)       Bbar  0 ] [ s_{t-1} ]
+    [ y_{t-1} ] = [ 2Re C, -2Im C (row)   0     D ] [ u_t     ]
+                                                    [ u_{t-1} ]
+
+so y_{t-1} = 2Re(C x_{t-1}) + D u_{t-1} on the state lines' grid (with ``state_grid``
+"model", the digital state quantizer's: the model's own read-out). A sequence of L steps
+takes L + 1 reads: the first converts only the state rows (there is no y_{-1}), the last,
+with the input line at 0, only the output rows; the ADC conversions are the same as
+"direct" (L per line). The streaming step runs both reads for each step.
 
 Cells (ours): only the cells of that structure hold a device: per mode the four
 Abar cells, two Bbar cells and two output-row cells, per channel the D cell (8M + 1
-of the (2M + 1)^2 positions). The other positions of a square are left unprogrammed
-(no device, no current, no programming noise), so the arrays compute exactly the
-structured product and the recurrence costs O(M) per channel and step, not O(M^2).
+of the (2M + 1)^2 or (2M + 1)(2M + 2) positions). The other positions of a block are left
+unprogrammed (no device, no current, no programming noise), so the arrays compute exactly
+the structured product and the recurrence costs O(M) per channel and step, not O(M^2).
 
-Packing: the channels' squares sit on the block diagonal of an array, as many
-consecutive channels per array as fit in ``tile_rows`` x ``tile_cols``. A channel
-must fit one tile (2M + 1 <= both), as IMSSA maps a channel per array; noise and bound
-management act per array.
+Packing: the channels' blocks sit on the block diagonal of an array, as many
+consecutive channels per array as fit in ``tile_rows`` inputs x ``tile_cols`` outputs. A
+channel must fit one tile (2M + 1, or 2M + 2 delayed, inputs and 2M + 1 outputs), as IMSSA
+maps a channel per array; noise and bound management act per array.
 
 Pruned parts drop out (``qs4d_np.hardware.pruning`` makes them exactly zero):
 a mode with C_m = 0 has no effect on any output and is not mapped, a channel
@@ -46,8 +60,9 @@ compensation); ``qs4d_np.hardware.imssa_kernel`` has the exact arithmetic, all t
 in one Numba kernel, and ``reference.analog`` its step-by-step twin.
 
 Counts (per sample, first-round conversions; bound-management reruns are counted
-separately): ADC conversions of a layer = L * sum_h n_h; ``mapping_counts`` gives the
-model's arrays and conversions from the shapes and the modes the quantized C keeps.
+separately): ADC conversions of a layer = L * sum_h n_h (either read-out); array reads
+L (direct) or L + 1 (delayed) per array; ``mapping_counts`` gives the model's arrays,
+conversions, reads and input lines from the shapes and the modes the quantized C keeps.
 """
 from __future__ import annotations
 
@@ -77,15 +92,18 @@ def active_modes(C: np.ndarray) -> list[np.ndarray]:
     return [np.flatnonzero(row != 0) for row in C]
 
 
-def channel_matrix(Abar: np.ndarray, Bbar: np.ndarray, C: np.ndarray, D: float) -> np.ndarray:
-    """The real (2m + 1) x (2m + 1) step matrix of one channel (see the module docstring).
+def channel_matrix(Abar: np.ndarray, Bbar: np.ndarray, C: np.ndarray, D: float,
+                   delayed: bool = False) -> np.ndarray:
+    """The real step matrix of one channel (see the module docstring): (2m + 1) x (2m + 1)
+    direct, (2m + 1) x (2m + 2) delayed.
 
     Abar, Bbar, C: (m,) complex (the channel's mapped modes); D: the skip.
-    Rows and columns: [Re x_0, Im x_0, ..., Re x_{m-1}, Im x_{m-1}, u/y].
+    Rows: [Re x_0, Im x_0, ..., Re x_{m-1}, Im x_{m-1}, y]; columns the same with u in
+    place of y, then (delayed) the previous input.
     """
     m = Abar.shape[0]
     n = 2 * m + 1
-    out = np.zeros((n, n))
+    out = np.zeros((n, n + int(delayed)))
     idx = 2 * np.arange(m)
     out[idx, idx] = Abar.real
     out[idx, idx + 1] = -Abar.imag
@@ -93,6 +111,11 @@ def channel_matrix(Abar: np.ndarray, Bbar: np.ndarray, C: np.ndarray, D: float) 
     out[idx + 1, idx + 1] = Abar.real
     out[idx, n - 1] = Bbar.real
     out[idx + 1, n - 1] = Bbar.imag
+    if delayed:
+        out[n - 1, idx] = 2 * C.real
+        out[n - 1, idx + 1] = -2 * C.imag
+        out[n - 1, n] = D
+        return out
     CA = C * Abar
     out[n - 1, idx] = 2 * CA.real
     out[n - 1, idx + 1] = -2 * CA.imag
@@ -100,14 +123,14 @@ def channel_matrix(Abar: np.ndarray, Bbar: np.ndarray, C: np.ndarray, D: float) 
     return out
 
 
-def pack_channels(sizes: list[int], tile_rows: int, tile_cols: int) -> list[tuple[int, int]]:
-    """Consecutive channel ranges [h0, h1) whose square blocks (sizes[h] each) share one array.
+def pack_channels(sizes: list[int], tile_rows: int, tile_cols: int, extra_inputs: int = 0) -> list[tuple[int, int]]:
+    """Consecutive channel ranges [h0, h1) whose blocks share one array: channel h has sizes[h]
+    outputs and sizes[h] + extra_inputs inputs.
 
-    A range grows while the summed size fits both tile_rows and tile_cols; a
-    channel bigger than a tile gets a range of its own. Channels of size 0 are
-    skipped (not mapped).
+    A range grows while the summed inputs fit tile_rows and the summed outputs tile_cols; a
+    channel bigger than a tile gets a range of its own. Channels of size 0 are skipped (not
+    mapped).
     """
-    limit = min(tile_rows, tile_cols)
     groups: list[tuple[int, int]] = []
     h0, used = None, 0
     for h, n in enumerate(sizes):
@@ -116,7 +139,7 @@ def pack_channels(sizes: list[int], tile_rows: int, tile_cols: int) -> list[tupl
                 groups.append((h0, h))
                 h0, used = None, 0
             continue
-        if h0 is not None and used + n > limit:
+        if h0 is not None and (used + n + extra_inputs * (h - h0 + 1) > tile_rows or used + n > tile_cols):
             groups.append((h0, h))
             h0, used = None, 0
         if h0 is None:
@@ -141,6 +164,8 @@ class IMSSALayout:
     mapped mode, channel by channel; ``mode_ptr`` (C + 1,): channel c's modes are
     ``mode_ptr[c]:mode_ptr[c+1]``; ``arr_ptr`` (A + 1,): array a holds channels
     ``arr_ptr[a]:arr_ptr[a+1]``. ``H``, ``M``: the layer's d_model and d_state / 2.
+    ``delayed``: the output rows read the coded state one MVM later (module docstring), from
+    an extra input line per channel.
     """
 
     channel: np.ndarray
@@ -149,26 +174,28 @@ class IMSSALayout:
     arr_ptr: np.ndarray
     H: int
     M: int
+    delayed: bool = False
 
     @classmethod
-    def of(cls, C: np.ndarray, D: np.ndarray, config: CrossbarConfig) -> "IMSSALayout":
+    def of(cls, C: np.ndarray, D: np.ndarray, config: CrossbarConfig, delayed: bool = False) -> "IMSSALayout":
         """The layout of a layer with read-out C (H, M) complex and skip D (H,) (module docstring)."""
         H, M = C.shape
         modes = active_modes(C)
         sizes = [2 * len(m) + 1 if (len(m) or D[h] != 0) else 0 for h, m in enumerate(modes)]
-        limit = min(config.tile_rows, config.tile_cols)
-        if max(sizes, default=0) > limit:
-            raise ValueError(f"an S4D channel with {max(sizes) // 2} mapped modes needs a {max(sizes)} x "
-                             f"{max(sizes)} square, larger than a {config.tile_rows} x {config.tile_cols} tile "
-                             "(CrossbarConfig.tile_rows x tile_cols); IMSSA maps a channel per array: use "
-                             f"tiles of at least {max(sizes)}")
-        groups = pack_channels(sizes, config.tile_rows, config.tile_cols)
+        n_out = max(sizes, default=0)
+        n_in = n_out + int(delayed and n_out > 0)
+        if n_in > config.tile_rows or n_out > config.tile_cols:
+            raise ValueError(f"an S4D channel with {n_out // 2} mapped modes needs {n_in} inputs x {n_out} "
+                             f"outputs, more than a {config.tile_rows} x {config.tile_cols} tile "
+                             "(CrossbarConfig.tile_rows inputs x tile_cols outputs); IMSSA maps a channel per "
+                             f"array: use tiles of at least {n_in} x {n_out}")
+        groups = pack_channels(sizes, config.tile_rows, config.tile_cols, int(delayed))
         channel = np.array([h for h0, h1 in groups for h in range(h0, h1)], dtype=np.int64)
         counts = [len(modes[h]) for h in channel]
         mode_ptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         mode = np.concatenate([modes[h] for h in channel] + [np.zeros(0, np.int64)]).astype(np.int64)
         arr_ptr = np.concatenate([[0], np.cumsum([h1 - h0 for h0, h1 in groups])]).astype(np.int64)
-        return cls(channel, mode, mode_ptr, arr_ptr, H, M)
+        return cls(channel, mode, mode_ptr, arr_ptr, H, M, bool(delayed))
 
     @property
     def n_modes(self) -> int:
@@ -180,8 +207,17 @@ class IMSSALayout:
 
     @property
     def lines(self) -> int:
-        """Input (= output) lines of all arrays: 2 per mode, 1 per channel."""
+        """Output lines of all arrays (= their state and input lines): 2 per mode, 1 per channel."""
         return 2 * self.n_modes + int(self.channel.shape[0])
+
+    @property
+    def input_lines(self) -> int:
+        """Input lines of all arrays: ``lines``, plus the previous-input line per channel when delayed."""
+        return self.lines + int(self.delayed) * int(self.channel.shape[0])
+
+    def reads(self, length: int) -> int:
+        """Reads of every array for a sequence of ``length`` steps (module docstring)."""
+        return length + int(self.delayed)
 
     def mode_channel(self) -> np.ndarray:
         """(E,) the position c (0..C-1) of each mode's channel."""
@@ -192,27 +228,36 @@ class IMSSALayout:
         arr_of_ch = np.repeat(np.arange(self.n_arrays), np.diff(self.arr_ptr))
         return np.concatenate([np.repeat(arr_of_ch[self.mode_channel()], 2), arr_of_ch])
 
-    def dense_index(self) -> tuple[np.ndarray, np.ndarray]:
-        """Where each line sits in its array's dense square: (array (2E + C,), position (2E + C,)),
-        positions channel by channel [re_0, im_0, ..., output] as ``channel_matrix`` orders them."""
-        pos = np.empty(self.lines, dtype=np.int64)
-        E = self.n_modes
+    def dense_index(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Where each line sits in its array's dense block (outputs x inputs): (array (2E + C,),
+        output position (2E + C,), input position (2E + C + C delayed,)), channel by channel
+        [re_0, im_0, ..., y] and [re_0, im_0, ..., u(, previous u)] as ``channel_matrix`` orders
+        them; the previous-input lines come last in the input positions."""
+        E, n_ch, extra = self.n_modes, int(self.channel.shape[0]), int(self.delayed)
+        out_pos = np.empty(self.lines, dtype=np.int64)
+        in_pos = np.empty(self.input_lines, dtype=np.int64)
         for a in range(self.n_arrays):
-            offset = 0
+            row = col = 0
             for c in range(self.arr_ptr[a], self.arr_ptr[a + 1]):
                 e0, e1 = self.mode_ptr[c], self.mode_ptr[c + 1]
                 k = 2 * (e1 - e0)
-                pos[2 * e0:2 * e1] = offset + np.arange(k)
-                pos[2 * E + c] = offset + k
-                offset += k + 1
-        return self.line_array(), pos
+                out_pos[2 * e0:2 * e1] = row + np.arange(k)
+                out_pos[2 * E + c] = row + k
+                in_pos[2 * e0:2 * e1] = col + np.arange(k)
+                in_pos[2 * E + c] = col + k
+                if extra:
+                    in_pos[2 * E + n_ch + c] = col + k + 1
+                row += k + 1
+                col += k + 1 + extra
+        return self.line_array(), out_pos, in_pos
 
 
 @dataclass(frozen=True)
 class Cells:
     """The values of a layer's cells (float64), as ``imssa_kernel`` orders them: ``a`` (E, 4) the
     Abar block rr, ri, ir, ii; ``b`` (E, 2) the Bbar column; ``c`` (E, 2) the output row over the
-    state lines; ``d`` (C,) the output row's cell on the input line."""
+    state lines; ``d`` (C,) the output row's cell on the input line (direct) or on the previous-input
+    line (delayed)."""
 
     a: np.ndarray
     b: np.ndarray
@@ -226,6 +271,8 @@ class Cells:
         A, B, C = (z[ch, layout.mode] for z in (eff.Abar, eff.Bbar, eff.C))
         a = np.stack([A.real, -A.imag, A.imag, A.real], axis=1)
         b = np.stack([B.real, B.imag], axis=1)
+        if layout.delayed:  # the output row reads the coded state and the previous input
+            return cls(a, b, np.stack([2 * C.real, -2 * C.imag], axis=1), eff.D[layout.channel].astype(np.float64))
         CA = C * A
         c = np.stack([2 * CA.real, -2 * CA.imag], axis=1)
         CB = np.zeros(layout.channel.shape[0])
@@ -256,19 +303,20 @@ class Cells:
         return Cells(a.reshape(self.a.shape), b.reshape(self.b.shape), c.reshape(self.c.shape), d)
 
     def positions(self, layout: IMSSALayout) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(array, row, column) in the arrays' dense squares of every cell, in ``flat()`` order."""
-        arr, pos = layout.dense_index()
-        E = layout.n_modes
+        """(array, row, column) in the arrays' dense blocks (outputs x inputs) of every cell, in
+        ``flat()`` order."""
+        arr, out_pos, in_pos = layout.dense_index()
+        E, n_ch = layout.n_modes, layout.channel.shape[0]
         s = np.arange(E)
         io = 2 * E + layout.mode_channel()
         a_rows = np.stack([2 * s, 2 * s, 2 * s + 1, 2 * s + 1], axis=1).ravel()
         a_cols = np.stack([2 * s, 2 * s + 1, 2 * s, 2 * s + 1], axis=1).ravel()
         b_rows, b_cols = np.stack([2 * s, 2 * s + 1], axis=1).ravel(), np.repeat(io, 2)
         c_rows, c_cols = np.repeat(io, 2), np.stack([2 * s, 2 * s + 1], axis=1).ravel()
-        d_lines = 2 * E + np.arange(layout.channel.shape[0])
+        d_lines = 2 * E + np.arange(n_ch)
         row_line = np.concatenate([a_rows, b_rows, c_rows, d_lines])
-        col_line = np.concatenate([a_cols, b_cols, c_cols, d_lines])
-        return arr[row_line], pos[row_line], pos[col_line]
+        col_line = np.concatenate([a_cols, b_cols, c_cols, d_lines + n_ch * layout.delayed])
+        return arr[row_line], out_pos[row_line], in_pos[col_line]
 
 
 # -- programming ------------------------------------------------------------
@@ -326,7 +374,7 @@ class ProgrammedIMSSA:
             return np.ascontiguousarray(a.T, dtype=np.float64)
 
         return (np.ascontiguousarray(u, dtype=np.float64), np.ascontiguousarray(x0, dtype=np.float64),
-                layout.channel, layout.mode_ptr, layout.arr_ptr, major(G.a), major(G.b), major(G.c), G.d,
+                layout.channel, layout.mode_ptr, layout.arr_ptr, layout.delayed, major(G.a), major(G.b), major(G.c), G.d,
                 major(self.r_s), self.r_u, major(self.f_s), self.f_y, major(self.step_s), self.step_y,
                 major(self.lim_s), self.lim_y, self.nm_target, self.inp_step, self.qmax_in, self.clamp_in,
                 self.g_unit, self.qmax_out, self.noise_type, self.out_noise, self.w_noise, self.max_round,
@@ -418,13 +466,13 @@ def program_layer(cells: Cells, layout: IMSSALayout, config: CrossbarConfig, ran
 
 def _ir_drop(g_pos: np.ndarray, g_neg: np.ndarray, cells: Cells, layout: IMSSALayout, g_unit: float,
              rho: float) -> tuple[np.ndarray, np.ndarray]:
-    """First-order IR drop of every array, on its dense square (unprogrammed positions hold 0)."""
+    """First-order IR drop of every array, on its dense block (unprogrammed positions hold 0)."""
     arr, row, col = cells.positions(layout)
     out_pos, out_neg = g_pos.copy(), g_neg.copy()
     for a in range(layout.n_arrays):
         sel = np.flatnonzero(arr == a)
-        n = int(max(row[sel].max(), col[sel].max())) + 1
-        dense_pos, dense_neg = np.zeros((n, n)), np.zeros((n, n))
+        shape = (int(row[sel].max()) + 1, int(col[sel].max()) + 1)
+        dense_pos, dense_neg = np.zeros(shape), np.zeros(shape)
         dense_pos[row[sel], col[sel]] = g_pos[sel]
         dense_neg[row[sel], col[sel]] = g_neg[sel]
         dp, dn = apply_ir_drop(dense_pos, dense_neg, g_unit, rho)
@@ -469,6 +517,12 @@ def _model_state_range(core: S4DCore) -> tuple[np.ndarray, float]:
 
 
 # -- the analog core -----------------------------------------------------------
+def delayed_readout(config: CrossbarConfig, quantized_state: bool) -> bool:
+    """Whether a layer's output rows read the coded state one MVM later (``CrossbarConfig.ssm_readout``;
+    "auto": when the layer's state is quantized, as the model then reads C on its quantized state)."""
+    return config.ssm_readout == "delayed" or (config.ssm_readout == "auto" and quantized_state)
+
+
 @dataclass
 class AnalogCounters:
     """What an analog part used so far (summed over forwards and steps)."""
@@ -514,7 +568,7 @@ class AnalogSSMCore(Module):
         self.state_bound_setting = (None if state_bound is None else
                                     check_float("state_bound", state_bound, min_value=0.0, min_inclusive=False))
         eff = digital.effective("recurrent")
-        self.layout = IMSSALayout.of(eff.C, eff.D, config)
+        self.layout = IMSSALayout.of(eff.C, eff.D, config, delayed_readout(config, state_q is not None))
         self.cells = Cells.of(eff, self.layout)
         self.ranges: Ranges | None = None
         self._rng = rng
@@ -624,7 +678,7 @@ class AnalogSSMCore(Module):
             overflow[b] = first if overflow[b] < 0 else min(first, overflow[b])
             y[b] = 0
         self.last_overflow = overflow
-        self.counters.add(AnalogCounters(B, B * L * self.layout.n_arrays, B * L * self.layout.lines,
+        self.counters.add(AnalogCounters(B, B * self.layout.reads(L) * self.layout.n_arrays, B * L * self.layout.lines,
                                          int(clipped.sum()), int(retries.sum()), int((overflow >= 0).sum())))
         return y, x
 
@@ -650,7 +704,11 @@ class AnalogSSMCore(Module):
 class AnalogCoreStep:
     """One time step of an ``AnalogSSMCore``, with ``CoreStep``'s contract: ``step(u_t, state)``,
     u_t (batch, H), state (M, batch, H) complex (mode-major; modes that are not mapped stay 0)
-    -> (y_t (batch, H), new state). Every step draws fresh read noise from the core."""
+    -> (y_t (batch, H), new state). Every step draws fresh read noise from the core. A delayed
+    read-out reads the arrays twice per step (the state, then the output from the new state), so
+    it gives the forward's numbers on a fixed grid (``noise_management`` "none", no bound-management
+    reruns); absmax noise management scales the second read's vector, which holds no next input,
+    differently."""
 
     def __init__(self, core: AnalogSSMCore) -> None:
         self.core = core
@@ -667,19 +725,24 @@ class AnalogCoreStep:
 
 
 def mapping_counts(model: Any, config: CrossbarConfig, length: int) -> dict[str, int]:
-    """Arrays (tiles) and ADC conversions per sample of the mapping, from the shapes and the (quantized) C, D
-    the recurrent mode computes with (``S4D.effective_ssm``)."""
+    """Per sample of ``length`` steps: arrays (tiles), ADC conversions, the SSM arrays' reads and their
+    input lines (``ssm_readout`` "delayed" adds one line per channel and one read per sequence), from
+    the shapes and the (quantized) C, D the recurrent mode computes with (``S4D.effective_ssm``)."""
     length = check_int("length", length, min_value=1)
     H = model.encoder.d_out
     n_tiles = tiles(model.d_input, H, config) + tiles(H, model.d_output, config)
     conversions = length * H + model.d_output
+    reads = input_lines = 0
     for block in model.blocks:
         ssm = block.ssm
         eff = ssm.effective_ssm("recurrent")  # a QAT C quantized to 0 maps no mode
-        layout = IMSSALayout.of(eff.C, eff.D, config)
+        layout = IMSSALayout.of(eff.C, eff.D, config, delayed_readout(config, ssm.core.state_quantizer is not None))
         n_tiles += layout.n_arrays
         conversions += length * layout.lines
+        reads += layout.reads(length) * layout.n_arrays
+        input_lines += layout.input_lines
         if ssm.mixing is not None:
             n_tiles += tiles(H, 2 * H, config)
             conversions += length * 2 * H
-    return {"arrays": n_tiles, "adc_conversions_per_sample": conversions}
+    return {"arrays": n_tiles, "adc_conversions_per_sample": conversions, "ssm_array_reads_per_sample": reads,
+            "ssm_input_lines": input_lines}
