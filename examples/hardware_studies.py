@@ -173,8 +173,8 @@ def noise_verdict(curves: dict[str, dict[str, list[float]]]) -> dict[str, Any]:
     sigmas, f = curves["float"]["sigma"], curves["float"]
     qat = sorted((label for label in curves if label != "float"), key=lambda label: int(label.split()[-2]))
     trained = [label for label in qat if curves[label]["mean"][0] >= f["mean"][0] - TRAINED_WITHIN]
-    out: dict[str, Any] = {"untrained": [label for label in qat if label not in trained], "model": None,
-                           "holds": "no model trained"}
+    out: dict[str, Any] = {"not_judged": [label for label in qat if label not in trained], "model": None,
+                           "holds": "no model within 10 points of float"}
     if not trained:
         return out
     model, q = trained[0], curves[trained[0]]
@@ -256,7 +256,8 @@ def report(results: dict[str, Any]) -> str:
             lines.append(f"{name}: {v['model']} vs float, ahead at high noise: {v['holds']}; " + ", ".join(
                 f"{100 * lv['sigma']:g}%: {100 * lv['qat']:.1f} vs {100 * lv['float']:.1f}"
                 for lv in v.get("levels", []))
-                + (f" (not trained, not judged: {', '.join(v['untrained'])})" if v["untrained"] else ""))
+                + (f" (not judged, clean accuracy > 10 points below float's: {', '.join(v['not_judged'])})"
+                   if v["not_judged"] else ""))
         else:
             for method, m in v.items():
                 lines.append(f"pruning ({method}), kernels pruned per layer: " + "; ".join(
