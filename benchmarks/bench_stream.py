@@ -20,7 +20,10 @@ running state / act ranges calibrated in recurrent mode. Paths:
 
 The cases are interleaved per round so a change of load on the shared machine hits
 them alike; each prints the median over ``--repeats`` rounds of the mean step time
-within a round (``--steps`` steps), and the 1-minute load average.
+within a round (``--steps`` steps), and the 1-minute load average. Each timed stretch follows
+``--warmup`` untimed steps of the same path: the other paths of a round evict the model's ~1.2 MB
+of weights and state from the core's 2 MB L2, and a stream that steps continuously (the use
+this measures) keeps them there; ``--warmup 0`` times the first steps after the eviction.
 
     python benchmarks/bench_stream.py                 # batch 1 and 16, 7 rounds
     python benchmarks/bench_stream.py --batch 1 --repeats 3
@@ -111,13 +114,14 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--steps", type=int, default=20, help="steps timed per round and path")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps before each timed stretch")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--length", type=int, default=100, help="sequence length of the forward for scale")
     parser.add_argument("--bits", type=int, default=8)
     args = parser.parse_args(argv)
-    if min(*args.batch, args.steps, args.repeats, args.length) < 1 or not 2 <= args.bits <= 16:
-        parser.error(f"--batch, --steps, --repeats, --length must be >= 1 and 2 <= --bits <= 16, got "
-                     f"{args.batch}, {args.steps}, {args.repeats}, {args.length}, {args.bits}")
+    if min(*args.batch, args.steps, args.repeats, args.length) < 1 or args.warmup < 0 or not 2 <= args.bits <= 16:
+        parser.error(f"--batch, --steps, --repeats, --length must be >= 1, --warmup >= 0 and 2 <= --bits "
+                     f"<= 16, got {args.batch}, {args.steps}, {args.repeats}, {args.length}, {args.warmup}, {args.bits}")
 
     from qs4d_np.models.s4d_model import S4DModel
     from qs4d_np.quant import QuantConfig
@@ -139,13 +143,18 @@ def main(argv: list[str] | None = None) -> None:
         chunk = np.ascontiguousarray(x[:, :args.steps])
 
         def stepping(step: Callable, state: Any) -> float:
-            """Mean time of ``--steps`` calls of step(x_t, state) -> (logits, state)."""
+            """Mean time of ``--steps`` calls of step(x_t, state) -> (logits, state), after
+            ``--warmup`` untimed ones."""
+            for _ in range(args.warmup):
+                _, state = step(x_t, state)
             t0 = time.perf_counter()
             for _ in range(args.steps):
                 _, state = step(x_t, state)
             return (time.perf_counter() - t0) / args.steps
 
         def running_chunk(stream: Any) -> float:
+            if args.warmup:
+                stream.run(chunk[:, :args.warmup])
             t0 = time.perf_counter()
             stream.run(chunk)
             return (time.perf_counter() - t0) / chunk.shape[1]
