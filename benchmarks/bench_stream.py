@@ -11,6 +11,10 @@ running state / act ranges calibrated in recurrent mode. Paths:
 * ``stream.step, fused``: ``model.stream()``, one fused Numba call per step
   (``kernels.stream``) plus the decoder's BLAS product;
 * ``stream.run, fused``: ``stream.run(x)`` over ``--steps`` steps in one call, per step;
+* ``stream.run, T = --run-length``: one whole sequence (default 784, sMNIST's) in one call,
+  per step: more steps than a pipeline chunk, so the layers run pipelined over Numba's
+  threads (``kernels.stream.stream_steps_pipelined``), and the same on one thread
+  (``numba.set_num_threads(1)``: the serial kernel) for comparison;
 * ``torch step loop``: the same architecture in ``torch.nn`` with the same (quantized)
   weights and scales copied in, stepped one sample at a time under ``torch.no_grad()`` on
   ``torch.set_num_threads(1)`` (the fused step runs on one thread too); skipped with a
@@ -35,6 +39,7 @@ import os
 import time
 from typing import Any, Callable
 
+import numba
 import numpy as np
 
 
@@ -118,9 +123,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--length", type=int, default=100, help="sequence length of the forward for scale")
     parser.add_argument("--bits", type=int, default=8)
+    parser.add_argument("--run-length", type=int, default=784, help="steps of the whole-sequence stream.run")
     args = parser.parse_args(argv)
-    if min(*args.batch, args.steps, args.repeats, args.length) < 1 or args.warmup < 0 or not 2 <= args.bits <= 16:
-        parser.error(f"--batch, --steps, --repeats, --length must be >= 1, --warmup >= 0 and 2 <= --bits "
+    if min(*args.batch, args.steps, args.repeats, args.length, args.run_length) < 1 or args.warmup < 0 or not 2 <= args.bits <= 16:
+        parser.error(f"--batch, --steps, --repeats, --length, --run-length must be >= 1, --warmup >= 0 and 2 <= --bits "
                      f"<= 16, got {args.batch}, {args.steps}, {args.repeats}, {args.length}, {args.warmup}, {args.bits}")
 
     from qs4d_np.models.s4d_model import S4DModel
@@ -137,10 +143,12 @@ def main(argv: list[str] | None = None) -> None:
     if any(p is None for p in peers.values()):
         print("torch is not importable: the torch step loop is skipped (pip install torch to compare)\n")
 
+    threads = numba.get_num_threads()
     for batch in args.batch:
         x = rng.standard_normal((batch, args.length, 1)).astype(np.float32)
         x_t = x[:, 0]
         chunk = np.ascontiguousarray(x[:, :args.steps])
+        sequence = rng.standard_normal((batch, args.run_length, 1)).astype(np.float32)
 
         def stepping(step: Callable, state: Any) -> float:
             """Mean time of ``--steps`` calls of step(x_t, state) -> (logits, state), after
@@ -159,6 +167,18 @@ def main(argv: list[str] | None = None) -> None:
             stream.run(chunk)
             return (time.perf_counter() - t0) / chunk.shape[1]
 
+        def running_sequence(stream: Any, threads: int) -> float:
+            threads_before = numba.get_num_threads()
+            numba.set_num_threads(threads)
+            try:
+                if args.warmup:
+                    stream.run(sequence[:, :args.warmup])
+                t0 = time.perf_counter()
+                stream.run(sequence)
+                return (time.perf_counter() - t0) / sequence.shape[1]
+            finally:
+                numba.set_num_threads(threads_before)
+
         def build(model: S4DModel) -> float:
             t0 = time.perf_counter()
             model.stream()
@@ -175,6 +195,8 @@ def main(argv: list[str] | None = None) -> None:
             "stream.step, per-op": lambda m, model: stepping(streams[m][1].step, model.initial_state(batch)),
             "stream.step, fused": lambda m, model: stepping(streams[m][0].step, model.initial_state(batch)),
             "stream.run, fused": lambda m, model: running_chunk(streams[m][0]),
+            f"stream.run, T = {args.run_length}, {threads} threads": lambda m, model: running_sequence(streams[m][0], threads),
+            f"stream.run, T = {args.run_length}, 1 thread": lambda m, model: running_sequence(streams[m][0], 1),
             "stream() build": lambda m, model: build(model),
             f"forward / L (L = {args.length})": lambda m, model: forward(model),
         }
@@ -201,7 +223,7 @@ def main(argv: list[str] | None = None) -> None:
               f"interleaved rounds (1-min load {min(loads):.2f}..{max(loads):.2f}) ==")
         for (m, p), ts in times.items():
             per = "" if "build" in p else f" per step = {1e6 * np.median(ts) / batch:8.1f} us per sample"
-            print(f"{m:12s} {p:28s} {1e3 * np.median(ts):9.3f} ms{per}")
+            print(f"{m:12s} {p:34s} {1e3 * np.median(ts):9.3f} ms{per}")
         if "torch step loop (no_grad)" in paths:
             for m in models:
                 ratio = np.median(times[m, "torch step loop (no_grad)"]) / np.median(times[m, "stream.step, fused"])

@@ -118,3 +118,11 @@ def stream_steps(x, enc, ssm, vec, scal, eps, lflags, opts, W, wb, states_in, po
                 for h in range(H):
                     states_out[l][n, b, h] = complex(*state[l][b][h][n])
     return 0, 0
+
+
+def stream_steps_pipelined(x, enc, ssm, vec, scal, eps, lflags, opts, W, wb, states_in, pool_in, steps0,
+                           states_out, pool_out, feat, stages, chunk):
+    """The pipelined kernel's contract: ``stream_steps``'s for any ``stages`` and ``chunk`` (which
+    threads run which steps of which layers changes no value)."""
+    return stream_steps(x, enc, ssm, vec, scal, eps, lflags, opts, W, wb, states_in, pool_in, steps0, states_out,
+                        pool_out, feat)

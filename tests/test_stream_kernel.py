@@ -4,6 +4,7 @@ packing's pieces."""
 import ast
 import inspect
 
+import numba
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -77,21 +78,21 @@ def _outputs(args):
 
 
 @settings(max_examples=60, deadline=None)
-@given(seed=st.integers(0, 2**31 - 1), B=st.integers(1, 3), T=st.integers(1, 4), L=st.integers(1, 2),
+@given(seed=st.integers(0, 2**31 - 1), B=st.integers(1, 3), T=st.integers(1, 5), L=st.integers(1, 3),
        M=st.integers(1, 4), H=st.integers(1, 6), dtype=st.sampled_from([np.float64, np.float32]),
        encode=st.booleans(), act=st.sampled_from([k.ACT_NONE, k.ACT_GELU, k.ACT_RELU]), mixing=st.booleans(),
        norm=st.sampled_from([k.NORM_NONE, k.NORM_LAYER, k.NORM_BATCH]), prenorm=st.booleans(),
        residual=st.booleans(), pool=st.sampled_from([k.POOL_MEAN, k.POOL_LAST]),
-       kinds=st.lists(st.sampled_from([k.STATE_FLOAT, k.STATE_CLIP, k.STATE_QUANT]), min_size=2, max_size=2),
-       dyadic=st.booleans())
+       kinds=st.lists(st.sampled_from([k.STATE_FLOAT, k.STATE_CLIP, k.STATE_QUANT]), min_size=3, max_size=3),
+       dyadic=st.booleans(), stages=st.integers(1, 3), chunk=st.integers(1, 3))
 def test_kernel_matches_its_loop_twin(seed, B, T, L, M, H, dtype, encode, act, mixing, norm, prenorm, residual,
-                                      pool, kinds, dyadic):
+                                      pool, kinds, dyadic, stages, chunk):
     if dyadic:  # keep every operation exact: no transcendental functions, no LayerNorm's square root
         act = k.ACT_RELU if act == k.ACT_GELU else act
         mixing, norm = False, k.NORM_BATCH if norm == k.NORM_LAYER else norm
         # a quantized state stays on a coarse grid; a float one gains bits every step and float32
         # would round it
-        kinds = [k.STATE_QUANT] * 2 if dtype == np.float32 else kinds
+        kinds = [k.STATE_QUANT] * 3 if dtype == np.float32 else kinds
     elif dtype == np.float32:  # float32 against float64 is compared with a tolerance: no quantizer,
         kinds = [k.STATE_FLOAT if kind == k.STATE_QUANT else kind for kind in kinds]  # whose codes could move
     rng = np.random.default_rng(seed)
@@ -99,8 +100,13 @@ def test_kernel_matches_its_loop_twin(seed, B, T, L, M, H, dtype, encode, act, m
                    prenorm=prenorm, residual=residual, pool=pool, kinds=kinds[:L], dyadic=dyadic)
     if dtype == np.float32 and not dyadic:
         args[6][:, k.ACT_QUANT] = 0
-    got, want = _outputs(args), _outputs(args)
+    got, want, piped = _outputs(args), _outputs(args), _outputs(args)
     assert k.stream_steps(*args, *got) == twin.stream_steps(*args, *want) == (0, 0)
+    # the pipelined kernel (its twin is the serial one's): the same operations on each layer in the
+    # same step order, only spread over threads, so the serial kernel's bits in every dtype
+    assert k.stream_steps_pipelined(*args, *piped, stages, chunk) == (0, 0)
+    for g, p in zip(got, piped):
+        assert np.array_equal(g, p)
     if dtype == np.float64 and norm != k.NORM_LAYER or dyadic:
         # the same operations in the same order on float64 (or exactly representable) values
         for g, w in zip(got, want):
@@ -136,6 +142,28 @@ def test_kernel_reports_non_finite_input_and_act_values():
     args[3][:, k.D] = 1e300
     status = k.stream_steps(*args, *_outputs(args))
     assert status == twin.stream_steps(*args, *_outputs(args)) and status[0] in (1, 2) and status[1] >= 1
+    assert k.stream_steps_pipelined(*args, *_outputs(args), 2, 1) == status
+
+
+def test_pipelined_kernel_reports_the_first_failure_in_step_order():
+    # Layer 1 (the second stage) fails at step 1, layer 0 (the first stage) at step 2. With chunks of
+    # 3 steps the first stage meets its failure before the second stage has run step 1: the kernel
+    # must still report the serial order's first failure, layer 1's
+    rng = np.random.default_rng(1)
+    args = list(_packed(rng, B=1, T=6, L=2, M=2, H=3, dtype=np.float64, encode=True, act=k.ACT_NONE, mixing=False,
+                        norm=k.NORM_NONE, prenorm=False, residual=True, pool=k.POOL_MEAN,
+                        kinds=[k.STATE_FLOAT, k.STATE_FLOAT], dyadic=False))
+    x, enc, vec, lflags = (args[i].copy() for i in (0, 1, 3, 6))
+    x[:] = 0.0
+    x[1], x[2] = 1e200, 1e300        # the encoder (weight 1, bias 0) passes them on
+    enc[0], enc[1] = 1.0, 0.0
+    vec[0, k.D], vec[1, k.D] = 1e10, 1e200  # step 1: layer 1's D*u = inf; step 2: layer 0's D*u = inf
+    lflags[:, k.ACT_QUANT] = 1       # layer 0's act quantizer bounds its output: layer 1 sees ~1e200
+    args[0], args[1], args[3], args[6] = x, enc, vec, lflags
+    serial = k.stream_steps(*args, *_outputs(args))
+    assert serial == twin.stream_steps(*args, *_outputs(args)) and serial[0] == 2
+    for chunk in (1, 2, 3):
+        assert k.stream_steps_pipelined(*args, *_outputs(args), 2, chunk) == serial
 
 
 # -- the fused stream ---------------------------------------------------------------------------------------
@@ -229,6 +257,25 @@ def test_run_is_the_step_loop_bit_for_bit_and_continues_a_state():
         stream.run(np.where(np.arange(x.size).reshape(x.shape) == 5, np.inf, x))
     with pytest.raises(ValueError, match=r"state.ssm\[0\] must have shape \(4, 2, 16\)"):
         stream.run(x[:2], s_got)
+
+
+def test_long_run_is_pipelined_and_still_the_step_loop(monkeypatch):
+    # more steps than a pipeline chunk: ``run`` spreads the layers over Numba's threads (two stages
+    # for the two layers here), chunks of 3 steps so that 20 steps make several handovers
+    if numba.get_num_threads() < 2:
+        pytest.skip("Numba has one thread here: the pipelined run is the serial one")
+    from qs4d_np.models import stream_pack
+    monkeypatch.setattr(stream_pack, "PIPELINE_CHUNK", 3)
+    calls, pipelined = [], k.stream_steps_pipelined
+    monkeypatch.setattr(stream_pack.k, "stream_steps_pipelined", lambda *args: calls.append(args[-2:]) or pipelined(*args))
+    model, x = _model(np.float32, quant=QuantConfig(256, target_options=RUNNING), length=20)
+    stream = model.stream()
+    want, s_want = _stepped(stream, x)
+    got, s_got = stream.run(x)
+    assert calls == [(2, 3)] and np.array_equal(got, want)
+    assert all(np.array_equal(a, b) for a, b in zip(s_got.ssm, s_want.ssm))
+    with pytest.raises(ValueError, match=r"x contains 1 non-finite value"):
+        stream.run(np.where(np.arange(x.size).reshape(x.shape) == 50, np.nan, x))
 
 
 def test_fused_step_leaves_the_state_alone_and_takes_any_layout():

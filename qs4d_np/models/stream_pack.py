@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import numba
 import numpy as np
 
 from qs4d_np.core.activations import GELU, ReLU
@@ -25,6 +26,9 @@ from qs4d_np.ssm.stream import CoreStep
 if TYPE_CHECKING:
     from qs4d_np.models.stream import S4DModelStream
 
+# Steps per pipeline chunk when ``run`` spreads the layers over Numba's threads: one parallel
+# region (~4 us) per chunk; 16-64 measured alike for 784 steps of s4d-example at batch 1
+PIPELINE_CHUNK = 32
 ACTIVATIONS = {GELU: k.ACT_GELU, ReLU: k.ACT_RELU}
 NORMS = {LayerNorm: k.NORM_LAYER, BatchNorm: k.NORM_BATCH}
 
@@ -116,7 +120,10 @@ class PackedStream:
         (None for last pooling), ``steps`` taken before -> (logits (T, batch, d_output), the new
         states, the new pool_sum). The kernel checks x's values when d_input = 1 (``encode``; the
         caller checks them otherwise): a NaN or inf raises ``check_array``'s error for ``name``;
-        one met by an act quantizer raises ValueError naming the quantizer, as ``FrozenQuant``."""
+        one met by an act quantizer raises ValueError naming the quantizer, as ``FrozenQuant``.
+        More than ``PIPELINE_CHUNK`` steps run pipelined over ``numba.get_num_threads()`` threads
+        (``kernels.stream.stream_steps_pipelined``: the same bits; ``numba.set_num_threads(1)``
+        keeps a stream on one core)."""
         B = x.shape[1]
         # NumPy's stacked matmul runs the 2-D product on each step's (batch, .) rows with the BLAS
         # routine that product alone takes, i.e. the forward's rounding (checked bit for bit in tests)
@@ -126,8 +133,9 @@ class PackedStream:
         out = np.empty((self.n_layers, *ssm[0].shape), ssm[0].dtype)
         pool_out = np.empty((B, self.d_model)) if self.mean_pool else self._no_pool
         feat = np.empty((x.shape[0], B, self.d_model), self.dtype)
-        status, count = k.stream_steps(x, *self._args, ssm, self._no_pool if pool_sum is None else pool_sum,
-                                       steps, out, pool_out, feat)
+        args = (x, *self._args, ssm, self._no_pool if pool_sum is None else pool_sum, steps, out, pool_out, feat)
+        stages = min(numba.get_num_threads(), self.n_layers) if x.shape[0] > PIPELINE_CHUNK else 1
+        status, count = k.stream_steps_pipelined(*args, stages, PIPELINE_CHUNK) if stages > 1 else k.stream_steps(*args)
         if status:
             if status < 0:
                 check_array(name, x)  # raises: the input's count of NaN / inf in the usual words
