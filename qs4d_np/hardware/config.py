@@ -96,7 +96,7 @@ class CrossbarConfig:
     as the state codes that value exactly, so the arrays quantize the state as the digital
     recurrence does (needs ``noise_management`` "none", which keeps the grid fixed, and
     calibration for the other lines). ``ssm_readout``: where an SSM array's output row reads
-    the state (``qs4d_np.hardware.imssa``): "direct" reads y_t = 2Re(C x_t) + D u_t in the
+    the state (``qs4d_np.hardware.imssa_layout``): "direct" reads y_t = 2Re(C x_t) + D u_t in the
     same MVM as the state update, from x_{t-1} and u_t (C Abar, C Bbar + D: the unquantized
     new state); "delayed" reads it one MVM later from the coded state x_t on the state lines
     and u_t on an extra input line per channel (y_t on the state's own grid, as a model with a

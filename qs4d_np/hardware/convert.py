@@ -5,7 +5,7 @@ the model and puts crossbar-backed parts in place of its matrix products:
 
 * the encoder, every layer's mixing Linear and the decoder -> ``AnalogLinear``;
 * every layer's SSM core -> ``AnalogSSMCore`` (the IMSSA step: 2x2 Abar blocks, the Bbar
-  column, the output row, ``qs4d_np.hardware.imssa``).
+  column, the output row, ``qs4d_np.hardware.imssa_layout``).
 
 Everything else is the model's own: its forward and streaming step, the GLU, norms,
 residual, pooling and activation quantizers run digitally as they always do. The parts are

@@ -1,6 +1,6 @@
 """A model's datapath as ``MatVecOp``s, its bit widths, and the full metrics table.
 
-The ops describe one time step of the IMSSA mapping (``qs4d_np.hardware.imssa``),
+The ops describe one time step of the IMSSA mapping (``qs4d_np.hardware.imssa_layout``),
 counting only cells that hold a structurally non-zero weight, per layer i:
 
 | op | shape (in x out) | copies | weight / input / ADC bits |
@@ -31,7 +31,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from qs4d_np.hardware.imssa import active_modes
+from qs4d_np.hardware.imssa_layout import active_modes
 from qs4d_np.hardware.metrics import (FLOAT_BITS, BitWidths, MatVecOp, SSMShape, count_datapath,
                                       summary)
 from qs4d_np.models.s4d_model import S4DModel

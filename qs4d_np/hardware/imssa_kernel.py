@@ -1,6 +1,6 @@
 """The IMSSA recurrence of one S4D layer on its crossbar arrays, all time steps in one Numba kernel.
 
-Layout (``qs4d_np.hardware.imssa.IMSSALayout``): the layer's mapped channels c = 0..C-1, each
+Layout (``qs4d_np.hardware.imssa_layout.IMSSALayout``): the layer's mapped channels c = 0..C-1, each
 with its mapped modes e = mode_ptr[c] .. mode_ptr[c+1]-1; the arrays a = 0..A-1 hold the
 channels arr_ptr[a] .. arr_ptr[a+1]-1. Mode e owns two state lines p = 0 (real), 1
 (imaginary), channel c one input / output line (u_t in, y_t out). The programmed cells, in
@@ -10,7 +10,7 @@ level units (g+ - g-, so g / g_max = level * g_unit):
 * ``Gb`` (2, E): the Bbar column (the channel's input line into the mode's re, im rows);
 * ``Gc`` (2, E): the output row over the mode's re, im columns;
 * ``Gd`` (C,): the output row's cell on the input line, or with ``delayed`` on the
-  previous-input line (the ``ssm_readout`` of ``qs4d_np.hardware.imssa``).
+  previous-input line (the ``ssm_readout`` of ``qs4d_np.hardware.imssa_layout``).
 
 Per sample b, read t and array a (``reference.analog`` is the same, step by step, as
 dense matrices); direct: reads t = 0..L-1, each converting every row; delayed: reads
