@@ -395,7 +395,7 @@ def test_prune_bad_input_is_named():
 
 
 def test_the_rule_counts_samples_without_float_ties():
-    from qs4d_np.hardware.pruning import _min_correct
+    from qs4d_np.hardware.pruning_search import _min_correct
     # 0.29 * 100 is 28.999999999999996 in floats, 0.07 * 100 is 7.000000000000001: both mean 29 / 7 samples
     assert _min_correct(100, 100, 0.29) == 71
     assert _min_correct(90, 100, 0.07) == 83

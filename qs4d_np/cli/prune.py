@@ -36,8 +36,9 @@ from qs4d_np.cli.common import (CommandError, add_data_flags, check_model_fits, 
                                 positive_float, positive_int, run_info)
 from qs4d_np.cli.plot import save_png
 from qs4d_np.data.loader import BatchIterator
-from qs4d_np.hardware.pruning import (GRANULARITIES, METHODS, QS4D_TENSORS, UNITS, MaskedModel, PruneMasks,
-                                     PruneResult, prune)
+from qs4d_np.hardware.pruning import METHODS, PruneResult, prune
+from qs4d_np.hardware.pruning_masks import GRANULARITIES, MaskedModel, PruneMasks
+from qs4d_np.hardware.pruning_search import QS4D_TENSORS, UNITS
 from qs4d_np.io import atomic_write_json
 from qs4d_np.models.s4d_model import S4DModel
 from qs4d_np.ssm.s4d import MODES

@@ -13,7 +13,7 @@ counting only cells that hold a structurally non-zero weight, per layer i:
 | ``layers.i.mixing`` | H x 2H | 1 | lin / act / act |
 | ``decoder`` | H x d_out | 1 | coder / act / act |
 
-Pruned parts drop out by the rule of ``qs4d_np.hardware.pruning``: modes with
+Pruned parts drop out by the rule of ``qs4d_np.hardware.pruning_masks``: modes with
 C = 0, channels with no mode and D = 0, and all-zero rows / columns of the
 Linear weights (``active_rows`` / ``active_cols``). Bbar has no bit width of
 its own in S4D (B = 1 is folded into C, r_B = 0 in the QS4D formulas), so it
