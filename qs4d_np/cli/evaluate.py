@@ -36,7 +36,7 @@ from qs4d_np.io import atomic_write_json
 from qs4d_np.models.s4d_model import S4DModel
 from qs4d_np.ssm.s4d import MODES
 from qs4d_np.train.checkpoint import to_jsonable
-from qs4d_np.train.trainer import evaluate_model
+from qs4d_np.train.evaluate import evaluate_model
 
 # --analog presets
 ANALOG_PRESETS = {"ideal": CrossbarConfig.ideal, "converters": CrossbarConfig, "realistic": CrossbarConfig.realistic}

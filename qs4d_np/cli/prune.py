@@ -42,7 +42,9 @@ from qs4d_np.hardware.pruning_search import QS4D_TENSORS, UNITS
 from qs4d_np.io import atomic_write_json
 from qs4d_np.models.s4d_model import S4DModel
 from qs4d_np.ssm.s4d import MODES
-from qs4d_np.train.trainer import TrainConfig, Trainer, evaluate_model
+from qs4d_np.train.config import TrainConfig
+from qs4d_np.train.evaluate import evaluate_model
+from qs4d_np.train.trainer import Trainer
 
 MODEL_NAME = "pruned_model"
 

@@ -27,7 +27,7 @@ from qs4d_np.data.loader import BatchIterator
 from qs4d_np.ssm.s4d import MODES
 from qs4d_np.data.sequence import SequenceDataset
 from qs4d_np.io import atomic_write_json, atomic_write_text
-from qs4d_np.train.trainer import evaluate_model
+from qs4d_np.train.evaluate import evaluate_model
 
 PTQ_TARGETS = ("all", "A", "B", "C", "D", "dt", "linear", "act", "state", "coder")
 CSV_COLUMNS = ("target", "bits", "levels", "grid", "granularity", "accuracy")

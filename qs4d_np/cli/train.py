@@ -25,7 +25,8 @@ from qs4d_np.cli.common import (ARCH_FLAGS, CommandError, add_data_flags, add_mo
 from qs4d_np.hardware.noise import PROTOCOLS, TARGETS, noise_sites
 from qs4d_np.models.s4d_model import S4DModel
 from qs4d_np.train.checkpoint import CheckpointError, checkpoint_exists, load_checkpoint_meta
-from qs4d_np.train.trainer import TrainConfig, Trainer
+from qs4d_np.train.config import TrainConfig
+from qs4d_np.train.trainer import Trainer
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

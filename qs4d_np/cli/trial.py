@@ -40,7 +40,7 @@ from qs4d_np.io import atomic_write_json, load_json
 from qs4d_np.models.s4d_model import S4DModel
 from qs4d_np.quant.config import QuantConfig
 from qs4d_np.train.ptq import PTQ_TARGET_OPTIONS, ptq
-from qs4d_np.train.trainer import evaluate_model
+from qs4d_np.train.evaluate import evaluate_model
 
 LOG = "trial.log"
 RESULTS = "results.json"

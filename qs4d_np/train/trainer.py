@@ -16,11 +16,14 @@ method (``S4DModel``), written in its own format as ``best_model``.
 moments and step, every generator's state and the epoch counter come back,
 so a run killed after any completed epoch ends with the same weights as an
 uninterrupted run (bit for bit, same machine and library versions).
+
+The run's hyperparameters are ``qs4d_np.train.config.TrainConfig``, an evaluation pass is
+``qs4d_np.train.evaluate.evaluate_model``, and what a resume checks in the saved run is
+``qs4d_np.train.resume``; ``TrainConfig`` and ``evaluate_model`` are importable from here too.
 """
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import math
 import time
@@ -30,99 +33,24 @@ from typing import Any, Callable, ContextManager, Mapping
 import numpy as np
 from tqdm.auto import tqdm
 
-from qs4d_np.core.checks import NonFiniteError, check_bool, check_choice, check_float, check_int
+from qs4d_np.core.checks import NonFiniteError, check_bool
 from qs4d_np.core.loss import SoftmaxCrossEntropy
 from qs4d_np.data.loader import BatchIterator, BatchSource
-from qs4d_np.data.mnist import source_identity
 from qs4d_np.io import atomic_write_json, atomic_write_text, json_get, remove_stale_temps
-from qs4d_np.quant.config import QuantConfig
 from qs4d_np.train.checkpoint import (CheckpointError, checkpoint_exists, config_differences, load_checkpoint,
                                       model_buffers, model_generators, remove_stale_arrays, save_checkpoint,
                                       to_jsonable)
+from qs4d_np.train.config import TrainConfig
+from qs4d_np.train.evaluate import Totals, evaluate_model
 from qs4d_np.train.optim import AdamW, GroupRule, clip_grad_norm, global_grad_norm
+from qs4d_np.train.resume import check_resume_meta, comparable_identities, noise_rng_key
 from qs4d_np.train.schedule import CosineSchedule
-
 
 _NOISE_STREAM = 1  # second seed word of the noise-aware training generator
 
 
 class TrainingDiverged(RuntimeError):
     """A non-finite loss, logit or gradient: training stopped, the last good checkpoint is kept."""
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    """Hyperparameters of a run (the QS4D / state-spaces recipe by default, 100 epochs).
-
-    ``eval_batch_size`` matters beyond speed for quantized models: activation
-    scales are taken over the whole batch (SPEC section 2), so evaluation
-    results depend on it, as in the reference.
-    """
-
-    epochs: int = 100
-    batch_size: int = 64
-    eval_batch_size: int = 64
-    lr: float = 0.01
-    weight_decay: float = 0.01
-    ssm_lr_cap: float | None = 0.001
-    warmup_epochs: int = 0
-    clip_norm: float | None = None
-    seed: int = 0
-    drop_last: bool = False
-    noise: float = 0.0
-    noise_protocol: str = "qs4d"
-    noise_targets: tuple[str, ...] = ("A",)
-    noise_eval: bool = False
-
-    # ``noise`` sigma > 0: noise-aware training. Every training forward (and its backward) runs
-    # inside ``qs4d_np.hardware.noise.transient_noise(model, noise, rng, noise_protocol,
-    # noise_targets)``: fresh noise on the values the forward computes with (after the
-    # quantizers), straight through in the backward, so the optimizer updates the float weights.
-    # ``noise_eval``: validation and test run under the same noise (the reference's choice).
-    # The generator is seeded from ``seed`` and saved with the checkpoints.
-
-    def __post_init__(self) -> None:
-        check_int("epochs", self.epochs, min_value=1)
-        check_int("batch_size", self.batch_size, min_value=1)
-        check_int("eval_batch_size", self.eval_batch_size, min_value=1)
-        check_float("lr", self.lr, min_value=0.0, min_inclusive=False)
-        check_float("weight_decay", self.weight_decay, min_value=0.0)
-        if self.clip_norm is not None:
-            check_float("clip_norm", self.clip_norm, min_value=0.0, min_inclusive=False)
-        check_int("seed", self.seed, min_value=0)
-        check_float("noise", self.noise, min_value=0.0)
-        from qs4d_np.hardware.noise import PROTOCOLS, TARGETS  # hardware only for its names
-        check_choice("noise_protocol", self.noise_protocol, PROTOCOLS)
-        if isinstance(self.noise_targets, str) or not self.noise_targets:
-            raise ValueError(f"noise_targets must be a non-empty sequence of {list(TARGETS)}, "
-                             f"got {self.noise_targets!r}")
-        object.__setattr__(self, "noise_targets", tuple(self.noise_targets))  # frozen: normalise once
-        for t in self.noise_targets:
-            check_choice("noise_targets entry", t, TARGETS)
-        check_bool("noise_eval", self.noise_eval)
-        check_bool("drop_last", self.drop_last)
-
-
-@dataclasses.dataclass
-class _Totals:
-    """Running sums over one pass: loss * samples, correct predictions, samples."""
-
-    loss: float = 0.0
-    correct: int = 0
-    count: int = 0
-
-    def add(self, loss: float, logits: np.ndarray, y: np.ndarray) -> None:
-        self.loss += loss * len(y)
-        self.correct += int(np.count_nonzero(np.argmax(logits, axis=1) == y))
-        self.count += len(y)
-
-    @property
-    def mean_loss(self) -> float:
-        return self.loss / max(self.count, 1)
-
-    @property
-    def accuracy(self) -> float:
-        return self.correct / max(self.count, 1)
 
 
 class Trainer:
@@ -223,15 +151,15 @@ class Trainer:
         arrays, meta = load_checkpoint(self.out_dir, "last")
         source = self.out_dir / "last.json"
         saved_identity = json_get(meta, ("identity",), source, dict)
-        diffs = config_differences(*_comparable(saved_identity, self._identity()))
+        diffs = config_differences(*comparable_identities(saved_identity, self._identity()))
         if diffs:
             raise CheckpointError(f"cannot resume from {source}: the run differs from the "
                                   "checkpoint (nothing was written):\n  " + "\n  ".join(diffs))
         generators = model_generators(self.model)
-        noise_key = _noise_rng_key(meta)
-        _check_resume_meta(meta, source, self.config.epochs,
-                           {("rng", "train_batches"): self.train_batches.rng, ("rng", noise_key): self.noise_rng,
-                            **{("rng", "model", k): g for k, g in generators.items()}})
+        noise_key = noise_rng_key(meta)
+        check_resume_meta(meta, source, self.config.epochs,
+                          {("rng", "train_batches"): self.train_batches.rng, ("rng", noise_key): self.noise_rng,
+                           **{("rng", "model", k): g for k, g in generators.items()}})
         if set(generators) != set(meta["rng"]["model"]):
             raise CheckpointError(f"cannot resume: the model's random generators {sorted(generators)} differ "
                                   f"from the checkpoint's {sorted(meta['rng']['model'])}")
@@ -287,7 +215,7 @@ class Trainer:
 
     def _train_epoch(self) -> dict[str, Any]:
         self.optimizer.set_lr_factor(self.schedule.factor(self.epoch))
-        totals, norms = _Totals(), []
+        totals, norms = Totals(), []
         bar = tqdm(total=len(self.train_batches), desc=f"epoch {self.epoch + 1}/{self.config.epochs}",
                    disable=not self.progress, leave=False)
         start = time.perf_counter()
@@ -373,106 +301,6 @@ class Trainer:
             self.model.save(self.out_dir / "best_model")  # the model's own format, for PTQ and evaluation
         atomic_write_json(self.out_dir / "results.json", results)
         return results
-
-
-def _comparable(saved: dict[str, Any], current: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Two run identities in the form they are compared in.
-
-    A saved quantization config as ``QuantConfig.from_dict`` reads it (options added since
-    default to what the run computed with); each parameter group's names in sorted order (the
-    optimizer state is keyed by name). In ``run_info`` as ``qs4d train`` records it, a data
-    source saved with an installation path is named as it is now (``source_identity``), and a
-    run saved before the data's content hash was recorded is compared without it.
-    """
-    saved, current = (_normalized(identity) for identity in (saved, current))
-    saved_task, current_task = (_task_info(identity) for identity in (saved, current))
-    if saved_task is not None and current_task is not None:
-        if isinstance(saved_task.get("source"), str):
-            saved_task["source"] = source_identity(saved_task["source"])
-        if "sha256" not in saved_task:
-            current_task.pop("sha256", None)
-    return saved, current
-
-
-def _task_info(identity: dict[str, Any]) -> dict[str, Any] | None:
-    run_info = identity.get("run_info")
-    task = run_info.get("task") if isinstance(run_info, dict) else None
-    return task if isinstance(task, dict) else None
-
-
-def _noise_rng_key(meta: dict[str, Any]) -> str:
-    """The key of the noise generator's state under ``rng``: ``noise``, or ``weight_noise`` in a checkpoint
-    written before the noise protocol was renamed."""
-    rng = meta.get("rng")
-    return "weight_noise" if isinstance(rng, dict) and "weight_noise" in rng and "noise" not in rng else "noise"
-
-
-def _normalized(identity: dict[str, Any]) -> dict[str, Any]:
-    out = json.loads(json.dumps(identity))  # a deep copy: the caller's dicts are not touched
-    train = out.get("train")
-    if isinstance(train, dict) and train.get("weight_noise") == 0.0:  # a run from before the noise options
-        del train["weight_noise"]
-        train.update(noise=0.0, noise_protocol="qs4d", noise_targets=["A"], noise_eval=False)
-    model_config = out.get("model_config")
-    if isinstance(model_config, dict) and isinstance(model_config.get("quant"), dict):
-        out["model_config"] = {**model_config, "quant": QuantConfig.from_dict(model_config["quant"]).to_dict()}
-    if isinstance(out.get("param_groups"), list):
-        out["param_groups"] = [{**g, "names": sorted(g["names"])} if isinstance(g, dict) and "names" in g else g
-                               for g in out["param_groups"]]
-    return out
-
-
-def _check_resume_meta(meta: dict[str, Any], source: Path, epochs: int,
-                       generators: Mapping[tuple[str, ...], np.random.Generator]) -> None:
-    """Refuse a ``last.json`` whose values cannot be what the trainer wrote, naming the key."""
-    epoch = json_get(meta, ("epoch",), source, int)
-    if not 0 <= epoch <= epochs:
-        raise CheckpointError(f"{source}: key 'epoch' is {epoch}, expected a completed epoch 0..{epochs}")
-    step = json_get(meta, ("optimizer", "step"), source, int)
-    if step < 0:
-        raise CheckpointError(f"{source}: key 'optimizer.step' is {step}, expected an integer >= 0")
-    factor = json_get(meta, ("optimizer", "lr_factor"), source, float)
-    if not math.isfinite(factor) or factor < 0:
-        raise CheckpointError(f"{source}: key 'optimizer.lr_factor' is {factor}, expected a finite number >= 0")
-    json_get(meta, ("best", "epoch"), source, int)
-    json_get(meta, ("best", "val_acc"), source, float)
-    history = json_get(meta, ("history",), source, list)
-    if len(history) != epoch or not all(isinstance(r, dict) for r in history):
-        raise CheckpointError(f"{source}: key 'history' holds {len(history)} entries, expected one record "
-                              f"(an object) per completed epoch ({epoch})")
-    saved_model_rngs = json_get(meta, ("rng", "model"), source, dict)
-    for keys, generator in generators.items():
-        if keys[:2] == ("rng", "model") and keys[2] not in saved_model_rngs:
-            continue  # a generator set mismatch is reported with both sets by the caller
-        kind = type(generator.bit_generator)
-        state = json_get(meta, keys, source, dict)
-        try:
-            kind().state = state  # a scratch generator: validates without touching the run's
-        except (TypeError, ValueError, KeyError) as exc:
-            raise CheckpointError(f"{source}: key {'.'.join(keys)!r} is not a {kind.__name__} generator state "
-                                  f"(bit_generator {state.get('bit_generator')!r}): {exc}") from None
-
-
-def evaluate_model(model: Any, batches: BatchIterator, *, mode: str | None = None, desc: str = "eval",
-                   progress: bool = False) -> dict[str, float]:
-    """Mean cross-entropy ``loss``, accuracy ``acc``, ``count`` of samples and ``nonfinite`` logit count
-    of ``model`` in eval mode over one pass of ``batches``.
-
-    ``mode`` ("conv" | "recurrent") is passed to ``model.forward`` when given.
-    A sample whose logits are not all finite counts as wrong; the loss then is NaN.
-    """
-    loss_fn, totals, nonfinite = SoftmaxCrossEntropy(), _Totals(), 0
-    kwargs = {} if mode is None else {"mode": mode}
-    for x, y in tqdm(batches.epoch(), total=len(batches), desc=desc, disable=not progress, leave=False):
-        logits = model.forward(x, training=False, **kwargs)
-        finite = np.isfinite(logits).all(axis=1)
-        if not finite.all():
-            nonfinite += int(np.size(logits) - np.count_nonzero(np.isfinite(logits)))
-            totals.loss, totals.count = math.nan, totals.count + len(y)
-            totals.correct += int(np.count_nonzero((np.argmax(logits, axis=1) == y) & finite))
-            continue
-        totals.add(loss_fn.forward(logits, y), logits, y)
-    return {"loss": totals.mean_loss, "acc": totals.accuracy, "count": totals.count, "nonfinite": nonfinite}
 
 
 def _json_line(record: Mapping[str, Any]) -> str:
