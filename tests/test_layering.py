@@ -19,8 +19,9 @@ package reads a private attribute (``<expr>._name``, one leading underscore or
 a mangled ``__name``, not a dunder) of another object: <expr> must be ``self``,
 ``cls`` or ``super()``. Objects of other libraries are not ours to police: an
 access whose expression starts at a name the file imported from outside qs4d_np
-(``argparse._SubParsersAction`` in an annotation, ``np._core``) is allowed.
-``test_checks_catch_violations`` runs the three checks on a small package with
+(``argparse._SubParsersAction`` in an annotation, ``np._core``) is allowed;
+(d) no file is longer than ``MAX_LINES`` lines.
+``test_checks_catch_violations`` runs the four checks on a small package with
 one violation of each kind, so a check that silently passes everything fails.
 """
 from __future__ import annotations
@@ -52,6 +53,9 @@ PEER_IMPORTS = {("train", "hardware")}
 
 # Imports exempt from (a) and (b), by module and the function holding them: the deprecated aliases.
 LAZY_ALIASES = {"qs4d_np.quant.ptq": {"moved_attribute"}}
+
+# A module this long holds more than one job: split it along its seams (docs/ARCHITECTURE.md).
+MAX_LINES = 450
 
 
 
@@ -225,6 +229,13 @@ def private_violations(root: Path, package: str) -> list[str]:
     return problems
 
 
+def long_modules(root: Path, package: str, limit: int) -> list[str]:
+    """'file: N lines' for every .py file of ``package`` under ``root`` with more than ``limit`` lines."""
+    lines = {path.relative_to(root).as_posix(): path.read_text().count("\n")  # as ``wc -l`` counts
+             for path in package_modules(root, package).values()}
+    return [f"{name}: {n} lines" for name, n in sorted(lines.items()) if n > limit]
+
+
 # -- the package ------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def graph() -> dict[str, dict[str, int]]:
@@ -246,6 +257,11 @@ def test_packages_import_only_lower_layers(graph):
 def test_no_private_attribute_reads_of_other_objects():
     problems = private_violations(ROOT, PACKAGE)
     assert not problems, "\n".join(problems)
+
+
+def test_no_module_over_450_lines():
+    found = long_modules(ROOT, PACKAGE, MAX_LINES)
+    assert not found, f"files over {MAX_LINES} lines (split each along its seams):\n" + "\n".join(found)
 
 
 # -- the checks themselves ----------------------------------------------------------------------
@@ -281,3 +297,5 @@ def test_checks_catch_violations(tmp_path):
     assert private_accesses(tmp_path / PACKAGE / "core/ops.py", PACKAGE) == [(7, "op._params")]
     assert private_violations(tmp_path, PACKAGE) == [
         "qs4d_np/core/ops.py:7: op._params reads a private attribute of another object"]
+    assert long_modules(tmp_path, PACKAGE, limit=6) == ["qs4d_np/core/ops.py: 7 lines"]
+    assert long_modules(tmp_path, PACKAGE, limit=7) == []  # at the limit is within it
