@@ -129,3 +129,31 @@ def test_hardware_studies_example_in_its_fast_configuration(tmp_path, capsys):
     assert "$ qs4d" not in printed and printed.count("reusing") == 3 + 3 + 4
     again = load_json(out / "hardware_studies.json")
     assert again["noise"] == results["noise"] and again["verdicts"] == results["verdicts"]
+
+
+def test_analog_imssa_example_on_a_tiny_qat_run(tmp_path, capsys):
+    """The IMSSA example end to end on the committed 1-layer 16-level QAT run (its state quantized)."""
+    example = _example("analog_imssa")
+    run = Path(__file__).resolve().parent / "data" / "compat" / "run_qat16"
+    out = tmp_path / "analog.json"
+    argv = ["--checkpoint", str(run), "--calib", "4", "--limit-test", "3", "--seeds", "2", "--batch_size", "3",
+            "--out", str(out)]
+    assert example.main(argv) == 0
+    printed = capsys.readouterr().out
+    result = load_json(out)
+    assert result["test_samples"] == 3 and result["calib_samples"] == 4
+    assert "float32 vs its float64 twin" in printed and 0.0 <= result["digital_float64_agreement"] <= 1.0
+    assert set(result["configs"]) == set(example.CONFIGS)
+    for name, (cfg, noisy) in example.CONFIGS.items():
+        entry = result["configs"][name]
+        assert entry["seeds"] == (2 if noisy else 1) and len(entry["runs"]) == entry["seeds"]
+        assert entry["crossbar"] == cfg.to_dict()
+        for r in entry["runs"]:
+            assert r["samples"] == 3 and 0.0 <= r["accuracy"] <= 1.0 and 0.0 <= r["agreement"] <= 1.0
+        assert name in printed
+    # the twin is the same model in float64: same weights, quantizers and ranges
+    model = example.static_ranges(load_model(run), np.zeros((4, 784, 1), np.float32), 4)
+    twin = example.float64_twin(model)
+    assert twin.dtype == np.float64 and model.config["quant"] == twin.config["quant"]
+    for name, value in model.state_arrays().items():
+        np.testing.assert_array_equal(twin.state_arrays()[name], value.astype(np.result_type(value, np.float64)))
