@@ -11,7 +11,9 @@
 3. Convert it with ``hardware.to_analog`` under each crossbar configuration (calibrated on the
    first ``--calib`` training digits) and evaluate it on the test digits: accuracy, the digital
    recurrent accuracy, agreement (same prediction as the digital forward), overflowing samples;
-   noisy configurations over ``--seeds`` seeds (mean and std).
+   noisy configurations over ``--seeds`` seeds (mean and std). The noisy rows compare the two
+   state updates (``CrossbarConfig.state_update``): "full" rows hold Abar, whose cell errors
+   perturb |Abar| ~ 1 of slowly decaying modes; "increment" rows hold Abar - I.
 4. Print a table and write the numbers as JSON (``--out``).
 
     python examples/analog_imssa.py --checkpoint runs/qat8r3 --out runs/qat8r3/analog.json
@@ -38,6 +40,9 @@ from qs4d_np.train.ptq import calibrate, with_quant
 # noise-free, calibrated, the state DAC on the model's state grid (the converters' fixed grid)
 MATCHED = CrossbarConfig(dac_bits=8, adc_bits=10, noise_management="none", bound_management=False,
                          state_grid="model", calib_margin=1.25)
+# the same, with the state rows holding Abar - I (the periphery adds the held state) and every row's
+# weights scaled to the full conductance range: cell errors then scale with |Abar - I|, not |Abar| ~ 1
+INCREMENT = dataclasses.replace(MATCHED, state_update="increment", weight_scaling="output")
 CONFIGS: dict[str, tuple[CrossbarConfig, bool]] = {  # name -> (config, noisy: run several seeds)
     "8-bit DAC, 10-bit ADC, model state grid": (MATCHED, False),
     "8-bit DAC, 10-bit ADC, model state grid, margin 2": (dataclasses.replace(MATCHED, calib_margin=2.0), False),
@@ -51,6 +56,13 @@ CONFIGS: dict[str, tuple[CrossbarConfig, bool]] = {  # name -> (config, noisy: r
     "realistic (read noise 0.06, PCM programming noise)": (CrossbarConfig.realistic(), True),
     "realistic, model state grid": (CrossbarConfig.realistic(noise_management="none", state_grid="model",
                                                               calib_margin=1.25), True),
+    "8/10 bits, model state grid, read noise 0.01": (dataclasses.replace(MATCHED, out_noise=0.01), True),
+    "8/10 bits, model state grid, PCM programming noise": (dataclasses.replace(MATCHED, prog_noise=1.0), True),
+    "increment update, per-row weights, 8/10 bits": (INCREMENT, False),
+    "increment update, read noise 0.01": (dataclasses.replace(INCREMENT, out_noise=0.01), True),
+    "increment update, PCM programming noise": (dataclasses.replace(INCREMENT, prog_noise=1.0), True),
+    "increment update, realistic noise (read 0.06, PCM)": (dataclasses.replace(INCREMENT, out_noise=0.06,
+                                                                               prog_noise=1.0), True),
 }
 
 

@@ -55,7 +55,7 @@ def _dense_arrays(channel, mode_ptr, arr_ptr, delayed, Ga, Gb, Gc, Gd):
     return arrays
 
 
-def imssa_scan(u, x0, channel, mode_ptr, arr_ptr, delayed, Ga, Gb, Gc, Gd, r_s, r_u, f_s, f_y, step_s, step_y,
+def imssa_scan(u, x0, channel, mode_ptr, arr_ptr, delayed, increment, Ga, Gb, Gc, Gd, r_s, r_u, f_s, f_y, step_s, step_y,
                lim_s, lim_y, nm_target, inp_step, qmax_in, clamp_in, g_unit, qmax_out, noise_type, out_noise,
                w_noise, max_round, key, state_bound, rec_in, rec_out):
     B, L, H = u.shape
@@ -144,7 +144,7 @@ def imssa_scan(u, x0, channel, mode_ptr, arr_ptr, delayed, Ga, Gb, Gc, Gd, r_s, 
                 continue
             for e in range(E):
                 for p in range(2):
-                    v = x_new[p, e]
+                    v = x[p, e] + x_new[p, e] if increment else x_new[p, e]  # increment: the rows gave the change
                     if not (abs(v) <= state_bound and np.isfinite(v)):
                         if overflow[b] < 0:
                             overflow[b] = t

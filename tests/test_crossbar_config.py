@@ -53,6 +53,7 @@ def test_unknown_key_is_an_error_naming_it():
     ("tile_rows", 0, ValueError), ("tile_cols", 2.5, TypeError), ("g_levels", 1, ValueError),
     ("pcm_coeffs", [1.0, 2.0], TypeError), ("pcm_coeffs", [1.0, "a", 2.0], TypeError),
     ("out_bound", 0.0, ValueError), ("inp_bound", float("nan"), ValueError),
+    ("state_update", "delta", ValueError), ("ssm_readout", "later", ValueError),
 ])
 def test_bad_values_name_the_key(key, value, exc):
     with pytest.raises(exc, match=key):

@@ -61,12 +61,14 @@ def test_channel_matrix_is_the_complex_step():
 
 
 @pytest.mark.parametrize("delayed", [False, True])
-def test_cells_are_the_channel_matrix(delayed):
+@pytest.mark.parametrize("update", ["full", "increment"])
+def test_cells_are_the_channel_matrix(delayed, update):
     layer = S4D(5, 6, dtype=np.float64, seed=2)
     eff = layer.effective_ssm("recurrent")
-    cfg = CrossbarConfig(tile_rows=16, tile_cols=14)  # 2 channels per array: 7 x 7 (7 x 8) blocks
+    cfg = CrossbarConfig(tile_rows=16, tile_cols=14, state_update=update)  # 2 channels per array: 7 x 7 (7 x 8)
     layout = IMSSALayout.of(eff.C, eff.D, cfg, delayed)
     assert layout.n_arrays == 3 and layout.input_lines == layout.lines + 5 * delayed
+    assert layout.increment == (update == "increment")
     cells = Cells.of(eff, layout)
     arr, row, col = cells.positions(layout)
     values = cells.flat()
@@ -77,6 +79,9 @@ def test_cells_are_the_channel_matrix(delayed):
         dense[row[arr == a], col[arr == a]] = values[arr == a]
         blocks = [channel_matrix(eff.Abar[h], eff.Bbar[h], eff.C[h], eff.D[h], delayed)
                   for h in layout.channel[c0:c1]]
+        if update == "increment":  # the state rows hold Abar - I: the identity comes off their diagonal
+            for blk in blocks:
+                blk[np.arange(6), np.arange(6)] -= 1.0
         assert np.array_equal(dense, block_diag(*blocks))  # the channels' blocks on the diagonal, nothing else
 
 
@@ -107,14 +112,16 @@ def test_ideal_analog_equals_the_digital_recurrence(arch):
 @pytest.mark.parametrize("preset", ["qs4d", "s4d-example"])
 @pytest.mark.parametrize("quant", [None, QAT])
 @pytest.mark.parametrize("readout", ["direct", "delayed"])
-def test_ideal_analog_equals_digital_for_the_presets(preset, quant, readout):
+@pytest.mark.parametrize("update", ["full", "increment"])
+def test_ideal_analog_equals_digital_for_the_presets(preset, quant, readout, update):
     model = S4DModel.from_preset(preset, 2, 3, d_model=8, d_state=8, n_layers=2, dtype=np.float64, seed=3,
                                  quant=quant)
     x = _x(batch=4, length=12)
     model.forward(x, training=True)  # BatchNorm running statistics away from their initial values
     digital = model.forward(x, mode="recurrent")
-    analog = to_analog(model, CrossbarConfig.ideal(dtype="float64", ssm_readout=readout))
+    analog = to_analog(model, CrossbarConfig.ideal(dtype="float64", ssm_readout=readout, state_update=update))
     assert all(core.layout.delayed == (readout == "delayed") for core in _cores(analog))
+    assert all(core.layout.increment == (update == "increment") for core in _cores(analog))
     np.testing.assert_allclose(analog.forward(x), digital, rtol=0, atol=1e-12 * np.abs(digital).max())
     if quant is not None:  # the arrays hold the quantized values: the float weights would differ
         float_model = S4DModel.from_preset(preset, 2, 3, d_model=8, d_state=8, n_layers=2, dtype=np.float64,
@@ -172,11 +179,12 @@ def _layer_case(seed, H, N, cfg, pruned=0.0, delayed=False):
        dac=st.integers(3, 8), adc=st.integers(3, 10), levels=st.integers(3, 200),
        out_bound=st.sampled_from([0.3, 1.0, 12.0]), nm=st.sampled_from(["absmax", "none"]),
        bm=st.booleans(), scaling=st.sampled_from(["tensor", "output"]), pruned=st.sampled_from([0.0, 0.4]),
-       calibrated=st.booleans(), delayed=st.booleans())
+       calibrated=st.booleans(), delayed=st.booleans(), update=st.sampled_from(["full", "increment"]))
 def test_kernel_equals_twin_on_noise_free_integer_configs(seed, H, N, dac, adc, levels, out_bound, nm, bm, scaling,
-                                                          pruned, calibrated, delayed):
+                                                          pruned, calibrated, delayed, update):
     cfg = CrossbarConfig(dac_bits=dac, adc_bits=adc, out_bound=out_bound, g_levels=levels, noise_management=nm,
-                         bound_management=bm, bm_max_rounds=3, weight_scaling=scaling, tile_rows=12, tile_cols=12)
+                         bound_management=bm, bm_max_rounds=3, weight_scaling=scaling, tile_rows=12, tile_cols=12,
+                         state_update=update)
     layout, cells, rng = _layer_case(seed, H, N, cfg, pruned, delayed)
     ranges = None
     if calibrated:
@@ -215,6 +223,29 @@ def test_kernel_and_twin_agree_in_distribution_with_noise():
     same = ref.imssa_scan(*prog.scan_args(layout, u, x0, 3, np.inf))[0]
     np.testing.assert_allclose(fast[3], same, rtol=0, atol=1e-9 * np.abs(same).max())
     assert np.abs(fast[3] - fast[4]).max() > 0.1 * np.abs(same).max()  # while another key differs
+
+
+@pytest.mark.parametrize("kind", ["prog", "read"])
+def test_increment_update_shrinks_the_noise_of_slow_modes(kind):
+    # dt near dt_min: |Abar - I| ~ dt |A| ~ 1e-2; a cell error relative to its row's largest weight moves
+    # Abar by ~1e-2 of the noise level with the increment rows, by ~1 of it with the full rows
+    rng = np.random.default_rng(7)
+    layer = S4D(4, 8, dtype=np.float64, seed=7, dt_min=1e-3, dt_max=5e-3)
+    eff = layer.effective_ssm("recurrent")
+    u = rng.standard_normal((2, 200, 4))
+    noise = (dict(prog_noise=0.002, prog_noise_type="gaussian") if kind == "prog" else dict(out_noise=0.002))
+    err = {}
+    for update in ("full", "increment"):
+        cfg = CrossbarConfig.ideal(weight_scaling="output", state_update=update, tile_rows=20, tile_cols=20)
+        layout = IMSSALayout.of(eff.C, eff.D, cfg)
+        cells = Cells.of(eff, layout)
+        x0 = np.zeros((2, 2, layout.n_modes))
+        exact = imssa_scan(*program_layer(cells, layout, cfg, None, None).scan_args(layout, u, x0, 0, np.inf))[0]
+        noisy = program_layer(cells, layout, dataclasses.replace(cfg, **noise), None, np.random.default_rng(1))
+        y = imssa_scan(*noisy.scan_args(layout, u, x0, 0, np.inf))[0]
+        err[update] = np.sqrt(((y - exact) ** 2).mean()) / np.sqrt((exact ** 2).mean())
+    assert err["full"] > 0.03  # the noise matters at all (full rows: 0.12 / 0.16 measured)
+    assert err["increment"] < 0.2 * err["full"]  # measured: 9x (prog) / 15x (read) smaller
 
 
 # -- calibration ------------------------------------------------------------------------

@@ -58,6 +58,7 @@ CALIB_RULES = ("max", "percentile")
 CALIB_GRANULARITIES = ("column", "array")
 STATE_GRIDS = ("calibrated", "model")
 SSM_READOUTS = ("auto", "direct", "delayed")
+STATE_UPDATES = ("full", "increment")
 # PCM programming noise sigma(g) = g_max/25 * (c0 + c1*(g/g_max) + c2*(g/g_max)^2)
 PCM_COEFFS = (0.26348, 1.9650, -1.1731)
 
@@ -102,6 +103,11 @@ class CrossbarConfig:
     and u_t on an extra input line per channel (y_t on the state's own grid, as a model with a
     quantized state computes it; one more input line per channel and one more MVM per
     sequence); "auto" (default): "delayed" for a layer whose state is quantized, else "direct".
+    ``state_update``: what an SSM array's state rows compute (``qs4d_np.hardware.imssa_layout``):
+    "full" (default) the new state Abar x + Bbar u; "increment" the change (Abar - I) x + Bbar u,
+    which the periphery adds to the state it holds, so that the cells' programming and read errors
+    scale with |Abar - I| (small for slowly decaying modes) instead of |Abar| ~ 1 (most useful
+    with ``weight_scaling`` "output"; on the model's state grid the sum is the same grid point).
     """
 
     dac_bits: int | None = 7
@@ -132,6 +138,7 @@ class CrossbarConfig:
     bits_from_model: bool = False
     state_grid: str = "calibrated"
     ssm_readout: str = "auto"
+    state_update: str = "full"
     t_inference: float = 0.0
     drift_compensation: bool = True
 
@@ -175,6 +182,7 @@ class CrossbarConfig:
         check_choice("CrossbarConfig.calib_granularity", self.calib_granularity, CALIB_GRANULARITIES)
         check_choice("CrossbarConfig.state_grid", self.state_grid, STATE_GRIDS)
         check_choice("CrossbarConfig.ssm_readout", self.ssm_readout, SSM_READOUTS)
+        check_choice("CrossbarConfig.state_update", self.state_update, STATE_UPDATES)
         if self.state_grid == "model" and self.noise_management != "none":
             raise ValueError("CrossbarConfig.state_grid='model' needs noise_management='none': absmax noise "
                              "management rescales every input vector, which moves the state's grid")

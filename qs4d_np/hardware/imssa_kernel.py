@@ -44,10 +44,11 @@ for t > 0:
 7. digital: out_i = w_i * (step_i * f_i) * (sc * 2^k) with the digital output scales
    ``f_s``, ``f_y`` (weight scale times drift compensation); the state lines become
    x_t, the output lines y_t (delayed: y_{t-1}).
-8. state register: |x| > state_bound (or a non-finite x) marks the sample overflowed at
-   that step; its prediction is lost, so its remaining steps are not computed (their
-   outputs stay 0 and its final state is the saturated one: +-state_bound, NaN -> 0, or 0
-   where state_bound is inf).
+8. state register: x_t is the state lines' out, or with ``increment`` x_{t-1} + out (the
+   state rows hold Abar - I: ``CrossbarConfig.state_update``); |x_t| > state_bound (or a
+   non-finite x_t) marks the sample overflowed at that step; its prediction is lost, so its
+   remaining steps are not computed (their outputs stay 0 and its final state is the
+   saturated one: +-state_bound, NaN -> 0, or 0 where state_bound is inf).
 
 Calibration: ``rec_in`` (B, 2E + C) and ``rec_out`` (B, 2E + C), when not empty, receive
 per sample the largest |z_j| over the reads (inputs, before any scaling; state lines 2e + p,
@@ -188,8 +189,8 @@ def _read_round(c0, c1, mode_ptr, read_state, read_out, x, zu, zp, g, scale, cel
 
 
 @njit(cache=True)
-def _run_sample(b, u, x0, channel, mode_ptr, arr_ptr, cells, scales, consts, flags, max_round, key, max_rows,
-                rec_in, rec_out, outputs):
+def _run_sample(b, u, x0, channel, mode_ptr, arr_ptr, increment, cells, scales, consts, flags, max_round, key,
+                max_rows, rec_in, rec_out, outputs):
     """Sample b's reads (module docstring) into outputs = (y, x_out, clipped, retries, overflow) at b.
     A function of its own, called per sample from the prange loop: inlined there, Numba's parfor
     lowering lost the final state's store."""
@@ -264,11 +265,11 @@ def _run_sample(b, u, x0, channel, mode_ptr, arr_ptr, cells, scales, consts, fla
                     for c in range(c0, c1):
                         y[b, t - 1 if delayed else t, channel[c]] = y_new[c]
                 break
-        # 8. the state register
+        # 8. the state register (increment: the state rows gave the change, the register adds it)
         if read_state:
             for p in range(2):
                 for e in range(E):
-                    v = x_new[p, e]
+                    v = x[p, e] + x_new[p, e] if increment else x_new[p, e]
                     if not (abs(v) <= state_bound and np.isfinite(v)):
                         if overflow[b] < 0:
                             overflow[b] = t
@@ -278,7 +279,7 @@ def _run_sample(b, u, x0, channel, mode_ptr, arr_ptr, cells, scales, consts, fla
 
 
 @njit(cache=True, parallel=True)
-def imssa_scan(u, x0, channel, mode_ptr, arr_ptr, delayed, Ga, Gb, Gc, Gd, r_s, r_u, f_s, f_y, step_s, step_y,
+def imssa_scan(u, x0, channel, mode_ptr, arr_ptr, delayed, increment, Ga, Gb, Gc, Gd, r_s, r_u, f_s, f_y, step_s, step_y,
                lim_s, lim_y, nm_target, inp_step, qmax_in, clamp_in, g_unit, qmax_out, noise_type, out_noise,
                w_noise, max_round, key, state_bound, rec_in, rec_out):
     """Run the layer's arrays over u (B, L, H) from the state x0 (B, 2, E) (module docstring).
@@ -317,6 +318,6 @@ def imssa_scan(u, x0, channel, mode_ptr, arr_ptr, delayed, Ga, Gb, Gc, Gd, r_s, 
     outputs = (y, x_out, clipped, retries, overflow)
     flags = (quant_in, quant_out, noise_type, recording, delayed)
     for b in prange(B):
-        _run_sample(b, u, x0, channel, mode_ptr, arr_ptr, cells, scales, consts, flags, max_round, key, max_rows,
-                    rec_in, rec_out, outputs)
+        _run_sample(b, u, x0, channel, mode_ptr, arr_ptr, increment, cells, scales, consts, flags, max_round, key,
+                    max_rows, rec_in, rec_out, outputs)
     return y, x_out, clipped, retries, overflow

@@ -30,6 +30,17 @@ takes L + 1 reads: the first converts only the state rows (there is no y_{-1}), 
 with the input line at 0, only the output rows; the ADC conversions are the same as
 "direct" (L per line). The streaming step runs both reads for each step.
 
+State update (``CrossbarConfig.state_update``): "full" programs blockdiag(Abar) as above;
+"increment" programs blockdiag(Abar - I) in its place, so the state rows give the change
+d_t = (Abar - I) s_{t-1} + Bbar u_t and the periphery, which holds s_{t-1} in its state
+register anyway, adds it: s_t = s_{t-1} + d_t. The same function of exact cells; but a cell's
+programming error and a row's read noise now scale with |Abar - I| ~ dt |A|, which is small
+exactly for the slowly decaying modes (|Abar| near 1) whose long memory integrates those
+errors, where "full" perturbs |Abar| ~ 1 itself and can push such a mode past |Abar| = 1. With
+the state rows' ADC on the state quantizer's grid and s_{t-1} on it, s_{t-1} + ADC(d_t) is the
+grid point the digital quantizer picks for Abar s_{t-1} + Bbar u_t (ties aside). The direct
+read-out's output row still holds C Abar (it reads C times the new state).
+
 Cells (ours): only the cells of that structure hold a device: per mode the four
 Abar cells, two Bbar cells and two output-row cells, per channel the D cell (8M + 1
 of the (2M + 1)^2 or (2M + 1)(2M + 2) positions). The other positions of a block are left
@@ -144,7 +155,8 @@ class IMSSALayout:
     ``mode_ptr[c]:mode_ptr[c+1]``; ``arr_ptr`` (A + 1,): array a holds channels
     ``arr_ptr[a]:arr_ptr[a+1]``. ``H``, ``M``: the layer's d_model and d_state / 2.
     ``delayed``: the output rows read the coded state one MVM later (module docstring), from
-    an extra input line per channel.
+    an extra input line per channel. ``increment``: the state rows hold Abar - I and the
+    periphery adds the held state (``CrossbarConfig.state_update``, module docstring).
     """
 
     channel: np.ndarray
@@ -154,6 +166,7 @@ class IMSSALayout:
     H: int
     M: int
     delayed: bool = False
+    increment: bool = False
 
     @classmethod
     def of(cls, C: np.ndarray, D: np.ndarray, config: CrossbarConfig, delayed: bool = False) -> "IMSSALayout":
@@ -174,7 +187,7 @@ class IMSSALayout:
         mode_ptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         mode = np.concatenate([modes[h] for h in channel] + [np.zeros(0, np.int64)]).astype(np.int64)
         arr_ptr = np.concatenate([[0], np.cumsum([h1 - h0 for h0, h1 in groups])]).astype(np.int64)
-        return cls(channel, mode, mode_ptr, arr_ptr, H, M, bool(delayed))
+        return cls(channel, mode, mode_ptr, arr_ptr, H, M, bool(delayed), config.state_update == "increment")
 
     @property
     def n_modes(self) -> int:
@@ -248,7 +261,9 @@ class Cells:
         """The exact step matrix entries of ``channel_matrix`` for the mapped modes of ``eff``."""
         ch = layout.channel[layout.mode_channel()]
         A, B, C = (z[ch, layout.mode] for z in (eff.Abar, eff.Bbar, eff.C))
-        a = np.stack([A.real, -A.imag, A.imag, A.real], axis=1)
+        # increment: the diagonal cells hold Re(Abar) - 1 (the periphery adds x_{t-1})
+        re = A.real - 1.0 if layout.increment else A.real
+        a = np.stack([re, -A.imag, A.imag, re], axis=1)
         b = np.stack([B.real, B.imag], axis=1)
         if layout.delayed:  # the output row reads the coded state and the previous input
             return cls(a, b, np.stack([2 * C.real, -2 * C.imag], axis=1), eff.D[layout.channel].astype(np.float64))

@@ -77,7 +77,7 @@ class ProgrammedIMSSA:
             return np.ascontiguousarray(a.T, dtype=np.float64)
 
         return (np.ascontiguousarray(u, dtype=np.float64), np.ascontiguousarray(x0, dtype=np.float64),
-                layout.channel, layout.mode_ptr, layout.arr_ptr, layout.delayed, major(G.a), major(G.b), major(G.c), G.d,
+                layout.channel, layout.mode_ptr, layout.arr_ptr, layout.delayed, layout.increment, major(G.a), major(G.b), major(G.c), G.d,
                 major(self.r_s), self.r_u, major(self.f_s), self.f_y, major(self.step_s), self.step_y,
                 major(self.lim_s), self.lim_y, self.nm_target, self.inp_step, self.qmax_in, self.clamp_in,
                 self.g_unit, self.qmax_out, self.noise_type, self.out_noise, self.w_noise, self.max_round,
