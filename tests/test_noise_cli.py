@@ -5,6 +5,9 @@ import numpy as np
 import pytest
 
 from qs4d_np.cli.main import main
+from qs4d_np.data.tasks import load_task
+from qs4d_np.hardware.config import CrossbarConfig
+from qs4d_np.hardware.robustness import noise_sweep
 from qs4d_np.io import load_json
 from qs4d_np.models.s4d_model import S4DModel
 from qs4d_np.quant.config import QuantConfig
@@ -60,6 +63,23 @@ def test_crossbar_protocol(runs, tmp_path, capsys):
                  "--seeds", "1", "--limit-test", "2", "--out", str(tmp_path / "x")]) == 0
     meta = load_json(tmp_path / "x" / "noise.json")
     assert meta["targets"] is None and len(meta["records"]) == 2
+    assert meta["crossbar"] == {"config": CrossbarConfig.ideal().to_dict(), "read_noise": "weight",
+                                "calib_samples": 0}
+    # a config file, calibration and output read noise: recorded, and the same runs as the library's sweep
+    config = CrossbarConfig(dac_bits=8, adc_bits=10, noise_management="none", bound_management=False,
+                            state_update="increment", weight_scaling="output")
+    config.save(tmp_path / "inc.json")
+    assert main(["noise", "--checkpoint", str(root / "float"), "--protocol", "crossbar", "--sigma", "0.3",
+                 "--seeds", "2", "--limit-test", "4", "--batch-size", "2", "--analog", str(tmp_path / "inc.json"),
+                 "--calib-batches", "2", "--read-noise", "output", "--out", str(tmp_path / "y")]) == 0
+    meta = load_json(tmp_path / "y" / "noise.json")
+    assert meta["crossbar"] == {"config": config.to_dict(), "read_noise": "output", "calib_samples": 4}
+    task = load_task("smnist", data_dir=str(runs[1]))
+    x, y = task.test.batch(np.arange(4))
+    calib, _ = task.train.batch(np.arange(4))
+    sweep = noise_sweep({"m": S4DModel.load(root / "float" / "best_model")}, x, y, "crossbar", [0.3], seeds=2,
+                        batch_size=2, base_config=config, calib=calib, read_noise="output")
+    assert [r["accuracy"] for r in meta["records"]] == sweep["m"]["runs"][0]
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -67,6 +87,10 @@ def test_crossbar_protocol(runs, tmp_path, capsys):
     (["--sigma", "0.1", "--protocol", "gauss"], "--protocol: invalid choice"),
     (["--sigma", "0.1", "--targets", "E"], "--targets: invalid choice"),
     (["--sigma", "0.1", "--protocol", "crossbar", "--targets", "A"], "crossbar read noise reaches every array"),
+    (["--sigma", "0.1", "--calib-batches", "2", "--read-noise", "output"],
+     "--calib-batches, --read-noise apply to --protocol crossbar, not qs4d"),
+    (["--sigma", "0.1", "--protocol", "crossbar", "--analog", "nowhere.json"], "--analog nowhere.json: no such file"),
+    (["--sigma", "0.1", "--protocol", "crossbar", "--read-noise", "input"], "--read-noise: invalid choice"),
 ])
 def test_flag_errors_are_one_line(runs, tmp_path, capsys, extra, message):
     root, _ = runs

@@ -1,8 +1,11 @@
 """Noise studies: zero noise gives the clean accuracy, seeds reproduce, noise hurts, records, bad input."""
+import dataclasses
+
 import numpy as np
 import pytest
 
 from qs4d_np.hardware.config import CrossbarConfig
+from qs4d_np.hardware.convert import evaluate_analog
 from qs4d_np.hardware.robustness import accuracy_under_noise, noise_sweep, sweep_records
 from qs4d_np.models.s4d_model import S4DModel
 from qs4d_np.quant.config import QuantConfig
@@ -91,6 +94,28 @@ def test_crossbar_sweep_uses_the_base_config():
     out = noise_sweep({"m": model}, x[:8], y[:8], "crossbar", [0.0], seeds=2,
                       base_config=CrossbarConfig(dac_bits=2, adc_bits=2))
     assert out["m"]["mean"][0] < 1.0  # 2-bit converters alone wreck the model: the base config is in effect
+
+
+def test_crossbar_sweep_calibrates_and_sets_the_read_noise_it_names():
+    model, x, y = _setup(3)
+    base = CrossbarConfig(dac_bits=8, adc_bits=10, noise_management="none", bound_management=False)
+    calib = x[24:]
+    out = noise_sweep({"m": model}, x[:24], y[:24], "crossbar", [0.3], seeds=2, base_config=base, calib=calib,
+                      read_noise="output")
+    # run r is evaluate_analog with out_noise = sigma, the sweep's calibration and the run's seed
+    for r, acc in enumerate(out["m"]["runs"][0]):
+        seed = int(np.random.default_rng([0, r]).integers(0, 2 ** 63))
+        calibrated, common = (evaluate_analog(model, x[:24], y[:24], dataclasses.replace(base, out_noise=0.3),
+                                              seed=seed, calib=c, state_bound=1e4)["accuracy"] for c in (calib, None))
+        assert acc == calibrated != common  # the same run, and its calibration is in effect
+    noisy = accuracy_under_noise(model, x, y, "crossbar", 0.5, np.random.default_rng(0), base_config=base,
+                                 calib=calib, read_noise="output")
+    assert noisy < accuracy_under_noise(model, x, y, "crossbar", 0.0, np.random.default_rng(0), base_config=base,
+                                        calib=calib, read_noise="output")
+    with pytest.raises(ValueError, match="read_noise must be one of"):
+        noise_sweep({"m": model}, x, y, "crossbar", [0.1], read_noise="input")
+    with pytest.raises(ValueError, match="apply to the crossbar protocol, not 'qs4d'"):
+        noise_sweep({"m": model}, x, y, "qs4d", [0.1], calib=calib)
 
 
 def test_bad_input_is_named():

@@ -78,12 +78,17 @@ def analog_config(name: str) -> CrossbarConfig:
         raise CommandError(f"--analog {name}: {exc}") from None
 
 
+def calib_sequences(task: Task, batches: int, batch_size: int) -> np.ndarray | None:
+    """``--calib-batches``: the first ``batches`` training batches (None for 0)."""
+    if not batches:
+        return None
+    calib, _ = task.train.batch(np.arange(min(len(task.train), batches * batch_size)))
+    return calib
+
+
 def _analog(args: argparse.Namespace, model: S4DModel, task: Task, dataset: Any) -> dict[str, Any]:
     config = analog_config(args.analog)
-    calib = None
-    if args.calib_batches:
-        n = min(len(task.train), args.calib_batches * args.batch_size)
-        calib, _ = task.train.batch(np.arange(n))
+    calib = calib_sequences(task, args.calib_batches, args.batch_size)
     x, y = dataset.batch(np.arange(len(dataset)))
     runs = [to_jsonable(evaluate_analog(model, x, y, config, batch_size=args.batch_size, seed=args.seed + k,
                                         state_bound=args.state_bound, calib=calib))

@@ -5,12 +5,17 @@ Examples::
     qs4d noise --checkpoint runs/float runs/qat4 --sigma 0 0.005 0.01 0.02 0.03 0.05 --seeds 5 --out runs/noiseA
     qs4d noise --checkpoint runs/qat4 --protocol absmax --targets A C linear --sigma 0 0.02 --out runs/noiseW
     qs4d noise --checkpoint runs/qat4 --protocol crossbar --sigma 0 0.01 0.02 --limit-test 200 --out runs/read
+    qs4d noise --checkpoint runs/qat8r --protocol crossbar --analog increment.json --calib-batches 4 \
+        --read-noise output --sigma 0 0.01 0.03 0.06 --out runs/read_out
 
 Protocols (``qs4d_np.hardware.robustness``): ``qs4d`` (the reference's: Gaussian noise of std
 sigma x (max - min) of each real part of the ``--targets`` values, after their quantizers,
-redrawn at every forward), ``absmax`` (std sigma x max|w|), ``crossbar`` (the model on ideal
-crossbars with read noise w_noise = sigma; every array, no ``--targets``). Run s of every model
-and sigma uses the generator ``default_rng([--seed, s])``.
+redrawn at every forward), ``absmax`` (std sigma x max|w|), ``crossbar`` (the model on crossbars
+with read noise sigma at every MVM, on every array, no ``--targets``: ``--read-noise weight``
+sets w_noise = sigma, ``output`` out_noise = sigma; the arrays are ``--analog`` (a preset or a
+CrossbarConfig JSON file; default ideal) with converter ranges calibrated on ``--calib-batches``
+training batches, 0 by default: the config's common ranges). Run s of every model and sigma
+uses the generator ``default_rng([--seed, s])``.
 
 Prints the mean and std of the accuracy over the seeds per (checkpoint, sigma) and writes, each
 atomically, ``DIR/noise.json`` (``records``: one {checkpoint, sigma, seed, stream, accuracy,
@@ -32,7 +37,9 @@ from qs4d_np.cli.common import (CommandError, add_data_flags, check_model_fits, 
                                 data_settings, load_data, load_model, non_negative_float, non_negative_int,
                                 positive_int, run_info)
 from qs4d_np.hardware.noise import TARGETS
-from qs4d_np.hardware.robustness import PROTOCOLS, noise_sweep, sweep_records
+from qs4d_np.cli.evaluate import analog_config, calib_sequences
+from qs4d_np.hardware.config import CrossbarConfig
+from qs4d_np.hardware.robustness import PROTOCOLS, READ_NOISES, noise_sweep, sweep_records
 from qs4d_np.cli.plot import save_png
 from qs4d_np.io import atomic_write_json, atomic_write_text
 from qs4d_np.ssm.s4d import MODES
@@ -57,6 +64,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--batch-size", type=positive_int, default=256,
                         help="evaluation batch; the noise is redrawn per batch (quantized activations are "
                              "scaled per batch)")
+    parser.add_argument("--analog", default=None, metavar="CONFIG",
+                        help="crossbar: the arrays, a preset or a CrossbarConfig JSON file (default ideal)")
+    parser.add_argument("--calib-batches", type=non_negative_int, default=0, metavar="N",
+                        help="crossbar: calibrate the converter ranges on N training batches (default 0: none)")
+    parser.add_argument("--read-noise", choices=READ_NOISES, default="weight",
+                        help="crossbar: sigma is w_noise (weight, default) or out_noise (output)")
     add_data_flags(parser, train=False)
     parser.add_argument("--out", required=True, metavar="DIR", help="folder for noise.json, noise.csv, noise.png")
     parser.set_defaults(func=run)
@@ -92,7 +105,7 @@ def plot_noise_sweep(sweep: Mapping[str, Mapping[str, list]], out: str | Path, x
 
 
 XLABELS = {"qs4d": "noise std / value range (%)", "absmax": "noise std / max|w| (%)",
-           "crossbar": "read noise w_noise / g_max (%)"}
+           "crossbar": "read noise w_noise / g_max (%)", "crossbar-output": "read noise out_noise / full scale (%)"}
 
 
 @command("noise")
@@ -105,6 +118,11 @@ def run(args: argparse.Namespace) -> int:
                            "every array")
     if args.protocol == "crossbar" and args.mode == "conv":
         raise CommandError("--mode conv: the crossbar protocol runs the model recurrently")
+    crossbar_flags = [f for f, given in (("--analog", args.analog is not None), ("--calib-batches", args.calib_batches),
+                                         ("--read-noise", args.read_noise != "weight")) if given]
+    if args.protocol != "crossbar" and crossbar_flags:
+        raise CommandError(f"{', '.join(crossbar_flags)} apply to --protocol crossbar, not {args.protocol}")
+    base_config = None if args.analog is None else analog_config(args.analog)  # fails before the data loads
     models = {str(c): load_model(c) for c in args.checkpoint}  # a missing run fails before the data loads
     settings = data_settings(args, run_info(args.checkpoint[0]).get("data"))
     task = load_data(settings)
@@ -112,8 +130,10 @@ def run(args: argparse.Namespace) -> int:
         check_model_fits(model, task, f"--checkpoint {name}")
     x, y = task.test.batch(np.arange(len(task.test)))
     targets = None if args.protocol == "crossbar" else tuple(args.targets or ("A",))
+    calib = calib_sequences(task, args.calib_batches, args.batch_size)
     sweep = noise_sweep(models, x, y, args.protocol, args.sigma, targets=targets, seeds=args.seeds,
-                        seed=args.seed, batch_size=args.batch_size, mode=args.mode)
+                        seed=args.seed, batch_size=args.batch_size, mode=args.mode, base_config=base_config,
+                        calib=calib, read_noise=args.read_noise)
     records = sweep_records(sweep, args.seed)
     for name, curve in sweep.items():
         for s, mean, std, lost in zip(curve["sigma"], curve["mean"], curve["std"], curve["nonfinite"]):
@@ -123,11 +143,15 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "noise.json", {
         "protocol": args.protocol, "targets": None if targets is None else list(targets),
-        "mode": args.mode, "sigmas": list(args.sigma), "seeds": args.seeds, "seed": args.seed,
+        "mode": args.mode, "sigmas": list(args.sigma),
+        "crossbar": None if args.protocol != "crossbar" else {
+            "config": (base_config or CrossbarConfig.ideal()).to_dict(), "read_noise": args.read_noise,
+            "calib_samples": 0 if calib is None else int(calib.shape[0])}, "seeds": args.seeds, "seed": args.seed,
         "batch_size": args.batch_size, "task": settings["task"], "samples": int(len(y)),
         "checkpoints": list(models), "records": records, "summary": sweep})
     atomic_write_text(out / "noise.csv", _csv(records))
-    plot_noise_sweep(sweep, out / "noise.png", XLABELS[args.protocol],
+    xlabel = XLABELS["crossbar-output" if args.protocol == "crossbar" and args.read_noise == "output" else args.protocol]
+    plot_noise_sweep(sweep, out / "noise.png", xlabel,
                      f"{args.protocol} noise on {', '.join(targets) if targets else 'every array'}")
     print(f"wrote {out / 'noise.json'}, {out / 'noise.csv'}, {out / 'noise.png'}")
     return 0
