@@ -1,8 +1,8 @@
 """A trained recurrent-QAT model on simulated IMSSA crossbars: agreement with its digital forward.
 
 1. Load a ``qs4d train`` run (e.g. ``--mode recurrent --all_quant 256``) and give its state and
-   activation quantizers static ranges, calibrated on training digits (``train.ptq.with_quant`` +
-   ``calibrate``: the same weights and grids, ``scale_mode="running"``), so that the digital
+   activation quantizers static ranges, calibrated on training digits (``train.ptq.static_ranges``:
+   the same weights and grids, ``scale_mode="running"``), so that the digital
    recurrent forward no longer depends on the batch it runs in. A run trained with
    ``--scale_mode state=running act=running`` already has them.
 2. Print how often its digital recurrent forward agrees with its float64 twin (the same model
@@ -35,7 +35,7 @@ from qs4d_np.hardware import CrossbarConfig, evaluate_analog
 from qs4d_np.io import atomic_write_json
 from qs4d_np.models.s4d_model import S4DModel
 from qs4d_np.quant.config import QuantConfig
-from qs4d_np.train.ptq import calibrate, with_quant
+from qs4d_np.train.ptq import static_ranges
 
 # noise-free, calibrated, the state DAC on the model's state grid (the converters' fixed grid)
 MATCHED = CrossbarConfig(dac_bits=8, adc_bits=10, noise_management="none", bound_management=False,
@@ -64,18 +64,6 @@ CONFIGS: dict[str, tuple[CrossbarConfig, bool]] = {  # name -> (config, noisy: r
     "increment update, realistic noise (read 0.06, PCM)": (dataclasses.replace(INCREMENT, out_noise=0.06,
                                                                                prog_noise=1.0), True),
 }
-
-
-def static_ranges(model: S4DModel, x: np.ndarray, batch_size: int) -> S4DModel:
-    """``model`` with running (calibrated) state and act ranges, the rest of its quantization kept."""
-    quant = model.quant
-    if quant is None:
-        return model
-    options = {t: dict(quant.target_options.get(t, {}), scale_mode="running") for t in ("state", "act")}
-    static = with_quant(model, QuantConfig.from_dict({**quant.to_dict(), "target_options": {
-        **quant.to_dict()["target_options"], **options}}))
-    calibrate(static, (x[i:i + batch_size] for i in range(0, x.shape[0], batch_size)), mode="recurrent")
-    return static
 
 
 def float64_twin(model: S4DModel) -> S4DModel:
@@ -111,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     n_test = len(task.test) if args.limit_test is None else min(args.limit_test, len(task.test))
     x, y = task.test.batch(np.arange(n_test))
     calib, _ = task.train.batch(np.arange(min(args.calib, len(task.train))))
-    model = static_ranges(load_model(args.checkpoint), calib, args.batch_size)
+    model = static_ranges(load_model(args.checkpoint), (calib[i:i + args.batch_size]
+                                                        for i in range(0, len(calib), args.batch_size)))
     # how far the digital model itself moves under a sub-step perturbation: float64 arithmetic
     same = float(np.mean(predictions(model, x, args.batch_size) == predictions(float64_twin(model), x,
                                                                                 args.batch_size)))

@@ -1,12 +1,14 @@
 """The ``qs4d`` command line end to end on a tiny synthetic MNIST-format dataset (IDX files in tmp)."""
 import importlib
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from qs4d_np.cli.main import main
 from qs4d_np.data.idx import write_idx
+from qs4d_np.hardware.config import CrossbarConfig
 from qs4d_np.models.s4d_model import S4DModel
 from qs4d_np.train.checkpoint import load_checkpoint
 
@@ -136,6 +138,23 @@ def test_eval_analog_presets_seeds_and_config_errors(data_dir, tmp_path, capsys)
         assert err.startswith("qs4d eval: error: --analog ") and message in err and len(err.splitlines()) == 1
     assert main([*small, "--analog", "noisy"]) == 1
     assert "not a preset (ideal, converters, realistic)" in capsys.readouterr().err
+
+
+def test_eval_analog_static_ranges_put_the_model_state_grid_on_the_arrays(tmp_path, capsys):
+    # the committed 1-layer recurrent QAT run: its state quantizer takes absmax ranges from the data
+    run = Path(__file__).resolve().parent / "data" / "compat" / "run_qat16"
+    config = tmp_path / "grid.json"
+    CrossbarConfig(dac_bits=8, adc_bits=10, noise_management="none", bound_management=False,
+                   state_grid="model").save(config)
+    small = ["eval", "--checkpoint", str(run), "--limit-test", "3", "--batch_size", "4", "--analog", str(config)]
+    assert main([*small, "--calib-batches", "1"]) == 1
+    err = capsys.readouterr().err
+    assert "needs a static state range" in err and len(err.splitlines()) == 1
+    assert main([*small, "--calib-batches", "1", "--static-ranges"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["static_ranges"] is True and out["calib_samples"] == 4 and 0.0 <= out["agreement"] <= 1.0
+    assert main([*small, "--calib-batches", "0", "--static-ranges"]) == 1
+    assert "--static-ranges calibrates on the --calib-batches batches" in capsys.readouterr().err
 
 
 def test_resume_through_the_cli_matches_an_uninterrupted_run(data_dir, tmp_path, monkeypatch, capsys):

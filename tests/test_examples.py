@@ -152,7 +152,7 @@ def test_analog_imssa_example_on_a_tiny_qat_run(tmp_path, capsys):
             assert r["samples"] == 3 and 0.0 <= r["accuracy"] <= 1.0 and 0.0 <= r["agreement"] <= 1.0
         assert name in printed
     # the twin is the same model in float64: same weights, quantizers and ranges
-    model = example.static_ranges(load_model(run), np.zeros((4, 784, 1), np.float32), 4)
+    model = example.static_ranges(load_model(run), [np.zeros((4, 784, 1), np.float32)])
     twin = example.float64_twin(model)
     assert twin.dtype == np.float64 and model.config["quant"] == twin.config["quant"]
     for name, value in model.state_arrays().items():

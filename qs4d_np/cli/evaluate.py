@@ -15,6 +15,11 @@ equal), ``overflowed``, ``arrays``, ``adc_conversions``, ``adc_clipped``, ... Th
 ranges are calibrated on the first ``--calib-batches`` training batches (0: the config's
 common ranges). With ``--analog-seeds K`` > 1, seeds seed .. seed+K-1 each program and read
 the arrays anew; the object then holds their mean and std and the per-seed results.
+``--static-ranges`` first rebuilds a QAT model with running state and act ranges calibrated
+on those batches (``train.ptq.static_ranges``), which ``state_grid: "model"`` configs need
+when the model was trained with absmax ranges; analog and digital then run that model.
+
+    qs4d eval --checkpoint runs/qat8r3 --analog matched.json --calib-batches 6 --static-ranges
 """
 from __future__ import annotations
 
@@ -36,6 +41,7 @@ from qs4d_np.io import atomic_write_json
 from qs4d_np.models.s4d_model import S4DModel
 from qs4d_np.ssm.s4d import MODES
 from qs4d_np.train.checkpoint import to_jsonable
+from qs4d_np.train.ptq import static_ranges
 from qs4d_np.train.evaluate import evaluate_model
 
 # --analog presets
@@ -59,6 +65,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="with --analog: calibrate the converter ranges on N training batches (0: none)")
     parser.add_argument("--state-bound", type=positive_float, default=None, metavar="B",
                         help="with --analog: the state registers' bound (default: 16x the calibrated range)")
+    parser.add_argument("--static-ranges", action="store_true",
+                        help="with --analog: first give the model's state and act quantizers running ranges "
+                             "calibrated on the --calib-batches batches (train.ptq.static_ranges), e.g. for a "
+                             "config with state_grid 'model' on a model trained with absmax ranges")
     parser.add_argument("--analog-seeds", type=positive_int, default=1, metavar="K",
                         help="with --analog: K programmings (seeds seed .. seed+K-1), mean and std")
     parser.add_argument("--seed", type=non_negative_int, default=0, help="seed of the analog simulation's noise")
@@ -89,6 +99,8 @@ def calib_sequences(task: Task, batches: int, batch_size: int) -> np.ndarray | N
 def _analog(args: argparse.Namespace, model: S4DModel, task: Task, dataset: Any) -> dict[str, Any]:
     config = analog_config(args.analog)
     calib = calib_sequences(task, args.calib_batches, args.batch_size)
+    if args.static_ranges:
+        model = static_ranges(model, (calib[i:i + args.batch_size] for i in range(0, len(calib), args.batch_size)))
     x, y = dataset.batch(np.arange(len(dataset)))
     runs = [to_jsonable(evaluate_analog(model, x, y, config, batch_size=args.batch_size, seed=args.seed + k,
                                         state_bound=args.state_bound, calib=calib))
@@ -101,7 +113,8 @@ def _analog(args: argparse.Namespace, model: S4DModel, task: Task, dataset: Any)
             result[f"{key}_std"] = float(values.std())
         result["seeds"] = [args.seed + k for k in range(len(runs))]
         result["runs"] = runs
-    result.update(crossbar=config.to_dict(), calib_samples=0 if calib is None else int(calib.shape[0]))
+    result.update(crossbar=config.to_dict(), calib_samples=0 if calib is None else int(calib.shape[0]),
+                  static_ranges=bool(args.static_ranges))
     return result
 
 
@@ -113,6 +126,9 @@ def run(args: argparse.Namespace) -> int:
     settings = data_settings(args, run_info(args.checkpoint).get("data"))
     if args.analog is not None:
         analog_config(args.analog)  # a bad config fails before the data loads
+    if args.static_ranges and (args.analog is None or not args.calib_batches):
+        raise CommandError("--static-ranges calibrates on the --calib-batches batches of an --analog evaluation: "
+                           "give --analog and --calib-batches >= 1")
     task = load_data(settings)
     check_model_fits(model, task, f"--checkpoint {args.checkpoint}")
     dataset = task.test if args.split == "test" else task.val

@@ -12,6 +12,11 @@
   quantizer's momentum); afterwards the ranges are frozen: evaluation no longer
   depends on the batch. Dropout and BatchNorm stay in evaluation mode.
 * ``ptq(model, quant, calib_batches, mode)``: ``with_quant`` + ``calibrate``.
+* ``static_ranges(model, calib_batches, mode)``: a QAT model whose state and act
+  quantizers take their range from the data (``absmax``) rebuilt with calibrated
+  running ranges, the rest of its quantization kept: its evaluation then no longer
+  depends on the batch, and a crossbar can put its state grid on the arrays
+  (``CrossbarConfig.state_grid`` "model").
 * ``ptq_sweep(model, targets, bits, calib_batches, evaluate, grid, mode)``: the
   QS4D PTQ protocol. Per target ("all" = every target at once, else only that
   target) and per b in ``bits``: levels = 2**b on ``grid`` with static
@@ -110,6 +115,19 @@ def ptq(model: S4DModel, quant: QuantConfig, calib_batches: Iterable[np.ndarray]
     new = with_quant(model, quant)
     calibrate(new, calib_batches, mode)
     return new
+
+
+def static_ranges(model: S4DModel, calib_batches: Iterable[np.ndarray], mode: str = "recurrent") -> S4DModel:
+    """A new model like ``model`` with ``scale_mode="running"`` state and act quantizers calibrated on
+    ``calib_batches`` (module docstring); a float model is returned as it is."""
+    quant = model.quant
+    if quant is None:
+        return model
+    options = quant.to_dict()["target_options"]
+    running = {t: dict(options.get(t, {}), scale_mode="running") for t in ("state", "act")}
+    static = with_quant(model, QuantConfig.from_dict({**quant.to_dict(), "target_options": {**options, **running}}))
+    calibrate(static, calib_batches, mode=mode)
+    return static
 
 
 def sweep_config(target: str, bits: int, grid: str = "narrow", per_channel: bool = False) -> QuantConfig:
